@@ -1,0 +1,186 @@
+"""The one storage interface. Every artifact DreamFrame makes goes through an ObjectStore.
+
+Backends: ``LocalStore`` (a directory; the embedded default) and ``S3Store`` (MinIO/S3 through the
+``minio`` client). Both pass the same contract tests (tests/test_storage_contract.py).
+
+Rules every backend keeps:
+- keys are validated by ``validate_key`` before any I/O;
+- writes are atomic: a reader sees the old object or the whole new one, never a part, and a failed
+  write leaves nothing behind;
+- ``ObjectRef.sha256`` is the SHA-256 of the bytes, recorded at write time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreamframe.errors import InvalidArgument
+
+CHUNK_SIZE = 1 << 20
+MAX_KEY_BYTES = 1024
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """Where an artifact is and what it is (mirrors dreamframe.v1.ObjectRef)."""
+
+    bucket: str
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A listing entry: cheap to produce, no hash."""
+
+    key: str
+    size: int
+
+
+def validate_key(key: str, *, field: str = "key") -> str:
+    """Return ``key`` if it is a safe relative object key, else raise InvalidArgument naming ``field``."""
+    if not isinstance(key, str) or not key:
+        raise InvalidArgument("must be a non-empty object key", field=field)
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidArgument(f"object key longer than {MAX_KEY_BYTES} bytes", field=field)
+    if key.startswith("/"):
+        raise InvalidArgument(f"object key {key!r} must be relative, not absolute", field=field)
+    if _BAD_KEY_CHARS.search(key):
+        raise InvalidArgument(f"object key {key!r} contains a control character or backslash", field=field)
+    for segment in key.split("/"):
+        if segment == "":
+            raise InvalidArgument(f"object key {key!r} has an empty path segment", field=field)
+        if segment in (".", ".."):
+            raise InvalidArgument(f"object key {key!r} contains a {segment!r} segment", field=field)
+    return key
+
+
+def validate_prefix(prefix: str, *, field: str = "prefix") -> str:
+    """A listing prefix: empty (everything) or a valid key, optionally ending in '/'."""
+    if prefix == "":
+        return prefix
+    validate_key(prefix.rstrip("/") or "/", field=field)
+    return prefix
+
+
+def validate_bucket(bucket: str, *, field: str = "bucket") -> str:
+    if not isinstance(bucket, str) or not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise InvalidArgument(
+            f"bucket name {bucket!r} must be 3-63 chars of lower-case letters, digits, '.' and '-'",
+            field=field,
+        )
+    return bucket
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ObjectStore(ABC):
+    """One bucket-aware object store. ``bucket=None`` everywhere means the store's default bucket."""
+
+    def __init__(self, default_bucket: str) -> None:
+        self.default_bucket = validate_bucket(default_bucket)
+
+    def _bucket(self, bucket: str | None) -> str:
+        return self.default_bucket if bucket is None else validate_bucket(bucket)
+
+    # --- writes -----------------------------------------------------------------------------------
+    @abstractmethod
+    def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "application/octet-stream", bucket: str | None = None
+    ) -> ObjectRef:
+        """Store ``data`` at ``key`` atomically (replacing any object there) and return its ref."""
+
+    @abstractmethod
+    def put_file(
+        self,
+        key: str,
+        path: str | Path,
+        *,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> ObjectRef:
+        """Store the file at ``path`` atomically (streamed, not read into memory)."""
+
+    # --- reads ------------------------------------------------------------------------------------
+    @abstractmethod
+    def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
+        """The object's bytes; NotFound naming the key if absent."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
+        """Download to ``path`` atomically (temp file + rename); returns the ref of what was read."""
+
+    @abstractmethod
+    def open_stream(
+        self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
+    ) -> Iterator[bytes]:
+        """Stream the object in chunks; NotFound (raised before the first chunk) if absent."""
+
+    @abstractmethod
+    def exists(self, key: str, *, bucket: str | None = None) -> bool: ...
+
+    @abstractmethod
+    def stat(self, key: str, *, bucket: str | None = None) -> ObjectRef:
+        """The object's ref (size and sha256); NotFound if absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "", *, bucket: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, recursively, sorted by key."""
+
+    # --- deletes ----------------------------------------------------------------------------------
+    @abstractmethod
+    def delete(self, key: str, *, bucket: str | None = None) -> None:
+        """Remove the object; deleting a missing object is not an error."""
+
+    # --- conveniences shared by all backends ------------------------------------------------------
+    def sha256(self, key: str, *, bucket: str | None = None) -> str:
+        return self.stat(key, bucket=bucket).sha256
+
+    def delete_prefix(self, prefix: str, *, bucket: str | None = None) -> int:
+        """Delete everything under ``prefix`` (must be non-empty); returns how many objects."""
+        if not prefix:
+            raise InvalidArgument("refusing to delete the whole bucket", field="prefix")
+        keys = [info.key for info in self.list(prefix, bucket=bucket)]
+        for key in keys:
+            self.delete(key, bucket=bucket)
+        return len(keys)
+
+    def verify(self, ref: ObjectRef) -> bool:
+        """True when ``ref`` exists with the recorded size and sha256 (a stage's 'already done' check)."""
+        try:
+            current = self.stat(ref.key, bucket=ref.bucket)
+        except Exception:  # noqa: BLE001 - missing or unreadable both mean "not verified"
+            return False
+        return current.size == ref.size and current.sha256 == ref.sha256
+
+    def put_json(self, key: str, value: object, *, bucket: str | None = None) -> ObjectRef:
+        import json
+
+        data = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False).encode()
+        return self.put_bytes(key, data, content_type="application/json", bucket=bucket)
+
+    def get_json(self, key: str, *, bucket: str | None = None) -> object:
+        import json
+
+        return json.loads(self.get_bytes(key, bucket=bucket))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has nothing to release."""
