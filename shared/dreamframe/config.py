@@ -93,6 +93,12 @@ class LogSettings(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class ModelSettings(BaseModel):
+    """Where model presets are cached (the tiny presets are built here once per machine)."""
+
+    cache_dir: Path = Path(".dreamframe/models")
+
+
 class PlotSettings(BaseModel):
     # "local" runs a transformers model with grammar-constrained decoding; "openai" calls an endpoint.
     backend: Literal["local", "openai"] = "local"
@@ -186,6 +192,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
     plot: PlotSettings = Field(default_factory=PlotSettings)
     style: StyleSettings = Field(default_factory=StyleSettings)
     renderer: RendererSettings = Field(default_factory=RendererSettings)

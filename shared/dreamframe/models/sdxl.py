@@ -1,0 +1,258 @@
+"""SDXL base + refiner presets, shared by style-trainer and keyframe-renderer.
+
+- ``tiny``: the real diffusers/transformers classes with very small random configs (64×64 images, CPU
+  seconds). Built once from a fixed seed, saved with ``save_pretrained`` into the model cache and then
+  loaded back by path, so the tiny preset goes through exactly the loading code the real one does.
+- ``sdxl``: SDXL 1.0 base + refiner, from hub ids or local paths (``model_paths`` in the service config).
+
+The refiner shares ``text_encoder_2`` and the VAE with the base pipeline (loaded once, as the reference
+does), so both pipelines together hold one copy of each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dreamframe.errors import FailedPrecondition, InvalidArgument
+
+TINY = "tiny"
+SDXL = "sdxl"
+PRESETS = (TINY, SDXL)
+HUB_IDS = {
+    SDXL: ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"),
+}
+# Bump when the tiny configs change, so stale caches are rebuilt instead of reused.
+TINY_VERSION = 1
+TINY_SEED = 1234
+
+
+@dataclass
+class SDXLPipelines:
+    base: object  # StableDiffusionXLPipeline
+    refiner: object | None  # StableDiffusionXLImg2ImgPipeline
+    preset: str
+    # Image side the model was trained for (tiny: 64, SDXL: 1024).
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def clip_byte_tokenizer(model_max_length: int = 77):
+    """An offline CLIP tokenizer over the 256 byte symbols (and their ``</w>`` forms), no merges:
+    covers any text, needs no download, and behaves like CLIP's tokenizer for padding/truncation."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({f"{s}</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    tok.model_max_length = model_max_length  # a hand-built CLIPTokenizer otherwise says 1e30
+    return tok
+
+
+def build_tiny_sdxl(seed: int = TINY_SEED) -> SDXLPipelines:
+    """Tiny random SDXL base + refiner in memory (fp32, CPU)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok, tok2 = clip_byte_tokenizer(), clip_byte_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def text_config(hidden: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=projection,
+            **ids,
+        )
+
+    te1 = CLIPTextModel(text_config(32, 32))
+    te2 = CLIPTextModelWithProjection(text_config(48, 24))
+    time_dim = 8
+
+    def unet(cross_dim: int, n_time_ids: int) -> UNet2DConditionModel:
+        return UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=8,
+            cross_attention_dim=cross_dim,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            # SDXL's added conditioning: time ids (6 base, 5 refiner) × time dim + pooled text (24).
+            projection_class_embeddings_input_dim=n_time_ids * time_dim + 24,
+        )
+
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    base = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        unet=unet(32 + 48, 6),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+        unet=unet(48, 5),
+        scheduler=EulerDiscreteScheduler.from_config(scheduler.config),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    return SDXLPipelines(base, refiner, TINY, 64, torch.device("cpu"), torch.float32)
+
+
+def quiet_progress_bars() -> None:
+    """Services log progress themselves; library download/load bars would only spam the logs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def save_sdxl(pipes: SDXLPipelines, directory: Path) -> None:
+    """Save both pipelines with save_pretrained: ``<dir>/base`` and ``<dir>/refiner``."""
+    quiet_progress_bars()
+    pipes.base.save_pretrained(directory / "base", safe_serialization=True)
+    if pipes.refiner is not None:
+        pipes.refiner.save_pretrained(directory / "refiner", safe_serialization=True)
+
+
+def tiny_sdxl_dir(cache_dir: Path) -> Path:
+    """The tiny preset on disk, built on first use. Built into a temp dir and renamed, so concurrent
+    processes (several renderer replicas) never see a half-written model."""
+    target = Path(cache_dir) / f"tiny-sdxl-v{TINY_VERSION}"
+    if (target / "refiner" / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=target.parent))
+    try:
+        save_sdxl(build_tiny_sdxl(), tmp)
+        os.replace(tmp, target)
+    except OSError:
+        # Another process won the race; its copy is identical (same seed and configs).
+        if not (target / "refiner" / "model_index.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_paths(preset: str, model_paths: dict[str, str], cache_dir: Path) -> tuple[str, str]:
+    """(base, refiner) locations for a preset: the tiny cache, a configured path, or the hub ids.
+
+    ``model_paths`` may give ``<preset>`` (a folder holding base/ and refiner/) or ``<preset>.base`` /
+    ``<preset>.refiner`` separately."""
+    if preset == TINY and not model_paths.get(TINY):
+        root = tiny_sdxl_dir(cache_dir)
+        return str(root / "base"), str(root / "refiner")
+    if preset in model_paths:
+        root = Path(model_paths[preset])
+        return str(root / "base"), str(root / "refiner")
+    if f"{preset}.base" in model_paths:
+        return model_paths[f"{preset}.base"], model_paths.get(f"{preset}.refiner", "")
+    if preset in HUB_IDS:
+        return HUB_IDS[preset]
+    raise InvalidArgument(
+        f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} or a name in model_paths",
+        field="options.preset",
+    )
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (the reference's fp16 without its overflow problems in the VAE); fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_sdxl(
+    preset: str,
+    *,
+    model_paths: dict[str, str] | None = None,
+    cache_dir: Path = Path(".dreamframe/models"),
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    with_refiner: bool = True,
+) -> SDXLPipelines:
+    """Load base (+ refiner sharing text_encoder_2 and the VAE) for ``preset``, once per process."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    quiet_progress_bars()
+    base_path, refiner_path = resolve_paths(preset, model_paths or {}, cache_dir)
+    dev = pick_device(device)
+    dt = dtype or pick_dtype(dev)
+    try:
+        base = StableDiffusionXLPipeline.from_pretrained(base_path, dtype=dt, use_safetensors=True)
+        refiner = None
+        if with_refiner and refiner_path:
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                refiner_path,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
+                dtype=dt,
+                use_safetensors=True,
+            )
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(
+            f"cannot load SDXL preset {preset!r} from {base_path!r}: {exc}", field="options.preset"
+        ) from exc
+    base.to(dev)
+    base.set_progress_bar_config(disable=True)
+    if refiner is not None:
+        refiner.to(dev)
+        refiner.set_progress_bar_config(disable=True)
+    resolution = 64 if preset == TINY else int(base.unet.config.sample_size) * base.vae_scale_factor
+    return SDXLPipelines(base, refiner, preset, resolution, dev, dt)

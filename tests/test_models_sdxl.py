@@ -1,0 +1,68 @@
+"""The SDXL presets: the tiny one goes through the same save/load code as the real one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreamframe.errors import InvalidArgument
+from dreamframe.models import sdxl
+
+PROMPT = "generate an image in Noir style: at a bar, a man looks like Tom Hanks in blue is sitting"
+
+
+def render(pipes: sdxl.SDXLPipelines, seed: int = 20) -> np.ndarray:
+    gen = torch.Generator().manual_seed(seed)
+    latents = pipes.base(
+        PROMPT, height=64, width=64, num_inference_steps=4, denoising_end=0.75, output_type="latent", generator=gen
+    ).images
+    image = pipes.refiner(PROMPT, image=latents, num_inference_steps=4, denoising_start=0.75, generator=gen).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_tiny_preset_loads_from_disk_like_a_real_model(tmp_path):
+    loaded = sdxl.load_sdxl("tiny", cache_dir=tmp_path, device="cpu")
+    assert (tmp_path / f"tiny-sdxl-v{sdxl.TINY_VERSION}" / "base" / "model_index.json").exists()
+    # one copy of the shared components
+    assert loaded.refiner.text_encoder_2 is loaded.base.text_encoder_2
+    assert loaded.refiner.vae is loaded.base.vae
+    assert loaded.resolution == 64
+
+    in_memory = sdxl.build_tiny_sdxl()
+    a, b = render(loaded), render(in_memory)
+    assert a.shape == (64, 64, 3)
+    # Same weights (checked exactly below); pixels may differ by float rounding, at most one level.
+    assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 1e-3
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(loaded.base, name).state_dict(), getattr(in_memory.base, name).state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got), f"{name} weights changed on the round trip"
+    assert not np.array_equal(a, render(loaded, seed=21)), "different seeds give different images"
+
+
+def test_cache_is_reused(tmp_path):
+    first = sdxl.tiny_sdxl_dir(tmp_path)
+    stamp = (first / "base" / "model_index.json").stat().st_mtime_ns
+    assert sdxl.tiny_sdxl_dir(tmp_path) == first
+    assert (first / "base" / "model_index.json").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-sdxl-")], "no temp dirs left"
+
+
+def test_resolve_paths(tmp_path):
+    assert sdxl.resolve_paths("sdxl", {}, tmp_path) == sdxl.HUB_IDS["sdxl"]
+    assert sdxl.resolve_paths("sdxl", {"sdxl": "/models/sdxl"}, tmp_path) == (
+        "/models/sdxl/base",
+        "/models/sdxl/refiner",
+    )
+    assert sdxl.resolve_paths("mine", {"mine.base": "/b", "mine.refiner": "/r"}, tmp_path) == ("/b", "/r")
+    with pytest.raises(InvalidArgument) as info:
+        sdxl.resolve_paths("sd15", {}, tmp_path)
+    assert info.value.field == "options.preset"
+
+
+def test_byte_tokenizer_covers_any_text():
+    tok = sdxl.clip_byte_tokenizer()
+    ids = tok("Ünïcödé — 漢字 Noir", padding="max_length", truncation=True).input_ids
+    assert len(ids) == 77
+    assert tok.unk_token_id not in ids[1 : ids.index(tok.eos_token_id)]
