@@ -124,14 +124,38 @@ class RendererSettings(BaseModel):
     preset: str = "tiny"
     device: str = "auto"
     model_paths: dict[str, str] = Field(default_factory=dict)
-    # 0 chooses from free GPU memory.
+    # 0 chooses from free GPU memory (capped by max_batch_size; cpu_batch_size on a CPU).
     batch_size: int = Field(0, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    cpu_batch_size: int = Field(4, ge=1)
+    # torch.compile the UNets (also per request with options.compile); the mode is torch.compile's.
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "max-autotune-no-cudagraphs"
+    )
+    # channels-last memory format for UNets and VAE on GPUs (faster convolutions on tensor cores).
+    channels_last: bool = True
+    # Presets kept loaded at once (least recently used ones are dropped to make room).
+    max_loaded_presets: int = Field(2, ge=1)
+    # Load the default preset at startup, so readiness means "can render now".
+    preload: bool = True
 
 
 class QaSettings(BaseModel):
+    # Defaults for requests that leave these at zero.
     fps: float = Field(2.0, gt=0)
-    video_size: int = Field(336, ge=16)
+    video_size: int = Field(336, ge=16, le=4096)
+    num_choices: int = Field(4, ge=2, le=10)
+    # Longer spans' QA is split into several conversations on the same video (context length).
+    max_turns_per_conversation: int = Field(8, ge=1)
+    # Subtitles beyond this many dialogue lines are cut (a whole story has ~700).
+    max_subtitle_lines: int = Field(40, ge=1)
+    # Dialogue-grounded questions added to each tiny story (0 disables them).
+    dialogue_questions_per_tiny_story: int = Field(4, ge=0)
+    # "auto": H.264 (libx264) when PyAV's FFmpeg has it, else MPEG-4 part 2.
+    video_codec: Literal["auto", "libx264", "mpeg4"] = "auto"
+    # libx264 constant rate factor (lower is better quality); mpeg4 maps it to a quantiser.
+    video_crf: int = Field(23, ge=0, le=51)
 
 
 class TrainerSettings(BaseModel):
@@ -145,10 +169,28 @@ class TrainerSettings(BaseModel):
 
 class EvaluatorSettings(BaseModel):
     device: str = "auto"
+    # Default LLM judge (open answers, free-form answer mapping); a request's `judge` overrides it.
     judge_base_url: str | None = None
     judge_model: str = "gpt-4o-mini"
     judge_api_key: SecretStr = SecretStr("")
+    # Malformed judgments are asked again up to this many times in all, then counted as failures.
     judge_max_attempts: int = Field(3, ge=1)
+    judge_timeout_seconds: float = Field(120.0, gt=0)
+    # Judge calls in flight at once (they are I/O bound; the model under test runs one item at a time).
+    judge_parallel_calls: int = Field(8, ge=1)
+    # Vision endpoints under test (ModelSpec.endpoint).
+    endpoint_timeout_seconds: float = Field(300.0, gt=0)
+    # Frames sampled per video when a ModelSpec leaves num_frames at 0.
+    num_frames: int = Field(8, ge=1, le=256)
+    max_new_tokens: int = Field(128, ge=1)
+    # CLIP-style image encoder for style consistency: "tiny" or a path / hub id.
+    image_encoder: str = "tiny"
+    # Local scratch: checkpoints downloaded from storage, decoded videos.
+    work_dir: Path = Path(".dreamframe/evaluator")
+    # Directories a benchmark's data_prefix/video_prefix may name as file:///<dir>/... (empty: none).
+    local_data_roots: list[Path] = Field(default_factory=list)
+    # Where model answers and judgments are cached in storage (shared by every report).
+    cache_prefix: str = "cache/evaluator/"
 
 
 class KubernetesSettings(BaseModel):
@@ -175,7 +217,23 @@ class CoordinatorSettings(BaseModel):
     max_concurrent_jobs: int = Field(4, ge=1)
     # Frames per render shard sent to one replica.
     render_shard_size: int = Field(16, ge=1)
+    # Concurrent shards in flight over a dns:/// renderer target (about one per replica).
+    render_parallelism: int = Field(2, ge=1)
+    # Stories of one job worked on at once (plot, style, render per story).
+    story_parallelism: int = Field(4, ge=1)
+    # How often job progress is written to storage while a stage runs (transitions always are).
+    persist_interval_seconds: float = Field(2.0, ge=0)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+
+class CliSettings(BaseModel):
+    """The ``dreamframe`` command line."""
+
+    coordinator_address: str = "127.0.0.1:50060"
+    # Local runs: process records, logs and the local store live here.
+    state_dir: Path = Path(".dreamframe")
+    # `dreamframe run` exports each job's results to <runs_dir>/<job>/.
+    runs_dir: Path = Path("runs")
 
 
 class Settings(BaseSettings):
@@ -200,6 +258,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
     coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
+    cli: CliSettings = Field(default_factory=CliSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -25,7 +25,9 @@ def _level(name: str) -> int:
     try:
         return levels[name.upper()]
     except KeyError:
-        raise ValueError(f"log.level: unknown level {name!r} (use one of DEBUG, INFO, WARNING, ERROR)") from None
+        raise ValueError(
+            f"log.level: unknown level {name!r} (use one of DEBUG, INFO, WARNING, ERROR)"
+        ) from None
 
 
 def configure_logging(settings: LogSettings | None = None, *, stream: TextIO | None = None) -> None:
@@ -51,7 +53,11 @@ def configure_logging(settings: LogSettings | None = None, *, stream: TextIO | N
         renderer = [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
 
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         # Not cached, so a later configure_logging (tests, CLI flags) takes effect everywhere.

@@ -38,7 +38,9 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_detail(code: grpc.StatusCode, *, field: str | None = None, description: str = "") -> common_pb2.ErrorDetail:
+def error_detail(
+    code: grpc.StatusCode, *, field: str | None = None, description: str = ""
+) -> common_pb2.ErrorDetail:
     return common_pb2.ErrorDetail(reason=code.name, field=field or "", description=description)
 
 

@@ -1,0 +1,313 @@
+"""The coordinator's core: accepts jobs, runs each through its stages, persists every transition,
+resumes unfinished jobs after a restart, and lets callers watch and cancel.
+
+Transport-free: server.py adapts it to gRPC; tests drive it directly too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from dreamframe import keys
+from dreamframe.config import CoordinatorSettings
+from dreamframe.errors import InvalidArgument
+from dreamframe.storage.base import ObjectStore
+from dreamframe.v1 import coordinator_pb2 as pb
+
+from . import stages as st
+from .clients import Clients
+from .jobs import JobStore, is_terminal, new_job_id, now
+from .scaler import RendererScaler
+from .spec import PER_STORY_STAGES, selected_stages, stage_name, validate_submission
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: ObjectStore,
+        clients: Clients,
+        settings: CoordinatorSettings,
+        *,
+        scaler: RendererScaler | None = None,
+        scale_interval_seconds: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.jobs_store = JobStore(store)
+        self.clients = clients
+        self.settings = settings
+        self.scaler = scaler
+        self.scale_interval_seconds = scale_interval_seconds
+        self._jobs: dict[str, pb.Job] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._cancel_requested: set[str] = set()
+        self._last_persist: dict[str, float] = {}
+        self._pending_frames: dict[str, int] = {}
+        self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._scale_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Pick up every unfinished job from storage; returns how many were resumed."""
+        unfinished = await asyncio.to_thread(self.jobs_store.unfinished)
+        for job in unfinished:
+            log.info("resuming job %s", job.job_id)
+            self._jobs[job.job_id] = job
+            self._schedule(job.job_id)
+        if self.scaler is not None:
+            self._scale_task = asyncio.create_task(self._scale_loop())
+        return len(unfinished)
+
+    async def stop(self) -> None:
+        """Shutdown: stop working but leave jobs RUNNING in storage, so the next start resumes them."""
+        if self._scale_task:
+            self._scale_task.cancel()
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job in self._jobs.values():
+            await asyncio.to_thread(self.jobs_store.save, job)
+
+    # --- API -----------------------------------------------------------------------------------
+    async def submit(self, request: pb.SubmitJobRequest) -> pb.Job:
+        validate_submission(request)
+        job_id = request.job_id or new_job_id()
+        if job_id in self._jobs or await asyncio.to_thread(self.jobs_store.exists, job_id):
+            return await self.get(job_id)  # idempotent resubmission
+        for i, story in enumerate(request.spec.stories):
+            if story.WhichOneof("source") == "story" and not await asyncio.to_thread(
+                self.store.exists, story.story.key, bucket=story.story.bucket or None
+            ):
+                raise InvalidArgument(
+                    f"no object {story.story.key!r} in storage", field=f"spec.stories.{i}.story"
+                )
+        job = pb.Job(job_id=job_id, state=pb.JOB_STATE_QUEUED, prefix=keys.job_prefix(job_id))
+        job.spec.CopyFrom(request.spec)
+        job.created_at.CopyFrom(now())
+        for stage in selected_stages(request.spec):
+            job.stages.add(stage=stage, state=pb.JOB_STATE_QUEUED)
+        job.renderer_replicas = self._replicas()
+        self._jobs[job_id] = job
+        await asyncio.to_thread(self.jobs_store.save, job)
+        self._schedule(job_id)
+        return _copy(job)
+
+    async def get(self, job_id: str) -> pb.Job:
+        if job_id in self._jobs:
+            return _copy(self._jobs[job_id])
+        keys.validate_id(job_id, field="job_id")
+        return await asyncio.to_thread(self.jobs_store.load, job_id)
+
+    async def list(self, states: list[int], page_size: int, page_token: str) -> tuple[list[pb.Job], str]:
+        jobs = {j.job_id: j for j in await asyncio.to_thread(lambda: list(self.jobs_store.all()))}
+        jobs.update({k: _copy(v) for k, v in self._jobs.items()})
+        ordered = sorted(jobs.values(), key=lambda j: j.job_id, reverse=True)  # newest first
+        if states:
+            ordered = [j for j in ordered if j.state in states]
+        if page_token:
+            ordered = [j for j in ordered if j.job_id < page_token]
+        size = page_size if page_size > 0 else 100
+        page = ordered[:size]
+        token = page[-1].job_id if len(ordered) > size else ""
+        return page, token
+
+    async def watch(self, job_id: str) -> AsyncIterator[pb.Job]:
+        while True:
+            # Take the event before reading, so a change between the two is never missed.
+            event = self._changed.setdefault(job_id, asyncio.Event())
+            job = await self.get(job_id)  # NotFound for unknown ids
+            yield job
+            if is_terminal(job.state):
+                return
+            await event.wait()
+
+    async def cancel(self, job_id: str) -> pb.Job:
+        job = await self.get(job_id)
+        if is_terminal(job.state):
+            return job
+        self._cancel_requested.add(job_id)
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        else:  # known only from storage (another coordinator's or not yet resumed)
+            self._jobs[job_id] = job
+            await self._finish(job_id, pb.JOB_STATE_CANCELLED, "cancelled by the caller")
+        return await self.get(job_id)
+
+    # --- running -------------------------------------------------------------------------------
+    def _schedule(self, job_id: str) -> None:
+        self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
+
+    async def _run(self, job_id: str) -> None:
+        job = self._jobs[job_id]
+        try:
+            async with self._slots:
+                job.state = pb.JOB_STATE_RUNNING
+                await self._notify(job_id, persist=True)
+                ctx = st.JobContext(
+                    job,
+                    self.store,
+                    self.clients,
+                    self.settings,
+                    lambda persist: self._notify(job_id, persist=persist),
+                )
+                await self._run_stages(ctx)
+                await self._finish(job_id, pb.JOB_STATE_SUCCEEDED, "")
+        except asyncio.CancelledError:
+            if job_id in self._cancel_requested:
+                await self._cancel_train_run(job)
+                await self._finish(job_id, pb.JOB_STATE_CANCELLED, "cancelled by the caller")
+            # else: coordinator shutdown — the job stays RUNNING in storage and resumes on restart
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
+            log.exception("job %s failed", job_id)
+            await self._finish(job_id, pb.JOB_STATE_FAILED, _describe(exc))
+        finally:
+            self._tasks.pop(job_id, None)
+            self._pending_frames.pop(job_id, None)
+
+    async def _run_stages(self, ctx: st.JobContext) -> None:
+        chosen = [s.stage for s in ctx.job.stages]
+        per_story = [s for s in chosen if s in PER_STORY_STAGES]
+        frames_total: dict[int, int] = {}
+        frames_done: dict[int, int] = {}
+        self._pending_frames[ctx.job.job_id] = 0
+
+        async def one_story(index: int, gate: asyncio.Semaphore) -> None:
+            async with gate:
+                for stage in per_story:
+                    if stage == pb.STAGE_PLOT:
+                        await st.plot(ctx, index)
+                    elif stage == pb.STAGE_STYLE:
+                        await st.style(ctx, index)
+                    elif stage == pb.STAGE_RENDER:
+                        await st.render(ctx, index, frames_total, frames_done)
+                    self._pending_frames[ctx.job.job_id] = sum(frames_total.values()) - sum(
+                        frames_done.values()
+                    )
+
+        if per_story:
+            for stage in per_story:
+                await self._stage_state(ctx, stage, pb.JOB_STATE_RUNNING)
+            gate = asyncio.Semaphore(self.settings.story_parallelism)
+            await _run_all(ctx, [one_story(i, gate) for i in range(ctx.stories)], per_story, self)
+            for stage in per_story:
+                await self._stage_state(ctx, stage, pb.JOB_STATE_SUCCEEDED)
+        if pb.STAGE_RENDER in chosen:
+            ctx.job.ClearField("outputs")
+            ctx.job.outputs.extend(await st.write_storyboard(ctx))
+        for stage, fn in (
+            (pb.STAGE_DATASET, st.dataset),
+            (pb.STAGE_TRAIN, st.train),
+            (pb.STAGE_EVAL, st.evaluate),
+        ):
+            if stage in chosen:
+                await self._stage_state(ctx, stage, pb.JOB_STATE_RUNNING)
+                try:
+                    await fn(ctx)
+                except Exception as exc:
+                    await self._stage_state(ctx, stage, pb.JOB_STATE_FAILED, _describe(exc))
+                    raise
+                await self._stage_state(ctx, stage, pb.JOB_STATE_SUCCEEDED)
+
+    async def _stage_state(self, ctx: st.JobContext, stage: int, state: int, error: str = "") -> None:
+        status = ctx.stage(stage)
+        if status.state == state:
+            return
+        status.state = state
+        if error:
+            status.error = error
+        log.info("job %s stage %s → %s", ctx.job.job_id, stage_name(stage), pb.JobState.Name(state))
+        await self._notify(ctx.job.job_id, persist=True)
+
+    async def _finish(self, job_id: str, state: int, error: str) -> None:
+        job = self._jobs[job_id]
+        job.state = state
+        job.error = error
+        for status in job.stages:
+            if not is_terminal(status.state):
+                status.state = (
+                    pb.JOB_STATE_CANCELLED
+                    if state == pb.JOB_STATE_CANCELLED
+                    else (
+                        pb.JOB_STATE_FAILED
+                        if state == pb.JOB_STATE_FAILED and status.state == pb.JOB_STATE_RUNNING
+                        else status.state
+                    )
+                )
+        self._cancel_requested.discard(job_id)
+        await self._notify(job_id, persist=True)
+
+    async def _notify(self, job_id: str, *, persist: bool) -> None:
+        job = self._jobs[job_id]
+        job.renderer_replicas = self._replicas()
+        moment = time.monotonic()
+        if persist or moment - self._last_persist.get(job_id, 0.0) >= self.settings.persist_interval_seconds:
+            self._last_persist[job_id] = moment
+            await asyncio.to_thread(self.jobs_store.save, _copy(job))
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def _cancel_train_run(self, job: pb.Job) -> None:
+        from dreamframe.v1 import train_pb2
+
+        if any(s.stage == pb.STAGE_TRAIN and s.state == pb.JOB_STATE_RUNNING for s in job.stages):
+            run_id = job.spec.train.run_id or f"{job.job_id}-train"
+            try:
+                await self.clients.train.CancelRun(train_pb2.CancelRunRequest(run_id=run_id), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort; the run may not have started
+                log.warning("could not cancel training run %s", run_id)
+
+    # --- renderer scaling ----------------------------------------------------------------------
+    def _replicas(self) -> int:
+        if self.scaler is not None and self.scaler.replicas:
+            return self.scaler.replicas
+        return sum(e.workers if not e.name.startswith("dns:") else 0 for e in self.clients.renderers) or len(
+            self.clients.renderers
+        )
+
+    async def _scale_loop(self) -> None:
+        assert self.scaler is not None
+        while True:
+            try:
+                await self.scaler.scale_for(sum(self._pending_frames.values()))
+            except Exception as exc:  # noqa: BLE001 - scaling trouble must not stop jobs
+                log.warning("renderer scaling failed: %s", exc)
+            await asyncio.sleep(self.scale_interval_seconds)
+
+
+async def _run_all(ctx: st.JobContext, coros, stages: list[int], owner: Coordinator) -> None:
+    """Run the per-story work; the first failure cancels the rest and marks the running stages failed."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException as exc:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not isinstance(exc, asyncio.CancelledError):
+            for stage in stages:
+                if ctx.stage(stage).state == pb.JOB_STATE_RUNNING:
+                    await owner._stage_state(ctx, stage, pb.JOB_STATE_FAILED, _describe(exc))
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    import grpc
+
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
+
+
+def _copy(job: pb.Job) -> pb.Job:
+    out = pb.Job()
+    out.CopyFrom(job)
+    return out

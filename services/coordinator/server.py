@@ -1,0 +1,86 @@
+"""CoordinatorService over gRPC: a thin adapter over ``runner.Coordinator``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dreamframe.config import Settings, get_settings
+from dreamframe.logging import configure_logging
+from dreamframe.serving import Registration, serve
+from dreamframe.storage import open_store
+from dreamframe.v1 import coordinator_pb2 as pb
+from dreamframe.v1 import coordinator_pb2_grpc
+
+from .clients import Clients
+from .runner import Coordinator
+from .scaler import RendererScaler
+
+SERVICE = "coordinator"
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def SubmitJob(self, request, context):
+        return pb.SubmitJobResponse(job=await self.coordinator.submit(request))
+
+    async def GetJob(self, request, context):
+        return pb.GetJobResponse(job=await self.coordinator.get(request.job_id))
+
+    async def ListJobs(self, request, context):
+        jobs, token = await self.coordinator.list(list(request.states), request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def WatchJob(self, request, context):
+        async for job in self.coordinator.watch(request.job_id):
+            yield pb.WatchJobResponse(job=job)
+
+    async def CancelJob(self, request, context):
+        return pb.CancelJobResponse(job=await self.coordinator.cancel(request.job_id))
+
+
+def build(settings: Settings) -> Coordinator:
+    store = open_store(settings.storage)
+    clients = Clients.connect(settings.coordinator, settings.client)
+    k8s = settings.coordinator.kubernetes
+    scaler = RendererScaler(k8s) if k8s.enabled else None
+    return Coordinator(store, clients, settings.coordinator, scaler=scaler)
+
+
+async def amain(settings: Settings) -> None:
+    coordinator = build(settings)
+
+    async def ready() -> bool:
+        # Storage must answer: every job lives there.
+        await asyncio.to_thread(lambda: next(iter(coordinator.store.list("jobs/")), None))
+        return True
+
+    await coordinator.start()
+    try:
+        await serve(
+            [
+                Registration.of(
+                    pb,
+                    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server,
+                    CoordinatorServicer(coordinator),
+                )
+            ],
+            settings.server,
+            service_name=SERVICE,
+            readiness=ready,
+            shutdown_hooks=[coordinator.stop],
+        )
+    finally:
+        await coordinator.stop()
+        await coordinator.clients.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()

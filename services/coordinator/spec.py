@@ -1,0 +1,68 @@
+"""Checking a submitted job before anything runs: every problem names the request field."""
+
+from __future__ import annotations
+
+from dreamframe.errors import InvalidArgument
+from dreamframe.keys import validate_id
+from dreamframe.v1 import coordinator_pb2 as pb
+
+# The chain, in order. Per-story stages run for each story; the rest once over all stories.
+ALL_STAGES = (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER, pb.STAGE_DATASET, pb.STAGE_TRAIN, pb.STAGE_EVAL)
+PER_STORY_STAGES = (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER)
+MAX_STORIES = 10_000
+MAX_THEME_CHARS = 2_000
+
+
+def stage_name(stage: int) -> str:
+    return pb.Stage.Name(stage).removeprefix("STAGE_").lower()
+
+
+def parse_stage(name: str) -> int:
+    """'render' or 'STAGE_RENDER' → the enum value; for the CLI."""
+    key = name.strip().upper()
+    key = key if key.startswith("STAGE_") else f"STAGE_{key}"
+    if key not in pb.Stage.keys() or key == "STAGE_UNSPECIFIED":
+        known = ", ".join(stage_name(s) for s in ALL_STAGES)
+        raise InvalidArgument(f"unknown stage {name!r}; known: {known}", field="spec.stages")
+    return pb.Stage.Value(key)
+
+
+def selected_stages(spec: pb.JobSpec) -> list[int]:
+    """The stages to run, in chain order (empty selection: all six)."""
+    chosen = set(spec.stages) or set(ALL_STAGES)
+    return [s for s in ALL_STAGES if s in chosen]
+
+
+def validate_submission(request: pb.SubmitJobRequest) -> None:
+    if request.job_id:
+        validate_id(request.job_id, field="job_id")
+    spec = request.spec
+    if not spec.stories:
+        raise InvalidArgument(
+            "at least one story (a theme or a story file) is required", field="spec.stories"
+        )
+    if len(spec.stories) > MAX_STORIES:
+        raise InvalidArgument(f"at most {MAX_STORIES} stories per job", field="spec.stories")
+    for i, stage in enumerate(spec.stages):
+        if stage not in ALL_STAGES:
+            raise InvalidArgument(f"unknown stage {stage}", field=f"spec.stages.{i}")
+    stages = selected_stages(spec)
+    for i, story in enumerate(spec.stories):
+        field = f"spec.stories.{i}"
+        source = story.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument("give a theme or a story file", field=field)
+        if source == "theme":
+            if not story.theme.strip():
+                raise InvalidArgument("must not be empty", field=f"{field}.theme")
+            if len(story.theme) > MAX_THEME_CHARS:
+                raise InvalidArgument(f"longer than {MAX_THEME_CHARS} characters", field=f"{field}.theme")
+            if pb.STAGE_PLOT not in stages:
+                raise InvalidArgument(
+                    "a theme needs the plot stage; add it or give a story file", field=f"{field}.theme"
+                )
+        elif not story.story.key:
+            raise InvalidArgument("must name an object", field=f"{field}.story.key")
+    # A stage that needs an earlier stage's output must have it selected or given.
+    if pb.STAGE_TRAIN in stages and pb.STAGE_DATASET not in stages and not spec.train.datasets:
+        raise InvalidArgument("training needs the dataset stage or spec.train.datasets", field="spec.stages")

@@ -1,0 +1,384 @@
+"""What each stage of a job does: one call to the service that owns it, recorded in the job.
+
+A stage's outputs are recorded as NamedRefs in its StageStatus (``story/000``, ``style/000``, ...). On
+resume a recorded output that still verifies in storage is not recomputed; anything else is asked of the
+service again, which itself skips the work already stored (every service is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from dreamframe import keys
+from dreamframe.config import CoordinatorSettings
+from dreamframe.errors import FailedPrecondition
+from dreamframe.storage import from_proto, to_proto
+from dreamframe.storage.base import ObjectStore
+from dreamframe.story import Story, load_story
+from dreamframe.v1 import common_pb2, eval_pb2, plot_pb2, qa_pb2, render_pb2, style_pb2, train_pb2
+from dreamframe.v1 import coordinator_pb2 as pb
+
+from . import storyboard
+from .clients import Clients
+from .fanout import render_frames
+
+
+@dataclass
+class JobContext:
+    job: pb.Job
+    store: ObjectStore
+    clients: Clients
+    settings: CoordinatorSettings
+    # Called after every change; persist=True for transitions that must reach storage now.
+    changed: Callable[[bool], Awaitable[None]]
+    started: dict[int, float] = field(default_factory=dict)
+
+    def stage(self, stage: int) -> pb.StageStatus:
+        for status in self.job.stages:
+            if status.stage == stage:
+                return status
+        raise KeyError(stage)
+
+    def output(self, stage: int, name: str) -> common_pb2.ObjectRef | None:
+        """A recorded output that still verifies in storage, else None."""
+        for named in self.stage(stage).outputs:
+            if named.name == name and self.store.verify(from_proto(named.ref)):
+                return named.ref
+        return None
+
+    def record(self, stage: int, name: str, ref: common_pb2.ObjectRef) -> None:
+        status = self.stage(stage)
+        for named in status.outputs:
+            if named.name == name:
+                named.ref.CopyFrom(ref)
+                return
+        status.outputs.add(name=name, ref=ref)
+
+    async def progress(self, stage: int, done: int, total: int, unit: str, item: str = "") -> None:
+        status = self.stage(stage)
+        start = self.started.setdefault(stage, time.monotonic())
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done) if done and total >= done else -1.0
+        status.progress.CopyFrom(
+            common_pb2.Progress(
+                unit=unit, done=done, total=total, current_item=item, elapsed_seconds=elapsed, eta_seconds=eta
+            )
+        )
+        await self.changed(False)
+
+    @property
+    def stories(self) -> int:
+        return len(self.job.spec.stories)
+
+
+def story_name(kind: str, index: int) -> str:
+    return f"{kind}/{index:03d}"
+
+
+# --- per-story stages ----------------------------------------------------------------------------
+
+
+async def plot(ctx: JobContext, index: int) -> None:
+    """The story: expanded from a theme by plot-llm, or an uploaded file normalised into both formats."""
+    name = story_name("story", index)
+    if ctx.output(pb.STAGE_PLOT, name) is not None:
+        return
+    source = ctx.job.spec.stories[index]
+    job_id = ctx.job.job_id
+    if source.WhichOneof("source") == "theme":
+        request = plot_pb2.GenerateStoryRequest(
+            job_id=job_id, theme=source.theme, options=ctx.job.spec.plot, story_index=index
+        )
+        result = None
+        async for response in ctx.clients.plot.GenerateStory(request):
+            if response.HasField("result"):
+                result = response.result
+            elif response.HasField("progress"):
+                p = response.progress
+                await ctx.progress(
+                    pb.STAGE_PLOT,
+                    _done_stories(ctx, pb.STAGE_PLOT),
+                    ctx.stories,
+                    "stories",
+                    f"story {index} level {response.level}: {p.done}/{p.total} {p.unit}",
+                )
+        if result is None:
+            raise FailedPrecondition("plot-llm ended without a story", field=f"spec.stories.{index}")
+        ctx.record(pb.STAGE_PLOT, name, result.story)
+        ctx.record(pb.STAGE_PLOT, story_name("reference_story", index), result.reference_story)
+    else:
+        uploaded = from_proto(source.story, field=f"spec.stories.{index}.story")
+        story = load_story(
+            ctx.store.get_bytes(uploaded.key, bucket=uploaded.bucket), field=f"spec.stories.{index}.story"
+        )
+        ref_key = keys.reference_story_key(job_id, index)
+        ref = ctx.store.put_bytes(
+            ref_key,
+            json.dumps(story.to_reference(), indent=2, ensure_ascii=False).encode(),
+            content_type="application/json",
+        )
+        native = ctx.store.put_bytes(
+            keys.story_key(job_id, index), story.to_json().encode(), content_type="application/json"
+        )
+        ctx.record(pb.STAGE_PLOT, story_name("reference_story", index), to_proto(ref))
+        ctx.record(pb.STAGE_PLOT, name, to_proto(native))
+    await ctx.progress(
+        pb.STAGE_PLOT, _done_stories(ctx, pb.STAGE_PLOT), ctx.stories, "stories", f"story {index} done"
+    )
+
+
+def story_ref(ctx: JobContext, index: int) -> common_pb2.ObjectRef:
+    """The story written by the plot stage (or already in place from an earlier run)."""
+    ref = ctx.output(pb.STAGE_PLOT, story_name("story", index))
+    if ref is not None:
+        return ref
+    key = keys.story_key(ctx.job.job_id, index)
+    if not ctx.store.exists(key):
+        raise FailedPrecondition(
+            f"story {index} has not been written; run the plot stage", field="spec.stages"
+        )
+    return to_proto(ctx.store.stat(key))
+
+
+def load_job_story(ctx: JobContext, index: int) -> Story:
+    ref = story_ref(ctx, index)
+    return load_story(ctx.store.get_bytes(ref.key, bucket=ref.bucket or None))
+
+
+async def style(ctx: JobContext, index: int) -> None:
+    """The style embedding, by textual inversion on the story's style; recorded with its token."""
+    name = story_name("style", index)
+    if ctx.output(pb.STAGE_STYLE, name) is not None:
+        return
+    request = style_pb2.TrainStyleRequest(
+        job_id=ctx.job.job_id, story=story_ref(ctx, index), options=ctx.job.spec.style, story_index=index
+    )
+    result = None
+    async for response in ctx.clients.style.TrainStyle(request):
+        if response.HasField("result"):
+            result = response.result
+        else:
+            p = response.progress
+            await ctx.progress(
+                pb.STAGE_STYLE,
+                _done_stories(ctx, pb.STAGE_STYLE),
+                ctx.stories,
+                "stories",
+                f"story {index} {_phase(response.phase)} {p.done}/{p.total}",
+            )
+    if result is None:
+        raise FailedPrecondition("style-trainer ended without an embedding", field=f"spec.stories.{index}")
+    info = {"token": result.token, "embedding": _ref_dict(result.embedding)}
+    ref = ctx.store.put_json(f"{keys.style_prefix(ctx.job.job_id, index)}style.json", info)
+    ctx.record(pb.STAGE_STYLE, name, to_proto(ref))
+    await ctx.progress(
+        pb.STAGE_STYLE, _done_stories(ctx, pb.STAGE_STYLE), ctx.stories, "stories", f"story {index} done"
+    )
+
+
+def style_of(ctx: JobContext, index: int) -> tuple[common_pb2.ObjectRef | None, str]:
+    """(embedding, token) when the style stage ran for this story."""
+    if pb.STAGE_STYLE not in [s.stage for s in ctx.job.stages]:
+        return None, ""
+    ref = ctx.output(pb.STAGE_STYLE, story_name("style", index))
+    if ref is None:
+        return None, ""
+    info = json.loads(ctx.store.get_bytes(ref.key, bucket=ref.bucket or None))
+    return common_pb2.ObjectRef(**info["embedding"]), info["token"]
+
+
+async def render(
+    ctx: JobContext, index: int, frames_total: dict[int, int], frames_done: dict[int, int]
+) -> None:
+    """Every keyframe of the story, sharded over the renderer replicas."""
+    name = story_name("frames", index)
+    if ctx.output(pb.STAGE_RENDER, name) is not None:
+        return
+    story = load_job_story(ctx, index)
+    embedding, token = style_of(ctx, index)
+    template = render_pb2.RenderFramesRequest(
+        job_id=ctx.job.job_id,
+        story=story_ref(ctx, index),
+        style_token=token,
+        options=ctx.job.spec.render,
+        story_index=index,
+    )
+    if embedding is not None:
+        template.style_embedding.CopyFrom(embedding)
+    total = story.frame_count
+    frames_total[index] = total
+
+    async def on_frame(frame: render_pb2.RenderedFrame, result) -> None:
+        frames_done[index] = len(result.frames)
+        await ctx.progress(
+            pb.STAGE_RENDER,
+            sum(frames_done.values()),
+            sum(frames_total.values()),
+            "frames",
+            f"story {index} frame {frame.index}",
+        )
+
+    result = await render_frames(
+        ctx.clients.renderers,
+        template,
+        list(range(total)),
+        shard_size=ctx.settings.render_shard_size,
+        on_frame=on_frame,
+    )
+    listing = {
+        "story_index": index,
+        "frames_prefix": keys.frames_prefix(ctx.job.job_id, index),
+        "frames": [_ref_dict(result.frames[i].image) for i in range(total)],
+        "rendered": result.rendered,
+        "skipped": result.skipped,
+        "resent_shards": result.resent_shards,
+    }
+    ref = ctx.store.put_json(f"{keys.story_prefix(ctx.job.job_id, index)}frames.json", listing)
+    ctx.record(pb.STAGE_RENDER, name, to_proto(ref))
+    frames_done[index] = total
+
+
+# --- whole-job stages ----------------------------------------------------------------------------
+
+
+async def dataset(ctx: JobContext) -> None:
+    if ctx.output(pb.STAGE_DATASET, "manifest") is not None:
+        return
+    job_id = ctx.job.job_id
+    request = qa_pb2.BuildDatasetRequest(job_id=job_id, dataset_name=job_id, options=ctx.job.spec.dataset)
+    for i in range(ctx.stories):
+        request.stories.add(story=story_ref(ctx, i), frames_prefix=keys.frames_prefix(job_id, i))
+    result = None
+    async for response in ctx.clients.qa.BuildDataset(request):
+        if response.HasField("result"):
+            result = response.result
+        else:
+            p = response.progress
+            await ctx.progress(pb.STAGE_DATASET, p.done, p.total, p.unit or "samples", p.current_item)
+    if result is None:
+        raise FailedPrecondition("qa-generator ended without a dataset", field="spec.dataset")
+    ctx.record(pb.STAGE_DATASET, "manifest", result.manifest)
+    for named in result.files:
+        ctx.record(pb.STAGE_DATASET, named.name, named.ref)
+
+
+async def train(ctx: JobContext) -> None:
+    if ctx.output(pb.STAGE_TRAIN, "model") is not None:
+        return
+    spec = ctx.job.spec.train
+    request = train_pb2.StartRunRequest()
+    request.CopyFrom(spec)
+    request.run_id = request.run_id or f"{ctx.job.job_id}-train"
+    request.job_id = ctx.job.job_id
+    request.base_model = request.base_model or "tiny"
+    manifest = ctx.output(pb.STAGE_DATASET, "manifest")
+    if manifest is not None:
+        request.datasets.insert(0, train_pb2.DatasetMix(dataset=manifest, weight=1.0))
+    if not request.datasets:
+        raise FailedPrecondition("no dataset to train on", field="spec.train.datasets")
+    run_id = (await ctx.clients.train.StartRun(request)).run_id
+    run = None
+    async for response in ctx.clients.train.WatchRun(train_pb2.WatchRunRequest(run_id=run_id)):
+        run = response.run
+        await ctx.progress(
+            pb.STAGE_TRAIN,
+            run.step,
+            run.total_steps,
+            "steps",
+            f"run {run_id} loss {run.loss:.4f} lr {run.learning_rate:.2e}",
+        )
+    if run is None or run.state != train_pb2.RUN_STATE_SUCCEEDED:
+        state = train_pb2.RunState.Name(run.state) if run else "unknown"
+        raise FailedPrecondition(
+            f"training run {run_id} ended {state}: {run.error if run else ''}", field="spec.train"
+        )
+    ctx.record(pb.STAGE_TRAIN, "model", run.final_model)
+    if run.metrics.key:
+        ctx.record(pb.STAGE_TRAIN, "metrics", run.metrics)
+    ctx.stage(pb.STAGE_TRAIN).progress.current_item = run.final_model_prefix
+
+
+async def evaluate(ctx: JobContext) -> None:
+    if ctx.output(pb.STAGE_EVAL, "report_json") is not None:
+        return
+    job_id = ctx.job.job_id
+    request = eval_pb2.EvaluateRequest()
+    request.CopyFrom(ctx.job.spec.eval)
+    request.job_id = job_id
+    request.report_name = request.report_name or job_id
+    model = ctx.output(pb.STAGE_TRAIN, "model") if _has_stage(ctx, pb.STAGE_TRAIN) else None
+    if model is not None:
+        prefix = model.key.rsplit("/", 1)[0] + "/"
+        request.models.insert(0, eval_pb2.ModelSpec(name="dreamframe", checkpoint_prefix=prefix))
+    if not request.benchmarks:
+        manifest = ctx.output(pb.STAGE_DATASET, "manifest") if _has_stage(ctx, pb.STAGE_DATASET) else None
+        if manifest is not None and request.models:
+            request.benchmarks.add(
+                kind=eval_pb2.BENCHMARK_KIND_DREAMFRAME_MC,
+                name="dreamframe-mc",
+                data_prefix=keys.dataset_prefix(job_id),
+            )
+        request.benchmarks.add(
+            kind=eval_pb2.BENCHMARK_KIND_STYLE_CONSISTENCY,
+            name="style-consistency",
+            frame_prefixes=[keys.frames_prefix(job_id, i) for i in range(ctx.stories)],
+        )
+    result = None
+    async for response in ctx.clients.eval.Evaluate(request):
+        if response.HasField("result"):
+            result = response.result
+        else:
+            p = response.progress
+            await ctx.progress(pb.STAGE_EVAL, p.done, p.total, p.unit or "items", p.current_item)
+    if result is None:
+        raise FailedPrecondition("evaluator ended without a report", field="spec.eval")
+    ctx.record(pb.STAGE_EVAL, "report_json", result.report_json)
+    ctx.record(pb.STAGE_EVAL, "report_markdown", result.report_markdown)
+
+
+async def write_storyboard(ctx: JobContext) -> list[common_pb2.NamedRef]:
+    """The HTML page and one contact sheet per story, from whatever frames exist."""
+    job_id = ctx.job.job_id
+    stories = [load_job_story(ctx, i) for i in range(ctx.stories)]
+
+    def build() -> list[tuple[str, common_pb2.ObjectRef]]:
+        refs = []
+        for i, story in enumerate(stories):
+
+            def frame(n: int, i: int = i) -> bytes | None:
+                key = keys.frame_key(job_id, i, n)
+                return ctx.store.get_bytes(key) if ctx.store.exists(key) else None
+
+            sheet = storyboard.contact_sheet(story.frame_count, frame)
+            ref = ctx.store.put_bytes(
+                storyboard.contact_sheet_key(job_id, i), sheet, content_type="image/png"
+            )
+            refs.append((story_name("contact_sheet", i), to_proto(ref)))
+        page = storyboard.render_html(job_id, stories).encode()
+        ref = ctx.store.put_bytes(storyboard.storyboard_key(job_id), page, content_type="text/html")
+        refs.append(("storyboard", to_proto(ref)))
+        return refs
+
+    refs = await asyncio.to_thread(build)
+    return [common_pb2.NamedRef(name=n, ref=r) for n, r in refs]
+
+
+def _phase(phase: int) -> str:
+    return style_pb2.StylePhase.Name(phase).removeprefix("STYLE_PHASE_").lower()
+
+
+def _has_stage(ctx: JobContext, stage: int) -> bool:
+    return any(s.stage == stage for s in ctx.job.stages)
+
+
+def _done_stories(ctx: JobContext, stage: int) -> int:
+    prefix = {pb.STAGE_PLOT: "story/", pb.STAGE_STYLE: "style/", pb.STAGE_RENDER: "frames/"}[stage]
+    return sum(1 for n in ctx.stage(stage).outputs if n.name.startswith(prefix))
+
+
+def _ref_dict(ref: common_pb2.ObjectRef) -> dict:
+    return {"bucket": ref.bucket, "key": ref.key, "size": ref.size, "sha256": ref.sha256}

@@ -1,0 +1,294 @@
+"""The GPU part: SDXL base + refiner over a batch of prompts, latents handed over, one batched VAE decode.
+
+What makes it fast (DESIGN.md, "GPU work is fast by design"):
+- a batch of B prompts per pipeline call, one ``torch.Generator`` per frame (seeded ``seed_offset + i``)
+  so a frame's noise — and so its image — does not depend on the batch it lands in;
+- prompt embeddings computed once per batch with the base's two encoders; the refiner gets the
+  text_encoder_2 half of the same tensors (it conditions on that encoder only), the negative prompt's
+  embeddings are computed once and reused by every batch;
+- the base stops at ``high_noise_fraction`` and hands its latents to the refiner (``output_type="latent"``:
+  no decode/encode in between); the whole batch is decoded by the VAE in one call, converted to uint8
+  on the device, and copied to the host once per batch;
+- bf16 weights on GPUs, PyTorch SDPA attention (diffusers' ``AttnProcessor2_0``, checked at load),
+  channels-last UNets/VAE, optional ``torch.compile`` of both UNets;
+- no host synchronisation inside the denoising loop: no step callbacks, device-side generators (a CPU
+  generator would copy noise to the GPU every Euler step), the scheduler keeps its sigmas on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreamframe.errors import InvalidArgument
+from dreamframe.models import sdxl
+from services.keyframe_renderer.options import RenderParams
+from services.keyframe_renderer.style import StyleEmbedding, StyleSlot
+
+log = logging.getLogger(__name__)
+
+SDPA_PROCESSORS = frozenset({"AttnProcessor2_0", "FusedAttnProcessor2_0"})
+# Activation memory per output pixel at 2-byte precision (UNet with CFG is small next to the VAE
+# decoder's full-resolution 128/256-channel feature maps). About 2 GiB per 1024×1024 image; the
+# benchmark measures the real figure ("peak_bytes_per_image").
+BYTES_PER_PIXEL_BF16 = 2048
+MEMORY_HEADROOM = 2 << 30
+
+
+@dataclass(frozen=True)
+class StepSplit:
+    """How a schedule of ``steps`` divides between base and refiner."""
+
+    base: int
+    refiner: int
+
+
+class SDXLEngine:
+    """One loaded preset, ready to render batches. Not thread-safe: hold ``lock`` around use."""
+
+    def __init__(
+        self, pipes: sdxl.SDXLPipelines, *, model_id: str, channels_last: bool = True, compile_mode: str = ""
+    ) -> None:
+        self.pipes = pipes
+        self.base = pipes.base
+        self.refiner = pipes.refiner
+        self.device = pipes.device
+        self.dtype = pipes.dtype
+        self.resolution = pipes.resolution
+        self.model_id = model_id
+        self.lock = threading.RLock()
+        self.style = StyleSlot(self.base)
+        self.compile_mode = compile_mode
+        self.compiled = False
+        self._negative: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.batches_rendered = 0
+        self.frames_rendered = 0
+        for pipe in self._pipes():
+            pipe.set_progress_bar_config(disable=True)
+            if channels_last and self.device.type == "cuda":
+                pipe.unet.to(memory_format=torch.channels_last)
+        if channels_last and self.device.type == "cuda":
+            self.base.vae.to(memory_format=torch.channels_last)
+        self.attention = check_sdpa(self._pipes())
+        if compile_mode:
+            self.compile(compile_mode)
+
+    def _pipes(self):
+        return [p for p in (self.base, self.refiner) if p is not None]
+
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile both UNets in place (first batches of each shape pay the compile time)."""
+        if self.compiled:
+            return
+        mode = mode or self.compile_mode or "max-autotune-no-cudagraphs"
+        for pipe in self._pipes():
+            pipe.unet.compile(mode=mode, fullgraph=True)
+        self.compiled = True
+        self.compile_mode = mode
+        log.info("compiled the UNets (mode %s)", mode)
+
+    # --- style ----------------------------------------------------------------------------------------
+    def set_style(self, style: StyleEmbedding | None) -> None:
+        if self.style.apply(style):
+            self._negative.clear()  # encoder weights changed
+
+    # --- schedule -------------------------------------------------------------------------------------
+    def step_split(self, params: RenderParams) -> StepSplit:
+        """Base and refiner step counts, as diffusers will run them (both must be at least one)."""
+        if not params.use_refiner or self.refiner is None:
+            return StepSplit(params.steps, 0)
+        scheduler = type(self.base.scheduler).from_config(self.base.scheduler.config)
+        scheduler.set_timesteps(params.steps, device="cpu")
+        train_steps = scheduler.config.num_train_timesteps
+        cutoff = int(round(train_steps - params.high_noise_fraction * train_steps))
+        base = int((scheduler.timesteps >= cutoff).sum())
+        split = StepSplit(base, len(scheduler.timesteps) - base)
+        if split.base == 0 or split.refiner == 0:
+            raise InvalidArgument(
+                f"{params.steps} steps at high_noise_fraction {params.high_noise_fraction} leave "
+                f"{split.base} base and {split.refiner} refiner steps; both need at least one",
+                field="options.steps",
+            )
+        return split
+
+    # --- rendering ------------------------------------------------------------------------------------
+    def auto_batch_size(self, params: RenderParams, *, max_batch: int, cpu_batch: int) -> int:
+        return auto_batch_size(self.device, params.width, params.height, self.dtype, max_batch, cpu_batch)
+
+    def generators(self, seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+
+    def _negative_embeds(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._negative.get(text)
+        if cached is None:
+            embeds, _, pooled, _ = self.base.encode_prompt(
+                text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            cached = self._negative[text] = (embeds, pooled)
+        return cached
+
+    @torch.inference_mode()
+    def render(self, prompts: list[str], seeds: list[int], params: RenderParams) -> np.ndarray:
+        """Render one batch; returns uint8 images [B, H, W, 3] on the host."""
+        if len(prompts) != len(seeds) or not prompts:
+            raise ValueError("one seed per prompt, at least one prompt")
+        split = self.step_split(params)
+        batch = len(prompts)
+        guided = params.guidance_scale > 1.0
+        embeds, _, pooled, _ = self.base.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        negative = negative_pooled = None
+        if guided:
+            neg, neg_pooled = self._negative_embeds(params.negative_prompt)
+            negative, negative_pooled = neg.expand(batch, -1, -1), neg_pooled.expand(batch, -1)
+        generators = self.generators(seeds)
+        common = dict(
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            generator=generators,
+            output_type="latent",
+        )
+        refine = split.refiner > 0
+        latents = self.base(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            height=params.height,
+            width=params.width,
+            denoising_end=params.high_noise_fraction if refine else None,
+            **common,
+        ).images
+        if refine:
+            # The refiner conditions on text_encoder_2 only: the last d2 features of the base's embeddings.
+            d2 = self.base.text_encoder_2.config.hidden_size
+            latents = self.refiner(
+                prompt_embeds=embeds[..., -d2:],
+                negative_prompt_embeds=None if negative is None else negative[..., -d2:],
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                image=latents,
+                denoising_start=params.high_noise_fraction,
+                **common,
+            ).images
+        images = self.decode(latents)
+        self.batches_rendered += 1
+        self.frames_rendered += batch
+        return images
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """One VAE decode for the whole batch; uint8 conversion on the device, one copy to the host."""
+        vae = self.base.vae
+        config = vae.config
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor
+        if self.device.type == "cuda" and vae.device.type == "cuda":
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        pixels = vae.decode(latents, return_dict=False)[0]
+        pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def check_sdpa(pipes) -> str:
+    """Every attention layer must run PyTorch SDPA (flash/memory-efficient kernels); returns its name."""
+    names: set[str] = set()
+    for pipe in pipes:
+        for module in (pipe.unet, pipe.vae):
+            names |= {type(p).__name__ for p in module.attn_processors.values()}
+    if not names <= SDPA_PROCESSORS:
+        raise RuntimeError(f"attention processors {sorted(names)} are not PyTorch SDPA")
+    return ",".join(sorted(names))
+
+
+def auto_batch_size(
+    device: torch.device, width: int, height: int, dtype: torch.dtype, max_batch: int, cpu_batch: int
+) -> int:
+    """Frames per batch from free GPU memory and a per-image activation model; fixed on a CPU."""
+    if device.type != "cuda":
+        return max(1, min(cpu_batch, max_batch))
+    free, _ = torch.cuda.mem_get_info(device)
+    per_image = BYTES_PER_PIXEL_BF16 * width * height * max(1, torch.finfo(dtype).bits // 16)
+    fits = (free - MEMORY_HEADROOM) // per_image
+    return int(max(1, min(max_batch, fits)))
+
+
+def model_id(preset: str, model_paths: dict[str, str], cache_dir: Path) -> str:
+    """What names the weights in frame metadata: stable across replicas (no local cache paths)."""
+    if preset == sdxl.TINY and not model_paths.get(sdxl.TINY):
+        return f"{sdxl.TINY}-v{sdxl.TINY_VERSION}"
+    base, refiner = sdxl.resolve_paths(preset, model_paths, cache_dir)
+    return f"{preset}:{base}|{refiner}"
+
+
+class EngineCache:
+    """Engines loaded once per process, by preset; the least recently used is dropped past ``capacity``."""
+
+    def __init__(self, loader: Callable[[str], SDXLEngine], capacity: int = 2) -> None:
+        self._loader = loader
+        self._capacity = capacity
+        self._engines: OrderedDict[str, SDXLEngine] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, preset: str) -> SDXLEngine:
+        with self._lock:
+            engine = self._engines.get(preset)
+            if engine is not None:
+                self._engines.move_to_end(preset)
+                return engine
+            while len(self._engines) >= self._capacity:
+                _, old = self._engines.popitem(last=False)
+                with old.lock:  # wait for its render to finish before letting it go
+                    pass
+                del old
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            started = time.monotonic()
+            engine = self._loader(preset)
+            self.loads += 1
+            log.info("loaded preset %s in %.1f s", preset, time.monotonic() - started)
+            self._engines[preset] = engine
+            return engine
+
+    def put(self, preset: str, engine: SDXLEngine) -> None:
+        """Register an engine built elsewhere (the benchmark's random full-size model)."""
+        with self._lock:
+            self._engines[preset] = engine
+            self._engines.move_to_end(preset)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._engines)
+
+
+def load_engine(
+    preset: str,
+    *,
+    model_paths: dict[str, str],
+    cache_dir: Path,
+    device: str = "auto",
+    channels_last: bool = True,
+    compile_mode: str = "",
+) -> SDXLEngine:
+    pipes = sdxl.load_sdxl(preset, model_paths=model_paths, cache_dir=cache_dir, device=device)
+    return SDXLEngine(
+        pipes,
+        model_id=model_id(preset, model_paths, cache_dir),
+        channels_last=channels_last,
+        compile_mode=compile_mode,
+    )

@@ -1,0 +1,381 @@
+"""The typer app behind ``dreamframe``. Commands are thin: gRPC calls to the coordinator, storage for
+uploads and exports, and ``local`` for starting services on this machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dreamframe import keys
+from dreamframe.cli import local
+from dreamframe.cli.export import export_job, relative
+from dreamframe.config import Settings, get_settings
+from dreamframe.errors import DreamFrameError, InvalidArgument
+from dreamframe.serving.client import make_sync_channel
+from dreamframe.storage import open_store, to_proto
+from dreamframe.story import load_story
+from dreamframe.v1 import coordinator_pb2 as pb
+from dreamframe.v1 import coordinator_pb2_grpc
+
+app = typer.Typer(
+    help="DreamFrame: video-understanding training data, made automatically.", no_args_is_help=True
+)
+console = Console()
+err = Console(stderr=True)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TINY_JOB = REPO_ROOT / "deploy" / "local" / "tiny-job.json"
+STAGE_NAMES = ["plot", "style", "render", "dataset", "train", "eval"]
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _stub(settings: Settings, address: str | None = None) -> coordinator_pb2_grpc.CoordinatorServiceStub:
+    channel = make_sync_channel(address or settings.cli.coordinator_address, settings.client)
+    return coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _stage(value: int) -> str:
+    return pb.Stage.Name(value).removeprefix("STAGE_").lower()
+
+
+def _state(value: int) -> str:
+    return pb.JobState.Name(value).removeprefix("JOB_STATE_").lower()
+
+
+# --- local services ------------------------------------------------------------------------------
+
+
+def _local_env(settings: Settings, preset: str) -> dict[str, str]:
+    """Environment for local services: one local store and model cache under the state dir."""
+    state = settings.cli.state_dir.resolve()
+    env = {
+        "DREAMFRAME_STORAGE__BACKEND": settings.storage.backend,
+        "DREAMFRAME_STORAGE__ROOT": str(
+            settings.storage.root.resolve() if settings.storage.backend == "local" else settings.storage.root
+        ),
+        "DREAMFRAME_MODELS__CACHE_DIR": str(settings.models.cache_dir.resolve()),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1" if preset == "tiny" else "0"),
+    }
+    for section in ("STYLE", "RENDERER", "TRAINER"):
+        env.setdefault(
+            f"DREAMFRAME_{section}__PRESET", os.environ.get(f"DREAMFRAME_{section}__PRESET", preset)
+        )
+    if preset == "tiny":
+        env["DREAMFRAME_PLOT__MODEL"] = os.environ.get("DREAMFRAME_PLOT__MODEL", "tiny")
+    state.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@app.command()
+def up(
+    preset: Annotated[str, typer.Option(help="Model preset for every service: tiny or sdxl.")] = "tiny",
+    renderers: Annotated[int, typer.Option(min=1, help="keyframe-renderer replicas.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every service to be healthy.")] = 600,
+) -> None:
+    """Start every service as a local process (local store, the given model preset)."""
+    settings = _settings()
+    try:
+        procs = local.start_services(
+            settings.cli.state_dir, env=_local_env(settings, preset), renderers=renderers
+        )
+        with console.status("waiting for the services to load their models..."):
+            local.wait_healthy(procs, timeout=timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        local.stop_services(settings.cli.state_dir, grace=5)
+        raise _fail(str(exc)) from None
+    table = Table("service", "address", "pid", "log")
+    for p in procs:
+        table.add_row(p.name, f"{local.HOST}:{p.port}", str(p.pid), relative(Path(p.log)))
+    console.print(table)
+
+
+@app.command()
+def down(grace: Annotated[float, typer.Option(help="Seconds each service gets to finish.")] = 30) -> None:
+    """Stop the local services started by `up`."""
+    stopped = local.stop_services(_settings().cli.state_dir, grace=grace)
+    console.print(f"stopped {len(stopped)} services" if stopped else "nothing was running")
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+def _build_spec(
+    settings: Settings,
+    themes: list[str],
+    stories: list[Path],
+    stages: str | None,
+    spec_file: Path | None,
+    name: str | None,
+) -> pb.JobSpec:
+    spec = pb.JobSpec()
+    if spec_file is not None:
+        try:
+            json_format.Parse(spec_file.read_text(), spec)
+        except (OSError, json_format.ParseError) as exc:
+            raise InvalidArgument(f"cannot read job spec: {exc}", field="--spec") from None
+    for theme in themes:
+        spec.stories.add(theme=theme)
+    for path in stories:
+        spec.stories.add(story=_upload_story(settings, path))
+    if stages:
+        from services.coordinator.spec import parse_stage
+
+        del spec.stages[:]
+        spec.stages.extend(parse_stage(s) for s in stages.split(",") if s.strip())
+    if name:
+        spec.name = name
+    return spec
+
+
+def _upload_story(settings: Settings, path: Path):
+    """Validate a story file (either format) and put it in storage under uploads/<sha256>.json."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field="story") from None
+    load_story(data, field=str(path))
+    store = open_store(settings.storage)
+    return to_proto(store.put_bytes(f"uploads/{hashlib.sha256(data).hexdigest()}.json", data))
+
+
+@app.command()
+def submit(
+    theme: Annotated[list[str], typer.Option("--theme", "-t", help="A theme to expand (repeatable).")] = [],  # noqa: B006
+    story: Annotated[list[Path], typer.Option("--story", help="A story file to use (repeatable).")] = [],  # noqa: B006
+    stages: Annotated[str | None, typer.Option(help="Comma-separated stages (default: all).")] = None,
+    spec: Annotated[Path | None, typer.Option(help="JobSpec JSON with per-stage options.")] = None,
+    job_id: Annotated[str | None, typer.Option(help="Choose the job id (idempotent).")] = None,
+    name: Annotated[str | None, typer.Option(help="A label for the job.")] = None,
+    watch_: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow the job until it ends.")] = False,
+    coordinator: Annotated[str | None, typer.Option(help="Coordinator address.")] = None,
+) -> None:
+    """Submit a job: themes and/or story files through the selected stages."""
+    settings = _settings()
+    try:
+        request = pb.SubmitJobRequest(
+            spec=_build_spec(settings, theme, story, stages, spec, name), job_id=job_id or ""
+        )
+        job = _call(lambda: _stub(settings, coordinator).SubmitJob(request)).job
+    except DreamFrameError as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(f"submitted job [bold]{job.job_id}[/] ({len(job.spec.stories)} stories)")
+    if watch_:
+        _watch(settings, job.job_id, coordinator)
+
+
+def _call(fn):
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        raise _fail(
+            f"{exc.code().name}: {exc.details()}", 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+        ) from None
+
+
+def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> pb.Job:
+    stub = _stub(settings, coordinator)
+    job = None
+    columns = (
+        TextColumn("[bold]{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]:<7}"),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[item]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[int, int] = {}
+        try:
+            for response in stub.WatchJob(
+                pb.WatchJobRequest(job_id=job_id), timeout=settings.client.stream_deadline_seconds
+            ):
+                job = response.job
+                for status in job.stages:
+                    if status.stage not in tasks:
+                        tasks[status.stage] = progress.add_task(
+                            _stage(status.stage), total=None, unit="", item=""
+                        )
+                    p = status.progress
+                    total = p.total if p.total > 0 else None
+                    done = p.done
+                    if status.state == pb.JOB_STATE_SUCCEEDED:
+                        total = total or 1
+                        done = total
+                    item = p.current_item if status.state == pb.JOB_STATE_RUNNING else _state(status.state)
+                    if status.error:
+                        item = f"[red]{status.error}"
+                    progress.update(
+                        tasks[status.stage], completed=done, total=total, unit=p.unit, item=item[:80]
+                    )
+        except grpc.RpcError as exc:
+            raise _fail(f"{exc.code().name}: {exc.details()}") from None
+    if job is not None:
+        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
+            _state(job.state), "white"
+        )
+        console.print(f"job {job.job_id}: [bold {colour}]{_state(job.state)}[/] {job.error}")
+    return job
+
+
+@app.command()
+def watch(job_id: str, coordinator: Annotated[str | None, typer.Option()] = None) -> None:
+    """Follow a job with a progress bar per stage until it ends."""
+    job = _watch(_settings(), job_id, coordinator)
+    if job is not None and job.state != pb.JOB_STATE_SUCCEEDED:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str, coordinator: Annotated[str | None, typer.Option()] = None) -> None:
+    """A job's stages, progress and outputs."""
+    job = _call(lambda: _stub(_settings(), coordinator).GetJob(pb.GetJobRequest(job_id=job_id))).job
+    console.print(
+        f"job [bold]{job.job_id}[/] {_state(job.state)} · renderer replicas {job.renderer_replicas}"
+    )
+    if job.error:
+        console.print(f"[red]{job.error}")
+    table = Table("stage", "state", "progress", "outputs", "error")
+    for s in job.stages:
+        table.add_row(
+            _stage(s.stage),
+            _state(s.state),
+            f"{s.progress.done}/{s.progress.total} {s.progress.unit}",
+            str(len(s.outputs)),
+            s.error,
+        )
+    console.print(table)
+    for named in job.outputs:
+        console.print(f"{named.name}: {named.ref.bucket}/{named.ref.key}")
+
+
+@app.command("ls")
+def list_jobs(coordinator: Annotated[str | None, typer.Option()] = None) -> None:
+    """Jobs, newest first."""
+    reply = _call(lambda: _stub(_settings(), coordinator).ListJobs(pb.ListJobsRequest(page_size=50)))
+    table = Table("job", "state", "stories", "stages", "name")
+    for job in reply.jobs:
+        table.add_row(
+            job.job_id,
+            _state(job.state),
+            str(len(job.spec.stories)),
+            ",".join(_stage(s.stage) for s in job.stages),
+            job.spec.name,
+        )
+    console.print(table)
+
+
+@app.command()
+def cancel(job_id: str, coordinator: Annotated[str | None, typer.Option()] = None) -> None:
+    """Cancel a job: every running stage stops."""
+    job = _call(lambda: _stub(_settings(), coordinator).CancelJob(pb.CancelJobRequest(job_id=job_id))).job
+    console.print(f"job {job.job_id}: {_state(job.state)}")
+
+
+# --- story files ---------------------------------------------------------------------------------
+
+
+@app.command("import-story")
+def import_story(path: Path) -> None:
+    """Check a story file (reference or native format) and upload it; prints its storage key."""
+    settings = _settings()
+    try:
+        ref = _upload_story(settings, path)
+    except DreamFrameError as exc:
+        raise _fail(str(exc), 2) from None
+    story = load_story(path.read_bytes())
+    console.print(f"{path}: {story.frame_count} frames, {len(story.all_qa())} QA → {ref.bucket}/{ref.key}")
+    console.print(f"use it with: dreamframe submit --story {path}")
+
+
+@app.command("export-story")
+def export_story(
+    job_id: str,
+    story_index: Annotated[int, typer.Option("--story", help="Which story of the job.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: stdout).")] = None,
+) -> None:
+    """Write a job's story in the reference story-file format."""
+    store = open_store(_settings().storage)
+    key = keys.story_key(job_id, story_index)
+    if not store.exists(key):
+        raise _fail(f"no story {story_index} in job {job_id} ({key})", 2)
+    text = json.dumps(load_story(store.get_bytes(key)).to_reference(), indent=2, ensure_ascii=False)
+    if out is None:
+        sys.stdout.write(text + "\n")
+    else:
+        out.write_text(text + "\n", encoding="utf-8")
+        console.print(f"wrote {out}")
+
+
+# --- the whole thing -----------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    theme: Annotated[str, typer.Option("--theme", "-t")] = "a lighthouse keeper befriends a lost robot",
+    preset: Annotated[str, typer.Option(help="tiny (CPU, seconds) or sdxl (GPU, real models).")] = "tiny",
+    spec: Annotated[
+        Path | None, typer.Option(help="JobSpec JSON (default: deploy/local/tiny-job.json).")
+    ] = None,
+    renderers: Annotated[int, typer.Option(min=1)] = 1,
+    keep_running: Annotated[bool, typer.Option(help="Leave the services up afterwards.")] = False,
+) -> None:
+    """Start the services, run one job through every stage, export the results, stop the services."""
+    settings = _settings()
+    spec = spec or (TINY_JOB if preset == "tiny" else None)
+    started = time.monotonic()
+    up(preset=preset, renderers=renderers, timeout=900)
+    try:
+        request = pb.SubmitJobRequest(spec=_build_spec(settings, [theme], [], None, spec, "make run"))
+        job = _call(lambda: _stub(settings).SubmitJob(request)).job
+        console.print(f"job [bold]{job.job_id}[/]: {theme!r}")
+        job = _watch(settings, job.job_id)
+        if job is None or job.state != pb.JOB_STATE_SUCCEEDED:
+            raise _fail(
+                f"job ended {_state(job.state) if job else 'unknown'}; logs in {settings.cli.state_dir}/logs"
+            )
+        where = export_job(open_store(settings.storage), job.job_id, settings.cli.runs_dir)
+        _print_results(job, where, time.monotonic() - started)
+    finally:
+        if not keep_running:
+            down(grace=30)
+
+
+def _print_results(job: pb.Job, where: dict[str, Path], seconds: float) -> None:
+    root = where["job"]
+    rows = [
+        ("story", root / "stories/000/story.json", "the story (native format)"),
+        ("reference story", root / "stories/000/reference_story.json", "the reference story-file format"),
+        ("keyframes", root / "stories/000/frames", "one PNG per frame + JSON sidecar"),
+        ("storyboard", root / "storyboard/index.html", "open in a browser"),
+        ("contact sheet", root / "storyboard/contact_sheet_000.png", "every frame on one image"),
+        ("dataset", where.get("dataset", root / "dataset"), "LLaVA JSON, videos, MC items, card"),
+        ("checkpoint", where.get("model", root / "model"), "the fine-tuned model (Hugging Face format)"),
+        ("report", where.get("report", root / "report"), "evaluation report (JSON + Markdown)"),
+    ]
+    table = Table("output", "where", "what", title=f"job {job.job_id} finished in {seconds:.0f}s")
+    for name, path, what in rows:
+        table.add_row(name, relative(path) if path.exists() else f"[dim]{relative(path)} (not made)", what)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

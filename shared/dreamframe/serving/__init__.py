@@ -1,0 +1,45 @@
+"""Serving for every DreamFrame service: one gRPC server setup, one client channel setup.
+
+Server side: ``GrpcServer``/``serve`` with health (real readiness), reflection, exception mapping,
+bearer-token auth, Prometheus metrics, access logs, TLS and graceful shutdown.
+Client side: ``make_channel`` with retries, round-robin, default deadlines, token and TLS;
+``error_detail_from``/``domain_error_from`` to read a failed call's structured error.
+"""
+
+from __future__ import annotations
+
+from dreamframe.serving.auth import BearerTokenAuthInterceptor, bearer
+from dreamframe.serving.client import make_channel, make_sync_channel, service_config
+from dreamframe.serving.errors import (
+    ERROR_DETAIL_KEY,
+    STATUS_BY_ERROR,
+    domain_error_from,
+    error_detail_from,
+    status_code_for,
+)
+from dreamframe.serving.health import HealthServicer
+from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor, WrappingInterceptor
+from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
+from dreamframe.serving.server import GrpcServer, Registration, serve
+
+__all__ = [
+    "ERROR_DETAIL_KEY",
+    "STATUS_BY_ERROR",
+    "AccessLogInterceptor",
+    "BearerTokenAuthInterceptor",
+    "ExceptionInterceptor",
+    "GrpcServer",
+    "HealthServicer",
+    "MetricsInterceptor",
+    "Registration",
+    "ServerMetrics",
+    "WrappingInterceptor",
+    "bearer",
+    "domain_error_from",
+    "error_detail_from",
+    "make_channel",
+    "make_sync_channel",
+    "serve",
+    "service_config",
+    "status_code_for",
+]

@@ -1,0 +1,325 @@
+"""The one way every DreamFrame service runs its gRPC server.
+
+``GrpcServer`` wires what each service must have (DESIGN.md, "Rules of the road"): message size limits,
+exception mapping, optional bearer-token auth, Prometheus metrics, access logs, health checking that
+follows the service's real readiness, reflection, optional (m)TLS, and a graceful SIGTERM shutdown.
+A service supplies only its servicers, a readiness check and shutdown hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dreamframe.config import ServerSettings
+from dreamframe.logging import get_logger
+from dreamframe.serving.auth import BearerTokenAuthInterceptor
+from dreamframe.serving.health import HEALTH_SERVICE_NAME, NOT_SERVING, SERVING, HealthServicer
+from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor
+from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
+
+Readiness = Callable[[], Awaitable[bool]]
+ShutdownHook = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One servicer to serve: the generated ``add_XServicer_to_server``, the servicer, its full name."""
+
+    add_to_server: Callable[[Any, Any], None]
+    servicer: Any
+    service_name: str
+
+    @classmethod
+    def of(cls, pb2: ModuleType, add_to_server: Callable[[Any, Any], None], servicer: Any) -> Registration:
+        """Derive the full service name from the pb2 DESCRIPTOR, e.g.
+        ``Registration.of(plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, PlotServicer())``.
+        """
+        short = add_to_server.__name__.removeprefix("add_").removesuffix("Servicer_to_server")
+        service = pb2.DESCRIPTOR.services_by_name.get(short)
+        if service is None:
+            raise ValueError(f"{pb2.__name__} defines no service {short!r} (from {add_to_server.__name__})")
+        return cls(add_to_server, servicer, service.full_name)
+
+
+def _host_port(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' files, or None for plaintext."""
+    cert, key, ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    if cert is None and key is None:
+        if ca is not None:
+            raise ValueError("server.tls_client_ca_file needs server.tls_cert_file and server.tls_key_file")
+        return None
+    if cert is None or key is None:
+        raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=ca.read_bytes() if ca else None,
+        require_client_auth=ca is not None,
+    )
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Notice dead peers on hours-long streams; accept the client keepalive of client.py (60 s).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+        # Two processes configured with the same port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class GrpcServer:
+    """A grpc.aio server with DreamFrame's standard equipment. Use ``run_forever`` from ``main``.
+
+    ``readiness`` is polled every ``readiness_interval`` seconds: health answers NOT_SERVING until it
+    returns True (and again whenever it returns False or raises). ``shutdown_hooks`` run when shutdown
+    begins, while in-flight RPCs still have the grace period: use them to ask long work to checkpoint
+    and stop. Release resources after ``run_forever`` returns.
+    """
+
+    def __init__(
+        self,
+        registrations: Sequence[Registration],
+        settings: ServerSettings,
+        *,
+        service_name: str,
+        readiness: Readiness | None = None,
+        shutdown_hooks: Sequence[ShutdownHook] = (),
+        readiness_interval: float = 5.0,
+        readiness_timeout: float = 10.0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = settings
+        self.service_name = service_name
+        self.registrations = list(registrations)
+        self._readiness = readiness
+        self._shutdown_hooks = list(shutdown_hooks)
+        self._readiness_interval = readiness_interval
+        self._readiness_timeout = readiness_timeout
+        self._extra_interceptors = list(interceptors)
+        self._extra_options = list(options)
+        self._log = get_logger("dreamframe.serving", service=service_name)
+        self.health = HealthServicer([r.service_name for r in self.registrations])
+        self.metrics = ServerMetrics(service_name)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._readiness_task: asyncio.Task[None] | None = None
+        self._ready: bool | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._stop_requested: asyncio.Event | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port to dial (the bound port, also when the settings said 0)."""
+        if self.port is None:
+            raise RuntimeError("server not started")
+        return _host_port(self.settings.host, self.port)
+
+    @property
+    def service_names(self) -> list[str]:
+        return [r.service_name for r in self.registrations]
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        s = self.settings
+        creds = server_credentials(s)  # before creating the server: bad TLS settings fail fast
+        # Outermost first: metrics and logs see every outcome, including auth rejections.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MetricsInterceptor(self.metrics),
+            AccessLogInterceptor(self.service_name),
+            BearerTokenAuthInterceptor(s.auth_tokens),
+            *self._extra_interceptors,
+            ExceptionInterceptor(),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=[*server_options(s), *self._extra_options])
+        address = _host_port(s.host, s.port)
+        try:
+            for reg in self.registrations:
+                reg.add_to_server(reg.servicer, server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                [*self.service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+            port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+            if not port:
+                raise RuntimeError(f"could not bind {address}")
+            await server.start()
+            if s.metrics_port >= 0:
+                self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+        except BaseException:
+            # An aio server left unstopped crashes the process when collected after its loop closed.
+            await server.stop(None)
+            raise
+        self._server, self.port = server, port
+        self._log.info(
+            "server started",
+            address=self.address,
+            tls=creds is not None,
+            mtls=s.tls_client_ca_file is not None,
+            auth=bool(s.auth_tokens),
+            metrics_port=self.metrics_port,
+            services=self.service_names,
+        )
+        if self._readiness is None:
+            self._set_ready(True)
+        else:
+            self._readiness_task = asyncio.create_task(self._readiness_loop(), name="readiness")
+
+    async def _check_ready(self) -> bool:
+        assert self._readiness is not None
+        try:
+            return bool(await asyncio.wait_for(self._readiness(), timeout=self._readiness_timeout))
+        except Exception as exc:
+            if self._ready is not False:
+                self._log.warning("readiness check failed", error=repr(exc))
+            return False
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            self._set_ready(await self._check_ready())
+            await asyncio.sleep(self._readiness_interval)
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready == self._ready or (self._stop_task is not None):
+            return
+        self._ready = ready
+        self.health.set_all(SERVING if ready else NOT_SERVING)
+        self.metrics.ready.set(1 if ready else 0)
+        self._log.info("serving" if ready else "not serving", health="SERVING" if ready else "NOT_SERVING")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, run shutdown hooks, give in-flight RPCs ``grace`` seconds.
+
+        ``grace`` defaults to ``settings.grace_seconds``; calling again (e.g. a second signal) with a
+        smaller grace ends the wait sooner.
+        """
+        if self._server is None:
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop(grace), name="grpc-server-stop")
+        else:
+            await self._server.stop(grace)  # tightens the grace of the stop already running
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace: float) -> None:
+        assert self._server is not None
+        started = time.monotonic()
+        self._log.info("shutting down", grace_seconds=grace)
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+        self.health.enter_graceful_shutdown()
+        self.metrics.ready.set(0)
+        # server.stop refuses new RPCs at once, then waits up to grace for in-flight ones.
+        drain = asyncio.create_task(self._server.stop(grace), name="grpc-drain")
+        await asyncio.sleep(0)
+        if self._shutdown_hooks:
+            await self._run_hooks(timeout=max(grace, 1.0))
+        await drain
+        await self.metrics.close()
+        self._log.info("server stopped", seconds=round(time.monotonic() - started, 3))
+
+    async def _run_hooks(self, timeout: float) -> None:
+        async def run(hook: ShutdownHook) -> None:
+            try:
+                await hook()
+            except Exception as exc:
+                self._log.error(
+                    "shutdown hook failed", hook=getattr(hook, "__qualname__", repr(hook)), exc_info=exc
+                )
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(run(h) for h in self._shutdown_hooks)), timeout=timeout)
+        except TimeoutError:
+            self._log.error("shutdown hooks did not finish in time", timeout_seconds=timeout)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Begin shutdown from a signal handler or another task; ``run_forever`` then stops."""
+        if self._stop_requested is None:
+            return
+        if self._stop_requested.is_set():
+            # A second signal: stop waiting for in-flight RPCs.
+            self._log.warning("second stop request: cancelling in-flight RPCs", reason=reason)
+            if self._server is not None:
+                asyncio.get_running_loop().create_task(self._server.stop(0))
+            return
+        self._log.info("stop requested", reason=reason)
+        self._stop_requested.set()
+
+    async def run_forever(self, *, handle_signals: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT (or ``request_stop``), shut down gracefully, return.
+
+        Returning normally lets ``asyncio.run(...)`` in ``main`` exit with status 0.
+        """
+        loop = asyncio.get_running_loop()
+        # Blocking work in handlers goes through asyncio.to_thread; bound it by max_workers.
+        loop.set_default_executor(ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix="handler"))
+        self._stop_requested = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            if self._server is None:
+                await self.start()
+            await self._stop_requested.wait()
+        finally:
+            try:
+                await self.stop()
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    async def __aenter__(self) -> GrpcServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(
+    registrations: Sequence[Registration],
+    settings: ServerSettings,
+    *,
+    service_name: str,
+    readiness: Readiness | None = None,
+    shutdown_hooks: Sequence[ShutdownHook] = (),
+    **kwargs: Any,
+) -> None:
+    """Run a service until SIGTERM/SIGINT: ``asyncio.run(serve(...))`` from its ``main()``."""
+    server = GrpcServer(
+        registrations,
+        settings,
+        service_name=service_name,
+        readiness=readiness,
+        shutdown_hooks=shutdown_hooks,
+        **kwargs,
+    )
+    await server.run_forever()

@@ -1,0 +1,89 @@
+"""Renderer scaling through the Kubernetes API, against a local server that speaks it (kmock's
+Kubernetes emulator over HTTP), driven by the official `kubernetes` client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kmock
+import pytest
+from kubernetes import client
+
+from dreamframe.config import KubernetesSettings
+from dreamframe.errors import FailedPrecondition
+from services.coordinator.scaler import RendererScaler, desired_replicas
+
+NS = "dreamframe"
+NAME = "dreamframe-keyframe-renderer"
+
+
+def deployment(replicas: int) -> dict:
+    labels = {"app.kubernetes.io/name": "keyframe-renderer"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "r", "image": "r:1"}]},
+            },
+        },
+    }
+
+
+def settings(url: str, **kw) -> KubernetesSettings:
+    return KubernetesSettings(
+        enabled=True,
+        namespace=NS,
+        renderer_deployment=NAME,
+        api_host=url,
+        min_replicas=kw.get("min_replicas", 1),
+        max_replicas=kw.get("max_replicas", 4),
+        frames_per_replica=100,
+    )
+
+
+def test_desired_replicas_is_clamped():
+    s = KubernetesSettings(min_replicas=1, max_replicas=4, frames_per_replica=100)
+    assert [desired_replicas(n, s) for n in (0, 1, 100, 101, 350, 10_000)] == [1, 1, 1, 2, 4, 4]
+    assert desired_replicas(0, KubernetesSettings(min_replicas=0, max_replicas=3)) == 0
+
+
+def test_scales_the_deployment_by_pending_frames():
+    async def scenario():
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+            url = str(server.url).rstrip("/")
+            api = client.ApiClient(client.Configuration(host=url))
+            await asyncio.to_thread(client.AppsV1Api(api).create_namespaced_deployment, NS, deployment(1))
+            scaler = RendererScaler(settings(url), api)
+
+            assert await scaler.current() == 1
+            assert await scaler.scale_for(350) == 4  # 350 frames / 100 per replica, capped at 4
+            # the server's object really changed, seen through a fresh read of the Deployment
+            dep = await asyncio.to_thread(client.AppsV1Api(api).read_namespaced_deployment, NAME, NS)
+            assert dep.spec.replicas == 4
+            assert await scaler.scale_for(120) == 2
+            assert await scaler.scale_for(0) == 1
+            patches = k8s["patch"]
+            assert len(patches) == 3
+            assert all(patches[i].subresource == "scale" for i in range(3))
+            # no patch when nothing changes
+            await scaler.scale_for(50)
+            assert len(k8s["patch"]) == 3
+
+    asyncio.run(scenario())
+
+
+def test_missing_deployment_is_a_clear_error():
+    async def scenario():
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+            url = str(server.url).rstrip("/")
+            scaler = RendererScaler(settings(url), client.ApiClient(client.Configuration(host=url)))
+            with pytest.raises(FailedPrecondition) as info:
+                await scaler.scale_for(10)
+            assert info.value.field == "coordinator.kubernetes.renderer_deployment"
+
+    asyncio.run(scenario())
