@@ -53,7 +53,8 @@ def render_html(job_id: str, stories: list[Story]) -> str:
         out.append(f'<section id="story-{s:03d}"><h2>{e(story.title or f"Story {s}")}</h2>')
         out.append(f"<p>{e(story.overview)}</p>")
         if story.style_keyword:
-            out.append(f"<p>Style: <b>{e(story.style_keyword)}</b> — {e(story.style_description)}</p>")
+            described = f" — {e(story.style_description)}" if story.style_description else ""
+            out.append(f"<p>Style: <b>{e(story.style_keyword)}</b>{described}</p>")
         out.append(f'<p><img src="contact_sheet_{s:03d}.png" alt="contact sheet" style="max-width:100%"></p>')
         out.extend(_qa_list(story.qa))
         for u, sub in enumerate(story.substories):
