@@ -1,0 +1,197 @@
+"""The Helm chart, rendered and validated offline: Helm's Go SDK (helm-python-sdk) for lint, schema and
+template, kubernetes-validate --strict for every manifest against the Kubernetes API schemas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "dreamframe"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+K8S_VERSION = "1.31.0"
+GPU_SERVICES = {"style-trainer", "keyframe-renderer", "trainer", "evaluator"}
+
+
+def render(values: dict | None = None, namespace: str = "dreamframe") -> list[dict]:
+    with helm.Chart.load(CHART) as chart:
+        merged = chart.merge_values(values or {})
+        chart.validate_schema(merged)
+        files = chart.render(values or {}, name="dreamframe", namespace=namespace, is_install=True)
+    docs = []
+    for name, text in files.items():
+        if name.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def test_lint_is_clean():
+    result = helm.lint(str(CHART), strict=True)
+    assert result["errors"] == []
+    assert not [m for m in result["messages"] if m["severity"] > 1], result["messages"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"tls": {"enabled": True, "secretName": "dreamframe-tls", "mutual": True}, "vllm": {"enabled": True}},
+        {"minio": {"enabled": False}, "config": {"storage": {"endpoint": "s3.example.com:443", "secure": True}},
+         "secrets": {"existingSecret": "mine"}, "networkPolicy": {"enabled": False}},
+        {"config": {"coordinator": {"kubernetes": {"enabled": False}}},
+         "services": {"keyframeRenderer": {"autoscaling": {"enabled": True}}}},
+    ],
+    ids=["defaults", "tls-vllm", "external-s3", "hpa"],
+)
+def test_every_manifest_validates_strictly(values):
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_each_service_has_deployment_service_and_grpc_probes():
+    docs = render()
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    names = ["coordinator", "plot-llm", "style-trainer", "keyframe-renderer", "qa-generator", "trainer", "evaluator"]
+    for name in names:
+        dep = deployments[f"dreamframe-{name}"]
+        assert f"dreamframe-{name}" in services
+        pod = dep["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == 50051
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert pod["securityContext"]["runAsNonRoot"]
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        assert (gpus == 1) == (name in GPU_SERVICES), name
+        env = {e["name"]: e for e in container["env"]}
+        assert env["DREAMFRAME_CONFIG_FILE"]["value"] == "/etc/dreamframe/config.yaml"
+        assert "secretKeyRef" in env["DREAMFRAME_STORAGE__SECRET_KEY"]["valueFrom"]
+    coordinator_env = {
+        e["name"]: e.get("value")
+        for e in deployments["dreamframe-coordinator"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert coordinator_env["DREAMFRAME_COORDINATOR__RENDERER_ADDRESSES"] == (
+        "dns:///dreamframe-keyframe-renderer-headless.dreamframe.svc.cluster.local:50051"
+    )
+    assert coordinator_env["DREAMFRAME_COORDINATOR__KUBERNETES__RENDERER_DEPLOYMENT"] == "dreamframe-keyframe-renderer"
+
+
+def test_config_values_use_dreamframe_settings_names():
+    from dreamframe.config import Settings
+
+    config_map = by_kind(render(), "ConfigMap")["dreamframe-config"]
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    # Every section and key in the chart's config is one DreamFrame's Settings knows.
+    fields = Settings.model_fields
+    for section, values in config.items():
+        assert section in fields, section
+        model = fields[section].annotation
+        known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+        assert set(values) <= known, (section, set(values) - known)
+
+
+def test_renderer_scales_independently_behind_a_headless_service():
+    base = by_kind(render(), "Deployment")
+    scaled = by_kind(render({"services": {"keyframeRenderer": {"replicas": 6}}}), "Deployment")
+    assert scaled["dreamframe-keyframe-renderer"]["spec"]["replicas"] == 6
+    for name, dep in base.items():
+        if name != "dreamframe-keyframe-renderer":
+            assert scaled[name]["spec"] == dep["spec"], f"{name} changed with the renderer's replicas"
+    headless = by_kind(render(), "Service")["dreamframe-keyframe-renderer-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+
+    hpa_docs = render({"config": {"coordinator": {"kubernetes": {"enabled": False}}},
+                       "services": {"keyframeRenderer": {"autoscaling": {"enabled": True, "maxReplicas": 5}}}})
+    hpa = by_kind(hpa_docs, "HorizontalPodAutoscaler")["dreamframe-keyframe-renderer"]
+    assert hpa["spec"]["maxReplicas"] == 5
+    assert "replicas" not in by_kind(hpa_docs, "Deployment")["dreamframe-keyframe-renderer"]["spec"]
+
+
+def test_coordinator_rbac_only_scales_the_renderer():
+    docs = render()
+    role = by_kind(docs, "Role")["dreamframe-renderer-scaler"]
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["apps"]
+        assert rule["resourceNames"] == ["dreamframe-keyframe-renderer"]
+        assert set(rule["verbs"]) <= {"get", "patch", "update"}
+        assert rule["resources"] in (["deployments/scale"], ["deployments"])
+        if rule["resources"] == ["deployments"]:
+            assert rule["verbs"] == ["get"]
+    binding = by_kind(docs, "RoleBinding")["dreamframe-renderer-scaler"]
+    assert binding["subjects"][0]["name"] == "dreamframe-coordinator"
+    pods = {n: d["spec"]["template"]["spec"] for n, d in by_kind(docs, "Deployment").items()}
+    assert pods["dreamframe-coordinator"]["serviceAccountName"] == "dreamframe-coordinator"
+    assert all(not p["automountServiceAccountToken"] for n, p in pods.items() if n != "dreamframe-coordinator")
+
+
+def test_network_policies_let_only_the_coordinator_reach_services():
+    policies = by_kind(render(), "NetworkPolicy")
+    renderer = policies["dreamframe-keyframe-renderer"]
+    sources = renderer["spec"]["ingress"][0]["from"]
+    assert {"app.kubernetes.io/name": "coordinator", "app.kubernetes.io/instance": "dreamframe"} in [
+        s["podSelector"]["matchLabels"] for s in sources
+    ]
+    assert all(s["podSelector"]["matchLabels"].get("app.kubernetes.io/name") in ("coordinator", "helm-test")
+               for s in sources)
+    coordinator = policies["dreamframe-coordinator"]["spec"]["ingress"][0]["from"]
+    assert {"matchLabels": {"dreamframe.io/client": "true"}} in [s["podSelector"] for s in coordinator]
+
+
+def test_bundled_minio_and_helm_test_hook():
+    docs = render()
+    minio = by_kind(docs, "StatefulSet")["dreamframe-minio"]
+    assert minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    test_pod = by_kind(docs, "Pod")["dreamframe-test-health"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert test_pod["spec"]["containers"][0]["command"] == ["dreamframe", "health"]
+    assert len(test_pod["spec"]["containers"][0]["args"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"services": {"keyframeRenderer": {"replicas": -1}}}, "/services/keyframeRenderer/replicas"),
+        ({"services": {"trainer": {"gpu": "two"}}}, "/services/trainer/gpu"),
+        ({"config": {"storage": {"backend": "gcs"}}}, "/config/storage/backend"),
+        ({"surprise": True}, "additional properties 'surprise' not allowed"),
+        ({"minio": {"rootPassword": "short"}}, "/minio/rootPassword"),
+        ({"ports": {"grpc": 70000}}, "/ports/grpc"),
+    ],
+)
+def test_schema_rejects_bad_values_with_clear_messages(values, message):
+    with pytest.raises(helm.HelmValuesError) as info:
+        render(values)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"services": {"keyframeRenderer": {"autoscaling": {"enabled": True}}}}, "enable only one"),
+        ({"minio": {"enabled": False}}, "config.storage.endpoint is required"),
+        ({"tls": {"enabled": True}}, "tls.secretName is required"),
+    ],
+)
+def test_inconsistent_values_fail_rendering(values, message):
+    with pytest.raises(helm.HelmError) as info:
+        render(values)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("env", sorted(p.stem.removeprefix("values-") for p in DEPLOY.glob("values-*.yaml")))
+def test_environment_values_render(env):
+    values = yaml.safe_load((DEPLOY / f"values-{env}.yaml").read_text()) or {}
+    for doc in render(values):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
