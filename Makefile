@@ -10,6 +10,16 @@ PROTO_OUT := shared/dreamframe/v1
 PROTOS := $(wildcard protos/dreamframe/v1/*.proto)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+VERSION ?= $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+REGISTRY ?=
+CONTAINER ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+# services/<dir>:<image name>
+IMAGES := coordinator:coordinator plot_llm:plot-llm style_trainer:style-trainer \
+	keyframe_renderer:keyframe-renderer qa_generator:qa-generator trainer:trainer evaluator:evaluator
+RELEASE ?= dreamframe
+NAMESPACE ?= dreamframe
+VALUES ?= deploy/values-production.yaml
+DRY_RUN ?=
 
 .PHONY: help install proto lint test run deploy images push bench clean
 
@@ -36,11 +46,13 @@ $(PROTO_OUT)/.generated: $(STAMP) $(PROTOS)
 
 proto: $(PROTO_OUT)/.generated  ## generate Python + .pyi stubs from protos/ into shared/dreamframe/v1
 
-lint: proto  ## buf lint + format check, ruff
+lint: proto  ## buf lint + format check, ruff, hadolint, helm lint
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
+	$(VENV)/bin/hadolint services/*/Dockerfile
+	$(PY) -c 'import helm_python as h, sys; r = h.lint("charts/dreamframe", strict=True); print(r); sys.exit(bool(r["errors"]))'
 
 test: proto  ## the whole test suite, offline
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -51,14 +63,21 @@ run: proto  ## (coming: issue 10) start every service locally and run one whole 
 bench: proto  ## (coming: issue 6) GPU benchmarks of the renderer and the style trainer
 	@echo "make bench: not built yet (issue 6)." >&2; exit 2
 
-images:  ## (coming: issue 11) build one container image per service
-	@echo "make images: not built yet (issue 11)." >&2; exit 2
+images:  ## build one image per service with docker or podman, tagged $(VERSION) (REGISTRY=... to prefix)
+	@test -n "$(CONTAINER)" || { echo "make images: needs docker or podman" >&2; exit 2; }
+	@set -e; for pair in $(IMAGES); do dir=$${pair%%:*}; name=$${pair##*:}; \
+		ref="$(if $(REGISTRY),$(REGISTRY)/,)dreamframe/$$name:$(VERSION)"; \
+		echo "building $$ref"; $(CONTAINER) build -f services/$$dir/Dockerfile -t "$$ref" .; done
 
-push:  ## (coming: issue 11) push the images to REGISTRY
-	@echo "make push: not built yet (issue 11)." >&2; exit 2
+push: images  ## push every image to REGISTRY
+	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY=registry.example.com/team" >&2; exit 2; }
+	@set -e; for pair in $(IMAGES); do name=$${pair##*:}; \
+		$(CONTAINER) push "$(REGISTRY)/dreamframe/$$name:$(VERSION)"; done
 
-deploy:  ## (coming: issue 11) helm upgrade --install onto the current kubectl context
-	@echo "make deploy: not built yet (issue 11)." >&2; exit 2
+deploy: install proto  ## helm upgrade --install onto the current kubectl context (VALUES=, NAMESPACE=, DRY_RUN=client)
+	$(VENV)/bin/dreamframe deploy --release $(RELEASE) --namespace $(NAMESPACE) -f $(VALUES) \
+		--set global.imageTag=$(VERSION) $(if $(REGISTRY),--set global.imageRegistry=$(REGISTRY)) \
+		$(if $(DRY_RUN),--dry-run $(DRY_RUN))
 
 clean:  ## remove generated code and caches (keeps .venv)
 	rm -rf $(PROTO_OUT) .pytest_cache build *.egg-info

@@ -47,7 +47,9 @@ def main() -> None:
         server = GrpcServer(
             [
                 Registration.of(
-                    plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, SlowPlot(args.messages, args.interval)
+                    plot_pb2,
+                    plot_pb2_grpc.add_PlotServiceServicer_to_server,
+                    SlowPlot(args.messages, args.interval),
                 )
             ],
             ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=args.grace),

@@ -325,6 +325,64 @@ def export_story(
         console.print(f"wrote {out}")
 
 
+# --- cluster -------------------------------------------------------------------------------------
+
+
+@app.command()
+def health(
+    addresses: list[str],
+    timeout: Annotated[float, typer.Option(help="Seconds per check.")] = 5,
+) -> None:
+    """Ask each service's gRPC health check; exits 1 unless every one is SERVING (`helm test` runs this)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = _settings()
+    failed = 0
+    for address in addresses:
+        try:
+            with make_sync_channel(address, settings.client) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout
+                )
+            state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as exc:
+            state = f"{exc.code().name}: {exc.details()}"
+        ok = state == "SERVING"
+        failed += not ok
+        console.print(f"{'[green]ok' if ok else '[red]FAIL'}[/] {address} {state}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("deploy")
+def deploy_command(
+    release: Annotated[str, typer.Option(help="Helm release name.")] = "dreamframe",
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "dreamframe",
+    values: Annotated[list[Path], typer.Option("--values", "-f", help="Values files (repeatable).")] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option("--set", help="key=value overrides (repeatable).")] = [],  # noqa: B006
+    dry_run: Annotated[str | None, typer.Option(help="client or server: render/validate only.")] = None,
+    kube_context: Annotated[str | None, typer.Option(help="kubectl context (default: current).")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until every pod is ready.")] = False,
+) -> None:
+    """helm upgrade --install of charts/dreamframe (Helm's Go SDK; no helm binary needed)."""
+    from dreamframe.cli.deploy import collect_values, deploy
+
+    try:
+        manifest = deploy(
+            release,
+            namespace,
+            collect_values(values, set_),
+            dry_run=dry_run,
+            kube_context=kube_context,
+            wait=wait,
+        )
+    except DreamFrameError as exc:
+        raise _fail(str(exc), 2) from None
+    kinds = [line.split(":", 1)[1].strip() for line in manifest.splitlines() if line.startswith("kind:")]
+    verb = "rendered (dry run)" if dry_run else "deployed"
+    console.print(f"release {release} in namespace {namespace}: {verb}, {len(kinds)} objects")
+
+
 # --- the whole thing -----------------------------------------------------------------------------
 
 

@@ -114,38 +114,59 @@ class _CallDefaults:
             metadata.append((AUTHORIZATION, self.auth))
         return metadata
 
-
-class _AioDefaults(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    def __init__(self, settings: ClientSettings) -> None:
-        self._defaults = _CallDefaults(settings)
-
-    def _details(self, details: Any, streaming: bool) -> Any:
-        d = self._defaults
+    def aio_details(self, details: Any, streaming: bool) -> Any:
         return details._replace(
-            timeout=d.timeout(details.timeout, streaming),
-            metadata=grpc.aio.Metadata(*d.metadata(details.metadata)),
+            timeout=self.timeout(details.timeout, streaming),
+            metadata=grpc.aio.Metadata(*self.metadata(details.metadata)),
         )
 
+
+class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, defaults: _CallDefaults) -> None:
+        self._defaults = defaults
+
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details, False), request)
+        return await continuation(self._defaults.aio_details(client_call_details, False), request)
+
+
+class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, defaults: _CallDefaults) -> None:
+        self._defaults = defaults
 
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details, True), request)
+        return await continuation(self._defaults.aio_details(client_call_details, True), request)
+
+
+class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, defaults: _CallDefaults) -> None:
+        self._defaults = defaults
 
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details, True), request_iterator)
+        return await continuation(self._defaults.aio_details(client_call_details, True), request_iterator)
+
+
+class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, defaults: _CallDefaults) -> None:
+        self._defaults = defaults
 
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details, True), request_iterator)
+        return await continuation(self._defaults.aio_details(client_call_details, True), request_iterator)
+
+
+def _aio_defaults(settings: ClientSettings) -> list[grpc.aio.ClientInterceptor]:
+    # One object per call type: grpc.aio files an interceptor under the FIRST interface it
+    # implements only, so a single class implementing all four would never see streaming calls.
+    defaults = _CallDefaults(settings)
+    return [
+        _AioUnaryUnary(defaults),
+        _AioUnaryStream(defaults),
+        _AioStreamUnary(defaults),
+        _AioStreamStream(defaults),
+    ]
 
 
 def make_channel(
@@ -176,7 +197,7 @@ def make_channel(
         ),
         *options,
     ]
-    all_interceptors = [_AioDefaults(settings), *interceptors]
+    all_interceptors = [*_aio_defaults(settings), *interceptors]
     creds = channel_credentials(
         settings,
         tls=tls,
@@ -204,7 +225,7 @@ class _SyncDefaults(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """The same defaults as ``_AioDefaults`` for blocking stubs (scripts, the CLI)."""
+    """The same defaults for blocking stubs (scripts, the CLI)."""
 
     def __init__(self, settings: ClientSettings) -> None:
         self._defaults = _CallDefaults(settings)

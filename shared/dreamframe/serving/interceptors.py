@@ -218,11 +218,9 @@ class AccessLogInterceptor(WrappingInterceptor):
     QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 
     def __init__(self, service_name: str = "") -> None:
-        self._log = (
-            get_logger("dreamframe.serving.access", service=service_name)
-            if service_name
-            else (get_logger("dreamframe.serving.access"))
-        )
+        self._log = get_logger("dreamframe.serving.access")
+        if service_name:
+            self._log = self._log.bind(service=service_name)
 
     async def around(self, rpc: RpcInfo, invoke: Invoke, context: Any) -> Any:
         start = time.perf_counter()

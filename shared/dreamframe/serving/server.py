@@ -9,6 +9,7 @@ A service supplies only its servicers, a readiness check and shutdown hooks.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +29,7 @@ from dreamframe.serving.health import HEALTH_SERVICE_NAME, NOT_SERVING, SERVING,
 from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor
 from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
 
-Readiness = Callable[[], Awaitable[bool]]
+Readiness = Callable[[], Awaitable[bool] | bool]
 ShutdownHook = Callable[[], Awaitable[Any]]
 
 
@@ -129,6 +130,7 @@ class GrpcServer:
         self._ready: bool | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
+        self._force_stop: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -154,7 +156,9 @@ class GrpcServer:
             *self._extra_interceptors,
             ExceptionInterceptor(),
         ]
-        server = grpc.aio.server(interceptors=interceptors, options=[*server_options(s), *self._extra_options])
+        server = grpc.aio.server(
+            interceptors=interceptors, options=[*server_options(s), *self._extra_options]
+        )
         address = _host_port(s.host, s.port)
         try:
             for reg in self.registrations:
@@ -191,7 +195,10 @@ class GrpcServer:
     async def _check_ready(self) -> bool:
         assert self._readiness is not None
         try:
-            return bool(await asyncio.wait_for(self._readiness(), timeout=self._readiness_timeout))
+            result = self._readiness()
+            if inspect.isawaitable(result):  # a plain function returning bool works too
+                result = await asyncio.wait_for(result, timeout=self._readiness_timeout)
+            return bool(result)
         except Exception as exc:
             if self._ready is not False:
                 self._log.warning("readiness check failed", error=repr(exc))
@@ -268,7 +275,7 @@ class GrpcServer:
             # A second signal: stop waiting for in-flight RPCs.
             self._log.warning("second stop request: cancelling in-flight RPCs", reason=reason)
             if self._server is not None:
-                asyncio.get_running_loop().create_task(self._server.stop(0))
+                self._force_stop = asyncio.get_running_loop().create_task(self._server.stop(0))
             return
         self._log.info("stop requested", reason=reason)
         self._stop_requested.set()
