@@ -44,10 +44,16 @@ def test_lint_is_clean():
     [
         {},
         {"tls": {"enabled": True, "secretName": "dreamframe-tls", "mutual": True}, "vllm": {"enabled": True}},
-        {"minio": {"enabled": False}, "config": {"storage": {"endpoint": "s3.example.com:443", "secure": True}},
-         "secrets": {"existingSecret": "mine"}, "networkPolicy": {"enabled": False}},
-        {"config": {"coordinator": {"kubernetes": {"enabled": False}}},
-         "services": {"keyframeRenderer": {"autoscaling": {"enabled": True}}}},
+        {
+            "minio": {"enabled": False},
+            "config": {"storage": {"endpoint": "s3.example.com:443", "secure": True}},
+            "secrets": {"existingSecret": "mine"},
+            "networkPolicy": {"enabled": False},
+        },
+        {
+            "config": {"coordinator": {"kubernetes": {"enabled": False}}},
+            "services": {"keyframeRenderer": {"autoscaling": {"enabled": True}}},
+        },
     ],
     ids=["defaults", "tls-vllm", "external-s3", "hpa"],
 )
@@ -61,7 +67,15 @@ def test_every_manifest_validates_strictly(values):
 def test_each_service_has_deployment_service_and_grpc_probes():
     docs = render()
     deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
-    names = ["coordinator", "plot-llm", "style-trainer", "keyframe-renderer", "qa-generator", "trainer", "evaluator"]
+    names = [
+        "coordinator",
+        "plot-llm",
+        "style-trainer",
+        "keyframe-renderer",
+        "qa-generator",
+        "trainer",
+        "evaluator",
+    ]
     for name in names:
         dep = deployments[f"dreamframe-{name}"]
         assert f"dreamframe-{name}" in services
@@ -85,7 +99,10 @@ def test_each_service_has_deployment_service_and_grpc_probes():
     assert coordinator_env["DREAMFRAME_COORDINATOR__RENDERER_ADDRESSES"] == (
         "dns:///dreamframe-keyframe-renderer-headless.dreamframe.svc.cluster.local:50051"
     )
-    assert coordinator_env["DREAMFRAME_COORDINATOR__KUBERNETES__RENDERER_DEPLOYMENT"] == "dreamframe-keyframe-renderer"
+    assert (
+        coordinator_env["DREAMFRAME_COORDINATOR__KUBERNETES__RENDERER_DEPLOYMENT"]
+        == "dreamframe-keyframe-renderer"
+    )
 
 
 def test_config_values_use_dreamframe_settings_names():
@@ -112,8 +129,12 @@ def test_renderer_scales_independently_behind_a_headless_service():
     headless = by_kind(render(), "Service")["dreamframe-keyframe-renderer-headless"]
     assert headless["spec"]["clusterIP"] == "None"
 
-    hpa_docs = render({"config": {"coordinator": {"kubernetes": {"enabled": False}}},
-                       "services": {"keyframeRenderer": {"autoscaling": {"enabled": True, "maxReplicas": 5}}}})
+    hpa_docs = render(
+        {
+            "config": {"coordinator": {"kubernetes": {"enabled": False}}},
+            "services": {"keyframeRenderer": {"autoscaling": {"enabled": True, "maxReplicas": 5}}},
+        }
+    )
     hpa = by_kind(hpa_docs, "HorizontalPodAutoscaler")["dreamframe-keyframe-renderer"]
     assert hpa["spec"]["maxReplicas"] == 5
     assert "replicas" not in by_kind(hpa_docs, "Deployment")["dreamframe-keyframe-renderer"]["spec"]
@@ -133,7 +154,9 @@ def test_coordinator_rbac_only_scales_the_renderer():
     assert binding["subjects"][0]["name"] == "dreamframe-coordinator"
     pods = {n: d["spec"]["template"]["spec"] for n, d in by_kind(docs, "Deployment").items()}
     assert pods["dreamframe-coordinator"]["serviceAccountName"] == "dreamframe-coordinator"
-    assert all(not p["automountServiceAccountToken"] for n, p in pods.items() if n != "dreamframe-coordinator")
+    assert all(
+        not p["automountServiceAccountToken"] for n, p in pods.items() if n != "dreamframe-coordinator"
+    )
 
 
 def test_network_policies_let_only_the_coordinator_reach_services():
@@ -143,8 +166,10 @@ def test_network_policies_let_only_the_coordinator_reach_services():
     assert {"app.kubernetes.io/name": "coordinator", "app.kubernetes.io/instance": "dreamframe"} in [
         s["podSelector"]["matchLabels"] for s in sources
     ]
-    assert all(s["podSelector"]["matchLabels"].get("app.kubernetes.io/name") in ("coordinator", "helm-test")
-               for s in sources)
+    assert all(
+        s["podSelector"]["matchLabels"].get("app.kubernetes.io/name") in ("coordinator", "helm-test")
+        for s in sources
+    )
     coordinator = policies["dreamframe-coordinator"]["spec"]["ingress"][0]["from"]
     assert {"matchLabels": {"dreamframe.io/client": "true"}} in [s["podSelector"] for s in coordinator]
 
@@ -195,3 +220,30 @@ def test_environment_values_render(env):
     values = yaml.safe_load((DEPLOY / f"values-{env}.yaml").read_text()) or {}
     for doc in render(values):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_deploy_is_a_helm_upgrade_install_through_the_go_sdk(tmp_path):
+    from dreamframe.cli.deploy import collect_values, deploy
+    from dreamframe.errors import InvalidArgument
+
+    values = collect_values([DEPLOY / "values-production.yaml"], ["global.imageTag=1.2.3"])
+    manifest = deploy("dreamframe", "prod", values, dry_run="client")
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert "registry.example.com/dreamframe/keyframe-renderer:1.2.3" in images
+    assert (
+        by_kind(docs, "Deployment")["dreamframe-trainer"]["spec"]["template"]["spec"]["containers"][0][
+            "resources"
+        ]["limits"]["nvidia.com/gpu"]
+        == 8
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services: {trainer: {gpu: -1}}")
+    with pytest.raises(InvalidArgument) as info:
+        deploy("dreamframe", "prod", collect_values([bad], []), dry_run="client")
+    assert "/services/trainer/gpu" in str(info.value)

@@ -73,4 +73,4 @@ def deploy(
         raise FailedPrecondition(f"cannot reach the cluster: {exc}", field="kube_context") from None
     finally:
         config.close()
-    return getattr(release_info, "manifest", "") or ""
+    return release_info.get("manifest", "") or ""
