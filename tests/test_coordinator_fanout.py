@@ -1,0 +1,168 @@
+"""Render fan-out over replicas, over real gRPC: shards spread over every replica, a replica that dies
+mid-shard has its unfinished frames re-sent elsewhere, and every frame arrives exactly once.
+
+The replicas here are scripted RenderService servers (they write a small deterministic PNG per frame,
+skipping frames already stored, as the real renderer does) so a replica's death can be placed exactly;
+the end-to-end tests run the real renderer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import grpc
+import pytest
+from PIL import Image
+
+from dreamframe import keys
+from dreamframe.config import ClientSettings, ServerSettings
+from dreamframe.errors import InvalidArgument, Unavailable
+from dreamframe.serving import GrpcServer, Registration, make_channel
+from dreamframe.storage import LocalStore, to_proto
+from dreamframe.v1 import render_pb2, render_pb2_grpc
+from services.coordinator.fanout import Endpoint, render_frames, shards_of, split_targets
+
+JOB = "fanout-job"
+
+
+class ScriptedRenderer(render_pb2_grpc.RenderServiceServicer):
+    def __init__(self, store: LocalStore, *, die_after: int | None = None, delay: float = 0.005) -> None:
+        self.store = store
+        self.die_after = die_after
+        self.delay = delay
+        self.rendered: list[int] = []
+        self.calls = 0
+        self.server: GrpcServer | None = None
+
+    async def RenderFrames(self, request, context):
+        self.calls += 1
+        for index in request.frames.list.indices:
+            if index < 0:
+                raise InvalidArgument("must be >= 0", field="frames.list.indices")
+            if self.die_after is not None and len(self.rendered) >= self.die_after:
+                # The replica goes away mid-shard: the server stops, connections drop.
+                asyncio.get_running_loop().create_task(self.server.stop(0))
+                await asyncio.sleep(10)
+            await asyncio.sleep(self.delay)
+            key = keys.frame_key(JOB, 0, index)
+            skipped = self.store.exists(key)
+            if skipped:
+                ref = self.store.stat(key)
+            else:
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 8), (index % 256, 0, 0)).save(buf, format="PNG")
+                ref = self.store.put_bytes(key, buf.getvalue())
+                self.rendered.append(index)
+            yield render_pb2.RenderFramesResponse(
+                frame=render_pb2.RenderedFrame(
+                    index=index, image=to_proto(ref), seed=20 + index, skipped=skipped
+                )
+            )
+
+
+async def start(servicer: ScriptedRenderer) -> GrpcServer:
+    server = GrpcServer(
+        [Registration.of(render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, servicer)],
+        ServerSettings(port=0, metrics_port=-1, grace_seconds=0),
+        service_name="scripted-renderer",
+    )
+    servicer.server = server
+    await server.start()
+    return server
+
+
+def template() -> render_pb2.RenderFramesRequest:
+    return render_pb2.RenderFramesRequest(job_id=JOB, story_index=0)
+
+
+def client() -> ClientSettings:
+    return ClientSettings(deadline_seconds=5, stream_deadline_seconds=30, max_attempts=1)
+
+
+def test_split_targets_and_shards():
+    assert split_targets("dns:///renderer-headless:50051") == ["dns:///renderer-headless:50051"]
+    assert split_targets(" a:1, b:2 ,") == ["a:1", "b:2"]
+    assert [s.indices for s in shards_of(list(range(5)), 2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_a_replica_dying_mid_shard_loses_no_frame_and_duplicates_none(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        healthy, dying = ScriptedRenderer(store), ScriptedRenderer(store, die_after=3)
+        servers = [await start(healthy), await start(dying)]
+        channels = [make_channel(s.address, client()) for s in servers]
+        endpoints = [Endpoint(f"r{i}", render_pb2_grpc.RenderServiceStub(c)) for i, c in enumerate(channels)]
+        seen: list[int] = []
+        try:
+            result = await render_frames(
+                endpoints,
+                template(),
+                list(range(40)),
+                shard_size=4,
+                on_frame=lambda frame, _: seen.append(frame.index),
+                backoff_seconds=0.05,
+            )
+        finally:
+            for c in channels:
+                await c.close()
+            for s in servers:
+                await s.stop(0)
+        return store, healthy, dying, result, seen
+
+    store, healthy, dying, result, seen = asyncio.run(scenario())
+    assert sorted(seen) == list(range(40)), "every frame reported exactly once"
+    assert sorted(result.frames) == list(range(40))
+    assert len(dying.rendered) == 3 and healthy.rendered, "both replicas did work before one died"
+    assert sorted(healthy.rendered + dying.rendered) == list(range(40)), "no frame rendered twice"
+    assert result.resent_shards >= 1
+    assert sorted(int(i.key[-10:-4]) for i in store.list(keys.frames_prefix(JOB, 0))) == list(range(40))
+
+
+def test_frames_already_stored_count_once_as_skipped(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        renderer = ScriptedRenderer(store)
+        server = await start(renderer)
+        channel = make_channel(server.address, client())
+        endpoint = [Endpoint("r", render_pb2_grpc.RenderServiceStub(channel), workers=3)]
+        try:
+            first = await render_frames(endpoint, template(), list(range(10)), shard_size=3)
+            second = await render_frames(endpoint, template(), list(range(12)), shard_size=3)
+        finally:
+            await channel.close()
+            await server.stop(0)
+        return renderer, first, second
+
+    renderer, first, second = asyncio.run(scenario())
+    assert (first.rendered, first.skipped) == (10, 0)
+    assert (second.rendered, second.skipped) == (2, 10)
+    assert sorted(renderer.rendered) == list(range(12))
+
+
+def test_a_bad_request_fails_at_once_and_all_replicas_down_is_unavailable(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        renderer = ScriptedRenderer(store)
+        server = await start(renderer)
+        channel = make_channel(server.address, client())
+        good = Endpoint("r", render_pb2_grpc.RenderServiceStub(channel))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await render_frames([good], template(), [3, -1], shard_size=2)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert renderer.calls == 1, "a bad request is not retried"
+        await channel.close()
+        await server.stop(0)
+
+        dead = make_channel(server.address, client())  # nothing listens there any more
+        with pytest.raises(Unavailable):
+            await render_frames(
+                [Endpoint("dead", render_pb2_grpc.RenderServiceStub(dead))],
+                template(),
+                [0, 1],
+                shard_size=1,
+                max_attempts=3,
+                backoff_seconds=0.01,
+            )
+        await dead.close()
+
+    asyncio.run(scenario())
