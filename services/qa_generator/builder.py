@@ -13,6 +13,7 @@ Order of work, chosen so a failure at any point never leaves a dataset that look
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -112,7 +113,10 @@ def build_dataset(
     name = dataset_name_for(request)
     prefix = keys.dataset_prefix(name)
     options = request.options
-    codec = resolve_codec(options.video_codec) if options.wants(VIDEO_MP4) else ""
+    codec = ""
+    if options.wants(VIDEO_MP4):
+        codec = resolve_codec(options.video_codec)
+        options = dataclasses.replace(options, video_codec=codec)  # the manifest records the real codec
 
     def check_cancelled() -> None:
         if is_cancelled is not None and is_cancelled():
@@ -139,6 +143,8 @@ def build_dataset(
         plan.frame_hashes = [store.stat(key, bucket=loaded.bucket).sha256 for key in loaded.frame_keys]
         plans.append(plan)
         report(Progress("stories", i + 1, len(stories), current_item=loaded.story_id))
+    # Outputs in story-id order: listing the same stories in another order builds the same dataset.
+    plans.sort(key=lambda p: p.loaded.story_id)
 
     previous = _read_manifest(store, prefix)
 

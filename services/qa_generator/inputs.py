@@ -10,9 +10,17 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from dreamframe import keys
 from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.keys import validate_id
-from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes, validate_key, validate_prefix
+from dreamframe.storage.base import (
+    ObjectRef,
+    ObjectStore,
+    sha256_bytes,
+    validate_bucket,
+    validate_key,
+    validate_prefix,
+)
 from dreamframe.story import Story, load_story
 
 # The layout dreamframe.keys gives stories: jobs/<job>/stories/<sss>/story.json
@@ -71,7 +79,11 @@ def load_story_source(store: ObjectStore, index: int, source: StorySource) -> Lo
     """Read, parse and check one story and the presence of all its keyframes."""
     field = f"stories.{index}"
     validate_key(source.key, field=f"{field}.story.key")
-    bucket = source.bucket or store.default_bucket
+    bucket = (
+        validate_bucket(source.bucket, field=f"{field}.story.bucket")
+        if source.bucket
+        else store.default_bucket
+    )
     try:
         data = store.get_bytes(source.key, bucket=bucket)
     except NotFound:
@@ -135,3 +147,23 @@ def load_story_sources(store: ObjectStore, sources: list[StorySource]) -> list[L
         seen[story.story_id] = i
         loaded.append(story)
     return loaded
+
+
+def sources_from_jobs(
+    store: ObjectStore, job_ids: list[str], *, bucket: str | None = None
+) -> list[StorySource]:
+    """Every story of finished jobs (``jobs/<job>/stories/<sss>/story.json``), frames beside each."""
+    sources: list[StorySource] = []
+    for i, job_id in enumerate(job_ids):
+        prefix = f"{keys.job_prefix(job_id)}stories/"
+        found = [
+            info.key
+            for info in store.list(prefix, bucket=bucket)
+            if _JOB_STORY_RE.match(info.key) and info.key.endswith("/story.json")
+        ]
+        if not found:
+            raise NotFound(f"job {job_id!r} has no stories under {prefix!r}", field=f"jobs.{i}")
+        sources += [
+            StorySource(key=k, frames_prefix=default_frames_prefix(k) or "", bucket=bucket) for k in found
+        ]
+    return sources

@@ -102,14 +102,29 @@ class ModelSettings(BaseModel):
 class PlotSettings(BaseModel):
     # "local" runs a transformers model with grammar-constrained decoding; "openai" calls an endpoint.
     backend: Literal["local", "openai"] = "local"
-    # local: "tiny" or a model path/hub id
+    # The default model. local: "tiny" or a model path/hub id; openai: the endpoint's model name.
     model: str = "tiny"
+    # Other models a request may name in options.model (anything else is INVALID_ARGUMENT).
+    models: list[str] = Field(default_factory=list)
     base_url: str | None = None
     api_key: SecretStr = SecretStr("")
     temperature: float = Field(0.8, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    # Longest answer of one call, in tokens (a whole 11-substory outline fits comfortably).
+    max_tokens: int = Field(8192, ge=64)
     max_parallel_calls: int = Field(8, ge=1)
     max_repair_attempts: int = Field(3, ge=0)
     request_timeout_seconds: float = Field(120.0, gt=0)
+    # openai: retries of rate-limited / failed / timed-out requests, with exponential backoff.
+    max_retries: int = Field(5, ge=0)
+    # "strict": structural + semantic checks; "structural": only what the story format needs;
+    # "auto": structural for the tiny random model, strict for every other model.
+    validation: Literal["auto", "strict", "structural"] = "auto"
+    # Longest free-text strings an answer may hold (titles/lines/QA, and overviews/contents).
+    max_short_text_chars: int = Field(160, ge=8, le=1000)
+    max_long_text_chars: int = Field(600, ge=8, le=4000)
+    # Keep every finished call in storage so reruns ask nothing twice.
+    cache: bool = True
     device: str = "auto"
 
 
@@ -118,6 +133,10 @@ class StyleSettings(BaseModel):
     device: str = "auto"
     # Where real model weights are (a local path or hub id) per preset name.
     model_paths: dict[str, str] = Field(default_factory=dict)
+    # Load the default preset at startup (health says SERVING once it is loaded).
+    preload: bool = True
+    # Save a resumable checkpoint every N optimizer steps when the request leaves it at 0.
+    checkpoint_every: int = Field(50, ge=0)
 
 
 class RendererSettings(BaseModel):
@@ -156,15 +175,27 @@ class QaSettings(BaseModel):
     video_codec: Literal["auto", "libx264", "mpeg4"] = "auto"
     # libx264 constant rate factor (lower is better quality); mpeg4 maps it to a quantiser.
     video_crf: int = Field(23, ge=0, le=51)
+    # Builds running at once (each encodes videos on the CPU); more wait their turn.
+    max_concurrent_builds: int = Field(2, ge=1)
 
 
 class TrainerSettings(BaseModel):
+    # Base model of a run whose request names none ("tiny", "llava-1.5-7b", a path or hub id).
     preset: str = "tiny"
     device: str = "auto"
+    # "auto": bf16 on GPUs (LoRA keeps the frozen base in bf16 too), fp32 on CPUs.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Preset name → local path or hub id (e.g. {"llava-1.5-7b": "/models/llava-1.5-7b-hf"}).
     model_paths: dict[str, str] = Field(default_factory=dict)
-    # Local scratch for checkpoints before upload.
+    # Local scratch: each run's worker files, checkpoints before upload, the exported model.
     work_dir: Path = Path(".dreamframe/trainer")
     max_concurrent_runs: int = Field(1, ge=1)
+    # Checkpoints kept in storage per run (the newest ones).
+    keep_checkpoints: int = Field(2, ge=1)
+    # Launches of a run's worker before a worker that keeps dying fails the run.
+    max_attempts: int = Field(3, ge=1)
+    # How long a cancelled or shut-down run may take to stop (and checkpoint) before it is killed.
+    stop_grace_seconds: float = Field(120.0, ge=0)
 
 
 class EvaluatorSettings(BaseModel):
@@ -180,6 +211,8 @@ class EvaluatorSettings(BaseModel):
     judge_parallel_calls: int = Field(8, ge=1)
     # Vision endpoints under test (ModelSpec.endpoint).
     endpoint_timeout_seconds: float = Field(300.0, gt=0)
+    # Transport retries (connection errors, 429, 5xx) of the openai client, for endpoints and the judge.
+    openai_max_retries: int = Field(2, ge=0)
     # Frames sampled per video when a ModelSpec leaves num_frames at 0.
     num_frames: int = Field(8, ge=1, le=256)
     max_new_tokens: int = Field(128, ge=1)
@@ -191,6 +224,8 @@ class EvaluatorSettings(BaseModel):
     local_data_roots: list[Path] = Field(default_factory=list)
     # Where model answers and judgments are cached in storage (shared by every report).
     cache_prefix: str = "cache/evaluator/"
+    # Evaluations running at once (each holds a model in GPU memory); more wait their turn.
+    max_concurrent_evaluations: int = Field(1, ge=1)
 
 
 class KubernetesSettings(BaseModel):

@@ -1,0 +1,3 @@
+from services.qa_generator.server import main
+
+main()

@@ -1,0 +1,173 @@
+"""QaService over gRPC: request → ``builder.build_dataset`` (in a worker thread) → progress + result.
+
+The build is blocking work (storage I/O, video encoding), so it runs in a thread and reports progress
+through a queue the RPC drains. When the caller goes away (cancel, deadline, server shutdown after the
+grace period) the build is asked to stop at its next frame; what it finished stays reusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from dreamframe.config import QaSettings, Settings, get_settings
+from dreamframe.logging import configure_logging
+from dreamframe.serving import Registration, serve
+from dreamframe.storage import open_store, to_proto
+from dreamframe.storage.base import ObjectStore
+from dreamframe.v1 import common_pb2, qa_pb2, qa_pb2_grpc
+
+from .builder import BuildRequest, BuildResult, Progress, build_dataset, dataset_name_for
+from .inputs import StorySource
+from .options import FRAME_LIST, LLAVA_JSON, MVBENCH_MC, VIDEO_MP4, make_options
+
+SERVICE = "qa-generator"
+
+FORMAT_NAMES = {
+    qa_pb2.DATASET_FORMAT_LLAVA_JSON: LLAVA_JSON,
+    qa_pb2.DATASET_FORMAT_VIDEO_MP4: VIDEO_MP4,
+    qa_pb2.DATASET_FORMAT_FRAME_LIST: FRAME_LIST,
+    qa_pb2.DATASET_FORMAT_MVBENCH_MC: MVBENCH_MC,
+}
+
+
+def build_request_from_proto(request: qa_pb2.BuildDatasetRequest, settings: QaSettings) -> BuildRequest:
+    """Proto → domain request; unknown or unspecified formats pass through by name for the domain to
+    refuse (naming ``options.formats.<i>``)."""
+    o = request.options
+    formats = [FORMAT_NAMES.get(f, _enum_name(f)) for f in o.formats]
+    options = make_options(
+        formats=formats,
+        fps=o.fps,
+        validation_fraction=o.validation_fraction,
+        test_fraction=o.test_fraction,
+        seed=o.seed,
+        include_subtitles=o.include_subtitles,
+        num_choices=o.num_choices,
+        video_size=o.video_size,
+        settings=settings,
+    )
+    stories = [
+        StorySource(
+            key=s.story.key,
+            frames_prefix=s.frames_prefix,
+            bucket=s.story.bucket or None,
+            sha256=s.story.sha256,
+        )
+        for s in request.stories
+    ]
+    return BuildRequest(request.job_id, request.dataset_name, stories, options)
+
+
+def progress_to_proto(progress: Progress) -> common_pb2.Progress:
+    return common_pb2.Progress(
+        unit=progress.unit,
+        done=progress.done,
+        total=progress.total,
+        current_item=progress.current_item,
+        elapsed_seconds=progress.elapsed_seconds,
+        eta_seconds=progress.eta_seconds,
+        message=progress.message,
+    )
+
+
+def result_to_proto(result: BuildResult) -> qa_pb2.BuildDatasetResult:
+    return qa_pb2.BuildDatasetResult(
+        manifest=to_proto(result.manifest),
+        files=[common_pb2.NamedRef(name=name, ref=to_proto(ref)) for name, ref in result.files],
+        counts=result.counts,
+        prefix=result.prefix,
+    )
+
+
+class QaServicer(qa_pb2_grpc.QaServiceServicer):
+    def __init__(self, store: ObjectStore, settings: QaSettings) -> None:
+        self.store = store
+        self.settings = settings
+        # One build per dataset at a time (a retried call waits for the first to stop), and a bound on
+        # concurrent builds, which are CPU-heavy.
+        self._dataset_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._slots = asyncio.Semaphore(settings.max_concurrent_builds)
+        self._running: set[asyncio.Task[BuildResult]] = set()
+
+    async def BuildDataset(
+        self, request: qa_pb2.BuildDatasetRequest, context: object
+    ) -> AsyncIterator[qa_pb2.BuildDatasetResponse]:
+        build_request = build_request_from_proto(request, self.settings)
+        name = dataset_name_for(build_request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Progress] = asyncio.Queue()
+        stop = threading.Event()
+
+        def on_progress(progress: Progress) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, progress)
+
+        async def run() -> BuildResult:
+            async with self._dataset_locks[name], self._slots:
+                return await asyncio.to_thread(
+                    build_dataset,
+                    self.store,
+                    build_request,
+                    on_progress=on_progress,
+                    is_cancelled=stop.is_set,
+                )
+
+        task = asyncio.create_task(run(), name=f"build-dataset-{name}")
+        # The task outlives this RPC when the caller leaves: keep it referenced until the thread ends,
+        # and collect its outcome (then nobody else will).
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event in done:
+                    yield qa_pb2.BuildDatasetResponse(progress=progress_to_proto(next_event.result()))
+                    continue
+                next_event.cancel()
+                break
+            while not events.empty():
+                yield qa_pb2.BuildDatasetResponse(progress=progress_to_proto(events.get_nowait()))
+            result = task.result()  # raises the build's error, which serving maps to a status
+            yield qa_pb2.BuildDatasetResponse(result=result_to_proto(result))
+        finally:
+            stop.set()
+
+
+def build_servicer(settings: Settings) -> QaServicer:
+    return QaServicer(open_store(settings.storage), settings.qa)
+
+
+async def amain(settings: Settings) -> None:
+    servicer = build_servicer(settings)
+
+    async def ready() -> bool:
+        # Everything the service reads and writes is in storage: it must answer.
+        await asyncio.to_thread(lambda: next(iter(servicer.store.list("datasets/")), None))
+        return True
+
+    registration = Registration.of(qa_pb2, qa_pb2_grpc.add_QaServiceServicer_to_server, servicer)
+    try:
+        await serve([registration], settings.server, service_name=SERVICE, readiness=ready)
+    finally:
+        servicer.store.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+def _enum_name(value: int) -> str:
+    try:
+        return qa_pb2.DatasetFormat.Name(value)
+    except ValueError:
+        return f"DATASET_FORMAT_{value}"
+
+
+if __name__ == "__main__":
+    main()
