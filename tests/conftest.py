@@ -7,3 +7,22 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# --- S3 server (storage tests) ------------------------------------------------------------------
+# One real S3 server per test session (SeaweedFS, else moto): see tests/s3server.py.
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+from s3server import S3Server, running_s3_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(request: pytest.FixtureRequest) -> Iterator[S3Server]:
+    """A running S3 server: ``.endpoint`` (host:port, plain HTTP), ``.access_key``, ``.secret_key``,
+    ``.kind`` ("seaweedfs" or "moto"). Started on first use, stopped at the end of the session."""
+    with running_s3_server() as server:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[s3_server] {server.kind} at {server.endpoint}")
+        yield server

@@ -12,19 +12,23 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
+import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreamframe.errors import InvalidArgument
+from dreamframe.errors import InvalidArgument, NotFound
 
 CHUNK_SIZE = 1 << 20
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+# C0 and C1 control characters and backslash (a path separator on some systems).
+_BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,11 @@ def validate_key(key: str, *, field: str = "key") -> str:
     """Return ``key`` if it is a safe relative object key, else raise InvalidArgument naming ``field``."""
     if not isinstance(key, str) or not key:
         raise InvalidArgument("must be a non-empty object key", field=field)
-    if len(key.encode()) > MAX_KEY_BYTES:
+    try:
+        encoded = key.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"object key {key!r} is not valid UTF-8", field=field) from None
+    if len(encoded) > MAX_KEY_BYTES:
         raise InvalidArgument(f"object key longer than {MAX_KEY_BYTES} bytes", field=field)
     if key.startswith("/"):
         raise InvalidArgument(f"object key {key!r} must be relative, not absolute", field=field)
@@ -64,10 +72,23 @@ def validate_key(key: str, *, field: str = "key") -> str:
 
 
 def validate_prefix(prefix: str, *, field: str = "prefix") -> str:
-    """A listing prefix: empty (everything) or a valid key, optionally ending in '/'."""
+    """A listing prefix: empty (everything) or the start of a valid key.
+
+    Prefixes match as plain strings, as on S3: "a/b" matches "a/b/c" *and* "a/bc"; use "a/b/" for a
+    directory. Complete segments are checked like a key's; the last, partial segment may be anything a
+    key segment may start with (".." is a fine start for "..x").
+    """
     if prefix == "":
         return prefix
-    validate_key(prefix.rstrip("/") or "/", field=field)
+    try:
+        prefix.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"prefix {prefix!r} is not valid UTF-8", field=field) from None
+    if _BAD_KEY_CHARS.search(prefix):
+        raise InvalidArgument(f"prefix {prefix!r} contains a control character or backslash", field=field)
+    head = prefix.rpartition("/")[0]
+    if head or prefix.startswith("/"):
+        validate_key(head or "/", field=field)
     return prefix
 
 
@@ -92,6 +113,101 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+class ChunkStream(Iterator[bytes]):
+    """Chunks of one open object that release their file or connection however the reader stops.
+
+    A plain generator only runs its cleanup once iteration has started; this closes on exhaustion,
+    on ``close()``, on leaving a ``with`` block, or when garbage-collected, even if never iterated.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], release: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._release: Callable[[], None] | None = release
+
+    def __next__(self) -> bytes:
+        if self._release is None:
+            raise StopIteration
+        try:
+            return next(self._chunks)
+        except BaseException:  # exhausted or failed: either way we are done with the source
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomically(
+    chunks: Iterable[bytes],
+    dest: Path,
+    *,
+    tmp_dir: Path | None = None,
+    before_replace: Callable[[int, str, os.stat_result], None] | None = None,
+) -> tuple[int, str]:
+    """Write ``chunks`` to ``dest`` through a temp file + fsync + rename; return (size, sha256).
+
+    A reader sees the old file or the whole new one. On any failure the temp file is removed and
+    ``dest`` is untouched. ``tmp_dir`` must be on ``dest``'s filesystem (default: ``dest``'s directory,
+    created if missing). ``dest``'s missing parent directories are made only once the data is complete,
+    so a failed write leaves no trace. ``before_replace(size, sha256, stat)`` runs on the finished temp
+    file just before the rename.
+    """
+    if tmp_dir is None:
+        tmp_dir = dest.parent
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{secrets.token_hex(8)}.tmp"
+    # os.open with 0o666 honours the umask (mkstemp would force 0600 on every object).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace(size, digest.hexdigest(), os.fstat(f.fileno()))
+        for attempt in range(3):
+            try:
+                os.replace(tmp, dest)
+                break
+            except FileNotFoundError:
+                # The parent is new, or a concurrent delete just pruned it as empty: (re)make it.
+                if attempt == 2:
+                    raise
+                dest.parent.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(dest.parent)
+    return size, digest.hexdigest()
+
+
 class ObjectStore(ABC):
     """One bucket-aware object store. ``bucket=None`` everywhere means the store's default bucket."""
 
@@ -104,7 +220,12 @@ class ObjectStore(ABC):
     # --- writes -----------------------------------------------------------------------------------
     @abstractmethod
     def put_bytes(
-        self, key: str, data: bytes, *, content_type: str = "application/octet-stream", bucket: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
     ) -> ObjectRef:
         """Store ``data`` at ``key`` atomically (replacing any object there) and return its ref."""
 
@@ -132,7 +253,11 @@ class ObjectStore(ABC):
     def open_stream(
         self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
     ) -> Iterator[bytes]:
-        """Stream the object in chunks; NotFound (raised before the first chunk) if absent."""
+        """Stream the object in chunks of at most ``chunk_size`` bytes.
+
+        NotFound is raised by this call itself, before any chunk. The stream holds a file or connection:
+        exhaust it, ``close()`` it or use it as a context manager (``ChunkStream``).
+        """
 
     @abstractmethod
     def exists(self, key: str, *, bucket: str | None = None) -> bool: ...
@@ -167,7 +292,9 @@ class ObjectStore(ABC):
         """True when ``ref`` exists with the recorded size and sha256 (a stage's 'already done' check)."""
         try:
             current = self.stat(ref.key, bucket=ref.bucket)
-        except Exception:  # noqa: BLE001 - missing or unreadable both mean "not verified"
+        except NotFound:
+            # Only "missing" means "not done": an unreachable store must fail the stage, not make it
+            # redo (and overwrite) finished work.
             return False
         return current.size == ref.size and current.sha256 == ref.sha256
 

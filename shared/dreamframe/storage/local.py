@@ -1,0 +1,249 @@
+"""The local-directory backend: buckets are directories under ``root``, objects are files.
+
+Layout::
+
+    root/<bucket>/<key>          the objects
+    root/.tmp/                   temp files of writes in flight (renamed into place when complete)
+    root/.meta/<bucket>/<key>    sidecar {"sha256", "size", "mtime_ns", "ino"} written before the rename
+
+Bucket names never start with '.', so the internal trees cannot collide with a bucket, and nothing
+inside a bucket directory is ever anything but an object. The sidecar is trusted only while the
+object's inode, size and mtime still match it; otherwise ``stat`` hashes the file (and re-caches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from stat import S_ISREG
+
+from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.storage.base import (
+    CHUNK_SIZE,
+    ChunkStream,
+    ObjectInfo,
+    ObjectRef,
+    ObjectStore,
+    validate_key,
+    validate_prefix,
+    write_atomically,
+)
+
+TMP_DIR = ".tmp"
+META_DIR = ".meta"
+# Temp files this old were left by a killed writer; no live write takes a day.
+STALE_TMP_SECONDS = 24 * 3600
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: str | Path, default_bucket: str) -> None:
+        super().__init__(default_bucket)
+        self.root = Path(root).absolute()
+        self._tmp = self.root / TMP_DIR
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        (self.root / self.default_bucket).mkdir(exist_ok=True)
+        self._remove_stale_temp_files()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r}, {self.default_bucket!r})"
+
+    # --- paths ------------------------------------------------------------------------------------
+    def _bucket_dir(self, bucket: str | None) -> Path:
+        return self.root / self._bucket(bucket)
+
+    def _path(self, key: str, bucket: str | None) -> Path:
+        """The object's file; refuses keys that a symlink would lead out of the bucket."""
+        validate_key(key)
+        bucket_dir = self._bucket_dir(bucket)
+        path = bucket_dir / key
+        try:
+            inside = path.resolve().is_relative_to(bucket_dir.resolve())
+        except (OSError, RuntimeError):  # symlink loop
+            inside = False
+        if not inside:
+            raise InvalidArgument(f"object key {key!r} resolves outside its bucket (symlink)", field="key")
+        return path
+
+    def _meta_path(self, key: str, bucket: str | None) -> Path:
+        return self.root / META_DIR / self._bucket(bucket) / key
+
+    def _not_found(self, key: str, bucket: str | None) -> NotFound:
+        name = self._bucket(bucket)
+        if not (self.root / name).is_dir():
+            return NotFound(f"bucket {name!r} does not exist", field="bucket")
+        return NotFound(f"no object {key!r} in bucket {name!r}", field="key")
+
+    def _open(self, key: str, bucket: str | None):  # noqa: ANN202 - a binary file object
+        path = self._path(key, bucket)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise self._not_found(key, bucket) from None
+
+    # --- writes -----------------------------------------------------------------------------------
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> ObjectRef:
+        return self._write(key, [bytes(data)], bucket)
+
+    def put_file(
+        self,
+        key: str,
+        path: str | Path,
+        *,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> ObjectRef:
+        # Opened here, so a bad source path is reported as such, not as a clash of keys below.
+        with open(path, "rb") as f:
+            return self._write(key, iter(lambda: f.read(CHUNK_SIZE), b""), bucket)
+
+    def _write(self, key: str, chunks: Iterator[bytes] | list[bytes], bucket: str | None) -> ObjectRef:
+        dest = self._path(key, bucket)
+        meta = self._meta_path(key, bucket)
+
+        def record_sha(size: int, sha256: str, st: os.stat_result) -> None:
+            self._write_meta(meta, sha256, st)
+
+        try:
+            size, sha256 = write_atomically(chunks, dest, tmp_dir=self._tmp, before_replace=record_sha)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            # A directory can't also be a file: S3 allows "a" and "a/b" side by side, a filesystem doesn't.
+            raise FailedPrecondition(
+                f"object key {key!r} clashes with another key used as its directory (or vice versa); "
+                "the local store cannot hold both 'a' and 'a/b'",
+                field="key",
+            ) from None
+        return ObjectRef(self._bucket(bucket), key, size, sha256)
+
+    def _write_meta(self, meta: Path, sha256: str, st: os.stat_result) -> None:
+        """Cache the hash; best effort, since stat() falls back to hashing when this is missing."""
+        record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+        with contextlib.suppress(OSError):
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically([json.dumps(record).encode()], meta, tmp_dir=self._tmp)
+
+    # --- reads ------------------------------------------------------------------------------------
+    def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
+        with self._open(key, bucket) as f:
+            return f.read()
+
+    def get_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
+        with self.open_stream(key, bucket=bucket) as chunks:
+            size, sha256 = write_atomically(chunks, Path(path))
+        return ObjectRef(self._bucket(bucket), key, size, sha256)
+
+    def open_stream(
+        self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
+    ) -> ChunkStream:
+        if chunk_size <= 0:
+            raise InvalidArgument("must be positive", field="chunk_size")
+        f = self._open(key, bucket)
+        return ChunkStream(iter(lambda: f.read(chunk_size), b""), f.close)
+
+    def exists(self, key: str, *, bucket: str | None = None) -> bool:
+        return self._path(key, bucket).is_file()
+
+    def stat(self, key: str, *, bucket: str | None = None) -> ObjectRef:
+        path = self._path(key, bucket)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._not_found(key, bucket) from None
+        if not S_ISREG(st.st_mode):  # a directory is not an object
+            raise self._not_found(key, bucket)
+        meta = self._meta_path(key, bucket)
+        sha256 = self._cached_sha(meta, st)
+        if sha256 is None:
+            sha256, st = self._hash_and_cache(path, meta)
+        return ObjectRef(self._bucket(bucket), key, st.st_size, sha256)
+
+    @staticmethod
+    def _cached_sha(meta: Path, st: os.stat_result) -> str | None:
+        try:
+            record = json.loads(meta.read_bytes())
+        except (OSError, ValueError):
+            return None
+        current = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+        if not isinstance(record, dict) or any(record.get(k) != v for k, v in current.items()):
+            return None
+        sha256 = record.get("sha256")
+        return sha256 if isinstance(sha256, str) and len(sha256) == 64 else None
+
+    def _hash_and_cache(self, path: Path, meta: Path) -> tuple[str, os.stat_result]:
+        try:
+            with open(path, "rb") as f:
+                before = os.fstat(f.fileno())
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
+                    digest.update(chunk)
+                after = os.fstat(f.fileno())
+        except FileNotFoundError:  # deleted while we looked
+            raise NotFound(f"object at {path} vanished", field="key") from None
+        sha256 = digest.hexdigest()
+        # Cache only if nobody changed the file while we hashed it.
+        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            self._write_meta(meta, sha256, after)
+        return sha256, after
+
+    def list(self, prefix: str = "", *, bucket: str | None = None) -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        bucket_dir = self._bucket_dir(bucket)
+        # Walk only the deepest directory the prefix names; filter the rest as strings (S3 semantics).
+        start = bucket_dir / prefix.rpartition("/")[0]
+        real_bucket = bucket_dir.resolve()
+        found: list[ObjectInfo] = []
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                path = Path(dirpath) / name
+                key = path.relative_to(bucket_dir).as_posix()
+                if not key.startswith(prefix) or not self._listable(key, path, real_bucket):
+                    continue
+                found.append(ObjectInfo(key, path.stat().st_size))
+        found.sort(key=lambda info: info.key)
+        return iter(found)
+
+    @staticmethod
+    def _listable(key: str, path: Path, real_bucket: Path) -> bool:
+        """Regular files inside the bucket whose names are valid keys (skips foreign junk)."""
+        try:
+            validate_key(key)
+            return path.is_file() and path.resolve().is_relative_to(real_bucket)
+        except (InvalidArgument, OSError, RuntimeError):
+            return False
+
+    # --- deletes ----------------------------------------------------------------------------------
+    def delete(self, key: str, *, bucket: str | None = None) -> None:
+        path = self._path(key, bucket)
+        meta_top = self.root / META_DIR / self._bucket(bucket)
+        for file, top in ((path, self._bucket_dir(bucket)), (meta_top / key, meta_top)):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                file.unlink()
+            self._prune_empty_dirs(file.parent, top)
+
+    @staticmethod
+    def _prune_empty_dirs(directory: Path, top: Path) -> None:
+        """Remove now-empty directories up to (not including) ``top`` so "a" can later be a key again."""
+        while directory != top and top in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone): stop
+                return
+            directory = directory.parent
+
+    def _remove_stale_temp_files(self) -> None:
+        cutoff = time.time() - STALE_TMP_SECONDS
+        for entry in os.scandir(self._tmp):
+            with contextlib.suppress(OSError):
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)

@@ -1,0 +1,659 @@
+"""One contract, two backends: every test in the first part runs on LocalStore and on S3Store against a
+real S3 server (tests/s3server.py). Backend-specific behaviour is tested at the end."""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from minio import Minio
+from s3server import S3Server
+
+from dreamframe.config import StorageSettings
+from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from dreamframe.storage import LocalStore, ObjectInfo, ObjectRef, ObjectStore, S3Store, open_store
+
+BIG = 6 * 1024 * 1024 + 12345  # over one 5 MiB part: S3 uploads it in two parts
+
+
+def fresh_bucket() -> str:
+    return f"t-{uuid.uuid4().hex[:24]}"
+
+
+def s3_store(server: S3Server, bucket: str | None = None, **kwargs: object) -> S3Store:
+    return S3Store(server.endpoint, server.access_key, server.secret_key, bucket or fresh_bucket(), **kwargs)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    if request.param == "local":
+        made: ObjectStore = LocalStore(tmp_path / "store", "dreamframe")
+    else:
+        made = s3_store(request.getfixturevalue("s3_server"))
+    yield made
+    made.close()
+
+
+def keys(store: ObjectStore, prefix: str = "", bucket: str | None = None) -> list[str]:
+    return [info.key for info in store.list(prefix, bucket=bucket)]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    # Incompressible and different per seed, without os.urandom's cost for big sizes.
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+def open_resources(store: ObjectStore) -> int:
+    """What an unclosed stream would leak: file descriptors (local) or checked-out connections (S3)."""
+    if isinstance(store, S3Store):
+        pools = [store._http.pools[k] for k in store._http.pools.keys()]
+        return sum(p.pool.maxsize - p.pool.qsize() for p in pools if p.pool is not None)
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- bytes, files, JSON -------------------------------------------------------------------------------
+
+
+def test_put_get_bytes(store: ObjectStore) -> None:
+    data = b"hello \x00 world"
+    ref = store.put_bytes("a/b/hello.bin", data)
+    assert ref == ObjectRef(store.default_bucket, "a/b/hello.bin", len(data), sha(data))
+    assert store.get_bytes("a/b/hello.bin") == data
+    assert store.stat("a/b/hello.bin") == ref
+
+
+def test_empty_object(store: ObjectStore) -> None:
+    ref = store.put_bytes("empty", b"")
+    assert ref.size == 0 and ref.sha256 == sha(b"")
+    assert store.get_bytes("empty") == b""
+    assert list(store.open_stream("empty")) == []
+    assert store.stat("empty") == ref
+
+
+@pytest.mark.parametrize("size", [0, 1000, BIG])
+def test_put_get_file(store: ObjectStore, tmp_path: Path, size: int) -> None:
+    data = random_bytes(size, seed=size)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    ref = store.put_file("files/f.bin", src, content_type="image/png")
+    assert ref == ObjectRef(store.default_bucket, "files/f.bin", size, sha(data))
+    assert store.stat("files/f.bin") == ref
+
+    dest = tmp_path / "out" / "nested" / "f.bin"  # parents are created
+    got = store.get_file("files/f.bin", dest)
+    assert got == ref
+    assert dest.read_bytes() == data
+    assert os.listdir(dest.parent) == ["f.bin"]  # no temp file left next to it
+
+
+def test_get_file_replaces_existing_target(store: ObjectStore, tmp_path: Path) -> None:
+    store.put_bytes("k", b"new")
+    dest = tmp_path / "t.bin"
+    dest.write_bytes(b"old contents, longer")
+    store.get_file("k", dest)
+    assert dest.read_bytes() == b"new"
+
+
+def test_get_file_missing_leaves_target_alone(store: ObjectStore, tmp_path: Path) -> None:
+    dest = tmp_path / "downloads" / "t.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"keep me")
+    with pytest.raises(NotFound):
+        store.get_file("missing", dest)
+    assert dest.read_bytes() == b"keep me"
+    assert os.listdir(dest.parent) == ["t.bin"]
+
+
+def test_json_round_trip(store: ObjectStore) -> None:
+    value = {"overview": "ünïcødé ✓", "img_diag": [["frame", "x"], ["dialogue", "y"]], "n": 3, "f": None}
+    ref = store.put_json("story.json", value)
+    assert store.get_json("story.json") == value
+    assert ref.sha256 == sha(store.get_bytes("story.json"))
+    assert json.loads(store.get_bytes("story.json")) == value
+
+
+def test_overwrite_replaces(store: ObjectStore) -> None:
+    first = store.put_bytes("k", b"first version, which is longer")
+    second = store.put_bytes("k", b"second")
+    assert store.get_bytes("k") == b"second"
+    assert store.stat("k") == second
+    assert second.sha256 != first.sha256
+    assert keys(store) == ["k"]
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1 << 20])
+def test_stream_chunks_concatenate_to_the_object(store: ObjectStore, chunk_size: int) -> None:
+    data = random_bytes(50_000 if chunk_size > 1 else 3_000)
+    store.put_bytes("s", data)
+    chunks = list(store.open_stream("s", chunk_size=chunk_size))
+    assert b"".join(chunks) == data
+    assert all(0 < len(c) <= chunk_size for c in chunks)
+    if chunk_size < len(data):
+        assert len(chunks) > 1
+
+
+def test_stream_of_missing_raises_at_the_call(store: ObjectStore) -> None:
+    with pytest.raises(NotFound) as err:
+        store.open_stream("nope")  # not on the first next(): callers learn before they start consuming
+    assert err.value.field == "key"
+
+
+def test_stream_rejects_bad_chunk_size(store: ObjectStore) -> None:
+    store.put_bytes("s", b"x")
+    with pytest.raises(InvalidArgument) as err:
+        store.open_stream("s", chunk_size=0)
+    assert err.value.field == "chunk_size"
+
+
+@pytest.mark.parametrize("how", ["close", "with", "break-and-drop", "never-iterated"])
+def test_early_stopping_consumer_does_not_leak(store: ObjectStore, how: str) -> None:
+    store.put_bytes("s", random_bytes(300_000))
+    store.get_bytes("s")  # warm the connection pool so the baseline is steady
+    gc.collect()  # and let earlier garbage close its files first
+    baseline = open_resources(store)
+    for _ in range(12):  # more than the S3 pool's 10 connections
+        if how == "close":
+            stream = store.open_stream("s", chunk_size=1000)
+            next(stream)
+            stream.close()
+        elif how == "with":
+            with store.open_stream("s", chunk_size=1000) as stream:
+                next(stream)
+        elif how == "break-and-drop":
+            for _chunk in store.open_stream("s", chunk_size=1000):
+                break
+        else:
+            stream = store.open_stream("s", chunk_size=1000)
+            del stream  # released at once by reference counting, not at some later GC
+        assert open_resources(store) == baseline
+    # And the store still works afterwards (no exhausted pool, no half-read connection reused).
+    assert store.get_bytes("s") == random_bytes(300_000)
+
+
+def test_exhausted_stream_releases_by_itself(store: ObjectStore) -> None:
+    store.put_bytes("s", b"abc" * 1000)
+    store.get_bytes("s")
+    gc.collect()
+    baseline = open_resources(store)
+    stream = store.open_stream("s", chunk_size=100)
+    assert b"".join(stream) == b"abc" * 1000
+    assert open_resources(store) == baseline
+    assert list(stream) == []  # still an iterator, just empty
+
+
+# --- exists, stat, verify, NotFound -------------------------------------------------------------------
+
+
+def test_exists(store: ObjectStore) -> None:
+    assert not store.exists("x/y")
+    store.put_bytes("x/y", b"1")
+    assert store.exists("x/y")
+    assert not store.exists("x")  # a "directory" is not an object
+    assert not store.exists("x/y/z")
+
+
+def test_stat_matches_hashlib(store: ObjectStore, tmp_path: Path) -> None:
+    data = random_bytes(123_457, seed=7)
+    src = tmp_path / "f"
+    src.write_bytes(data)
+    store.put_file("f", src)
+    ref = store.stat("f")
+    assert (ref.size, ref.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.sha256("f") == ref.sha256
+
+
+def test_verify(store: ObjectStore) -> None:
+    ref = store.put_bytes("v", b"version one")
+    assert store.verify(ref)
+    assert not store.verify(ObjectRef(ref.bucket, ref.key, ref.size + 1, ref.sha256))
+    assert not store.verify(ObjectRef(ref.bucket, ref.key, ref.size, "0" * 64))
+    store.put_bytes("v", b"version two")  # same size, other bytes
+    assert not store.verify(ref)
+    store.delete("v")
+    assert not store.verify(ref)
+    assert not store.verify(ObjectRef(fresh_bucket(), "v", ref.size, ref.sha256))  # missing bucket
+
+
+@pytest.mark.parametrize("call", ["get_bytes", "stat", "get_file", "open_stream"])
+def test_missing_key_is_not_found_naming_the_key(store: ObjectStore, tmp_path: Path, call: str) -> None:
+    store.put_bytes("present", b"1")
+    args = (tmp_path / "out",) if call == "get_file" else ()
+    with pytest.raises(NotFound) as err:
+        getattr(store, call)("absent/key", *args)
+    assert err.value.field == "key"
+    assert "absent/key" in err.value.message
+
+
+def test_missing_bucket(store: ObjectStore) -> None:
+    other = fresh_bucket()
+    with pytest.raises(NotFound) as err:
+        store.get_bytes("k", bucket=other)
+    assert err.value.field in ("bucket", "key")
+    assert not store.exists("k", bucket=other)
+    assert keys(store, bucket=other) == []
+    store.delete("k", bucket=other)  # nothing to delete is fine
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.put_bytes("../escape", b"x"),
+        lambda s: s.get_bytes("/etc/passwd"),
+        lambda s: s.stat("a//b"),
+        lambda s: s.exists("a\\b"),
+        lambda s: s.delete("a/../b"),
+        lambda s: s.open_stream("a\nb"),
+        lambda s: list(s.list("../")),
+        lambda s: s.put_bytes("ok", b"x", bucket="Bad_Bucket"),
+    ],
+)
+def test_bad_keys_are_rejected_before_any_io(store: ObjectStore, call) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidArgument) as err:
+        call(store)
+    assert err.value.field in ("key", "prefix", "bucket")
+    assert keys(store) == []
+
+
+# --- listing ------------------------------------------------------------------------------------------
+
+LISTING = ["a/b/c", "a/bc", "a/bd/e", "a-c", "ab", "b", "z/y/x/w"]
+
+
+@pytest.fixture
+def listed(store: ObjectStore) -> ObjectStore:
+    for i, key in enumerate(reversed(LISTING)):
+        store.put_bytes(key, b"x" * i)
+    return store
+
+
+def test_list_everything_sorted_and_recursive(listed: ObjectStore) -> None:
+    infos = list(listed.list())
+    # Byte order, as S3 lists: '-' (0x2d) < '/' (0x2f) < letters.
+    assert (
+        [i.key for i in infos] == sorted(LISTING) == ["a-c", "a/b/c", "a/bc", "a/bd/e", "ab", "b", "z/y/x/w"]
+    )
+    sizes = {key: i for i, key in enumerate(reversed(LISTING))}
+    assert infos == [ObjectInfo(key, sizes[key]) for key in sorted(LISTING)]
+
+
+def test_prefix_is_a_plain_string_prefix(listed: ObjectStore) -> None:
+    # As on S3, "a/b" also matches "a/bc" and "a/bd/e": end a prefix with "/" to mean a directory.
+    assert keys(listed, "a/b") == ["a/b/c", "a/bc", "a/bd/e"]
+    assert keys(listed, "a/b/") == ["a/b/c"]
+    assert keys(listed, "a") == ["a-c", "a/b/c", "a/bc", "a/bd/e", "ab"]
+    assert keys(listed, "a/") == ["a/b/c", "a/bc", "a/bd/e"]
+    assert keys(listed, "z/y/") == ["z/y/x/w"]
+    assert keys(listed, "a/bc/") == []
+    assert keys(listed, "nothing") == []
+    assert keys(listed, "b") == ["b"]
+
+
+def test_delete(listed: ObjectStore) -> None:
+    listed.delete("a/bc")
+    listed.delete("a/bc")  # missing is fine
+    listed.delete("never/existed")
+    assert keys(listed, "a/") == ["a/b/c", "a/bd/e"]
+    assert not listed.exists("a/bc")
+
+
+def test_delete_prefix(listed: ObjectStore) -> None:
+    assert listed.delete_prefix("a/b/") == 1
+    assert listed.delete_prefix("a/b") == 2  # a string prefix: takes "a/bc" and "a/bd/e" too
+    assert keys(listed) == ["a-c", "ab", "b", "z/y/x/w"]
+    assert listed.delete_prefix("nothing/") == 0
+    with pytest.raises(InvalidArgument) as err:
+        listed.delete_prefix("")
+    assert err.value.field == "prefix"
+    assert len(keys(listed)) == 4
+
+
+def test_key_freed_by_delete_can_be_reused_as_directory(store: ObjectStore) -> None:
+    store.put_bytes("p/q/r", b"1")
+    store.delete("p/q/r")
+    store.put_bytes("p/q", b"2")  # locally, the empty directory "p/q" must have been removed
+    assert keys(store) == ["p/q"]
+
+
+def test_multiple_buckets(store: ObjectStore) -> None:
+    other = fresh_bucket()
+    a = store.put_bytes("same/key", b"default bucket")
+    b = store.put_bytes("same/key", b"other bucket", bucket=other)
+    assert (a.bucket, b.bucket) == (store.default_bucket, other)
+    assert store.get_bytes("same/key") == b"default bucket"
+    assert store.get_bytes("same/key", bucket=other) == b"other bucket"
+    assert store.stat("same/key", bucket=other) == b
+    assert store.verify(a) and store.verify(b)
+    store.put_json("only/there.json", [1], bucket=other)
+    assert keys(store) == ["same/key"]
+    assert keys(store, bucket=other) == ["only/there.json", "same/key"]
+    assert store.delete_prefix("only/", bucket=other) == 1
+    store.delete("same/key", bucket=other)
+    assert keys(store, bucket=other) == []
+    assert store.get_bytes("same/key") == b"default bucket"
+
+
+# --- atomicity ----------------------------------------------------------------------------------------
+
+
+class InjectedFault(OSError):
+    pass
+
+
+class FailingReader:
+    """A file whose reads fail once ``fail_after`` bytes have been read (a disk error mid-upload)."""
+
+    def __init__(self, f: io.BufferedReader, fail_after: int) -> None:
+        self._f, self._left = f, fail_after
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._left -= len(data)
+        if self._left < 0:
+            raise InjectedFault("disk read error (injected)")
+        return data
+
+    def readinto(self, buf) -> int:  # noqa: ANN001
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def __enter__(self) -> FailingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+
+def patch_open(
+    monkeypatch: pytest.MonkeyPatch, path: Path, fail_on: int | None, fail_after: int
+) -> list[int]:
+    """Count opens of ``path``; make the ``fail_on``-th one (1-based) fail mid-read. Returns the counter."""
+    real_open = builtins.open
+    opened = [0]
+
+    def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, str | os.PathLike) and os.fspath(file) == str(path) and "r" in mode:
+            opened[0] += 1
+            if opened[0] == fail_on:
+                return FailingReader(f, fail_after)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    return opened
+
+
+def test_failed_put_file_leaves_previous_object_intact(
+    store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = store.put_bytes("obj", b"the previous, complete object")
+    src = tmp_path / "big.bin"
+    src.write_bytes(random_bytes(BIG, seed=1))
+
+    # How many times does this backend open the source (S3: once to hash, once to upload)?
+    with monkeypatch.context() as m:
+        opened = patch_open(m, src, fail_on=None, fail_after=0)
+        store.put_file("probe", src)
+    assert opened[0] >= 1
+    store.delete("probe")
+
+    # Fail each of those reads in turn, past the first 5 MiB part, so S3 has begun a multipart upload.
+    for fail_on in range(1, opened[0] + 1):
+        with monkeypatch.context() as m:
+            patch_open(m, src, fail_on=fail_on, fail_after=5 * 1024 * 1024 + 100)
+            with pytest.raises(InjectedFault):
+                store.put_file("obj", src)
+        assert store.get_bytes("obj") == b"the previous, complete object"
+        assert store.stat("obj") == old
+        assert keys(store) == ["obj"]  # no partial or temp object is visible
+
+    # A failed write of a brand-new key leaves nothing at all.
+    with monkeypatch.context() as m:
+        patch_open(m, src, fail_on=opened[0], fail_after=1000)
+        with pytest.raises(InjectedFault):
+            store.put_file("new/deep/key", src)
+    assert keys(store) == ["obj"]
+    assert not store.exists("new/deep/key")
+
+
+def test_put_file_of_bad_source_writes_nothing(store: ObjectStore, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        store.put_file("k", tmp_path / "does-not-exist")
+    (tmp_path / "a-directory").mkdir()
+    with pytest.raises(IsADirectoryError):
+        store.put_file("k", tmp_path / "a-directory")
+    assert keys(store) == []
+
+
+# --- open_store -----------------------------------------------------------------------------------------
+
+
+def test_open_store_local(tmp_path: Path) -> None:
+    store = open_store(StorageSettings(backend="local", root=tmp_path / "s", bucket="bkt"))
+    assert isinstance(store, LocalStore)
+    store.put_bytes("k", b"v")
+    assert (tmp_path / "s" / "bkt" / "k").read_bytes() == b"v"
+
+
+def test_open_store_s3(s3_server: S3Server) -> None:
+    bucket = fresh_bucket()
+    settings = StorageSettings(
+        backend="s3",
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        bucket=bucket,
+    )
+    store = open_store(settings)
+    assert isinstance(store, S3Store)
+    ref = store.put_bytes("k", b"v")
+    assert open_store(settings).verify(ref)
+
+
+# --- LocalStore specifics -----------------------------------------------------------------------------
+
+
+def test_local_layout_and_internal_files_are_never_listed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, "bkt")
+    store.put_bytes("a/b", b"1")
+    assert (tmp_path / "bkt" / "a" / "b").read_bytes() == b"1"
+    # Keys that look like internal names are ordinary objects.
+    store.put_bytes(".tmp/x", b"2")
+    store.put_bytes(".meta/y", b"3")
+    assert keys(store) == [".meta/y", ".tmp/x", "a/b"]
+    assert os.listdir(tmp_path / ".tmp") == []
+
+
+def test_local_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path, "bkt")
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 10_000)
+    patch_open(monkeypatch, src, fail_on=1, fail_after=5000)
+    with pytest.raises(InjectedFault):
+        store.put_file("a/b/c", src)
+    assert os.listdir(tmp_path / ".tmp") == []
+    assert not (tmp_path / "bkt" / "a").exists()  # not even the directories
+
+
+def test_local_stat_uses_recorded_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path, "bkt")
+    ref = store.put_bytes("k", b"payload")
+    monkeypatch.setattr(LocalStore, "_hash_and_cache", lambda *a: pytest.fail("stat() re-hashed"))
+    assert store.stat("k") == ref
+
+
+def test_local_stat_falls_back_to_hashing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, "bkt")
+    store.put_bytes("k", b"payload")
+    # Replaced behind the store's back: the sidecar no longer matches, so it is not trusted.
+    (tmp_path / "bkt" / "k").write_bytes(b"other bytes")
+    assert store.stat("k").sha256 == sha(b"other bytes")
+    # Sidecars gone entirely (e.g. a store copied without hidden dirs): still right.
+    store.put_bytes("j", b"jjj")
+    for meta in (tmp_path / ".meta").rglob("*"):
+        if meta.is_file():
+            meta.unlink()
+    assert store.stat("j").sha256 == sha(b"jjj")
+
+
+def test_local_symlink_escape_is_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (tmp_path / "root" / "bkt" / "link").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "root" / "bkt" / "file-link").symlink_to(outside / "secret")
+    for call in (
+        lambda: store.get_bytes("link/secret"),
+        lambda: store.put_bytes("link/new", b"x"),
+        lambda: store.get_bytes("file-link"),
+        lambda: store.delete("link/secret"),
+    ):
+        with pytest.raises(InvalidArgument) as err:
+            call()
+        assert err.value.field == "key"
+        assert "outside its bucket" in err.value.message
+    assert sorted(os.listdir(outside)) == ["secret"]
+    assert (outside / "secret").read_bytes() == b"secret"
+    assert keys(store) == []
+
+
+def test_local_file_and_directory_cannot_share_a_name(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, "bkt")
+    store.put_bytes("a", b"1")
+    with pytest.raises(FailedPrecondition) as err:
+        store.put_bytes("a/b", b"2")
+    assert err.value.field == "key"
+    store.put_bytes("d/e", b"3")
+    with pytest.raises(FailedPrecondition):
+        store.put_bytes("d", b"4")
+    assert keys(store) == ["a", "d/e"]
+    assert os.listdir(tmp_path / ".tmp") == []
+
+
+def test_local_stale_temp_files_are_cleaned_on_open(tmp_path: Path) -> None:
+    LocalStore(tmp_path, "bkt")
+    stale, fresh = tmp_path / ".tmp" / ".old.tmp", tmp_path / ".tmp" / ".new.tmp"
+    stale.write_bytes(b"left by a killed writer")
+    fresh.write_bytes(b"a write in flight")
+    os.utime(stale, (0, 0))
+    LocalStore(tmp_path, "bkt")
+    assert os.listdir(tmp_path / ".tmp") == [".new.tmp"]
+
+
+# --- S3Store specifics --------------------------------------------------------------------------------
+
+
+def raw_client(server: S3Server) -> Minio:
+    return Minio(server.endpoint, server.access_key, server.secret_key, secure=False)
+
+
+def test_s3_sha256_travels_as_metadata_and_big_files_go_multipart(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    store = s3_store(s3_server)
+    src = tmp_path / "big"
+    src.write_bytes(random_bytes(BIG, seed=3))
+    ref = store.put_file("big", src)
+    head = raw_client(s3_server).stat_object(store.default_bucket, "big")
+    assert head.metadata["x-amz-meta-sha256"] == ref.sha256
+    assert head.etag.endswith("-2")  # S3's multipart ETag: md5-of-part-md5s, dash, part count
+    small = store.put_bytes("small", b"x")
+    assert "-" not in raw_client(s3_server).stat_object(store.default_bucket, "small").etag
+    assert store.stat("small") == small
+
+
+def test_s3_foreign_object_without_metadata_is_hashed(s3_server: S3Server) -> None:
+    store = s3_store(s3_server)
+    data = random_bytes(70_000, seed=9)
+    raw_client(s3_server).put_object(store.default_bucket, "foreign", io.BytesIO(data), len(data))
+    ref = store.stat("foreign")
+    assert (ref.size, ref.sha256) == (len(data), sha(data))
+
+
+def test_s3_source_changing_during_upload_fails(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = s3_store(s3_server)
+    store.put_bytes("obj", b"old")
+    src = tmp_path / "src"
+    src.write_bytes(b"a" * 1000)
+    real_open, opens = builtins.open, [0]
+
+    def open_then_modify(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if isinstance(file, str | os.PathLike) and os.fspath(file) == str(src):
+            opens[0] += 1
+            if opens[0] == 2:  # after hashing, before uploading: another writer changes the file
+                with real_open(src, "r+b") as f:
+                    f.write(b"b")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_then_modify)
+    with pytest.raises(FailedPrecondition, match="changed while it was being uploaded"):
+        store.put_file("obj", src)
+    monkeypatch.undo()
+    assert store.get_bytes("obj") == b"old"
+
+
+def test_s3_unreachable_endpoint_is_unavailable(s3_server: S3Server) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"127.0.0.1:{port}"
+    with pytest.raises(Unavailable) as err:
+        S3Store(endpoint, "k", "s", "dreamframe", max_retries=0)
+    assert endpoint in err.value.message and "unreachable" in err.value.message
+    store = S3Store(endpoint, "k", "s", "dreamframe", create_bucket=False, max_retries=0)
+    for call in (
+        lambda: store.get_bytes("k"),
+        lambda: store.put_bytes("k", b"x"),
+        lambda: list(store.list()),
+    ):
+        with pytest.raises(Unavailable, match=endpoint):
+            call()
+
+
+def test_s3_wrong_credentials_fail_clearly(s3_server: S3Server) -> None:
+    if s3_server.kind == "moto":
+        pytest.skip("moto accepts any credentials")
+    with pytest.raises(FailedPrecondition, match="access_key"):
+        S3Store(s3_server.endpoint, s3_server.access_key, "wrong-secret", fresh_bucket())
+
+
+def test_s3_without_create_bucket_reports_missing_bucket(s3_server: S3Server) -> None:
+    store = s3_store(s3_server, create_bucket=False)
+    with pytest.raises(NotFound) as err:
+        store.put_bytes("k", b"x")
+    assert err.value.field == "bucket"
+    assert keys(store) == []
+
+
+def test_s3_endpoint_may_carry_a_scheme(s3_server: S3Server) -> None:
+    store = S3Store(
+        f"http://{s3_server.endpoint}", s3_server.access_key, s3_server.secret_key, fresh_bucket()
+    )
+    assert store.endpoint == s3_server.endpoint
+    store.put_bytes("k", b"v")
+    assert store.get_bytes("k") == b"v"
