@@ -15,9 +15,17 @@ PROMPT = "generate an image in Noir style: at a bar, a man looks like Tom Hanks 
 def render(pipes: sdxl.SDXLPipelines, seed: int = 20) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     latents = pipes.base(
-        PROMPT, height=64, width=64, num_inference_steps=4, denoising_end=0.75, output_type="latent", generator=gen
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        denoising_end=0.75,
+        output_type="latent",
+        generator=gen,
     ).images
-    image = pipes.refiner(PROMPT, image=latents, num_inference_steps=4, denoising_start=0.75, generator=gen).images[0]
+    image = pipes.refiner(
+        PROMPT, image=latents, num_inference_steps=4, denoising_start=0.75, generator=gen
+    ).images[0]
     return np.asarray(image, dtype=np.int16)
 
 
@@ -66,3 +74,27 @@ def test_byte_tokenizer_covers_any_text():
     ids = tok("Ünïcödé — 漢字 Noir", padding="max_length", truncation=True).input_ids
     assert len(ids) == 77
     assert tok.unk_token_id not in ids[1 : ids.index(tok.eos_token_id)]
+
+
+def test_pooling_stays_at_end_of_text_when_a_style_token_is_added(tmp_path):
+    pipes = sdxl.load_sdxl("tiny", cache_dir=tmp_path, device="cpu")
+    te, tok = pipes.base.text_encoder_2, pipes.base.tokenizer_2
+    # SDXL's published configs say eos_token_id=2, which pools at the largest id (an added token).
+    for module in te.modules():
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = 2
+    tok.add_tokens("<noir>")
+    te.resize_token_embeddings(len(tok))
+    ids = tok("a <noir> scene", return_tensors="pt").input_ids
+    eos_at = (ids[0] == tok.eos_token_id).nonzero()[0].item()
+
+    def pooled_position() -> int:
+        out = te(ids)
+        projected = te.text_projection(out.last_hidden_state[0])
+        return next(
+            i for i in range(ids.shape[1]) if torch.allclose(projected[i], out.text_embeds[0], atol=1e-5)
+        )
+
+    assert pooled_position() != eos_at, "the SDXL config pools at the added token"
+    sdxl.pool_at_end_of_text(pipes.base)
+    assert pooled_position() == eos_at

@@ -116,7 +116,9 @@ def judge_correct(judge_output: str) -> bool | None:
 def videobench_letter(output: str, choices: dict[str, str]) -> str | None:
     """Unambiguous outputs ("B", "(B)", "B. text", exactly a choice's text); None sends it to the judge."""
     text = output.strip()
-    text = re.sub(r"^(the\s+)?(best\s+)?(answer|option|choice)\s*(is)?\s*:?\s*", "", text, flags=re.IGNORECASE)
+    text = re.sub(
+        r"^(the\s+)?(best\s+)?(answer|option|choice)\s*(is)?\s*:?\s*", "", text, flags=re.IGNORECASE
+    )
     match = _LEADING_OPTION.match(text)
     if match and match.group(1).isupper() and match.group(1) in choices:
         return match.group(1)

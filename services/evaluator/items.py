@@ -45,7 +45,9 @@ class Visual:
         if self.kind == "video":
             with self.source.local_copy(self.key, scratch) as path:
                 return decode_video(path, num, start=self.start, end=self.end)
-        positions = frame_list_indices(len(self.frame_keys), num, fps=self.fps, start=self.start, end=self.end)
+        positions = frame_list_indices(
+            len(self.frame_keys), num, fps=self.fps, start=self.start, end=self.end
+        )
         cache: dict[int, Image.Image] = {}
         for pos in positions:
             if pos not in cache:
@@ -111,7 +113,9 @@ def resolve_visual(
     for key in candidates:
         images = [k for k in source.list(key.rstrip("/") + "/") if k.lower().endswith(IMAGE_EXTENSIONS)]
         if images:
-            return Visual(source, "frames", key, tuple(sorted(images, key=natural_key)), start, end, folder_fps)
+            return Visual(
+                source, "frames", key, tuple(sorted(images, key=natural_key)), start, end, folder_fps
+            )
     return None
 
 

@@ -110,7 +110,9 @@ class LocalSource(Source):
     def _path(self, key: str) -> Path:
         path = Path(key).resolve()
         if path != self.root and self.root not in path.parents:
-            raise InvalidArgument(f"{key!r} is outside the allowed directory {str(self.root)!r}", field="video")
+            raise InvalidArgument(
+                f"{key!r} is outside the allowed directory {str(self.root)!r}", field="video"
+            )
         return path
 
     def _exists_uncached(self, key: str) -> bool:

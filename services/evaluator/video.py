@@ -8,6 +8,7 @@ middle of each segment is taken, so N frames always cover the whole window.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import av
@@ -22,23 +23,26 @@ DEFAULT_FRAME_FOLDER_FPS = 3.0
 
 
 def segment_indices(start_idx: int, end_idx: int, num: int) -> list[int]:
-    """``num`` frame indices at the middles of ``num`` equal segments of [start_idx, end_idx]."""
+    """``num`` frame indices at the middles of ``num`` equal segments of the frames start_idx..end_idx
+    (inclusive). MVBench's ``get_index`` does the same over end - start, which repeats a frame and never
+    reaches the last one when there are about as many frames as wanted."""
     if num < 1:
         raise InvalidArgument("must be >= 1", field="num_frames")
     end_idx = max(end_idx, start_idx)
-    seg = (end_idx - start_idx) / num
-    return [min(end_idx, int(start_idx + seg / 2 + round(seg * i))) for i in range(num)]
+    seg = (end_idx - start_idx + 1) / num
+    return [min(end_idx, start_idx + int(seg * (i + 0.5))) for i in range(num)]
 
 
 def window_indices(
     num_total: int, fps: float, num: int, start: float | None = None, end: float | None = None
 ) -> list[int]:
-    """Frame indices for ``num`` frames of a clip of ``num_total`` frames at ``fps``, within [start, end] s."""
+    """Indices of ``num`` frames of a ``num_total``-frame clip at ``fps``, within [start, end] seconds."""
     if num_total <= 0:
         return []
+    # Frame k shows [k/fps, (k+1)/fps): the window's frames are those overlapping [start, end).
     max_frame = num_total - 1
-    start_idx = 0 if start is None else max(0, round(start * fps))
-    end_idx = max_frame if end is None else min(round(end * fps), max_frame)
+    start_idx = 0 if start is None else max(0, math.floor(start * fps))
+    end_idx = max_frame if end is None else min(math.ceil(end * fps) - 1, max_frame)
     if start_idx > max_frame:  # window past the end: fall back to the last frame, not to nothing
         start_idx = max_frame
     return segment_indices(start_idx, end_idx, num)
@@ -56,7 +60,7 @@ def _frame_count(container: av.container.InputContainer, stream: av.video.VideoS
 def decode_video(
     source: str | Path | bytes, num: int, *, start: float | None = None, end: float | None = None
 ) -> list[Image.Image]:
-    """``num`` RGB frames sampled from a video file (path or bytes); raises InvalidArgument when unreadable."""
+    """``num`` RGB frames sampled from a video file (path or bytes); InvalidArgument when unreadable."""
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         with av.open(handle) as container:

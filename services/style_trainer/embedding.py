@@ -65,7 +65,9 @@ class StyleEmbedding:
     # --- the reference's .pt -------------------------------------------------------------------
     def to_reference_pt(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"emb": self.clip_l.detach().float().cpu(), "emb2": self.clip_g.detach().float().cpu()}, buffer)
+        torch.save(
+            {"emb": self.clip_l.detach().float().cpu(), "emb2": self.clip_g.detach().float().cpu()}, buffer
+        )
         return buffer.getvalue()
 
     @classmethod

@@ -71,6 +71,8 @@ class TrainOptions:
     # "auto": bf16 autocast on GPUs, fp32 on CPUs.
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     gradient_checkpointing: bool = False
+    # torch.compile the UNet for the training loop (GPU; the first steps pay the compile).
+    compile: bool = False
     seed: int = 0
     # Save a resumable checkpoint to storage every N optimizer steps (0: never).
     checkpoint_every: int = 50
@@ -83,7 +85,8 @@ class TrainOptions:
     def fingerprint_fields(self) -> dict:
         """Everything that changes the result (not checkpoint_every, which only changes resumability)."""
         fields = asdict(self)
-        fields.pop("checkpoint_every")
+        for name in ("checkpoint_every", "compile", "gradient_checkpointing"):
+            fields.pop(name)
         return fields
 
 
@@ -140,7 +143,9 @@ def validate_train(options: TrainOptions, *, prefix: str = "options") -> TrainOp
         f"must be in 1..{MAX_TRAIN_STEPS}",
         f"{prefix}.max_train_steps",
     )
-    _require(1 <= o.gradient_accumulation_steps <= 64, "must be in 1..64", f"{prefix}.gradient_accumulation_steps")
+    _require(
+        1 <= o.gradient_accumulation_steps <= 64, "must be in 1..64", f"{prefix}.gradient_accumulation_steps"
+    )
     _require(1 <= o.batch_size <= 64, "must be in 1..64", f"{prefix}.batch_size")
     if o.resolution is not None:
         _require(
@@ -157,7 +162,9 @@ def validate_train(options: TrainOptions, *, prefix: str = "options") -> TrainOp
     _require(len(o.templates) > 0, "needs at least one template", f"{prefix}.templates")
     for i, template in enumerate(o.templates):
         _require(template.count("{}") == 1, "must contain '{}' exactly once", f"{prefix}.templates.{i}")
-    _require(o.mixed_precision in ("auto", "bf16", "no"), "must be auto, bf16 or no", f"{prefix}.mixed_precision")
+    _require(
+        o.mixed_precision in ("auto", "bf16", "no"), "must be auto, bf16 or no", f"{prefix}.mixed_precision"
+    )
     _require(o.checkpoint_every >= 0, "must be >= 0", f"{prefix}.checkpoint_every")
     _require(o.num_train_timesteps >= 1, "must be >= 1", f"{prefix}.num_train_timesteps")
     return o
@@ -165,10 +172,18 @@ def validate_train(options: TrainOptions, *, prefix: str = "options") -> TrainOp
 
 def validate_images(options: ImageOptions, *, prefix: str = "options") -> ImageOptions:
     o = options
-    _require(1 <= o.num_images <= MAX_STYLE_IMAGES, f"must be in 1..{MAX_STYLE_IMAGES}", f"{prefix}.num_style_images")
+    _require(
+        1 <= o.num_images <= MAX_STYLE_IMAGES,
+        f"must be in 1..{MAX_STYLE_IMAGES}",
+        f"{prefix}.num_style_images",
+    )
     _require(1 <= o.steps <= 500, "must be in 1..500", f"{prefix}.image_steps")
     if o.size is not None:
-        _require(64 <= o.size <= 2048 and o.size % 8 == 0, "must be a multiple of 8 in 64..2048", f"{prefix}.image_size")
+        _require(
+            64 <= o.size <= 2048 and o.size % 8 == 0,
+            "must be a multiple of 8 in 64..2048",
+            f"{prefix}.image_size",
+        )
     _require(1 <= o.batch_size <= 64, "must be in 1..64", f"{prefix}.image_batch_size")
     _require(o.guidance_scale >= 0, "must be >= 0", f"{prefix}.guidance_scale")
     if o.min_size is not None:

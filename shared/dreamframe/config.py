@@ -218,6 +218,8 @@ class EvaluatorSettings(BaseModel):
     max_new_tokens: int = Field(128, ge=1)
     # CLIP-style image encoder for style consistency: "tiny" or a path / hub id.
     image_encoder: str = "tiny"
+    # Video-LLM preset name → local path or hub id, for ModelSpec.preset (as the trainer's).
+    model_paths: dict[str, str] = Field(default_factory=dict)
     # Local scratch: checkpoints downloaded from storage, decoded videos.
     work_dir: Path = Path(".dreamframe/evaluator")
     # Directories a benchmark's data_prefix/video_prefix may name as file:///<dir>/... (empty: none).

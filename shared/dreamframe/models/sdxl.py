@@ -149,6 +149,23 @@ def build_tiny_sdxl(seed: int = TINY_SEED) -> SDXLPipelines:
     return SDXLPipelines(base, refiner, TINY, 64, torch.device("cpu"), torch.float32)
 
 
+def pool_at_end_of_text(pipe) -> None:
+    """Make both text encoders pool at the tokenizer's real end-of-text token.
+
+    SDXL's published CLIP configs say ``eos_token_id=2``, which makes transformers pool at the *largest*
+    token id. A style token added by textual inversion has the largest id, so the pooled embedding would
+    jump to it: trained one way, rendered another. Pointing both at ``<|endoftext|>`` keeps pooling where
+    SDXL was trained, with or without added tokens."""
+    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        if encoder is None or tokenizer is None:
+            continue
+        encoder.config.eos_token_id = tokenizer.eos_token_id
+        # The pooling module keeps its own copy (the model itself or its `text_model`, by version).
+        for module in encoder.modules():
+            if hasattr(module, "eos_token_id"):
+                module.eos_token_id = tokenizer.eos_token_id
+
+
 def quiet_progress_bars() -> None:
     """Services log progress themselves; library download/load bars would only spam the logs."""
     from diffusers.utils import logging as diffusers_logging
@@ -249,6 +266,7 @@ def load_sdxl(
         raise FailedPrecondition(
             f"cannot load SDXL preset {preset!r} from {base_path!r}: {exc}", field="options.preset"
         ) from exc
+    pool_at_end_of_text(base)
     base.to(dev)
     base.set_progress_bar_config(disable=True)
     if refiner is not None:

@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from dreamframe.models.sdxl import SDXLPipelines, clip_byte_tokenizer
+from dreamframe.models.sdxl import SDXLPipelines, clip_byte_tokenizer, pool_at_end_of_text
 
 RANDOM_PRESET = "sdxl-random"
 RESOLUTION = 1024
@@ -213,6 +213,7 @@ def build_random_sdxl(
         add_watermarker=False,
     )
     base.set_progress_bar_config(disable=True)
+    pool_at_end_of_text(base)
     refiner = None
     if refiner_unet is not None:
         refiner = StableDiffusionXLImg2ImgPipeline(

@@ -188,7 +188,9 @@ def load_text_llm(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
-        raise FailedPrecondition(f"cannot load text model {name_or_path!r}: {exc}", field="options.model") from exc
+        raise FailedPrecondition(
+            f"cannot load text model {name_or_path!r}: {exc}", field="options.model"
+        ) from exc
     if tokenizer.chat_template is None:
         raise FailedPrecondition(f"text model {name_or_path!r} has no chat template", field="options.model")
     if tokenizer.pad_token_id is None:

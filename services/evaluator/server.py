@@ -1,0 +1,205 @@
+"""EvalService over gRPC: request → ``Evaluator.evaluate`` (in a worker thread) → progress + result.
+
+An evaluation is long blocking work (model inference, storage I/O, judge calls), so it runs in a thread
+and reports progress through a queue the RPC drains. When the caller goes away (cancel, deadline, server
+shutdown after the grace period) the evaluation stops at its next item; every answer and verdict it got
+is already in the answer cache, so a retry resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from dreamframe.config import EvaluatorSettings, Settings, get_settings
+from dreamframe.logging import configure_logging
+from dreamframe.serving import Registration, serve
+from dreamframe.storage import open_store, to_proto
+from dreamframe.storage.base import ObjectStore
+from dreamframe.v1 import common_pb2, eval_pb2, eval_pb2_grpc
+
+from .benchmarks import STYLE_CONSISTENCY
+from .evaluate import (
+    BenchmarkSpec,
+    EndpointSpec,
+    EvaluateRequest,
+    EvaluateResult,
+    Evaluator,
+    ModelSpec,
+    Progress,
+)
+
+SERVICE = "evaluator"
+
+KIND_NAMES = {
+    eval_pb2.BENCHMARK_KIND_MVBENCH: "mvbench",
+    eval_pb2.BENCHMARK_KIND_TEMPCOMPASS: "tempcompass",
+    eval_pb2.BENCHMARK_KIND_VIDEO_BENCH: "video_bench",
+    eval_pb2.BENCHMARK_KIND_VIDEO_CHATGPT: "video_chatgpt",
+    eval_pb2.BENCHMARK_KIND_DREAMFRAME_MC: "dreamframe_mc",
+    eval_pb2.BENCHMARK_KIND_STYLE_CONSISTENCY: STYLE_CONSISTENCY,
+}
+
+
+def _endpoint(message: eval_pb2.OpenAIEndpoint) -> EndpointSpec:
+    return EndpointSpec(message.base_url, message.model, message.api_key_env)
+
+
+def request_from_proto(request: eval_pb2.EvaluateRequest) -> EvaluateRequest:
+    """Proto → domain request. Unknown or unspecified kinds pass through by their enum name for the
+    domain to refuse, naming ``benchmarks[i].kind``."""
+    models = []
+    for m in request.models:
+        source = m.WhichOneof("source")
+        models.append(
+            ModelSpec(
+                name=m.name,
+                checkpoint_prefix=m.checkpoint_prefix if source == "checkpoint_prefix" else "",
+                endpoint=_endpoint(m.endpoint) if source == "endpoint" else None,
+                preset=m.preset if source == "preset" else "",
+                num_frames=m.num_frames,
+            )
+        )
+    benchmarks = [
+        BenchmarkSpec(
+            kind=KIND_NAMES.get(b.kind, _kind_name(b.kind)),
+            name=b.name,
+            data_prefix=b.data_prefix,
+            video_prefix=b.video_prefix,
+            max_items=b.max_items,
+            frame_prefixes=tuple(b.frame_prefixes),
+        )
+        for b in request.benchmarks
+    ]
+    return EvaluateRequest(
+        report_name=request.report_name,
+        models=tuple(models),
+        benchmarks=tuple(benchmarks),
+        job_id=request.job_id,
+        judge=_endpoint(request.judge) if request.HasField("judge") else None,
+        ignore_cache=request.ignore_cache,
+    )
+
+
+def progress_to_proto(progress: Progress) -> common_pb2.Progress:
+    return common_pb2.Progress(
+        unit=progress.unit,
+        done=progress.done,
+        total=progress.total,
+        current_item=progress.current_item,
+        elapsed_seconds=progress.elapsed_seconds,
+        eta_seconds=progress.eta_seconds,
+        message=progress.message,
+    )
+
+
+def result_to_proto(result: EvaluateResult) -> eval_pb2.EvaluateResult:
+    return eval_pb2.EvaluateResult(
+        report_json=to_proto(result.report_json),
+        report_markdown=to_proto(result.report_markdown),
+        items_jsonl=to_proto(result.items_jsonl),
+        scores=[
+            eval_pb2.BenchmarkScore(
+                model=s.model,
+                benchmark=s.benchmark,
+                task=s.task,
+                score=s.score,
+                items=s.items,
+                failures=s.failures,
+                unit=s.unit,
+            )
+            for s in result.scores
+        ],
+    )
+
+
+class EvalServicer(eval_pb2_grpc.EvalServiceServicer):
+    def __init__(self, evaluator: Evaluator, settings: EvaluatorSettings) -> None:
+        self.evaluator = evaluator
+        # One evaluation per report name at a time (a retried call waits for the first to stop), and a
+        # bound on evaluations at once (each holds a model on the GPU).
+        self._report_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._slots = asyncio.Semaphore(settings.max_concurrent_evaluations)
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def Evaluate(  # noqa: N802 - the RPC's name
+        self, request: eval_pb2.EvaluateRequest, context: object
+    ) -> AsyncIterator[eval_pb2.EvaluateResponse]:
+        domain_request = request_from_proto(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Progress | EvaluateResult] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            for message in self.evaluator.evaluate(domain_request, should_stop=stop.is_set):
+                loop.call_soon_threadsafe(events.put_nowait, message)
+
+        async def run() -> None:
+            async with self._report_locks[domain_request.report_name], self._slots:
+                await asyncio.to_thread(work)
+
+        task = asyncio.create_task(run(), name=f"evaluate-{domain_request.report_name}")
+        # The thread outlives this RPC when the caller leaves: keep the task referenced until it ends.
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event not in done:
+                    next_event.cancel()
+                    break
+                yield _response(next_event.result())
+            while not events.empty():
+                yield _response(events.get_nowait())
+            task.result()  # raises the evaluation's error, which serving maps to a status
+        finally:
+            stop.set()
+
+
+def _response(message: Progress | EvaluateResult) -> eval_pb2.EvaluateResponse:
+    if isinstance(message, EvaluateResult):
+        return eval_pb2.EvaluateResponse(result=result_to_proto(message))
+    return eval_pb2.EvaluateResponse(progress=progress_to_proto(message))
+
+
+def build_servicer(settings: Settings, store: ObjectStore | None = None) -> EvalServicer:
+    store = store or open_store(settings.storage)
+    evaluator = Evaluator(store, settings.evaluator, model_cache_dir=settings.models.cache_dir)
+    return EvalServicer(evaluator, settings.evaluator)
+
+
+async def amain(settings: Settings) -> None:
+    servicer = build_servicer(settings)
+    store = servicer.evaluator.store
+
+    async def ready() -> bool:
+        # Benchmarks, checkpoints, the cache and reports are all in storage: it must answer.
+        await asyncio.to_thread(lambda: next(iter(store.list("reports/")), None))
+        return True
+
+    registration = Registration.of(eval_pb2, eval_pb2_grpc.add_EvalServiceServicer_to_server, servicer)
+    try:
+        await serve([registration], settings.server, service_name=SERVICE, readiness=ready)
+    finally:
+        store.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+def _kind_name(value: int) -> str:
+    try:
+        return eval_pb2.BenchmarkKind.Name(value)
+    except ValueError:
+        return f"BENCHMARK_KIND_{value}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""StyleService over gRPC: a thin adapter over ``service.StyleTrainer``.
+
+TrainStyle converts the request (loading the story when one is referenced), runs the blocking training
+in a worker thread and streams its progress. When the caller goes away or the server shuts down, the
+training is asked to stop: it saves a checkpoint between steps and a rerun resumes from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import AsyncIterator
+
+from dreamframe.config import Settings, StyleSettings, get_settings
+from dreamframe.logging import configure_logging
+from dreamframe.serving import Registration, serve
+from dreamframe.storage import from_proto, open_store, to_proto
+from dreamframe.storage.base import ObjectStore
+from dreamframe.story import load_story
+from dreamframe.v1 import common_pb2, style_pb2, style_pb2_grpc
+
+from .options import ImageOptions, StyleOptions, TrainOptions
+from .service import Phase, StyleProgress, StyleRequest, StyleResult, StyleTrainer
+
+SERVICE = "style-trainer"
+
+PHASES = {
+    Phase.LOADING: style_pb2.STYLE_PHASE_LOADING,
+    Phase.GENERATING_IMAGES: style_pb2.STYLE_PHASE_GENERATING_IMAGES,
+    Phase.TRAINING: style_pb2.STYLE_PHASE_TRAINING,
+    Phase.SAVING: style_pb2.STYLE_PHASE_SAVING,
+    Phase.DONE: style_pb2.STYLE_PHASE_DONE,
+}
+
+
+def options_from_proto(options: style_pb2.StyleOptions, settings: StyleSettings) -> StyleOptions:
+    """Zero fields mean the reference defaults (negative ones are passed on, to be refused by name)."""
+    train, images = TrainOptions(), ImageOptions()
+
+    def pick(value: int, default):
+        return value if value != 0 else default
+
+    return StyleOptions(
+        preset=options.preset or settings.preset,
+        train=TrainOptions(
+            max_train_steps=pick(options.max_train_steps, train.max_train_steps),
+            gradient_accumulation_steps=pick(
+                options.gradient_accumulation_steps, train.gradient_accumulation_steps
+            ),
+            resolution=pick(options.resolution, None),
+            seed=options.seed,
+            checkpoint_every=pick(options.checkpoint_every, settings.checkpoint_every),
+        ),
+        images=ImageOptions(
+            num_images=pick(options.num_style_images, images.num_images),
+            steps=pick(options.image_steps, images.steps),
+            size=pick(options.image_size, None),
+            seed=options.seed,
+        ),
+    )
+
+
+def request_from_proto(
+    request: style_pb2.TrainStyleRequest, store: ObjectStore, settings: StyleSettings
+) -> StyleRequest:
+    """The domain request; a referenced story supplies the keyword, description and locations."""
+    common = dict(
+        job_id=request.job_id,
+        story_index=request.story_index,
+        style_images=tuple(
+            from_proto(ref, field=f"style_images.{i}") for i, ref in enumerate(request.style_images)
+        ),
+        options=options_from_proto(request.options, settings),
+    )
+    if request.HasField("story"):
+        ref = from_proto(request.story, field="story")
+        story = load_story(store.get_bytes(ref.key, bucket=ref.bucket or None), field="story")
+        return StyleRequest.from_story(story=story, **common)
+    return StyleRequest(keyword=request.style_keyword, description=request.style_description, **common)
+
+
+def result_to_proto(result: StyleResult) -> style_pb2.TrainStyleResult:
+    return style_pb2.TrainStyleResult(
+        embedding=to_proto(result.embedding),
+        reference_embedding=to_proto(result.reference_embedding),
+        token=result.token,
+        style_images=[to_proto(ref) for ref in result.style_images],
+        final_loss=result.final_loss,
+    )
+
+
+def progress_to_proto(event: StyleProgress) -> style_pb2.TrainStyleResponse:
+    response = style_pb2.TrainStyleResponse(
+        phase=PHASES[event.phase],
+        progress=common_pb2.Progress(
+            unit=event.unit,
+            done=event.done,
+            total=event.total,
+            current_item=event.message,
+            elapsed_seconds=event.elapsed,
+            eta_seconds=event.eta,
+            message=event.phase.value,
+        ),
+        step=event.step,
+        loss=event.loss if not math.isnan(event.loss) else 0.0,
+        learning_rate=event.lr,
+    )
+    if event.result is not None:
+        response.result.CopyFrom(result_to_proto(event.result))
+    return response
+
+
+class StyleServicer(style_pb2_grpc.StyleServiceServicer):
+    def __init__(self, trainer: StyleTrainer, settings: StyleSettings) -> None:
+        self.trainer = trainer
+        self.settings = settings
+        self._stops: set[threading.Event] = set()
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def TrainStyle(
+        self, request: style_pb2.TrainStyleRequest, context: object
+    ) -> AsyncIterator[style_pb2.TrainStyleResponse]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StyleProgress] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            domain_request = request_from_proto(request, self.trainer.store, self.settings)
+            for event in self.trainer.train(domain_request, should_stop=stop.is_set):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        task = asyncio.create_task(asyncio.to_thread(work), name=f"train-style-{request.job_id}")
+        # The thread outlives an abandoned RPC until it has checkpointed: keep the task referenced.
+        self._running.add(task)
+        self._stops.add(stop)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event in done:
+                    yield progress_to_proto(next_event.result())
+                    continue
+                next_event.cancel()
+                break
+            while not events.empty():
+                yield progress_to_proto(events.get_nowait())
+            task.result()  # the training's error, mapped to a status by serving
+        finally:
+            stop.set()  # the caller left (or we are done): a running training checkpoints and stops
+            self._stops.discard(stop)
+
+    async def shutdown(self) -> None:
+        """Shutdown hook: ask every training to checkpoint and stop, and wait for them."""
+        for stop in list(self._stops):
+            stop.set()
+        if self._running:
+            await asyncio.wait(list(self._running))
+
+
+def build(settings: Settings) -> tuple[StyleTrainer, StyleServicer]:
+    trainer = StyleTrainer(
+        open_store(settings.storage),
+        default_preset=settings.style.preset,
+        device=settings.style.device,
+        model_paths=settings.style.model_paths,
+        cache_dir=settings.models.cache_dir,
+    )
+    return trainer, StyleServicer(trainer, settings.style)
+
+
+async def amain(settings: Settings) -> None:
+    trainer, servicer = build(settings)
+    preload = (
+        asyncio.create_task(asyncio.to_thread(trainer.pipelines, settings.style.preset))
+        if settings.style.preload
+        else None
+    )
+
+    async def ready() -> bool:
+        # Storage must answer, and the default model be loaded (when preloading).
+        await asyncio.to_thread(lambda: next(iter(trainer.store.list("jobs/")), None))
+        if preload is None:
+            return True
+        if preload.done():
+            preload.result()  # a failed load keeps the service NOT_SERVING, with the error logged
+            return True
+        return False
+
+    try:
+        await serve(
+            [Registration.of(style_pb2, style_pb2_grpc.add_StyleServiceServicer_to_server, servicer)],
+            settings.server,
+            service_name=SERVICE,
+            readiness=ready,
+            shutdown_hooks=[servicer.shutdown],
+        )
+    finally:
+        trainer.store.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()
