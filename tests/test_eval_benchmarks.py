@@ -182,3 +182,8 @@ def test_dreamframe_mc_uses_the_held_out_split_of_a_dataset(store) -> None:
     assert [i.item_id for i in loaded.items] == ["test"] and loaded.files == ["datasets/job1/mc/test.json"]
     store.delete("datasets/job1/mc/test.json")
     assert [i.item_id for i in load(store, "dreamframe_mc", "datasets/job1/").items] == ["validation"]
+    # A one-story dataset has empty held-out splits: its items are all in train, and those are used.
+    store.put_json("datasets/job1/mc/test.json", [])
+    store.put_json("datasets/job1/mc/validation.json", [])
+    ids = [i.item_id for i in load(store, "dreamframe_mc", "datasets/job1/").items]
+    assert "train" in ids and "test" not in ids and "validation" not in ids

@@ -15,6 +15,7 @@ from dreamframe import keys
 from dreamframe.config import CoordinatorSettings
 from dreamframe.errors import InvalidArgument
 from dreamframe.storage.base import ObjectStore
+from dreamframe.story import load_story
 from dreamframe.v1 import coordinator_pb2 as pb
 
 from . import stages as st
@@ -81,12 +82,8 @@ class Coordinator:
         if job_id in self._jobs or await asyncio.to_thread(self.jobs_store.exists, job_id):
             return await self.get(job_id)  # idempotent resubmission
         for i, story in enumerate(request.spec.stories):
-            if story.WhichOneof("source") == "story" and not await asyncio.to_thread(
-                self.store.exists, story.story.key, bucket=story.story.bucket or None
-            ):
-                raise InvalidArgument(
-                    f"no object {story.story.key!r} in storage", field=f"spec.stories.{i}.story"
-                )
+            if story.WhichOneof("source") == "story":
+                await asyncio.to_thread(self._check_uploaded_story, story.story, f"spec.stories.{i}.story")
         job = pb.Job(job_id=job_id, state=pb.JOB_STATE_QUEUED, prefix=keys.job_prefix(job_id))
         job.spec.CopyFrom(request.spec)
         job.created_at.CopyFrom(now())
@@ -97,6 +94,13 @@ class Coordinator:
         await asyncio.to_thread(self.jobs_store.save, job)
         self._schedule(job_id)
         return _copy(job)
+
+    def _check_uploaded_story(self, ref, field: str) -> None:
+        """A story file must exist and parse (either format) before the job is accepted."""
+        bucket = ref.bucket or None
+        if not self.store.exists(ref.key, bucket=bucket):
+            raise InvalidArgument(f"no object {ref.key!r} in storage", field=field)
+        load_story(self.store.get_bytes(ref.key, bucket=bucket), field=field)
 
     async def get(self, job_id: str) -> pb.Job:
         if job_id in self._jobs:

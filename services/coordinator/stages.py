@@ -313,7 +313,10 @@ async def evaluate(ctx: JobContext) -> None:
     model = ctx.output(pb.STAGE_TRAIN, "model") if _has_stage(ctx, pb.STAGE_TRAIN) else None
     if model is not None:
         prefix = model.key.rsplit("/", 1)[0] + "/"
+        # The paper's comparison: the fine-tuned model side by side with the model it started from.
+        base = ctx.job.spec.train.base_model or "tiny"
         request.models.insert(0, eval_pb2.ModelSpec(name="dreamframe", checkpoint_prefix=prefix))
+        request.models.insert(0, eval_pb2.ModelSpec(name="base", preset=base))  # first = the baseline
     if not request.benchmarks:
         manifest = ctx.output(pb.STAGE_DATASET, "manifest") if _has_stage(ctx, pb.STAGE_DATASET) else None
         if manifest is not None and request.models:

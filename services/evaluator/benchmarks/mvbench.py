@@ -156,21 +156,30 @@ class DreamFrameMC(MVBench):
     object keys in order). Prompted and scored exactly like MVBench.
 
     Given a whole dataset folder (``datasets/<name>/`` with ``mc/train.json``, ``mc/validation.json``,
-    ``mc/test.json``), only the held-out split is used: test, else validation, else everything there is."""
+    ``mc/test.json``), only the held-out split is used: test, else validation, else everything there is
+    (a split file that holds no items, as a one-story dataset's test split does, counts as absent)."""
 
     kind = "dreamframe_mc"
 
     @staticmethod
-    def held_out(files: list[str]) -> list[str]:
+    def held_out(files: list[str]) -> list[list[str]]:
+        """Groups of files to try in order: the test split, the validation split, then all files."""
         by_split = {posixpath.splitext(posixpath.basename(k))[0]: k for k in files}
-        for split in ("test", "validation"):
-            if split in by_split and "train" in by_split:
-                return [by_split[split]]
-        return files
+        groups = [[by_split[s]] for s in ("test", "validation") if s in by_split and "train" in by_split]
+        return [*groups, files]
 
     def load(self, data: Location, videos: Location | None, *, max_items: int) -> LoadedBenchmark:
+        for group in self.held_out(json_files(data)):
+            loaded = self._load_files(data, videos, group, max_items=max_items)
+            if loaded.items or loaded.errors:
+                return loaded
+        return loaded
+
+    def _load_files(
+        self, data: Location, videos: Location | None, files: list[str], *, max_items: int
+    ) -> LoadedBenchmark:
         loaded = LoadedBenchmark()
-        for key in self.held_out(json_files(data)):
+        for key in files:
             try:
                 entries = read_json(data, key)
             except (ValueError, UnicodeDecodeError):

@@ -16,7 +16,7 @@ import typer
 from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from dreamframe import keys
 from dreamframe.cli import local
@@ -195,12 +195,12 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
     stub = _stub(settings, coordinator)
     job = None
     columns = (
-        TextColumn("[bold]{task.description:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]:<7}"),
+        TextColumn("[bold]{task.description:<7}", table_column=Column(no_wrap=True, min_width=7)),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=9)),
+        TextColumn("{task.fields[unit]:<7}", table_column=Column(no_wrap=True, min_width=7)),
         TimeRemainingColumn(),
-        TextColumn("[dim]{task.fields[item]}"),
+        TextColumn("[dim]{task.fields[item]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         tasks: dict[int, int] = {}
@@ -429,11 +429,11 @@ def _print_results(job: pb.Job, where: dict[str, Path], seconds: float) -> None:
         ("checkpoint", where.get("model", root / "model"), "the fine-tuned model (Hugging Face format)"),
         ("report", where.get("report", root / "report"), "evaluation report (JSON + Markdown)"),
     ]
-    table = Table("output", "where", "what", title=f"job {job.job_id} finished in {seconds:.0f}s")
+    console.print(f"\n[bold]job {job.job_id} finished in {seconds:.0f}s[/]; results under {relative(root)}/")
     for name, path, what in rows:
-        table.add_row(name, relative(path) if path.exists() else f"[dim]{relative(path)} (not made)", what)
-    console.print(table)
-
+        shown = relative(path) if path.exists() else f"[dim]{relative(path)} (not made)[/]"
+        console.print(f"  [bold]{name:<16}[/]{shown}", soft_wrap=True)
+        console.print(f"  {'':<16}[dim]{what}[/]")
 
 if __name__ == "__main__":
     app()
