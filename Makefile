@@ -60,8 +60,12 @@ test: proto  ## the whole test suite, offline
 run: proto  ## (coming: issue 10) start every service locally and run one whole job
 	@echo "make run: the coordinator and the services are not built yet (issue 10)." >&2; exit 2
 
-bench: proto  ## (coming: issue 6) GPU benchmarks of the renderer and the style trainer
-	@echo "make bench: not built yet (issue 6)." >&2; exit 2
+BENCH_OUT ?= bench-results
+bench: proto  ## renderer, style-trainer and trainer benchmarks on this machine's GPU (tiny presets on a CPU)
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m services.keyframe_renderer.bench --out $(BENCH_OUT)
+	$(PY) -m services.style_trainer.bench $(if $(shell $(PY) -c 'import torch; print(int(torch.cuda.is_available()))' | grep 1),--preset sdxl-random) --json $(BENCH_OUT)/style.json
+	$(PY) -m services.trainer.bench $(if $(shell $(PY) -c 'import torch; print(int(torch.cuda.is_available()))' | grep 1),--preset llava-1.5-7b --random-weights --gradient-checkpointing) --json $(BENCH_OUT)/trainer.json
 
 images:  ## build one image per service with docker or podman, tagged $(VERSION) (REGISTRY=... to prefix)
 	@test -n "$(CONTAINER)" || { echo "make images: needs docker or podman" >&2; exit 2; }
