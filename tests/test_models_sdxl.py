@@ -35,6 +35,7 @@ def test_tiny_preset_loads_from_disk_like_a_real_model(tmp_path):
     # one copy of the shared components
     assert loaded.refiner.text_encoder_2 is loaded.base.text_encoder_2
     assert loaded.refiner.vae is loaded.base.vae
+    assert loaded.refiner.tokenizer_2 is loaded.base.tokenizer_2
     assert loaded.resolution == 64
 
     in_memory = sdxl.build_tiny_sdxl()

@@ -25,7 +25,8 @@ MAX_BATCH_SIZE = 64
 DEFAULT_NEGATIVE_PROMPT = (
     "ugly, deformed, disfigured, distorted face, bad anatomy, bad proportions, extra limbs, extra arms, "
     "extra legs, extra fingers, missing fingers, fused fingers, mutated hands, poorly drawn hands, poorly "
-    "drawn face, poorly drawn feet, cloned face, duplicate, mutation, malformed limbs, long neck, cross-eyed, "
+    "drawn face, poorly drawn feet, cloned face, duplicate, mutation, malformed limbs, long neck, "
+    "cross-eyed, "
     "out of frame, cropped, cut off, body out of frame, blurry, out of focus, low resolution, low quality, "
     "worst quality, jpeg artifacts, grainy, noisy, pixelated, oversaturated, underexposed, overexposed, "
     "low contrast, watermark, signature, text, logo, username, frame, border, tiling, collage, split image, "
@@ -92,7 +93,9 @@ def preset_of(options: RenderOptions, default_preset: str) -> str:
 def validate_options(options: RenderOptions) -> None:
     """Checks that need no model (the side length default needs one: see ``resolve_options``)."""
     if options.steps < 0 or options.steps > MAX_STEPS:
-        raise InvalidArgument(f"must be between 1 and {MAX_STEPS} (0 = {DEFAULT_STEPS})", field="options.steps")
+        raise InvalidArgument(
+            f"must be between 1 and {MAX_STEPS} (0 = {DEFAULT_STEPS})", field="options.steps"
+        )
     if not 0.0 <= options.high_noise_fraction < 1.0:
         raise InvalidArgument(
             "must be in (0, 1): the share of the schedule the base model runs (0 = 0.75)",
@@ -106,12 +109,15 @@ def validate_options(options: RenderOptions) -> None:
                 field=f"options.{name}",
             )
     if options.guidance_scale < 0:
-        raise InvalidArgument("must be >= 0 (0 = 5.0; <= 1 disables guidance)", field="options.guidance_scale")
+        raise InvalidArgument(
+            "must be >= 0 (0 = 5.0; <= 1 disables guidance)", field="options.guidance_scale"
+        )
     if options.seed_offset < 0:
         raise InvalidArgument("must be >= 0 (0 = 20)", field="options.seed_offset")
     if options.batch_size < 0 or options.batch_size > MAX_BATCH_SIZE:
         raise InvalidArgument(
-            f"must be between 0 and {MAX_BATCH_SIZE} (0 = chosen from free memory)", field="options.batch_size"
+            f"must be between 0 and {MAX_BATCH_SIZE} (0 = chosen from free memory)",
+            field="options.batch_size",
         )
 
 

@@ -25,7 +25,9 @@ class StyleEmbedding:
     sha256: str
 
 
-def parse_style_embedding(data: bytes, *, token: str, sha256: str, field: str = "style_embedding") -> StyleEmbedding:
+def parse_style_embedding(
+    data: bytes, *, token: str, sha256: str, field: str = "style_embedding"
+) -> StyleEmbedding:
     """Read the safetensors bytes; errors name ``field``."""
     from safetensors.torch import load
 
@@ -38,13 +40,16 @@ def parse_style_embedding(data: bytes, *, token: str, sha256: str, field: str = 
         tensor = tensors.get(key)
         if tensor is None:
             raise InvalidArgument(
-                f"has no {key!r} tensor (found {sorted(tensors)}); expected clip_l [1, d1] and clip_g [1, d2]",
+                f"has no {key!r} tensor (found {sorted(tensors)}); "
+                "expected clip_l [1, d1] and clip_g [1, d2]",
                 field=field,
             )
         if tensor.ndim == 2 and tensor.shape[0] == 1:
             tensor = tensor[0]
         if tensor.ndim != 1:
-            raise InvalidArgument(f"{key} must be one vector [1, d], got shape {list(tensor.shape)}", field=field)
+            raise InvalidArgument(
+                f"{key} must be one vector [1, d], got shape {list(tensor.shape)}", field=field
+            )
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise InvalidArgument(f"{key} must hold finite floating-point values", field=field)
         rows[key] = tensor.float()

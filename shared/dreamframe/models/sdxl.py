@@ -258,6 +258,7 @@ def load_sdxl(
             refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
                 refiner_path,
                 text_encoder_2=base.text_encoder_2,
+                tokenizer_2=base.tokenizer_2,  # one vocabulary: a loaded style token reaches both
                 vae=base.vae,
                 dtype=dt,
                 use_safetensors=True,

@@ -1,0 +1,3 @@
+from services.keyframe_renderer.server import main
+
+main()

@@ -1,0 +1,318 @@
+"""RenderFrames as a plain, transport-free operation: request in, a stream of events out.
+
+    Renderer(store, settings).render(RenderRequest(...), should_stop=...) -> Iterator[RenderEvent]
+
+Order of work: validate everything that can be validated (request, story, frame selection, embedding,
+options against the model) before writing anything; report frames already done (skipped); render the
+rest in batches on the preset's engine (loaded once per process, one render at a time per engine);
+write each frame (PNG, then sidecar) on a writer thread while the GPU renders the next batch.
+
+Stateless between calls: what is done is read from storage, so the coordinator can split a story over
+any number of replicas and re-send any shard. ``should_stop`` is checked between batches: a cancelled
+call finishes the batch in flight (and its writes), then raises ``Cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dreamframe import keys
+from dreamframe.config import RendererSettings
+from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
+from dreamframe.story import Story, load_story
+
+from .engine import EngineCache, SDXLEngine, load_engine
+from .frames import FrameRecipe, StoredFrame, find_done, write_frame
+from .options import (
+    FrameSelection,
+    RenderOptions,
+    RenderParams,
+    preset_of,
+    resolve_options,
+    select_frames,
+    validate_options,
+)
+from .prompts import frame_prompts
+from .style import StyleEmbedding, check_fits, parse_style_embedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    job_id: str
+    story: ObjectRef
+    style_embedding: ObjectRef | None = None
+    # Defaults to the story's style keyword (the reference binds the embedding to the keyword itself).
+    style_token: str = ""
+    frames: FrameSelection = field(default_factory=FrameSelection)
+    options: RenderOptions = field(default_factory=RenderOptions)
+    story_index: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    current_item: str
+    elapsed_seconds: float
+    eta_seconds: float  # negative: unknown
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    rendered: int
+    skipped: int
+    seconds: float
+    images_per_second: float
+    frames_prefix: str
+    batch_size: int
+    # Time spent in engine.render (GPU work plus the one device→host copy per batch).
+    render_seconds: float
+
+
+@dataclass(frozen=True)
+class RenderEvent:
+    """One stream message: progress always; a frame when one finished; the summary at the end."""
+
+    progress: Progress
+    frame: StoredFrame | None = None
+    summary: Summary | None = None
+
+
+class _Clock:
+    """Progress bookkeeping: ETA from the measured seconds per rendered frame."""
+
+    def __init__(self, total: int) -> None:
+        self.started = time.monotonic()
+        self.total = total
+        self.done = 0
+        self.to_render = 0
+        self.rendered = 0
+        self.render_started: float | None = None
+
+    def progress(self, current: str, message: str = "") -> Progress:
+        elapsed = time.monotonic() - self.started
+        left = self.to_render - self.rendered
+        if left <= 0:
+            eta = 0.0 if self.done >= self.total else -1.0
+        elif self.rendered and self.render_started is not None:
+            eta = left * (time.monotonic() - self.render_started) / self.rendered
+        else:
+            eta = -1.0
+        return Progress(self.done, self.total, current, elapsed, eta, message)
+
+
+class Renderer:
+    """The keyframe renderer's data plane; the gRPC servicer is a thin adapter over ``render``."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        settings: RendererSettings,
+        *,
+        cache_dir: Path = Path(".dreamframe/models"),
+        engines: EngineCache | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.cache_dir = Path(cache_dir)
+        self.engines = engines or EngineCache(self._load, capacity=settings.max_loaded_presets)
+        # PNG encoding and uploads overlap the next batch's GPU work.
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frame-writer")
+        self.frames_rendered = 0
+        self.frames_skipped = 0
+
+    def _load(self, preset: str) -> SDXLEngine:
+        s = self.settings
+        return load_engine(
+            preset,
+            model_paths=s.model_paths,
+            cache_dir=self.cache_dir,
+            device=s.device,
+            channels_last=s.channels_last,
+            compile_mode=s.compile_mode if s.compile else "",
+        )
+
+    def engine(self, preset: str | None = None) -> SDXLEngine:
+        """The engine for ``preset`` (the configured default when None), loading it on first use."""
+        return self.engines.get(preset or self.settings.preset)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # --- inputs ---------------------------------------------------------------------------------------
+    def _read(self, ref: ObjectRef, field: str) -> bytes:
+        if not ref.key:
+            raise InvalidArgument("must name an object key", field=f"{field}.key")
+        try:
+            data = self.store.get_bytes(ref.key, bucket=ref.bucket or None)
+        except NotFound:
+            raise NotFound(
+                f"no object {ref.key!r} in bucket {ref.bucket or self.store.default_bucket!r}", field=field
+            ) from None
+        except InvalidArgument as exc:
+            raise InvalidArgument(exc.message, field=f"{field}.{exc.field or 'key'}") from None
+        if ref.sha256 and sha256_bytes(data) != ref.sha256.lower():
+            raise FailedPrecondition(
+                f"object {ref.key!r} changed since it was referenced (sha256 differs)",
+                field=f"{field}.sha256",
+            )
+        return data
+
+    def _style(self, request: RenderRequest, story: Story) -> StyleEmbedding | None:
+        ref = request.style_embedding
+        if ref is None or not (ref.key or ref.bucket):
+            if request.style_token:
+                raise InvalidArgument("a style token needs its style_embedding", field="style_token")
+            return None
+        token = request.style_token or story.style_keyword
+        if not token:
+            raise InvalidArgument(
+                "the embedding needs a token to bind to: set style_token (the story has no style keyword)",
+                field="style_token",
+            )
+        data = self._read(ref, "style_embedding")
+        return parse_style_embedding(data, token=token, sha256=sha256_bytes(data))
+
+    # --- the operation --------------------------------------------------------------------------------
+    def render(
+        self, request: RenderRequest, should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[RenderEvent]:
+        stop = should_stop or (lambda: False)
+        keys.story_prefix(request.job_id, request.story_index)  # validates job_id and story_index
+        validate_options(request.options)
+        story = load_story(self._read(request.story, "story"), field="story")
+        indices = select_frames(request.frames, story.frame_count)
+        style = self._style(request, story)
+        engine = self.engine(preset_of(request.options, self.settings.preset))
+        params = resolve_options(
+            request.options,
+            preset=preset_of(request.options, self.settings.preset),
+            resolution=engine.resolution,
+            default_batch_size=self.settings.batch_size,
+            compile_default=self.settings.compile,
+        )
+        if style is not None:
+            check_fits(style, engine.base)
+        engine.step_split(params)  # both stages get steps
+        prompts = frame_prompts(story, indices, style.token if style else "")
+        recipes = [
+            FrameRecipe(
+                index=i,
+                prompt=prompts[i],
+                seed=params.seed(i),
+                model=engine.model_id,
+                settings=params.image_settings(),
+                style_token=style.token if style else "",
+                style_embedding_sha256=style.sha256 if style else "",
+            )
+            for i in indices
+        ]
+        yield from self._run(request, engine, params, style, recipes, stop)
+
+    def _run(
+        self,
+        request: RenderRequest,
+        engine: SDXLEngine,
+        params: RenderParams,
+        style: StyleEmbedding | None,
+        recipes: list[FrameRecipe],
+        stop: Callable[[], bool],
+    ) -> Iterator[RenderEvent]:
+        bucket = request.story.bucket or None
+        where = dict(job_id=request.job_id, story_index=request.story_index, bucket=bucket)
+        clock = _Clock(len(recipes))
+        yield RenderEvent(
+            clock.progress("checking stored frames", f"{len(recipes)} frames, preset {params.preset}")
+        )
+
+        todo: list[FrameRecipe] = []
+        for recipe in recipes:
+            done = None if params.overwrite else find_done(self.store, recipe=recipe, **where)
+            if done is None:
+                todo.append(recipe)
+                continue
+            clock.done += 1
+            self.frames_skipped += 1
+            yield RenderEvent(clock.progress(f"frame {recipe.index} (already done)"), frame=done)
+        clock.to_render = len(todo)
+
+        batch_size = 0
+        render_seconds = 0.0
+        pending: deque[list[Future[StoredFrame]]] = deque()
+        extra = {"device": engine.device.type, "dtype": str(engine.dtype).removeprefix("torch.")}
+        stopped = False
+        try:
+            if todo:
+                with engine.lock:  # one render at a time per engine (it holds the loaded style)
+                    engine.set_style(style)
+                    if params.compile:
+                        engine.compile(self.settings.compile_mode)
+                    batch_size = params.batch_size or engine.auto_batch_size(
+                        params, max_batch=self.settings.max_batch_size, cpu_batch=self.settings.cpu_batch_size
+                    )
+                    clock.render_started = time.monotonic()
+                    for start in range(0, len(todo), batch_size):
+                        if stop():
+                            stopped = True
+                            break
+                        chunk = todo[start : start + batch_size]
+                        began = time.monotonic()
+                        pixels = engine.render([r.prompt for r in chunk], [r.seed for r in chunk], params)
+                        render_seconds += time.monotonic() - began
+                        pending.append(
+                            [
+                                self._writer.submit(
+                                    write_frame, self.store, recipe=r, pixels=p, extra=extra, **where
+                                )
+                                for r, p in zip(chunk, pixels, strict=True)
+                            ]
+                        )
+                        # The previous batch's writes ran during this batch's GPU work: report them now.
+                        while len(pending) > 1:
+                            yield from self._report(pending.popleft(), clock)
+            while pending:
+                yield from self._report(pending.popleft(), clock)
+        finally:
+            for futures in pending:  # closed early: still finish the writes of rendered frames
+                for future in futures:
+                    future.exception()
+
+        seconds = time.monotonic() - clock.started
+        if stopped and clock.done < clock.total:
+            raise Cancelled(f"stopped after {clock.done} of {clock.total} frames")
+        summary = Summary(
+            rendered=clock.rendered,
+            skipped=clock.total - clock.to_render,
+            seconds=seconds,
+            images_per_second=clock.rendered / seconds if clock.rendered and seconds > 0 else 0.0,
+            frames_prefix=keys.frames_prefix(request.job_id, request.story_index),
+            batch_size=batch_size,
+            render_seconds=render_seconds,
+        )
+        log.info(
+            "rendered %d frames, skipped %d, %.1f s (%.3f images/s, batch %d)",
+            summary.rendered,
+            summary.skipped,
+            seconds,
+            summary.images_per_second,
+            batch_size,
+        )
+        yield RenderEvent(clock.progress("done"), summary=summary)
+
+    def _report(self, futures: list[Future[StoredFrame]], clock: _Clock) -> Iterator[RenderEvent]:
+        for future in futures:
+            frame = future.result()
+            clock.done += 1
+            clock.rendered += 1
+            self.frames_rendered += 1
+            yield RenderEvent(clock.progress(f"frame {frame.index}"), frame=frame)

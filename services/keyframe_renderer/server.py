@@ -1,0 +1,262 @@
+"""RenderService over gRPC: request → ``Renderer.render`` (in a worker thread) → one message per event.
+
+The render is blocking GPU work, so it runs in its own thread and hands events to the RPC through a
+queue. When the caller goes away (cancel, deadline, or server shutdown after the grace period) the
+render is asked to stop: it finishes the batch in flight and writes those frames, then ends. Shutdown
+asks every render to stop the same way, so a SIGTERM loses no finished frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from dreamframe.config import Settings, get_settings
+from dreamframe.logging import configure_logging
+from dreamframe.serving import GrpcServer, Registration
+from dreamframe.storage import from_proto, open_store, to_proto
+from dreamframe.v1 import common_pb2, render_pb2, render_pb2_grpc
+
+from .options import FrameSelection, RenderOptions
+from .renderer import Progress, Renderer, RenderEvent, RenderRequest
+
+SERVICE = "keyframe-renderer"
+
+
+# --- proto ↔ domain ----------------------------------------------------------------------------------
+def selection_from_proto(selection: common_pb2.FrameSelection) -> FrameSelection:
+    which = selection.WhichOneof("selection")
+    if which == "range":
+        return FrameSelection("range", start=selection.range.start, end=selection.range.end)
+    if which == "list":
+        return FrameSelection("list", indices=tuple(selection.list.indices))
+    return FrameSelection("all")  # "all", or nothing set
+
+
+def options_from_proto(o: render_pb2.RenderOptions) -> RenderOptions:
+    return RenderOptions(
+        preset=o.preset,
+        steps=o.steps,
+        high_noise_fraction=o.high_noise_fraction,
+        width=o.width,
+        height=o.height,
+        guidance_scale=o.guidance_scale,
+        negative_prompt=o.negative_prompt,
+        seed_offset=o.seed_offset,
+        batch_size=o.batch_size,
+        compile=o.compile,
+        disable_refiner=o.disable_refiner,
+        overwrite=o.overwrite,
+    )
+
+
+def request_from_proto(request: render_pb2.RenderFramesRequest) -> RenderRequest:
+    return RenderRequest(
+        job_id=request.job_id,
+        story=from_proto(request.story, field="story"),
+        style_embedding=(
+            from_proto(request.style_embedding, field="style_embedding")
+            if request.HasField("style_embedding")
+            else None
+        ),
+        style_token=request.style_token,
+        frames=selection_from_proto(request.frames),
+        options=options_from_proto(request.options),
+        story_index=request.story_index,
+    )
+
+
+def progress_to_proto(progress: Progress) -> common_pb2.Progress:
+    return common_pb2.Progress(
+        unit="frames",
+        done=progress.done,
+        total=progress.total,
+        current_item=progress.current_item,
+        elapsed_seconds=progress.elapsed_seconds,
+        eta_seconds=progress.eta_seconds,
+        message=progress.message,
+    )
+
+
+def event_to_proto(event: RenderEvent) -> render_pb2.RenderFramesResponse:
+    response = render_pb2.RenderFramesResponse(progress=progress_to_proto(event.progress))
+    if event.frame is not None:
+        f = event.frame
+        response.frame.CopyFrom(
+            render_pb2.RenderedFrame(
+                index=f.index,
+                image=to_proto(f.image),
+                sidecar=to_proto(f.sidecar),
+                seed=f.seed,
+                skipped=f.skipped,
+            )
+        )
+    if event.summary is not None:
+        s = event.summary
+        response.summary.CopyFrom(
+            render_pb2.RenderSummary(
+                rendered=s.rendered,
+                skipped=s.skipped,
+                seconds=s.seconds,
+                images_per_second=s.images_per_second,
+                frames_prefix=s.frames_prefix,
+            )
+        )
+    return response
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+class RendererMetrics:
+    """The renderer's own Prometheus metrics (created unregistered; ``register`` adds them to a registry)."""
+
+    def __init__(self) -> None:
+        r = None  # unregistered until register(): several servers in one process never collide
+        self.frames = Counter(
+            "dreamframe_render_frames", "Frames reported, by outcome.", ["outcome"], registry=r
+        )
+        self.render_seconds = Counter(
+            "dreamframe_render_seconds", "Seconds spent rendering batches (GPU work).", registry=r
+        )
+        self.images_per_second = Gauge(
+            "dreamframe_render_images_per_second", "Throughput of the last finished request.", registry=r
+        )
+        self.active = Gauge(
+            "dreamframe_render_active_requests", "Renders running or waiting now.", registry=r
+        )
+
+    def register(self, registry: CollectorRegistry) -> None:
+        for collector in (self.frames, self.render_seconds, self.images_per_second, self.active):
+            registry.register(collector)
+
+    def observe(self, event: RenderEvent) -> None:
+        if event.frame is not None:
+            self.frames.labels("skipped" if event.frame.skipped else "rendered").inc()
+        if event.summary is not None:
+            self.render_seconds.inc(event.summary.render_seconds)
+            if event.summary.rendered:
+                self.images_per_second.set(event.summary.images_per_second)
+
+
+# --- the servicer ------------------------------------------------------------------------------------
+class RenderServicer(render_pb2_grpc.RenderServiceServicer):
+    def __init__(self, renderer: Renderer, metrics: RendererMetrics | None = None) -> None:
+        self.renderer = renderer
+        self.metrics = metrics or RendererMetrics()
+        self._stops: set[threading.Event] = set()
+        self._threads: set[threading.Thread] = set()
+
+    async def RenderFrames(  # noqa: N802
+        self, request: render_pb2.RenderFramesRequest, context: object
+    ) -> AsyncIterator[render_pb2.RenderFramesResponse]:
+        render_request = request_from_proto(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def post(kind: str, payload: object) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            except RuntimeError:
+                pass  # the loop is gone (process exiting): nobody to tell
+
+        def work() -> None:
+            self.metrics.active.inc()
+            try:
+                for event in self.renderer.render(render_request, should_stop=stop.is_set):
+                    self.metrics.observe(event)
+                    post("event", event)
+            except BaseException as exc:  # noqa: BLE001 - handed to the RPC, which raises it
+                post("error", exc)
+            else:
+                post("end", None)
+            finally:
+                self.metrics.active.dec()
+                self._stops.discard(stop)
+                self._threads.discard(threading.current_thread())
+
+        # A plain (non-daemon) thread: it outlives a cancelled RPC to finish the batch in flight.
+        thread = threading.Thread(target=work, name=f"render-{request.job_id}", daemon=False)
+        self._stops.add(stop)
+        self._threads.add(thread)
+        thread.start()
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "event":
+                    yield event_to_proto(payload)  # type: ignore[arg-type]
+                elif kind == "error":
+                    raise payload  # type: ignore[misc]  # serving maps domain errors to status codes
+                else:
+                    return
+        finally:
+            stop.set()
+
+    def stop_all(self) -> None:
+        """Ask every running render to stop after its batch in flight."""
+        for stop in list(self._stops):
+            stop.set()
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no render thread is left (True) or ``timeout`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for thread in list(self._threads):
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            await asyncio.to_thread(thread.join, left)
+            if thread.is_alive():
+                return False
+        return True
+
+
+def build_servicer(settings: Settings) -> RenderServicer:
+    renderer = Renderer(open_store(settings.storage), settings.renderer, cache_dir=settings.models.cache_dir)
+    return RenderServicer(renderer)
+
+
+async def amain(settings: Settings) -> None:
+    servicer = build_servicer(settings)
+    preload: asyncio.Task[object] | None = None
+
+    async def ready() -> bool:
+        # Frames are read from and written to storage: it must answer.
+        await asyncio.to_thread(lambda: next(iter(servicer.renderer.store.list("jobs/")), None))
+        if preload is not None:
+            if not preload.done():
+                return False
+            preload.result()  # a failed load keeps the service NOT_SERVING (and logs why)
+        return True
+
+    async def on_shutdown() -> None:
+        servicer.stop_all()
+        await servicer.wait_idle(settings.server.grace_seconds)
+
+    server = GrpcServer(
+        [Registration.of(render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, servicer)],
+        settings.server,
+        service_name=SERVICE,
+        readiness=ready,
+        shutdown_hooks=[on_shutdown],
+        readiness_interval=1.0,  # SERVING soon after the weights are loaded
+    )
+    servicer.metrics.register(server.metrics.registry)
+    if settings.renderer.preload:
+        # Weights load once per process, before the service says SERVING.
+        preload = asyncio.create_task(asyncio.to_thread(servicer.renderer.engine), name="preload-model")
+    try:
+        await server.run_forever()
+    finally:
+        servicer.renderer.close()
+        servicer.renderer.store.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()

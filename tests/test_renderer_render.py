@@ -1,0 +1,337 @@
+"""keyframe-renderer on the tiny preset: real (tiny, random) SDXL base + refiner, real files in storage."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from dreamframe import keys
+from dreamframe.config import RendererSettings
+from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.storage import LocalStore
+from dreamframe.storage.base import ObjectRef, sha256_bytes
+from dreamframe.story import Character, Story, StoryItem, Substory, TinyStory
+from services.keyframe_renderer import frames
+from services.keyframe_renderer.engine import EngineCache, load_engine
+from services.keyframe_renderer.options import FrameSelection, RenderOptions
+from services.keyframe_renderer.renderer import Renderer, RenderEvent, RenderRequest
+
+STEPS = 8  # 6 base + 2 refiner steps: seconds on a CPU, both stages exercised
+
+
+def make_story(n_frames: int = 6, keyword: str = "Noir") -> Story:
+    items = []
+    for i in range(n_frames):
+        # The tiny tokenizer keeps 75 bytes: frames differ early in the text.
+        items.append(StoryItem(kind="frame", text=f"scene {i}: Ann is sitting at the bar"))
+        if i % 2:
+            items.append(StoryItem(kind="dialogue", text=f"Ann: line {i}"))
+    return Story(
+        overview="a noir evening",
+        style_keyword=keyword,
+        characters=[Character(name="Ann", appearance="a woman looks like Emma Stone in red")],
+        substories=[Substory(tiny_stories=[TinyStory(items=items)])],
+    )
+
+
+def put_story(store: LocalStore, job: str, story: Story) -> ObjectRef:
+    return store.put_bytes(keys.story_key(job), story.to_json().encode(), content_type="application/json")
+
+
+def put_embedding(store: LocalStore, job: str, seed: int, dims: tuple[int, int] = (32, 48)) -> ObjectRef:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "clip_l": torch.randn(1, dims[0], generator=gen),
+        "clip_g": torch.randn(1, dims[1], generator=gen),
+    }
+    return store.put_bytes(f"{keys.style_prefix(job)}embedding-{seed}.safetensors", save(tensors))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    # Tiny models: thread hand-offs cost more than the math, and on a shared CPU far more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> EngineCache:
+    cache_dir = tmp_path_factory.getbasetemp() / "renderer-models"
+    return EngineCache(lambda preset: load_engine(preset, model_paths={}, cache_dir=cache_dir, device="cpu"))
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "store", "dreamframe")
+
+
+@pytest.fixture
+def renderer(store, engines) -> Renderer:
+    r = Renderer(store, RendererSettings(device="cpu"), engines=engines)
+    yield r
+    r.close()
+
+
+def request(job: str, story: ObjectRef, **kwargs) -> RenderRequest:
+    opts = {"steps": STEPS, **kwargs.pop("options", {})}
+    return RenderRequest(job_id=job, story=story, options=RenderOptions(**opts), **kwargs)
+
+
+def run(renderer: Renderer, req: RenderRequest, **kwargs) -> list[RenderEvent]:
+    return list(renderer.render(req, **kwargs))
+
+
+def pixels(store: LocalStore, job: str, index: int) -> np.ndarray:
+    data = store.get_bytes(keys.frame_key(job, 0, index))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def frame_events(events: list[RenderEvent]):
+    return [e.frame for e in events if e.frame is not None]
+
+
+def test_renders_every_frame_with_metadata_and_sidecar(store, renderer):
+    story = make_story(6)
+    ref = put_story(store, "job1", story)
+    events = run(renderer, request("job1", ref, options={"batch_size": 4}))
+
+    done = frame_events(events)
+    assert sorted(f.index for f in done) == list(range(6)) and not any(f.skipped for f in done)
+    assert [e.progress.done for e in events if e.frame] == list(range(1, 7))
+    assert events[0].frame is None and events[0].progress.total == 6
+    summary = events[-1].summary
+    assert summary is not None and (summary.rendered, summary.skipped, summary.batch_size) == (6, 0, 4)
+    assert summary.images_per_second > 0 and summary.frames_prefix == keys.frames_prefix("job1")
+    assert events[-1].progress.eta_seconds == 0 and events[-1].progress.done == 6
+
+    story_prompts = story.frame_prompts()
+    for frame in done:
+        i = frame.index
+        png = store.get_bytes(keys.frame_key("job1", 0, i))
+        assert frame.image.sha256 == sha256_bytes(png) and frame.seed == 20 + i
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+            text = dict(image.text)
+        assert text["prompt"] == story_prompts[i]
+        assert (text["seed"], text["model"], text["steps"]) == (str(20 + i), "tiny-v1", str(STEPS))
+        sidecar = json.loads(store.get_bytes(keys.frame_sidecar_key("job1", 0, i)))
+        assert sidecar["recipe"]["prompt"] == story_prompts[i] and sidecar["recipe"]["seed"] == 20 + i
+        assert sidecar["recipe"]["settings"]["refiner"] is True
+        assert sidecar["image"]["sha256"] == frame.image.sha256 and frame.sidecar.key.endswith(
+            f"{i:06d}.json"
+        )
+    # A real picture, different per frame.
+    assert pixels(store, "job1", 0).std() > 5
+    assert np.abs(pixels(store, "job1", 0) - pixels(store, "job1", 1)).mean() > 1
+    assert renderer.engines.loads == 1
+
+
+def test_same_frame_renders_to_the_same_bytes(store, renderer):
+    ref = put_story(store, "a", make_story(4))
+    put_story(store, "b", make_story(4))
+    pick = FrameSelection("list", indices=(3, 1))
+    run(renderer, request("a", ref, frames=pick))
+    run(renderer, request("b", ref, frames=pick, options={"batch_size": 2}))
+    for i in (1, 3):
+        assert store.get_bytes(keys.frame_key("a", 0, i)) == store.get_bytes(keys.frame_key("b", 0, i))
+    before = store.get_bytes(keys.frame_key("a", 0, 3)), store.get_bytes(keys.frame_sidecar_key("a", 0, 3))
+    events = run(renderer, request("a", ref, frames=pick, options={"overwrite": True}))
+    assert events[-1].summary.rendered == 2
+    after = store.get_bytes(keys.frame_key("a", 0, 3)), store.get_bytes(keys.frame_sidecar_key("a", 0, 3))
+    assert before == after
+
+
+def test_a_frame_does_not_depend_on_its_batch(store, renderer):
+    ref = put_story(store, "b1", make_story(4))
+    run(renderer, request("b1", ref, options={"batch_size": 1}))
+    run(renderer, request("b4", ref, options={"batch_size": 4}))
+    for i in range(4):
+        diff = np.abs(pixels(store, "b1", i) - pixels(store, "b4", i))
+        assert diff.max() <= 2 and diff.mean() < 0.05, f"frame {i}: max {diff.max()} mean {diff.mean()}"
+
+
+def test_rerun_skips_finished_frames(store, renderer):
+    ref = put_story(store, "job", make_story(5))
+    engine = renderer.engine("tiny")
+    run(renderer, request("job", ref))
+    rendered, engine_frames = renderer.frames_rendered, engine.frames_rendered
+    events = run(renderer, request("job", ref))
+    assert (renderer.frames_rendered, engine.frames_rendered) == (rendered, engine_frames), "nothing rendered"
+    assert sorted(f.index for f in frame_events(events)) == list(range(5))
+    assert all(f.skipped for f in frame_events(events))
+    assert (events[-1].summary.rendered, events[-1].summary.skipped) == (0, 5)
+
+
+def test_changed_prompt_or_settings_render_again(store, renderer):
+    story = make_story(4)
+    ref = put_story(story=story, store=store, job="job")
+    run(renderer, request("job", ref))
+    story.substories[0].tiny_stories[0].items[0].text = "scene 0: Ann is standing at the door"
+    ref = put_story(store, "job", story)
+    events = run(renderer, request("job", ref))
+    assert [(f.index, f.skipped) for f in frame_events(events)] == [
+        (1, True),
+        (2, True),
+        (3, True),
+        (0, False),
+    ]
+    text = frames.read_png_text(store.get_bytes(keys.frame_key("job", 0, 0)))
+    assert "standing at the door" in text["prompt"]
+    # Another image setting (here guidance) is another picture.
+    events = run(
+        renderer,
+        request("job", ref, frames=FrameSelection("list", indices=(2,)), options={"guidance_scale": 7}),
+    )
+    assert [f.skipped for f in frame_events(events)] == [False]
+
+
+def test_incomplete_or_damaged_frames_render_again(store, renderer):
+    ref = put_story(store, "job", make_story(3))
+    run(renderer, request("job", ref))
+    png0 = store.get_bytes(keys.frame_key("job", 0, 0))
+    store.delete(keys.frame_sidecar_key("job", 0, 0))  # killed between the PNG and its sidecar
+    store.put_bytes(keys.frame_key("job", 0, 1), b"not a png")  # damaged after the fact
+    events = run(renderer, request("job", ref))
+    assert sorted(f.index for f in frame_events(events) if not f.skipped) == [0, 1]
+    assert store.get_bytes(keys.frame_key("job", 0, 0)) == png0
+    assert store.verify(frame_events(events)[-1].image)
+
+
+def test_style_embedding_changes_the_image_and_never_leaks(store, renderer):
+    # The reference binds the embedding to the style keyword itself: prompts are the same with or
+    # without the embedding, only the token's meaning changes.
+    ref = put_story(store, "plain", make_story(2))
+    one = FrameSelection("list", indices=(0,))
+    e1, e2 = put_embedding(store, "plain", 1), put_embedding(store, "plain", 2)
+    tokenizer = renderer.engine("tiny").base.tokenizer
+    vocab_size = len(tokenizer)
+
+    run(renderer, request("plain", ref, frames=one))
+    run(renderer, request("emb1", ref, frames=one, style_embedding=e1))
+    assert len(tokenizer) == vocab_size + 1
+    run(renderer, request("emb2", ref, frames=one, style_embedding=e2))
+    run(renderer, request("plain-again", ref, frames=one))
+    assert len(tokenizer) == vocab_size, "the token was removed again"
+    run(renderer, request("emb1-again", ref, frames=one, style_embedding=e1))
+
+    png = {
+        job: store.get_bytes(keys.frame_key(job, 0, 0))
+        for job in ("plain", "emb1", "emb2", "plain-again", "emb1-again")
+    }
+    assert png["plain"] == png["plain-again"], "no style left behind"
+    assert png["emb1"] == png["emb1-again"], "the same embedding gives the same frame"
+    assert len({png["plain"], png["emb1"], png["emb2"]}) == 3
+    assert np.abs(pixels(store, "plain", 0) - pixels(store, "emb1", 0)).mean() > 1
+    sidecar = json.loads(store.get_bytes(keys.frame_sidecar_key("emb1", 0, 0)))
+    assert sidecar["recipe"]["style"] == {"token": "Noir", "embedding_sha256": e1.sha256}
+
+    # Another embedding for the same job: the recipe changed, so the frame renders again.
+    events = run(renderer, request("emb1", ref, frames=one, style_embedding=e2))
+    assert not frame_events(events)[0].skipped
+    assert store.get_bytes(keys.frame_key("emb1", 0, 0)) == png["emb2"]
+
+
+def test_a_distinct_style_token_goes_into_the_prompts(store, renderer):
+    ref = put_story(store, "tok", make_story(1))
+    emb = put_embedding(store, "tok", 3)
+    run(renderer, request("tok", ref, style_embedding=emb, style_token="<noir-style>"))
+    text = frames.read_png_text(store.get_bytes(keys.frame_key("tok", 0, 0)))
+    assert text["prompt"].startswith("generate an image in <noir-style> style: scene 0: a woman looks like")
+    assert text["style_token"] == "<noir-style>"
+
+
+def test_refiner_reuses_the_base_text_encoder_2_embeddings(renderer):
+    engine = renderer.engine("tiny")
+    prompts = ["generate an image in Noir style: a bar", "a dog"]
+    with torch.inference_mode():
+        embeds, _, pooled, _ = engine.base.encode_prompt(
+            prompts, device="cpu", do_classifier_free_guidance=False
+        )
+        r_embeds, _, r_pooled, _ = engine.refiner.encode_prompt(
+            prompts, device="cpu", do_classifier_free_guidance=False
+        )
+    assert torch.equal(embeds[..., -48:], r_embeds) and torch.equal(pooled, r_pooled)
+    assert engine.attention == "AttnProcessor2_0"
+
+
+def test_without_the_refiner(store, renderer):
+    ref = put_story(store, "base", make_story(1))
+    run(renderer, request("base", ref))
+    run(renderer, request("base-only", ref, options={"disable_refiner": True}))
+    sidecar = json.loads(store.get_bytes(keys.frame_sidecar_key("base-only", 0, 0)))
+    assert sidecar["recipe"]["settings"]["refiner"] is False
+    assert np.abs(pixels(store, "base", 0) - pixels(store, "base-only", 0)).mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "field"),
+    [
+        (dict(story=ObjectRef("dreamframe", "jobs/bad/stories/000/missing.json", 0, "")), NotFound, "story"),
+        (dict(story=ObjectRef("dreamframe", "", 0, "")), InvalidArgument, "story.key"),
+        (dict(job_id="../x"), InvalidArgument, "job_id"),
+        (dict(story_index=-1), InvalidArgument, "story_index"),
+        (dict(frames=FrameSelection("list", indices=(0, 7))), InvalidArgument, "frames.list.indices.1"),
+        (dict(frames=FrameSelection("range", start=0, end=9)), InvalidArgument, "frames.range.end"),
+        (dict(options=RenderOptions(steps=STEPS, width=100)), InvalidArgument, "options.width"),
+        (dict(options=RenderOptions(steps=1)), InvalidArgument, "options.steps"),
+        (dict(options=RenderOptions(preset="sd15")), InvalidArgument, "options.preset"),
+        (dict(style_token="<x>"), InvalidArgument, "style_token"),
+        (
+            dict(style_embedding=ObjectRef("dreamframe", "nope.safetensors", 0, "")),
+            NotFound,
+            "style_embedding",
+        ),
+        ("wrong-dims", InvalidArgument, "style_embedding"),
+        ("not-safetensors", InvalidArgument, "style_embedding"),
+        ("changed-story", FailedPrecondition, "story.sha256"),
+    ],
+)
+def test_bad_requests_name_the_field_and_write_nothing(store, renderer, change, error, field):
+    ref = put_story(store, "bad", make_story(3))
+    req = request("bad", ref)
+    if change == "wrong-dims":
+        change = dict(style_embedding=put_embedding(store, "bad", 1, dims=(768, 1280)))
+    elif change == "not-safetensors":
+        change = dict(style_embedding=store.put_bytes("jobs/bad/style.safetensors", b"{}"))
+    elif change == "changed-story":
+        put_story(store, "bad", make_story(4))
+        change = {}
+    with pytest.raises(error) as info:
+        run(renderer, replace(req, **change))
+    assert info.value.field == field
+    assert not list(store.list(keys.frames_prefix("bad")))
+
+
+def test_stop_finishes_the_batch_in_flight_then_resumes(store, renderer):
+    ref = put_story(store, "stop", make_story(6))
+    req = request("stop", ref, options={"batch_size": 2})
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        for event in renderer.render(req, should_stop=lambda: bool(seen)):
+            if event.frame is not None:
+                seen.append(event.frame.index)
+    # The first frames are reported once the next batch is on its way; that batch still completes.
+    assert seen == [0, 1, 2, 3]
+    stored = sorted(info.key for info in store.list(keys.frames_prefix("stop")))
+    assert stored == sorted(
+        [keys.frame_key("stop", 0, i) for i in range(4)]
+        + [keys.frame_sidecar_key("stop", 0, i) for i in range(4)]
+    )
+    events = run(renderer, req)
+    assert [(f.index, f.skipped) for f in frame_events(events)] == [
+        (0, True),
+        (1, True),
+        (2, True),
+        (3, True),
+        (4, False),
+        (5, False),
+    ]
