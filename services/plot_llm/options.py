@@ -52,7 +52,9 @@ class StoryOptions:
         for name, (low, high) in COUNT_RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidArgument(f"must be an integer in [{low}, {high}], got {value!r}", field=f"options.{name}")
+                raise InvalidArgument(
+                    f"must be an integer in [{low}, {high}], got {value!r}", field=f"options.{name}"
+                )
         if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
             raise InvalidArgument(f"must be in [0, 2], got {self.temperature!r}", field="options.temperature")
         if self.max_parallel_calls is not None and not 1 <= self.max_parallel_calls <= 1024:

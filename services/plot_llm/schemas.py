@@ -123,12 +123,17 @@ def _qa_set(limits: TextLimits, prefix: str) -> type[BaseModel]:
         f"{prefix}QuestionSet",
         __config__=_CONFIG,
         __doc__="Four question/answer pairs about the story so far: what, why, how and where.",
-        **{word.lower(): (model, Field(description=f'The "{word}" question.')) for word, model in pair.items()},
+        **{
+            word.lower(): (model, Field(description=f'The "{word}" question.'))
+            for word, model in pair.items()
+        },
     )
 
 
 @lru_cache(maxsize=64)
-def level1_model(substories: int, min_locations: int, max_characters: int, limits: TextLimits) -> type[BaseModel]:
+def level1_model(
+    substories: int, min_locations: int, max_characters: int, limits: TextLimits
+) -> type[BaseModel]:
     """Level 1: the story's frame — title, overview, style, places, cast, QA and the substories."""
     character = create_model(
         "Character",
@@ -180,7 +185,10 @@ def level2_model(tiny_stories: int, names: tuple[str, ...], limits: TextLimits) 
         __config__=_CONFIG,
         __doc__="One substory as a sequence of tiny stories.",
         tiny_stories=_list(tiny, tiny_stories, tiny_stories, "The tiny stories, in order."),
-        qa=(_qa_set(limits, "Part"), Field(description="What/why/how/where questions on these tiny stories.")),
+        qa=(
+            _qa_set(limits, "Part"),
+            Field(description="What/why/how/where questions on these tiny stories."),
+        ),
     )
 
 
@@ -201,7 +209,9 @@ def level3_model(
         location=_enum_type_field(locations, "Where the frame happens (one of the story's locations)."),
         character=_enum_type_field(names, "Who is in the frame."),
         action=_enum(ACTIONS, "What the character is doing."),
-        detail=_str(text_pattern(limits.short), "The rest of the sentence, e.g. 'at the window with a letter'."),
+        detail=_str(
+            text_pattern(limits.short), "The rest of the sentence, e.g. 'at the window with a letter'."
+        ),
     )
     dialogue = create_model(
         "Dialogue",
@@ -237,8 +247,10 @@ def _enum_type_field(values: tuple[str, ...], description: str) -> Any:
     return (_enum_type(values), Field(description=description))
 
 
+@lru_cache(maxsize=1024)
 def answer_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The JSON Schema of an answer model (what the prompt shows and the decoder enforces)."""
+    """The JSON Schema of an answer model (what the prompt shows and the decoder enforces). Computed once
+    per model (it is not cheap, and every call needs it): treat the result as read-only."""
     return model.model_json_schema()
 
 

@@ -1,0 +1,3 @@
+from services.plot_llm.server import main
+
+main()

@@ -1,0 +1,139 @@
+"""PlotService over gRPC: request → ``PlotService.generate`` → a progress message per LLM call, then the
+stored story's refs. When the caller goes away the generation is cancelled; its finished calls are in
+the cache, so the next call for the same story resumes from there."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from dreamframe.config import Settings, get_settings
+from dreamframe.logging import configure_logging
+from dreamframe.serving import Registration, serve
+from dreamframe.storage import open_store, to_proto
+from dreamframe.v1 import common_pb2, plot_pb2, plot_pb2_grpc
+
+from .generator import ProgressEvent, StoryResult
+from .options import COUNT_RANGES, StoryOptions
+from .service import PlotService
+
+SERVICE = "plot-llm"
+
+
+def options_from_proto(options: plot_pb2.PlotOptions) -> StoryOptions:
+    """Unset fields take the defaults; set ones are checked by StoryOptions (naming options.<field>)."""
+    given = {name: getattr(options, name) for name in COUNT_RANGES if options.HasField(name)}
+    for name in ("temperature", "max_parallel_calls"):
+        if options.HasField(name):
+            given[name] = getattr(options, name)
+    return StoryOptions(model=options.model, seed=options.seed, **given)
+
+
+def progress_to_proto(event: ProgressEvent) -> plot_pb2.GenerateStoryResponse:
+    return plot_pb2.GenerateStoryResponse(
+        level=event.level,
+        progress=common_pb2.Progress(
+            unit="llm_calls",
+            done=event.done,
+            total=event.total,
+            current_item=event.current_item,
+            elapsed_seconds=event.elapsed_seconds,
+            eta_seconds=event.eta_seconds,
+            message=event.message,
+        ),
+    )
+
+
+def result_to_proto(result: StoryResult) -> plot_pb2.GenerateStoryResult:
+    return plot_pb2.GenerateStoryResult(
+        story=to_proto(result.story_ref),
+        reference_story=to_proto(result.reference_ref),
+        title=result.story.title,
+        style_keyword=result.story.style_keyword,
+        frame_count=result.story.frame_count,
+        llm_calls=result.llm_calls,
+        cached_calls=result.cached_calls,
+    )
+
+
+class PlotServicer(plot_pb2_grpc.PlotServiceServicer):
+    def __init__(self, service: PlotService) -> None:
+        self.service = service
+        # One generation per story at a time; a second call waits, then finds the story written.
+        self._story_locks: defaultdict[tuple[str, int], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def GenerateStory(
+        self, request: plot_pb2.GenerateStoryRequest, context: object
+    ) -> AsyncIterator[plot_pb2.GenerateStoryResponse]:
+        options = options_from_proto(request.options)
+        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
+
+        async def run() -> StoryResult:
+            async with self._story_locks[(request.job_id, request.story_index)]:
+                return await self.service.generate(
+                    request.job_id,
+                    request.theme,
+                    options,
+                    story_index=request.story_index,
+                    on_progress=events.put_nowait,
+                )
+
+        task = asyncio.create_task(run(), name=f"generate-story-{request.job_id}-{request.story_index}")
+        elapsed = 0.0
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event in done:
+                    elapsed = next_event.result().elapsed_seconds
+                    yield progress_to_proto(next_event.result())
+                    continue
+                next_event.cancel()
+                break
+            while not events.empty():
+                event = events.get_nowait()
+                elapsed = event.elapsed_seconds
+                yield progress_to_proto(event)
+            result = task.result()  # raises the domain error, which serving maps to a status
+            total = options.total_calls
+            message = "story already generated" if result.skipped else "story written"
+            final = progress_to_proto(ProgressEvent(3, total, total, "", elapsed, 0.0, message))
+            final.result.CopyFrom(result_to_proto(result))
+            yield final
+        finally:
+            if not task.done():
+                task.cancel()  # the caller left: stop asking the LLM; finished calls stay cached
+
+
+def build_service(settings: Settings) -> PlotService:
+    return PlotService(settings.plot, open_store(settings.storage), model_cache_dir=settings.models.cache_dir)
+
+
+async def amain(settings: Settings) -> None:
+    service = build_service(settings)
+
+    async def ready() -> bool:
+        # Serving means: storage answers and the default model is loaded (local weights load here once).
+        await asyncio.to_thread(lambda: next(iter(service.store.list("jobs/")), None))
+        await service.backend(service.resolve_model(""))
+        return True
+
+    registration = Registration.of(
+        plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, PlotServicer(service)
+    )
+    try:
+        await serve([registration], settings.server, service_name=SERVICE, readiness=ready)
+    finally:
+        await service.aclose()
+        service.store.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()
