@@ -1,0 +1,209 @@
+"""The model side of training: precision, what is trainable, LoRA, activation checkpointing, FSDP2
+sharding, the optimizer, and the final Hugging Face export.
+
+What trains (as LLaVA-1.5 and LLaMA-VID fine-tune): the vision tower stays frozen. ``full`` trains the
+projector and the whole language model; ``lora`` trains LoRA adapters on every linear layer of the
+language model plus the projector (peft ``modules_to_save``).
+
+Sharding (FSDP2 ``fully_shard``): each language-model decoder layer is its own unit, everything else
+(vision tower, projector, embeddings, head) belongs to the root unit. The vision tower is not split into
+units of its own on purpose: a micro-batch without images on one rank would then skip collectives
+the other ranks run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .spec import Hyperparameters, Method
+
+# Linear layers of a Llama-style language model that LoRA adapts.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PROJECTOR = "multi_modal_projector"
+
+
+@dataclass(frozen=True)
+class Precision:
+    # dtype frozen base weights are stored in (trainable ones are always fp32 master weights)
+    frozen_dtype: torch.dtype
+    # dtype matmuls run in (FSDP casts parameters to it; autocast covers the rest)
+    compute_dtype: torch.dtype
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute_dtype != torch.float32
+
+
+def pick_precision(device: torch.device, setting: str, method: Method) -> Precision:
+    """bf16 compute on GPUs (LoRA also keeps the frozen base in bf16: half the memory); fp32 on CPUs."""
+    if setting == "auto":
+        setting = "bf16" if device.type == "cuda" else "fp32"
+    if setting == "fp32":
+        return Precision(torch.float32, torch.float32)
+    if setting != "bf16":
+        raise ValueError(f"unknown precision {setting!r}; use auto, bf16 or fp32")
+    return Precision(torch.bfloat16 if method is Method.LORA else torch.float32, torch.bfloat16)
+
+
+def load_base_model(path: str, dtype: torch.dtype):
+    from dreamframe.models import video_llm
+
+    model = video_llm.load_model(path, device="cpu", dtype=dtype)
+    model.config.use_cache = model.config.text_config.use_cache = False
+    return model
+
+
+def lora_config(hp: Hyperparameters):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=hp.lora_rank,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=LORA_TARGETS,
+        modules_to_save=[PROJECTOR],
+    )
+
+
+def enable_activation_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def make_trainable(model, method: Method, hp: Hyperparameters, precision: Precision):
+    """Freeze what stays frozen, wrap with LoRA if asked; trainable parameters become fp32."""
+    model.requires_grad_(False)
+    if method is Method.LORA:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(hp), autocast_adapter_dtype=True)
+    else:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        getattr(model.model, PROJECTOR).requires_grad_(True)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def shard(
+    model, device: torch.device, world_size: int, precision: Precision, *, compile_layers: bool = False
+):
+    """FSDP2 over all ranks: one unit per language-model decoder layer, the rest in the root unit.
+    ``compile_layers`` compiles each decoder layer (torch.compile fuses its norm/rotary/activation
+    elementwise work; identical layers share one compiled graph)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=torch.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    for name, module in model.named_modules():
+        if type(module).__name__ in layer_classes and "language_model" in name:
+            if compile_layers:
+                module.compile()
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def prepare_model(
+    base,
+    method: Method,
+    hp: Hyperparameters,
+    *,
+    device: torch.device,
+    world_size: int,
+    precision: Precision,
+    compile_layers: bool = False,
+):
+    """Base model (a path, or a model already built) → trainable (LoRA or full) → checkpointed →
+    sharded on ``device`` (decoder layers optionally compiled)."""
+    model = load_base_model(base, precision.frozen_dtype) if isinstance(base, str | Path) else base
+    model.config.use_cache = model.config.text_config.use_cache = False
+    if hp.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model = make_trainable(model, method, hp, precision)
+    model = shard(model, device, world_size, precision, compile_layers=compile_layers)
+    model.train()
+    return model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts (global sizes, also when sharded)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def build_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; no decay on biases and norm weights (1-D parameters)."""
+    params = trainable_parameters(model)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(0.9, 0.999))
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(total_steps * warmup_ratio)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def export_final(
+    path: str,
+    method: Method,
+    hp: Hyperparameters,
+    trainable_state: dict[str, torch.Tensor],
+    processor,
+    dest: Path,
+    *,
+    adapter_dest: Path | None = None,
+) -> None:
+    """The trained model as a plain Hugging Face Llava checkpoint in ``dest`` (LoRA merged into the
+    weights, so ``from_pretrained`` needs nothing else), in the base checkpoint's dtype; with LoRA the
+    adapter alone also goes to ``adapter_dest``. Runs on one process, on CPU."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = load_base_model(path, torch.float32)
+    if method is Method.LORA:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(hp))
+        _load_trainable(model, trainable_state)
+        if adapter_dest is not None:
+            model.save_pretrained(adapter_dest, safe_serialization=True)
+        model = model.merge_and_unload()
+    else:
+        _load_trainable(model, trainable_state)
+    model.config.use_cache = True
+    model.to(dtype).save_pretrained(dest, safe_serialization=True)
+    processor.save_pretrained(dest)
+
+
+def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"trained weights do not fit the model: unexpected {result.unexpected_keys[:5]}")

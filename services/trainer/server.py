@@ -1,0 +1,202 @@
+"""TrainService over gRPC: a thin adapter over ``runs.RunManager``.
+
+Request → validated RunSpec (``spec.build_spec`` names any bad field) → manager → RunStatus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dreamframe.config import Settings, get_settings
+from dreamframe.errors import InvalidArgument
+from dreamframe.logging import configure_logging
+from dreamframe.serving import Registration, serve
+from dreamframe.storage import open_store, to_proto
+from dreamframe.v1 import train_pb2 as pb
+from dreamframe.v1 import train_pb2_grpc
+
+from .run_store import RunRecord, RunState
+from .runs import RunManager
+from .spec import DatasetSource, Method, RunSpec, build_spec, new_run_id
+from .training import Runtime
+
+SERVICE = "trainer"
+
+_METHODS = {pb.TRAIN_METHOD_FULL: Method.FULL, pb.TRAIN_METHOD_LORA: Method.LORA}
+_METHOD_TO_PROTO = {v: k for k, v in _METHODS.items()}
+_STATES = {
+    RunState.QUEUED: pb.RUN_STATE_QUEUED,
+    RunState.RUNNING: pb.RUN_STATE_RUNNING,
+    RunState.SUCCEEDED: pb.RUN_STATE_SUCCEEDED,
+    RunState.FAILED: pb.RUN_STATE_FAILED,
+    RunState.CANCELLED: pb.RUN_STATE_CANCELLED,
+}
+
+
+# --- proto ↔ domain --------------------------------------------------------------------------------
+
+
+def _float32(value: float) -> float:
+    """proto floats are 32-bit: 2e-5 arrives as 1.9999999e-05; keep the digits the caller wrote."""
+    return float(f"{value:.7g}")
+
+
+def hyperparameters_from_proto(msg: pb.TrainHyperparameters) -> dict:
+    values = {}
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
+        values[fd.name] = _float32(value) if fd.type == fd.TYPE_FLOAT else value
+    return values
+
+
+def spec_from_request(request: pb.StartRunRequest, default_base_model: str) -> RunSpec:
+    datasets = [
+        DatasetSource(
+            key=mix.dataset.key,
+            bucket=mix.dataset.bucket,
+            size=mix.dataset.size,
+            sha256=mix.dataset.sha256,
+            weight=_float32(mix.weight),
+        )
+        for mix in request.datasets
+    ]
+    if request.method == pb.TRAIN_METHOD_UNSPECIFIED:
+        method = None
+    elif request.method in _METHODS:
+        method = _METHODS[request.method]
+    else:
+        raise InvalidArgument(f"unknown method {request.method}", field="method")
+    return build_spec(
+        run_id=request.run_id or new_run_id(),
+        job_id=request.job_id,
+        datasets=datasets,
+        base_model=request.base_model or default_base_model,
+        method=method,
+        hyperparameters=hyperparameters_from_proto(request.hyperparameters),
+    )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def status_to_proto(record: RunRecord) -> pb.RunStatus:
+    msg = pb.RunStatus(
+        run_id=record.run_id,
+        job_id=record.spec.job_id,
+        state=_STATES[record.state],
+        step=record.step,
+        total_steps=record.total_steps,
+        epoch=record.epoch,
+        loss=record.loss,
+        learning_rate=record.learning_rate,
+        tokens_per_second=record.tokens_per_second,
+        eta_seconds=record.eta_seconds,
+        samples_seen=record.samples_seen,
+        bad_samples=record.bad_samples,
+        tokens_seen=record.tokens_seen,
+        error=record.error,
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+        final_model_prefix=record.final_model_prefix,
+        base_model=record.spec.base_model,
+        method=_METHOD_TO_PROTO[record.spec.method],
+    )
+    for name in ("checkpoint", "final_model", "metrics"):
+        ref = getattr(record, name)
+        if ref is not None:
+            getattr(msg, name).CopyFrom(to_proto(ref))
+    return msg
+
+
+# --- servicer --------------------------------------------------------------------------------------
+
+
+class TrainServicer(train_pb2_grpc.TrainServiceServicer):
+    def __init__(self, manager: RunManager, default_base_model: str = "tiny") -> None:
+        self.manager = manager
+        self.default_base_model = default_base_model
+
+    async def StartRun(self, request, context):
+        spec = spec_from_request(request, self.default_base_model)
+        record = await self.manager.start_run(spec)
+        return pb.StartRunResponse(run_id=record.run_id)
+
+    async def GetRun(self, request, context):
+        record = await asyncio.to_thread(self.manager.get, request.run_id)
+        return pb.GetRunResponse(run=status_to_proto(record))
+
+    async def ListRuns(self, request, context):
+        return pb.ListRunsResponse(runs=[status_to_proto(r) for r in self.manager.list(request.job_id)])
+
+    async def WatchRun(self, request, context):
+        async for record in self.manager.watch(request.run_id):
+            yield pb.WatchRunResponse(run=status_to_proto(record))
+
+    async def CancelRun(self, request, context):
+        record = await self.manager.cancel(request.run_id)
+        return pb.CancelRunResponse(run=status_to_proto(record))
+
+
+def build_manager(settings: Settings, *, worker_env: dict[str, str] | None = None) -> RunManager:
+    trainer = settings.trainer
+    runtime = Runtime(
+        work_dir=Path(trainer.work_dir).absolute(),
+        model_cache_dir=Path(settings.models.cache_dir).absolute(),
+        model_paths=dict(trainer.model_paths),
+        device=trainer.device,
+        precision=trainer.precision,
+        keep_checkpoints=trainer.keep_checkpoints,
+        compile=trainer.compile,
+    )
+    return RunManager(
+        open_store(settings.storage),
+        runtime,
+        max_concurrent_runs=trainer.max_concurrent_runs,
+        max_attempts=trainer.max_attempts,
+        stop_grace_seconds=trainer.stop_grace_seconds,
+        worker_env=worker_env,
+    )
+
+
+def registration(manager: RunManager, settings: Settings) -> Registration:
+    return Registration.of(
+        pb, train_pb2_grpc.add_TrainServiceServicer_to_server, TrainServicer(manager, settings.trainer.preset)
+    )
+
+
+async def amain(settings: Settings) -> None:
+    manager = build_manager(settings)
+
+    async def ready() -> bool:
+        # Runs live in storage: it must answer, and stored runs must have been picked up.
+        await asyncio.to_thread(lambda: next(iter(manager.store.list("runs/")), None))
+        return manager.ready
+
+    await manager.start()
+    try:
+        await serve(
+            [registration(manager, settings)],
+            settings.server,
+            service_name=SERVICE,
+            readiness=ready,
+            shutdown_hooks=[manager.shutdown],
+        )
+    finally:
+        await manager.shutdown(grace_seconds=10.0)
+        manager.store.close()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The throughput benchmark runs the trainer's step on the CPU with the tiny preset and reports
+consistent figures (the GPU figures in services/trainer/README.md come from the same script)."""
+
+from __future__ import annotations
+
+from test_trainer_support import one_thread, tiny_cache  # noqa: F401
+
+from services.trainer import bench
+
+
+def test_bench_reports_tokens_per_second_and_mfu(one_thread):  # noqa: F811
+    args = bench.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--model-cache-dir",
+            str(tiny_cache()),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--num-frames",
+            "2",
+            "--text-tokens",
+            "20",
+            "--answer-tokens",
+            "8",
+            "--lora-rank",
+            "8",
+        ]
+    )
+    figures = bench.run(args)
+    assert figures["sequence_tokens"] == 1 + 2 * 16 + 20 + 8
+    assert figures["tokens_per_step"] == 2 * figures["sequence_tokens"]
+    assert figures["tokens_per_second"] == figures["tokens_per_step"] / figures["step_seconds_median"]
+    # Counted FLOPs: at least the forward (2 per parameter per token), at most ~forward + full backward.
+    n, t = figures["parameters"], figures["tokens_per_step"]
+    assert 2 * n * t <= figures["model_flops_per_step_per_process"] <= 8 * n * t
+    assert 0 < figures["mfu"] <= 1.5  # a CPU GEMM can beat the 1024³ reference a little
+    report = bench.report(figures)
+    assert "MFU" in report and "tokens/s" in report
