@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
         resolution=args.resolution,
         gradient_accumulation_steps=args.accumulation,
         checkpoint_every=0,
-        compile=args.compile,
+        compile=bool(args.compile),
+        compile_mode=args.compile or "reduce-overhead",
         gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = TextualInversion(pipes, "Dramatic", options)
@@ -198,7 +199,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resolution", type=int, default=None, help="crop side (default 768, or the model's)"
     )
     parser.add_argument("--accumulation", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="reduce-overhead",
+        default="",
+        choices=["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile the UNet (mode; bare --compile: reduce-overhead, CUDA graphs)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
         "--gemm-size", type=int, default=None, help="GEMM side for the floor (8192 GPU, 1024 CPU)"

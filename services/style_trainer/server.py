@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import Settings, StyleSettings, get_settings
-from dreamframe.logging import configure_logging
-from dreamframe.serving import Registration, serve
+from dreamframe.config import Settings, StyleSettings
+from dreamframe.serving import Done, Registration, ThreadJobs, run_service, serve, stream_from_thread
 from dreamframe.storage import from_proto, open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
@@ -51,6 +50,8 @@ def options_from_proto(options: style_pb2.StyleOptions, settings: StyleSettings)
             resolution=pick(options.resolution, None),
             seed=options.seed,
             checkpoint_every=pick(options.checkpoint_every, settings.checkpoint_every),
+            compile=settings.compile,
+            compile_mode=settings.compile_mode,
         ),
         images=ImageOptions(
             num_images=pick(options.num_style_images, images.num_images),
@@ -115,49 +116,29 @@ class StyleServicer(style_pb2_grpc.StyleServiceServicer):
     def __init__(self, trainer: StyleTrainer, settings: StyleSettings) -> None:
         self.trainer = trainer
         self.settings = settings
-        self._stops: set[threading.Event] = set()
-        self._running: set[asyncio.Task[None]] = set()
+        # A training outlives an abandoned RPC until it has checkpointed.
+        self._running = ThreadJobs()
 
     async def TrainStyle(
         self, request: style_pb2.TrainStyleRequest, context: object
     ) -> AsyncIterator[style_pb2.TrainStyleResponse]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StyleProgress] = asyncio.Queue()
-        stop = threading.Event()
-
-        def work() -> None:
+        def train(emit: Callable[[StyleProgress], None], stop: threading.Event) -> None:
             domain_request = request_from_proto(request, self.trainer.store, self.settings)
             for event in self.trainer.train(domain_request, should_stop=stop.is_set):
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                emit(event)
 
-        task = asyncio.create_task(asyncio.to_thread(work), name=f"train-style-{request.job_id}")
-        # The thread outlives an abandoned RPC until it has checkpointed: keep the task referenced.
-        self._running.add(task)
-        self._stops.add(stop)
-        task.add_done_callback(self._running.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        try:
-            while True:
-                next_event = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
-                if next_event in done:
-                    yield progress_to_proto(next_event.result())
-                    continue
-                next_event.cancel()
-                break
-            while not events.empty():
-                yield progress_to_proto(events.get_nowait())
-            task.result()  # the training's error, mapped to a status by serving
-        finally:
-            stop.set()  # the caller left (or we are done): a running training checkpoints and stops
-            self._stops.discard(stop)
+        # When the caller leaves (or all is done) a running training checkpoints and stops; its error is
+        # raised here, mapped to a status by serving.
+        async for event in stream_from_thread(
+            train, name=f"train-style-{request.job_id}", keep=self._running
+        ):
+            if not isinstance(event, Done):
+                yield progress_to_proto(event)
 
     async def shutdown(self) -> None:
         """Shutdown hook: ask every training to checkpoint and stop, and wait for them."""
-        for stop in list(self._stops):
-            stop.set()
-        if self._running:
-            await asyncio.wait(list(self._running))
+        self._running.stop_all()
+        await self._running.wait_idle()
 
 
 def build(settings: Settings) -> tuple[StyleTrainer, StyleServicer]:
@@ -202,9 +183,7 @@ async def amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    run_service(amain)
 
 
 if __name__ == "__main__":

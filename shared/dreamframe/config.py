@@ -137,6 +137,11 @@ class StyleSettings(BaseModel):
     preload: bool = True
     # Save a resumable checkpoint every N optimizer steps when the request leaves it at 0.
     checkpoint_every: int = Field(50, ge=0)
+    # torch.compile the UNet for training (GPU): minutes once per process, ~2.5x faster passes after.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "reduce-overhead"
+    )
 
 
 class RendererSettings(BaseModel):
