@@ -50,8 +50,16 @@ class Cluster:
     def process(self, name: str) -> local.Process:
         return next(p for p in self.processes if p.name == name)
 
-    def log(self, name: str) -> str:
-        return Path(self.process(name).log).read_text(errors="replace")
+    def finished_rpcs(self, name: str, method: str) -> int:
+        """How many calls of ``method`` the service's access log recorded (JSON lines)."""
+        count = 0
+        for line in Path(self.process(name).log).read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            count += entry.get("event") == "rpc finished" and entry.get("method", "").endswith(method)
+        return count
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +185,12 @@ def test_whole_job_survives_a_dead_renderer_and_a_coordinator_restart(cluster):
     assert pngs == [keys.frame_key(job.job_id, 0, i) for i in range(story.frame_count)]
     for frame in listing["frames"]:
         assert store.stat(frame["key"]).sha256 == frame["sha256"], "frame file changed after it was reported"
-    # Finished stages were not redone after the coordinator restart.
-    plot_calls = cluster.log("plot-llm").count("PlotService/GenerateStory")
-    style_calls = cluster.log("style-trainer").count("StyleService/TrainStyle")
+    # The restarted coordinator picked the job up from storage...
+    coordinator_log = Path(cluster.process("coordinator").log).read_text(errors="replace")
+    assert f"resuming job {job.job_id}" in coordinator_log
+    # ...and finished stages were not redone.
+    plot_calls = cluster.finished_rpcs("plot-llm", "PlotService/GenerateStory")
+    style_calls = cluster.finished_rpcs("style-trainer", "StyleService/TrainStyle")
     assert plot_calls == 1 and style_calls == 1, (plot_calls, style_calls)
     # Every output the job names is there.
     outputs = {n.name for s in done.stages for n in s.outputs} | {n.name for n in done.outputs}
