@@ -251,4 +251,3 @@ def test_bad_submissions_are_invalid_argument_naming_the_field(cluster, mutate, 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field), info.value.details()
     assert error_detail_from(info.value).field.startswith(field)
-

@@ -11,10 +11,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ["coordinator", "plot_llm", "style_trainer", "keyframe_renderer", "qa_generator", "trainer", "evaluator"]
+SERVICES = [
+    "coordinator",
+    "plot_llm",
+    "style_trainer",
+    "keyframe_renderer",
+    "qa_generator",
+    "trainer",
+    "evaluator",
+]
 GPU = {"plot_llm", "style_trainer", "keyframe_renderer", "trainer", "evaluator"}
-EXTRA = {"coordinator": "coordinator", "plot_llm": "plot", "style_trainer": "style", "keyframe_renderer": "renderer",
-         "qa_generator": "qa", "trainer": "trainer", "evaluator": "evaluator"}
+EXTRA = {
+    "coordinator": "coordinator",
+    "plot_llm": "plot",
+    "style_trainer": "style",
+    "keyframe_renderer": "renderer",
+    "qa_generator": "qa",
+    "trainer": "trainer",
+    "evaluator": "evaluator",
+}
 
 
 def hadolint() -> str:
@@ -42,7 +57,10 @@ def test_dockerfile_is_clean_and_minimal(service):
 def test_make_images_builds_each_service_with_its_dockerfile():
     out = subprocess.run(
         ["make", "-n", "images", "CONTAINER=podman", "VERSION=9.9.9", "REGISTRY=reg.example/team"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert 'ref="reg.example/team/dreamframe/$name:9.9.9"' in out
     for service in SERVICES:

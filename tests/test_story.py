@@ -26,11 +26,15 @@ def reference_file() -> dict:
     """A reference story file as the reference pipeline writes it (frames already resolved)."""
     frames = [
         "generate an image in Dramatic style: at the harbour, a man looks like Tom Hanks in blue is standing",
-        "generate an image in Dramatic style: at the harbour, a man looks like Tom Hanks in blue is looking at the sea",
+        "generate an image in Dramatic style: at the harbour, a man looks like Tom Hanks in blue "
+        "is looking at the sea",
     ]
     return {
         "overview": "A fisherman waits for a storm.",
-        "character": {"Tom": "a man looks like Tom Hanks in blue", "Ann": "a woman looks like Meryl Streep in red"},
+        "character": {
+            "Tom": "a man looks like Tom Hanks in blue",
+            "Ann": "a woman looks like Meryl Streep in red",
+        },
         "img_diag": [
             ["frame", frames[0]],
             ["dialogue", "Tom: The wind is turning."],
@@ -51,7 +55,9 @@ def native_story() -> Story:
             items=[
                 StoryItem(kind="frame", text=f"at the pier, Tom is walking ({n})"),
                 StoryItem(kind="dialogue", text="Tom: Hello."),
-                StoryItem(kind="frame", text=f"generate an image in Noir style: at the bar, Tommy is sitting ({n})"),
+                StoryItem(
+                    kind="frame", text=f"generate an image in Noir style: at the bar, Tommy is sitting ({n})"
+                ),
             ],
             qa=[QA(question=f"What does Tom do in {n}?", answer="He walks.", kind="what")],
         )
@@ -66,7 +72,12 @@ def native_story() -> Story:
         characters=[TOM, TOMMY],
         qa=[QA(question="Who is the detective?", answer="Tom.")],
         substories=[
-            Substory(scene="pier", content="s0", qa=[QA(question="Where?", answer="Pier.")], tiny_stories=[tiny(0), tiny(1)]),
+            Substory(
+                scene="pier",
+                content="s0",
+                qa=[QA(question="Where?", answer="Pier.")],
+                tiny_stories=[tiny(0), tiny(1)],
+            ),
             Substory(scene="bar", content="s1", tiny_stories=[tiny(2)]),
         ],
     )
@@ -106,8 +117,14 @@ def test_native_round_trip_and_traversal():
 def test_export_resolves_names_and_style_prefix():
     ref = native_story().to_reference()
     frames = [text for kind, text in ref["img_diag"] if kind == "frame"]
-    assert frames[0] == "generate an image in Noir style: at the pier, a man looks like Tom Hanks in blue is walking (0)"
-    assert frames[1] == "generate an image in Noir style: at the bar, a boy looks like Tom Holland in red is sitting (0)"
+    assert (
+        frames[0]
+        == "generate an image in Noir style: at the pier, a man looks like Tom Hanks in blue is walking (0)"
+    )
+    assert (
+        frames[1]
+        == "generate an image in Noir style: at the bar, a boy looks like Tom Holland in red is sitting (0)"
+    )
     assert all(f.startswith("generate an image in Noir style: ") for f in frames)
     # dialogues keep names; characters map in order
     assert ["dialogue", "Tom: Hello."] in ref["img_diag"]
@@ -129,20 +146,41 @@ def test_name_replacement_is_single_pass_and_whole_word():
     [
         ("{not json", "story", "not valid JSON"),
         ("[1, 2]", "story", "JSON object"),
-        ('{"overview": "o", "character": {}, "img_diag": [["frme", "x"]], "QA": []}', "story.img_diag.0.0", "frame"),
+        (
+            '{"overview": "o", "character": {}, "img_diag": [["frme", "x"]], "QA": []}',
+            "story.img_diag.0.0",
+            "frame",
+        ),
         ('{"overview": "o", "character": {}, "img_diag": [["frame"]], "QA": []}', "story.img_diag.0.1", ""),
-        ('{"overview": "o", "character": {}, "img_diag": [], "QA": [{"Question": "q"}]}', "story.QA.0.Answer", "required"),
-        ('{"overview": "o", "character": {}, "img_diag": [], "QA": [], "extra": 1}', "story.extra", "not permitted"),
+        (
+            '{"overview": "o", "character": {}, "img_diag": [], "QA": [{"Question": "q"}]}',
+            "story.QA.0.Answer",
+            "required",
+        ),
+        (
+            '{"overview": "o", "character": {}, "img_diag": [], "QA": [], "extra": 1}',
+            "story.extra",
+            "not permitted",
+        ),
         ('{"character": {}, "img_diag": [], "QA": []}', "story.overview", "required"),
-        ('{"overview": "o", "substories": [{"qa": [{"question": " ", "answer": "a"}]}]}', "story.substories.0.qa.0.question", "empty"),
+        (
+            '{"overview": "o", "substories": [{"qa": [{"question": " ", "answer": "a"}]}]}',
+            "story.substories.0.qa.0.question",
+            "empty",
+        ),
         ('{"overview": "o", "schema_version": 9}', "story.schema_version", "unsupported"),
         (
-            '{"overview": "o", "characters": [{"name": "A", "appearance": "x"}, {"name": "A", "appearance": "y"}]}',
+            '{"overview": "o", "characters": [{"name": "A", "appearance": "x"}, '
+            '{"name": "A", "appearance": "y"}]}',
             "story.characters",
             "twice",
         ),
-        ('{"overview": "o", "substories": [{"tiny_stories": [{"items": [{"kind": "dialogue", "text": "a", "prompt": "p"}]}]}]}',
-         "story.substories.0.tiny_stories.0.items.0", "only frames"),
+        (
+            '{"overview": "o", "substories": [{"tiny_stories": [{"items": '
+            '[{"kind": "dialogue", "text": "a", "prompt": "p"}]}]}]}',
+            "story.substories.0.tiny_stories.0.items.0",
+            "only frames",
+        ),
     ],
 )
 def test_malformed_stories_name_the_field(payload, field, words):

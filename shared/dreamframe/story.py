@@ -174,7 +174,8 @@ class Story(_Model):
         tiny story, and its QA the story's QA, so exporting gives back the same file."""
         ref = _validated(ReferenceStory, _load_json(data, "story"), "story")
         items = [
-            StoryItem(kind=kind, text=text, prompt=text if kind == "frame" else None) for kind, text in ref.img_diag
+            StoryItem(kind=kind, text=text, prompt=text if kind == "frame" else None)
+            for kind, text in ref.img_diag
         ]
         keyword = ""
         for kind, text in ref.img_diag:
@@ -261,7 +262,9 @@ def _load_json(data: dict[str, Any] | str | bytes, field: str) -> dict[str, Any]
     try:
         obj = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", field=field) from None
+        raise InvalidArgument(
+            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", field=field
+        ) from None
     except UnicodeDecodeError:
         raise InvalidArgument("not UTF-8 text", field=field) from None
     if not isinstance(obj, dict):

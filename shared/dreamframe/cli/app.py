@@ -435,5 +435,6 @@ def _print_results(job: pb.Job, where: dict[str, Path], seconds: float) -> None:
         console.print(f"  [bold]{name:<16}[/]{shown}", soft_wrap=True)
         console.print(f"  {'':<16}[dim]{what}[/]")
 
+
 if __name__ == "__main__":
     app()
