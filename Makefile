@@ -18,10 +18,11 @@ IMAGES := coordinator:coordinator plot_llm:plot-llm style_trainer:style-trainer 
 	keyframe_renderer:keyframe-renderer qa_generator:qa-generator trainer:trainer evaluator:evaluator
 RELEASE ?= dreamframe
 NAMESPACE ?= dreamframe
-VALUES ?= deploy/values-production.yaml
+ENV ?= gpu
+VALUES ?= deploy/values-$(ENV).yaml
 DRY_RUN ?=
 
-.PHONY: help install proto lint test run deploy images push bench clean
+.PHONY: help install proto lint test run deploy images push bench bench-render clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -57,10 +58,14 @@ lint: proto  ## buf lint + format check, ruff, hadolint, helm lint
 test: proto  ## the whole test suite, offline
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-run: proto  ## (coming: issue 10) start every service locally and run one whole job
-	@echo "make run: the coordinator and the services are not built yet (issue 10)." >&2; exit 2
+run: proto  ## start every service locally (tiny models; PRESET=sdxl for real ones), run one whole job, show the results
+	HF_HUB_OFFLINE=$(if $(filter tiny,$(PRESET)),1,$${HF_HUB_OFFLINE:-0}) $(VENV)/bin/dreamframe run --preset $(PRESET)
 
 BENCH_OUT ?= bench-results
+bench-render: proto  ## the keyframe renderer's benchmark alone (BENCH_ARGS=... passes options)
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m services.keyframe_renderer.bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
 bench: proto  ## renderer, style-trainer and trainer benchmarks on this machine's GPU (tiny presets on a CPU)
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m services.keyframe_renderer.bench --out $(BENCH_OUT)
@@ -78,10 +83,10 @@ push: images  ## push every image to REGISTRY
 	@set -e; for pair in $(IMAGES); do name=$${pair##*:}; \
 		$(CONTAINER) push "$(REGISTRY)/dreamframe/$$name:$(VERSION)"; done
 
-deploy: install proto  ## helm upgrade --install onto the current kubectl context (VALUES=, NAMESPACE=, DRY_RUN=client)
+deploy: install proto  ## helm upgrade --install --wait onto the current kubectl context (ENV=dev|gpu, DRY_RUN=client)
 	$(VENV)/bin/dreamframe deploy --release $(RELEASE) --namespace $(NAMESPACE) -f $(VALUES) \
 		--set global.imageTag=$(VERSION) $(if $(REGISTRY),--set global.imageRegistry=$(REGISTRY)) \
-		$(if $(DRY_RUN),--dry-run $(DRY_RUN))
+		$(if $(DRY_RUN),--dry-run $(DRY_RUN),--wait)
 
 clean:  ## remove generated code and caches (keeps .venv)
 	rm -rf $(PROTO_OUT) .pytest_cache build *.egg-info

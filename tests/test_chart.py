@@ -13,6 +13,8 @@ import yaml
 CHART = Path(__file__).resolve().parents[1] / "charts" / "dreamframe"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S_VERSION = "1.31.0"
+# The chart's kubeVersion is >=1.27 (native gRPC probes are GA there); check the oldest and newest too.
+K8S_VERSIONS = ("1.27.0", "1.31.0", "1.37.0")
 GPU_SERVICES = {"style-trainer", "keyframe-renderer", "trainer", "evaluator"}
 
 
@@ -60,8 +62,9 @@ def test_lint_is_clean():
 def test_every_manifest_validates_strictly(values):
     docs = render(values)
     assert docs
-    for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_each_service_has_deployment_service_and_grpc_probes():
@@ -103,6 +106,29 @@ def test_each_service_has_deployment_service_and_grpc_probes():
         coordinator_env["DREAMFRAME_COORDINATOR__KUBERNETES__RENDERER_DEPLOYMENT"]
         == "dreamframe-keyframe-renderer"
     )
+
+
+def test_secrets_never_land_in_config_maps():
+    secret_values = {
+        "s3SecretKey": "s3-secret-value",
+        "llmApiKey": "llm-key-value",
+        "judgeApiKey": "judge-key-value",
+        "authTokens": "caller-token-1,caller-token-2",
+    }
+    docs = render(
+        {
+            "minio": {"enabled": False},
+            "config": {"storage": {"endpoint": "s3.example.com:443"}},
+            "secrets": secret_values,
+        }
+    )
+    config_maps = yaml.safe_dump([d for d in docs if d["kind"] == "ConfigMap"])
+    deployments = yaml.safe_dump([d for d in docs if d["kind"] == "Deployment"])
+    secret = by_kind(docs, "Secret")["dreamframe-secrets"]["stringData"]
+    for value in ("s3-secret-value", "llm-key-value", "judge-key-value", "caller-token-1"):
+        assert value not in config_maps and value not in deployments
+        assert value in " ".join(secret.values())
+    assert secret["client-token"] == "caller-token-1"
 
 
 def test_config_values_use_dreamframe_settings_names():
@@ -226,7 +252,7 @@ def test_deploy_is_a_helm_upgrade_install_through_the_go_sdk(tmp_path):
     from dreamframe.cli.deploy import collect_values, deploy
     from dreamframe.errors import InvalidArgument
 
-    values = collect_values([DEPLOY / "values-production.yaml"], ["global.imageTag=1.2.3"])
+    values = collect_values([DEPLOY / "values-gpu.yaml"], ["global.imageTag=1.2.3"])
     manifest = deploy("dreamframe", "prod", values, dry_run="client")
     docs = [d for d in yaml.safe_load_all(manifest) if d]
     images = {
@@ -247,3 +273,13 @@ def test_deploy_is_a_helm_upgrade_install_through_the_go_sdk(tmp_path):
     with pytest.raises(InvalidArgument) as info:
         deploy("dreamframe", "prod", collect_values([bad], []), dry_run="client")
     assert "/services/trainer/gpu" in str(info.value)
+
+
+def test_deploy_without_a_kube_context_says_so(tmp_path, monkeypatch):
+    from dreamframe.cli.deploy import deploy
+    from dreamframe.errors import FailedPrecondition
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(FailedPrecondition) as info:
+        deploy("dreamframe", "dev", {}, dry_run=None)
+    assert "kubectl config use-context" in str(info.value)

@@ -274,7 +274,7 @@ async def train(ctx: JobContext) -> None:
     request.CopyFrom(spec)
     request.run_id = request.run_id or f"{ctx.job.job_id}-train"
     request.job_id = ctx.job.job_id
-    request.base_model = request.base_model or "tiny"
+    request.base_model = request.base_model or ctx.settings.train_base_model
     manifest = ctx.output(pb.STAGE_DATASET, "manifest")
     if manifest is not None:
         request.datasets.insert(0, train_pb2.DatasetMix(dataset=manifest, weight=1.0))
@@ -314,7 +314,7 @@ async def evaluate(ctx: JobContext) -> None:
     if model is not None:
         prefix = model.key.rsplit("/", 1)[0] + "/"
         # The paper's comparison: the fine-tuned model side by side with the model it started from.
-        base = ctx.job.spec.train.base_model or "tiny"
+        base = ctx.job.spec.train.base_model or ctx.settings.train_base_model
         request.models.insert(0, eval_pb2.ModelSpec(name="dreamframe", checkpoint_prefix=prefix))
         request.models.insert(0, eval_pb2.ModelSpec(name="base", preset=base))  # first = the baseline
     if not request.benchmarks:

@@ -267,6 +267,8 @@ class CoordinatorSettings(BaseModel):
     render_parallelism: int = Field(2, ge=1)
     # Stories of one job worked on at once (plot, style, render per story).
     story_parallelism: int = Field(4, ge=1)
+    # The model a job's training starts from when its spec names none (a trainer preset or path).
+    train_base_model: str = "tiny"
     # How often job progress is written to storage while a stage runs (transitions always are).
     persist_interval_seconds: float = Field(2.0, ge=0)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)

@@ -37,6 +37,26 @@ err = Console(stderr=True)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_JOB = REPO_ROOT / "deploy" / "local" / "tiny-job.json"
 STAGE_NAMES = ["plot", "style", "render", "dataset", "train", "eval"]
+PRESETS = {
+    "tiny": {
+        "DREAMFRAME_PLOT__BACKEND": "local",
+        "DREAMFRAME_PLOT__MODEL": "tiny",
+        "DREAMFRAME_STYLE__PRESET": "tiny",
+        "DREAMFRAME_RENDERER__PRESET": "tiny",
+        "DREAMFRAME_TRAINER__PRESET": "tiny",
+        "DREAMFRAME_COORDINATOR__TRAIN_BASE_MODEL": "tiny",
+    },
+    # The plot LLM comes from an OpenAI-compatible endpoint: set DREAMFRAME_PLOT__BASE_URL/API_KEY/MODEL.
+    "sdxl": {
+        "DREAMFRAME_PLOT__BACKEND": "openai",
+        "DREAMFRAME_STYLE__PRESET": "sdxl",
+        "DREAMFRAME_RENDERER__PRESET": "sdxl",
+        "DREAMFRAME_TRAINER__PRESET": "llava-1.5-7b",
+        "DREAMFRAME_COORDINATOR__TRAIN_BASE_MODEL": "llava-1.5-7b",
+        "DREAMFRAME_STYLE__COMPILE": "true",
+        "DREAMFRAME_RENDERER__COMPILE": "true",
+    },
+}
 
 
 def _settings() -> Settings:
@@ -75,12 +95,12 @@ def _local_env(settings: Settings, preset: str) -> dict[str, str]:
         "DREAMFRAME_MODELS__CACHE_DIR": str(settings.models.cache_dir.resolve()),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1" if preset == "tiny" else "0"),
     }
-    for section in ("STYLE", "RENDERER", "TRAINER"):
-        env.setdefault(
-            f"DREAMFRAME_{section}__PRESET", os.environ.get(f"DREAMFRAME_{section}__PRESET", preset)
-        )
-    if preset == "tiny":
-        env["DREAMFRAME_PLOT__MODEL"] = os.environ.get("DREAMFRAME_PLOT__MODEL", "tiny")
+    # One word picks every service's model: tiny (random, CPU) or the real ones (GPU).
+    presets = PRESETS.get(preset)
+    if presets is None:
+        raise _fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", 2)
+    for variable, value in presets.items():
+        env[variable] = os.environ.get(variable, value)
     state.mkdir(parents=True, exist_ok=True)
     return env
 

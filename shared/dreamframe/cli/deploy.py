@@ -23,8 +23,18 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _helm():
+    try:
+        import helm_python
+    except ImportError:  # pragma: no cover - the dev/deploy install carries it
+        raise FailedPrecondition(
+            "Helm's Go SDK (helm-python-sdk) is not installed: run `make install`", field="helm"
+        ) from None
+    return helm_python
+
+
 def collect_values(values_files: list[Path], sets: list[str]) -> dict[str, Any]:
-    import helm_python as helm
+    helm = _helm()
 
     values: dict[str, Any] = {}
     for path in values_files:
@@ -38,6 +48,27 @@ def collect_values(values_files: list[Path], sets: list[str]) -> dict[str, Any]:
     return values
 
 
+def has_kube_context(kube_context: str | None = None) -> bool:
+    """A kubeconfig to use (KUBECONFIG or ~/.kube/config with a current or named context), or a pod's
+    service account."""
+    import os
+
+    if Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists():
+        return True
+    paths = [Path(p) for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p] or [
+        Path.home() / ".kube" / "config"
+    ]
+    for path in paths:
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        names = {c.get("name") for c in config.get("contexts") or []}
+        if (kube_context or config.get("current-context")) in names:
+            return True
+    return False
+
+
 def deploy(
     release: str,
     namespace: str,
@@ -49,8 +80,14 @@ def deploy(
     timeout: int = 900,
 ) -> str:
     """Upgrade ``release`` (installing it when absent); returns the rendered manifest."""
-    import helm_python as helm
+    helm = _helm()
 
+    if dry_run != "client" and not has_kube_context(kube_context):
+        raise FailedPrecondition(
+            "no Kubernetes context: point KUBECONFIG at your cluster's kubeconfig or run "
+            "`kubectl config use-context <name>` (DRY_RUN=client renders without a cluster)",
+            field="kube_context",
+        )
     helm.validate_release_name(release)
     with helm.Chart.load(CHART) as chart:
         try:
