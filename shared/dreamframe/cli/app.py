@@ -420,7 +420,7 @@ def run(
     settings = _settings()
     spec = spec or (TINY_JOB if preset == "tiny" else None)
     started = time.monotonic()
-    up(preset=preset, renderers=renderers, timeout=900)
+    up(preset=preset, renderers=renderers, gpus=0, timeout=900)
     try:
         request = pb.SubmitJobRequest(spec=_build_spec(settings, [theme], [], None, spec, "make run"))
         job = _call(lambda: _stub(settings).SubmitJob(request)).job

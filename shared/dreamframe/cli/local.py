@@ -61,22 +61,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_services(
-    state_dir: Path,
-    *,
-    env: dict[str, str],
-    renderers: int = 1,
-    base_port: int | None = None,
-) -> list[Process]:
-    """Start all services (``renderers`` keyframe-renderer replicas) and return their records."""
-    running = [p for p in read_state(state_dir) if _alive(p.pid)]
-    if running:
-        names = ", ".join(p.name for p in running)
-        raise RuntimeError(f"services already running ({names}); run `dreamframe down` first")
-    logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Planned:
+    name: str
+    module: str
+    port: int
+    env: dict[str, str]
+
+
+def service_plan(
+    *, renderers: int = 1, base_port: int | None = None, gpus: int = 0
+) -> tuple[list[Planned], dict[str, str]]:
+    """Which processes to start on which ports, and the addresses the coordinator is given."""
     offset = (base_port - 50060) if base_port else 0
-    plan: list[tuple[str, str, int]] = []
+    plan: list[Planned] = []
     renderer_ports = []
     for name, (module, port) in SERVICES.items():
         port += offset
@@ -84,9 +82,10 @@ def start_services(
             for r in range(renderers):
                 p = port if r == 0 else 50070 + offset + r
                 renderer_ports.append(p)
-                plan.append((name if r == 0 else f"{name}-{r}", module, p))
+                pinned = {"CUDA_VISIBLE_DEVICES": str(r % gpus)} if gpus > 0 else {}
+                plan.append(Planned(name if r == 0 else f"{name}-{r}", module, p, pinned))
         else:
-            plan.append((name, module, port))
+            plan.append(Planned(name, module, port, {}))
     addresses = {
         "DREAMFRAME_COORDINATOR__PLOT_ADDRESS": f"{HOST}:{50061 + offset}",
         "DREAMFRAME_COORDINATOR__STYLE_ADDRESS": f"{HOST}:{50062 + offset}",
@@ -95,13 +94,37 @@ def start_services(
         "DREAMFRAME_COORDINATOR__TRAINER_ADDRESS": f"{HOST}:{50065 + offset}",
         "DREAMFRAME_COORDINATOR__EVALUATOR_ADDRESS": f"{HOST}:{50066 + offset}",
     }
+    return plan, addresses
+
+
+def start_services(
+    state_dir: Path,
+    *,
+    env: dict[str, str],
+    renderers: int = 1,
+    base_port: int | None = None,
+    gpus: int = 0,
+) -> list[Process]:
+    """Start all services (``renderers`` keyframe-renderer replicas) and return their records.
+
+    With ``gpus`` > 0 each renderer replica sees one GPU (replica r gets GPU r mod gpus), so N replicas
+    on an N-GPU machine render in parallel instead of sharing the first card."""
+    running = [p for p in read_state(state_dir) if _alive(p.pid)]
+    if running:
+        names = ", ".join(p.name for p in running)
+        raise RuntimeError(f"services already running ({names}); run `dreamframe down` first")
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    plan, addresses = service_plan(renderers=renderers, base_port=base_port, gpus=gpus)
     processes = []
-    for name, module, port in plan:
+    for planned in plan:
+        name, module, port, extra = planned.name, planned.module, planned.port, planned.env
         log_path = logs / f"{name}.log"
         child_env = {
             **os.environ,
             **env,
             **addresses,
+            **extra,
             "DREAMFRAME_SERVER__HOST": HOST,
             "DREAMFRAME_SERVER__PORT": str(port),
             "DREAMFRAME_SERVER__METRICS_PORT": "0",
