@@ -19,8 +19,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from PIL import Image
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.models import build_once
 from dreamframe.storage.base import ObjectStore
 
 from .extract import mvbench_letter, option_letters
@@ -173,23 +172,19 @@ def download_checkpoint(
     """The checkpoint's files in a local folder named by its identity; downloaded once into a temp
     folder and renamed, so a crash never leaves a half checkpoint that a later run would load."""
     prefix = prefix.rstrip("/") + "/"
-    target = Path(work_dir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:24]
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
+
+    def download(tmp: Path) -> None:
         for key in keys:
             dest = tmp / key[len(prefix) :]
             dest.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(key, dest, bucket=bucket)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(
+        Path(work_dir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:24],
+        download,
+        complete=Path.is_dir,
+        tmp_prefix=".download-",
+    )
 
 
 def load_checkpoint_model(path: str | Path, identity: str, *, device: str = "auto") -> CheckpointModel:

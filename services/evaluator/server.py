@@ -11,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import EvaluatorSettings, Settings, get_settings
-from dreamframe.logging import configure_logging
-from dreamframe.serving import Registration, serve
+from dreamframe.config import EvaluatorSettings, Settings
+from dreamframe.serving import (
+    Done,
+    Registration,
+    ThreadJobs,
+    progress_to_proto,
+    run_service,
+    serve,
+    stream_from_thread,
+)
 from dreamframe.storage import open_store, to_proto
 from dreamframe.storage.base import ObjectStore
-from dreamframe.v1 import common_pb2, eval_pb2, eval_pb2_grpc
+from dreamframe.v1 import eval_pb2, eval_pb2_grpc
 
 from .benchmarks import STYLE_CONSISTENCY
 from .evaluate import (
@@ -83,18 +90,6 @@ def request_from_proto(request: eval_pb2.EvaluateRequest) -> EvaluateRequest:
     )
 
 
-def progress_to_proto(progress: Progress) -> common_pb2.Progress:
-    return common_pb2.Progress(
-        unit=progress.unit,
-        done=progress.done,
-        total=progress.total,
-        current_item=progress.current_item,
-        elapsed_seconds=progress.elapsed_seconds,
-        eta_seconds=progress.eta_seconds,
-        message=progress.message,
-    )
-
-
 def result_to_proto(result: EvaluateResult) -> eval_pb2.EvaluateResult:
     return eval_pb2.EvaluateResult(
         report_json=to_proto(result.report_json),
@@ -122,42 +117,26 @@ class EvalServicer(eval_pb2_grpc.EvalServiceServicer):
         # bound on evaluations at once (each holds a model on the GPU).
         self._report_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slots = asyncio.Semaphore(settings.max_concurrent_evaluations)
-        self._running: set[asyncio.Task[None]] = set()
+        # Evaluations outlive their RPC when the caller leaves, until they stop at their next item.
+        self._running = ThreadJobs()
 
     async def Evaluate(  # noqa: N802 - the RPC's name
         self, request: eval_pb2.EvaluateRequest, context: object
     ) -> AsyncIterator[eval_pb2.EvaluateResponse]:
         domain_request = request_from_proto(request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Progress | EvaluateResult] = asyncio.Queue()
-        stop = threading.Event()
 
-        def work() -> None:
+        def evaluate(emit: Callable[[Progress | EvaluateResult], None], stop: threading.Event) -> None:
             for message in self.evaluator.evaluate(domain_request, should_stop=stop.is_set):
-                loop.call_soon_threadsafe(events.put_nowait, message)
+                emit(message)
 
-        async def run() -> None:
-            async with self._report_locks[domain_request.report_name], self._slots:
-                await asyncio.to_thread(work)
-
-        task = asyncio.create_task(run(), name=f"evaluate-{domain_request.report_name}")
-        # The thread outlives this RPC when the caller leaves: keep the task referenced until it ends.
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        try:
-            while True:
-                next_event = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
-                if next_event not in done:
-                    next_event.cancel()
-                    break
-                yield _response(next_event.result())
-            while not events.empty():
-                yield _response(events.get_nowait())
-            task.result()  # raises the evaluation's error, which serving maps to a status
-        finally:
-            stop.set()
+        async for message in stream_from_thread(
+            evaluate,
+            name=f"evaluate-{domain_request.report_name}",
+            keep=self._running,
+            hold=(self._report_locks[domain_request.report_name], self._slots),
+        ):
+            if not isinstance(message, Done):
+                yield _response(message)
 
 
 def _response(message: Progress | EvaluateResult) -> eval_pb2.EvaluateResponse:
@@ -189,9 +168,7 @@ async def amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    run_service(amain)
 
 
 def _kind_name(value: int) -> str:

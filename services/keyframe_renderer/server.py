@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from dreamframe.config import Settings, get_settings
-from dreamframe.logging import configure_logging
-from dreamframe.serving import GrpcServer, Registration
+from dreamframe.config import Settings
+from dreamframe.serving import (
+    Done,
+    GrpcServer,
+    Registration,
+    ThreadJobs,
+    progress_to_proto,
+    run_service,
+    stream_from_thread,
+)
 from dreamframe.storage import from_proto, open_store, to_proto
 from dreamframe.v1 import common_pb2, render_pb2, render_pb2_grpc
 
 from .options import FrameSelection, RenderOptions
-from .renderer import Progress, Renderer, RenderEvent, RenderRequest
+from .renderer import Renderer, RenderEvent, RenderRequest
 
 SERVICE = "keyframe-renderer"
 
@@ -69,20 +76,8 @@ def request_from_proto(request: render_pb2.RenderFramesRequest) -> RenderRequest
     )
 
 
-def progress_to_proto(progress: Progress) -> common_pb2.Progress:
-    return common_pb2.Progress(
-        unit="frames",
-        done=progress.done,
-        total=progress.total,
-        current_item=progress.current_item,
-        elapsed_seconds=progress.elapsed_seconds,
-        eta_seconds=progress.eta_seconds,
-        message=progress.message,
-    )
-
-
 def event_to_proto(event: RenderEvent) -> render_pb2.RenderFramesResponse:
-    response = render_pb2.RenderFramesResponse(progress=progress_to_proto(event.progress))
+    response = render_pb2.RenderFramesResponse(progress=progress_to_proto(event.progress, unit="frames"))
     if event.frame is not None:
         f = event.frame
         response.frame.CopyFrom(
@@ -145,70 +140,37 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     def __init__(self, renderer: Renderer, metrics: RendererMetrics | None = None) -> None:
         self.renderer = renderer
         self.metrics = metrics or RendererMetrics()
-        self._stops: set[threading.Event] = set()
-        self._threads: set[threading.Thread] = set()
+        self._running = ThreadJobs()
 
     async def RenderFrames(  # noqa: N802
         self, request: render_pb2.RenderFramesRequest, context: object
     ) -> AsyncIterator[render_pb2.RenderFramesResponse]:
         render_request = request_from_proto(request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-        stop = threading.Event()
 
-        def post(kind: str, payload: object) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-            except RuntimeError:
-                pass  # the loop is gone (process exiting): nobody to tell
-
-        def work() -> None:
+        def render(emit: Callable[[RenderEvent], None], stop: threading.Event) -> None:
             self.metrics.active.inc()
             try:
                 for event in self.renderer.render(render_request, should_stop=stop.is_set):
                     self.metrics.observe(event)
-                    post("event", event)
-            except BaseException as exc:  # noqa: BLE001 - handed to the RPC, which raises it
-                post("error", exc)
-            else:
-                post("end", None)
+                    emit(event)
             finally:
                 self.metrics.active.dec()
-                self._stops.discard(stop)
-                self._threads.discard(threading.current_thread())
 
-        # A plain (non-daemon) thread: it outlives a cancelled RPC to finish the batch in flight.
-        thread = threading.Thread(target=work, name=f"render-{request.job_id}", daemon=False)
-        self._stops.add(stop)
-        self._threads.add(thread)
-        thread.start()
-        try:
-            while True:
-                kind, payload = await events.get()
-                if kind == "event":
-                    yield event_to_proto(payload)  # type: ignore[arg-type]
-                elif kind == "error":
-                    raise payload  # type: ignore[misc]  # serving maps domain errors to status codes
-                else:
-                    return
-        finally:
-            stop.set()
+        # A thread of its own (not one of the server's handler threads): it outlives a cancelled RPC to
+        # finish the batch in flight. Errors are raised here; serving maps domain errors to status codes.
+        async for event in stream_from_thread(
+            render, name=f"render-{request.job_id}", keep=self._running, own_thread=True
+        ):
+            if not isinstance(event, Done):
+                yield event_to_proto(event)
 
     def stop_all(self) -> None:
         """Ask every running render to stop after its batch in flight."""
-        for stop in list(self._stops):
-            stop.set()
+        self._running.stop_all()
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no render thread is left (True) or ``timeout`` passes (False)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        for thread in list(self._threads):
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            await asyncio.to_thread(thread.join, left)
-            if thread.is_alive():
-                return False
-        return True
+        return await self._running.wait_idle(timeout)
 
 
 def build_servicer(settings: Settings) -> RenderServicer:
@@ -253,9 +215,7 @@ async def amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    run_service(amain)
 
 
 if __name__ == "__main__":

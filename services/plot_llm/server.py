@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import Settings, get_settings
-from dreamframe.logging import configure_logging
-from dreamframe.serving import Registration, serve
+from dreamframe.config import Settings
+from dreamframe.serving import Done, Registration, run_service, serve, stream_from_task
+from dreamframe.serving import progress_to_proto as common_progress_to_proto
 from dreamframe.storage import open_store, to_proto
-from dreamframe.v1 import common_pb2, plot_pb2, plot_pb2_grpc
+from dreamframe.v1 import plot_pb2, plot_pb2_grpc
 
 from .generator import ProgressEvent, StoryResult
 from .options import COUNT_RANGES, StoryOptions
@@ -32,16 +32,7 @@ def options_from_proto(options: plot_pb2.PlotOptions) -> StoryOptions:
 
 def progress_to_proto(event: ProgressEvent) -> plot_pb2.GenerateStoryResponse:
     return plot_pb2.GenerateStoryResponse(
-        level=event.level,
-        progress=common_pb2.Progress(
-            unit="llm_calls",
-            done=event.done,
-            total=event.total,
-            current_item=event.current_item,
-            elapsed_seconds=event.elapsed_seconds,
-            eta_seconds=event.eta_seconds,
-            message=event.message,
-        ),
+        level=event.level, progress=common_progress_to_proto(event, unit="llm_calls")
     )
 
 
@@ -67,43 +58,32 @@ class PlotServicer(plot_pb2_grpc.PlotServiceServicer):
         self, request: plot_pb2.GenerateStoryRequest, context: object
     ) -> AsyncIterator[plot_pb2.GenerateStoryResponse]:
         options = options_from_proto(request.options)
-        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
 
-        async def run() -> StoryResult:
+        async def generate(on_progress: Callable[[ProgressEvent], None]) -> StoryResult:
             async with self._story_locks[(request.job_id, request.story_index)]:
                 return await self.service.generate(
                     request.job_id,
                     request.theme,
                     options,
                     story_index=request.story_index,
-                    on_progress=events.put_nowait,
+                    on_progress=on_progress,
                 )
 
-        task = asyncio.create_task(run(), name=f"generate-story-{request.job_id}-{request.story_index}")
+        # When the caller leaves the generation is cancelled: no more LLM calls; finished ones stay cached.
+        # Its error is raised here, mapped to a status by serving.
         elapsed = 0.0
-        try:
-            while True:
-                next_event = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
-                if next_event in done:
-                    elapsed = next_event.result().elapsed_seconds
-                    yield progress_to_proto(next_event.result())
-                    continue
-                next_event.cancel()
-                break
-            while not events.empty():
-                event = events.get_nowait()
-                elapsed = event.elapsed_seconds
-                yield progress_to_proto(event)
-            result = task.result()  # raises the domain error, which serving maps to a status
-            total = options.total_calls
-            message = "story already generated" if result.skipped else "story written"
-            final = progress_to_proto(ProgressEvent(3, total, total, "", elapsed, 0.0, message))
-            final.result.CopyFrom(result_to_proto(result))
-            yield final
-        finally:
-            if not task.done():
-                task.cancel()  # the caller left: stop asking the LLM; finished calls stay cached
+        async for item in stream_from_task(
+            generate, name=f"generate-story-{request.job_id}-{request.story_index}"
+        ):
+            if isinstance(item, Done):
+                total = options.total_calls
+                message = "story already generated" if item.result.skipped else "story written"
+                final = progress_to_proto(ProgressEvent(3, total, total, "", elapsed, 0.0, message))
+                final.result.CopyFrom(result_to_proto(item.result))
+                yield final
+            else:
+                elapsed = item.elapsed_seconds
+                yield progress_to_proto(item)
 
 
 def build_service(settings: Settings) -> PlotService:
@@ -130,9 +110,7 @@ async def amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    run_service(amain)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import QaSettings, Settings, get_settings
-from dreamframe.logging import configure_logging
-from dreamframe.serving import Registration, serve
+from dreamframe.config import QaSettings, Settings
+from dreamframe.serving import (
+    Done,
+    Registration,
+    ThreadJobs,
+    progress_to_proto,
+    run_service,
+    serve,
+    stream_from_thread,
+)
 from dreamframe.storage import open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import common_pb2, qa_pb2, qa_pb2_grpc
@@ -61,18 +68,6 @@ def build_request_from_proto(request: qa_pb2.BuildDatasetRequest, settings: QaSe
     return BuildRequest(request.job_id, request.dataset_name, stories, options)
 
 
-def progress_to_proto(progress: Progress) -> common_pb2.Progress:
-    return common_pb2.Progress(
-        unit=progress.unit,
-        done=progress.done,
-        total=progress.total,
-        current_item=progress.current_item,
-        elapsed_seconds=progress.elapsed_seconds,
-        eta_seconds=progress.eta_seconds,
-        message=progress.message,
-    )
-
-
 def result_to_proto(result: BuildResult) -> qa_pb2.BuildDatasetResult:
     return qa_pb2.BuildDatasetResult(
         manifest=to_proto(result.manifest),
@@ -90,51 +85,28 @@ class QaServicer(qa_pb2_grpc.QaServiceServicer):
         # concurrent builds, which are CPU-heavy.
         self._dataset_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slots = asyncio.Semaphore(settings.max_concurrent_builds)
-        self._running: set[asyncio.Task[BuildResult]] = set()
+        # Builds outlive their RPC when the caller leaves, until they stop at their next frame.
+        self._running = ThreadJobs()
 
     async def BuildDataset(
         self, request: qa_pb2.BuildDatasetRequest, context: object
     ) -> AsyncIterator[qa_pb2.BuildDatasetResponse]:
         build_request = build_request_from_proto(request, self.settings)
         name = dataset_name_for(build_request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Progress] = asyncio.Queue()
-        stop = threading.Event()
 
-        def on_progress(progress: Progress) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, progress)
+        def build(on_progress: Callable[[Progress], None], stop: threading.Event) -> BuildResult:
+            return build_dataset(self.store, build_request, on_progress=on_progress, is_cancelled=stop.is_set)
 
-        async def run() -> BuildResult:
-            async with self._dataset_locks[name], self._slots:
-                return await asyncio.to_thread(
-                    build_dataset,
-                    self.store,
-                    build_request,
-                    on_progress=on_progress,
-                    is_cancelled=stop.is_set,
-                )
-
-        task = asyncio.create_task(run(), name=f"build-dataset-{name}")
-        # The task outlives this RPC when the caller leaves: keep it referenced until the thread ends,
-        # and collect its outcome (then nobody else will).
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        try:
-            while True:
-                next_event = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({next_event, task}, return_when=asyncio.FIRST_COMPLETED)
-                if next_event in done:
-                    yield qa_pb2.BuildDatasetResponse(progress=progress_to_proto(next_event.result()))
-                    continue
-                next_event.cancel()
-                break
-            while not events.empty():
-                yield qa_pb2.BuildDatasetResponse(progress=progress_to_proto(events.get_nowait()))
-            result = task.result()  # raises the build's error, which serving maps to a status
-            yield qa_pb2.BuildDatasetResponse(result=result_to_proto(result))
-        finally:
-            stop.set()
+        async for item in stream_from_thread(
+            build,
+            name=f"build-dataset-{name}",
+            keep=self._running,
+            hold=(self._dataset_locks[name], self._slots),
+        ):
+            if isinstance(item, Done):
+                yield qa_pb2.BuildDatasetResponse(result=result_to_proto(item.result))
+            else:
+                yield qa_pb2.BuildDatasetResponse(progress=progress_to_proto(item))
 
 
 def build_servicer(settings: Settings) -> QaServicer:
@@ -157,9 +129,7 @@ async def amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    run_service(amain)
 
 
 def _enum_name(value: int) -> str:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dreamframe.config import Settings, get_settings
+from dreamframe.config import Settings
 from dreamframe.errors import InvalidArgument
-from dreamframe.logging import configure_logging
-from dreamframe.serving import Registration, serve
+from dreamframe.serving import Registration, run_service, serve
 from dreamframe.storage import open_store, to_proto
 from dreamframe.v1 import train_pb2 as pb
 from dreamframe.v1 import train_pb2_grpc
@@ -193,9 +192,7 @@ async def amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    run_service(amain)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dreamframe.errors import FailedPrecondition
+from dreamframe.models import build_once
 from dreamframe.models.sdxl import pick_device
 
 TINY = "tiny"
@@ -78,23 +76,18 @@ def build_tiny_clip_vision(seed: int = TINY_SEED):
 
 def tiny_clip_vision_dir(cache_dir: Path) -> Path:
     """The tiny preset on disk, built on first use into a temp dir and renamed (race-safe)."""
-    target = Path(cache_dir) / f"tiny-clip-vision-v{TINY_VERSION}"
-    if (target / "preprocessor_config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-clip-vision-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         model, processor = build_tiny_clip_vision()
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        # Another process won the race; its copy is identical (same seed and config).
-        if not (target / "preprocessor_config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(
+        Path(cache_dir) / f"tiny-clip-vision-v{TINY_VERSION}",
+        build,
+        complete=lambda target: (target / "preprocessor_config.json").exists(),
+        tmp_prefix=".tiny-clip-vision-",
+    )
 
 
 def load_clip_vision(

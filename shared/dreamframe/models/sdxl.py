@@ -11,15 +11,13 @@ does), so both pipelines together hold one copy of each.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument
+from dreamframe.models import build_once
 
 TINY = "tiny"
 SDXL = "sdxl"
@@ -186,21 +184,12 @@ def save_sdxl(pipes: SDXLPipelines, directory: Path) -> None:
 def tiny_sdxl_dir(cache_dir: Path) -> Path:
     """The tiny preset on disk, built on first use. Built into a temp dir and renamed, so concurrent
     processes (several renderer replicas) never see a half-written model."""
-    target = Path(cache_dir) / f"tiny-sdxl-v{TINY_VERSION}"
-    if (target / "refiner" / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=target.parent))
-    try:
-        save_sdxl(build_tiny_sdxl(), tmp)
-        os.replace(tmp, target)
-    except OSError:
-        # Another process won the race; its copy is identical (same seed and configs).
-        if not (target / "refiner" / "model_index.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(
+        Path(cache_dir) / f"tiny-sdxl-v{TINY_VERSION}",
+        lambda tmp: save_sdxl(build_tiny_sdxl(), tmp),
+        complete=lambda target: (target / "refiner" / "model_index.json").exists(),
+        tmp_prefix=".tiny-sdxl-",
+    )
 
 
 def resolve_paths(preset: str, model_paths: dict[str, str], cache_dir: Path) -> tuple[str, str]:

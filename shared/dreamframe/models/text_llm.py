@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreamframe.errors import FailedPrecondition
+from dreamframe.models import build_once
+from dreamframe.models.sdxl import pick_device, pick_dtype
 
 TINY = "tiny"
 # Bump when the tiny configs or corpus change, so stale caches are rebuilt instead of reused.
@@ -141,31 +140,12 @@ def save_text_llm(llm: TextLLM, directory: Path) -> None:
 def tiny_text_llm_dir(cache_dir: Path) -> Path:
     """The tiny preset on disk, built on first use into a temp dir and renamed, so concurrent processes
     never see a half-written model."""
-    target = Path(cache_dir) / f"tiny-text-llm-v{TINY_VERSION}"
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-text-llm-", dir=target.parent))
-    try:
-        save_text_llm(build_tiny_text_llm(), tmp)
-        os.replace(tmp, target)
-    except OSError:
-        # Another process won the race; its copy is identical (same seed and config).
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def pick_device(setting: str = "auto") -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def pick_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return build_once(
+        Path(cache_dir) / f"tiny-text-llm-v{TINY_VERSION}",
+        lambda tmp: save_text_llm(build_tiny_text_llm(), tmp),
+        complete=lambda target: (target / "config.json").exists() and (target / "tokenizer.json").exists(),
+        tmp_prefix=".tiny-text-llm-",
+    )
 
 
 def load_text_llm(

@@ -23,9 +23,6 @@ API for callers: ``resolve_model_path``, ``load_video_llm``, ``read_video_frames
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ import numpy as np
 import torch
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument
+from dreamframe.models import build_once
 from dreamframe.models.sdxl import pick_device
 
 TINY = "tiny"
@@ -246,20 +244,12 @@ def save_video_llm(model, processor, directory: Path) -> None:
 def tiny_video_llm_dir(cache_dir: Path) -> Path:
     """The tiny preset on disk, built on first use into a temp dir and renamed (race-safe: concurrent
     builders produce identical files from the same seed)."""
-    target = Path(cache_dir) / f"tiny-video-llm-v{TINY_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-video-llm-", dir=target.parent))
-    try:
-        save_video_llm(*build_tiny_video_llm(), tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(
+        Path(cache_dir) / f"tiny-video-llm-v{TINY_VERSION}",
+        lambda tmp: save_video_llm(*build_tiny_video_llm(), tmp),
+        complete=lambda target: (target / "config.json").exists(),
+        tmp_prefix=".tiny-video-llm-",
+    )
 
 
 def resolve_model_path(

@@ -4,6 +4,7 @@ Server side: ``GrpcServer``/``serve`` with health (real readiness), reflection, 
 bearer-token auth, Prometheus metrics, access logs, TLS and graceful shutdown.
 Client side: ``make_channel`` with retries, round-robin, default deadlines, token and TLS;
 ``error_detail_from``/``domain_error_from`` to read a failed call's structured error.
+Streaming: ``stream_from_thread``/``stream_from_task`` run a long RPC's work and stream its progress.
 """
 
 from __future__ import annotations
@@ -20,26 +21,39 @@ from dreamframe.serving.errors import (
 from dreamframe.serving.health import HealthServicer
 from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor, WrappingInterceptor
 from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
-from dreamframe.serving.server import GrpcServer, Registration, serve
+from dreamframe.serving.server import GrpcServer, Registration, run_service, serve
+from dreamframe.serving.streaming import (
+    Done,
+    ThreadJobs,
+    progress_to_proto,
+    stream_from_task,
+    stream_from_thread,
+)
 
 __all__ = [
     "ERROR_DETAIL_KEY",
     "STATUS_BY_ERROR",
     "AccessLogInterceptor",
     "BearerTokenAuthInterceptor",
+    "Done",
     "ExceptionInterceptor",
     "GrpcServer",
     "HealthServicer",
     "MetricsInterceptor",
     "Registration",
     "ServerMetrics",
+    "ThreadJobs",
     "WrappingInterceptor",
     "bearer",
     "domain_error_from",
     "error_detail_from",
     "make_channel",
     "make_sync_channel",
+    "progress_to_proto",
+    "run_service",
     "serve",
     "service_config",
     "status_code_for",
+    "stream_from_task",
+    "stream_from_thread",
 ]

@@ -22,8 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dreamframe.config import ServerSettings
-from dreamframe.logging import get_logger
+from dreamframe.config import ServerSettings, Settings, get_settings
+from dreamframe.logging import configure_logging, get_logger
 from dreamframe.serving.auth import BearerTokenAuthInterceptor
 from dreamframe.serving.health import HEALTH_SERVICE_NAME, NOT_SERVING, SERVING, HealthServicer
 from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor
@@ -330,3 +330,11 @@ async def serve(
         **kwargs,
     )
     await server.run_forever()
+
+
+def run_service(amain: Callable[[Settings], Awaitable[Any]]) -> None:
+    """A service's ``main()``: its settings (environment and optional file), logging configured from
+    them, then ``asyncio.run(amain(settings))``."""
+    settings = get_settings()
+    configure_logging(settings.log)
+    asyncio.run(amain(settings))

@@ -245,14 +245,16 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
         """The object's bytes; NotFound naming the key if absent."""
 
-    @abstractmethod
     def get_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
         """Download to ``path`` atomically (temp file + rename); returns the ref of what was read."""
+        with self.open_stream(key, bucket=bucket) as chunks:
+            size, sha256 = write_atomically(chunks, Path(path))
+        return ObjectRef(self._bucket(bucket), key, size, sha256)
 
     @abstractmethod
     def open_stream(
         self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
-    ) -> Iterator[bytes]:
+    ) -> ChunkStream:
         """Stream the object in chunks of at most ``chunk_size`` bytes.
 
         NotFound is raised by this call itself, before any chunk. The stream holds a file or connection:

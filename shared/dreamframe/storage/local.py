@@ -138,11 +138,6 @@ class LocalStore(ObjectStore):
         with self._open(key, bucket) as f:
             return f.read()
 
-    def get_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
-        with self.open_stream(key, bucket=bucket) as chunks:
-            size, sha256 = write_atomically(chunks, Path(path))
-        return ObjectRef(self._bucket(bucket), key, size, sha256)
-
     def open_stream(
         self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
     ) -> ChunkStream:

@@ -33,7 +33,6 @@ from dreamframe.storage.base import (
     sha256_bytes,
     validate_key,
     validate_prefix,
-    write_atomically,
 )
 
 SHA256_META = "sha256"  # minio sends it as x-amz-meta-sha256
@@ -215,11 +214,6 @@ class S3Store(ObjectStore):
     def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
         with self.open_stream(key, bucket=bucket) as chunks:
             return b"".join(chunks)
-
-    def get_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
-        with self.open_stream(key, bucket=bucket) as chunks:
-            size, sha256 = write_atomically(chunks, Path(path))
-        return ObjectRef(self._bucket(bucket), key, size, sha256)
 
     def open_stream(
         self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
