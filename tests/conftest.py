@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+class _CollectingEventLoop(asyncio.SelectorEventLoop):
+    """Collects garbage before the loop closes. grpc.aio objects (servers, channels, calls) that are
+    freed after their event loop closed can crash the interpreter; tests run many short loops
+    (asyncio.run per test), so whatever a test leaves behind is finalised while its loop still exists."""
+
+    def close(self) -> None:
+        if not self.is_closed():
+            gc.collect()
+        super().close()
+
+
+class _CollectingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _CollectingEventLoop()
+
+
+asyncio.set_event_loop_policy(_CollectingPolicy())
 
 
 # --- S3 server (storage tests) ------------------------------------------------------------------

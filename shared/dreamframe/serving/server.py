@@ -174,8 +174,10 @@ class GrpcServer:
             if s.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         except BaseException:
-            # An aio server left unstopped crashes the process when collected after its loop closed.
+            # An aio server left unstopped crashes the process when collected after its loop closed; and
+            # the traceback of the error we re-raise must not keep this one alive past its loop either.
             await server.stop(None)
+            del server
             raise
         self._server, self.port = server, port
         self._log.info(
