@@ -11,6 +11,6 @@ dreamframe run --theme "..."        up + submit + watch + export to runs/<job>/ 
 
 from __future__ import annotations
 
-from dreamframe.cli.app import app
+from dreamframe.cli.commands import app
 
 __all__ = ["app"]

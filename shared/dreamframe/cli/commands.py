@@ -32,8 +32,8 @@ from dreamframe.v1 import coordinator_pb2_grpc
 app = typer.Typer(
     help="DreamFrame: video-understanding training data, made automatically.", no_args_is_help=True
 )
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_JOB = REPO_ROOT / "deploy" / "local" / "tiny-job.json"
 STAGE_NAMES = ["plot", "style", "render", "dataset", "train", "eval"]
@@ -109,14 +109,14 @@ def _local_env(settings: Settings, preset: str) -> dict[str, str]:
 def up(
     preset: Annotated[str, typer.Option(help="Model preset for every service: tiny or sdxl.")] = "tiny",
     renderers: Annotated[int, typer.Option(min=1, help="keyframe-renderer replicas.")] = 1,
+    gpus: Annotated[int, typer.Option(min=0, help="Pin renderer replica r to GPU r mod N.")] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every service to be healthy.")] = 600,
 ) -> None:
     """Start every service as a local process (local store, the given model preset)."""
     settings = _settings()
+    env = _local_env(settings, preset)  # a bad preset ends here, before anything starts
     try:
-        procs = local.start_services(
-            settings.cli.state_dir, env=_local_env(settings, preset), renderers=renderers
-        )
+        procs = local.start_services(settings.cli.state_dir, env=env, renderers=renderers, gpus=gpus)
         with console.status("waiting for the services to load their models..."):
             local.wait_healthy(procs, timeout=timeout)
     except (RuntimeError, TimeoutError) as exc:

@@ -1,0 +1,85 @@
+"""The `dreamframe` command line: story import/export, health, and argument handling (typer's runner)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dreamframe.cli import commands as cli
+from dreamframe.config import get_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def local_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMFRAME_STORAGE__BACKEND", "local")
+    monkeypatch.setenv("DREAMFRAME_STORAGE__ROOT", str(tmp_path / "store"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def reference_story() -> dict:
+    return {
+        "overview": "A keeper and a robot.",
+        "character": {"Ada": "a woman looks like Meryl Streep in grey"},
+        "img_diag": [
+            [
+                "frame",
+                "generate an image in Noir style: at the lighthouse, a woman looks like Meryl Streep in grey "
+                "is standing",
+            ],
+            ["dialogue", "Ada: Who are you?"],
+        ],
+        "QA": [{"Question": "Where is Ada?", "Answer": "At the lighthouse."}],
+    }
+
+
+def test_import_story_checks_and_uploads(local_store):
+    path = local_store / "story.json"
+    path.write_text(json.dumps(reference_story()))
+    result = runner.invoke(cli.app, ["import-story", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 frames, 1 QA" in result.output and "uploads/" in result.output
+    assert list((local_store / "store" / "dreamframe" / "uploads").glob("*.json"))
+
+
+def test_import_story_names_the_bad_field(local_store):
+    path = local_store / "bad.json"
+    bad = reference_story()
+    bad["img_diag"][0][0] = "picture"
+    path.write_text(json.dumps(bad))
+    result = runner.invoke(cli.app, ["import-story", str(path)])
+    assert result.exit_code == 2
+    assert "img_diag.0.0" in result.output
+
+
+def test_export_story_of_a_missing_job_is_a_clear_error(local_store):
+    result = runner.invoke(cli.app, ["export-story", "no-such-job"])
+    assert result.exit_code == 2
+    assert "no story 0 in job no-such-job" in result.output
+
+
+def test_health_fails_for_an_address_nobody_serves(local_store):
+    result = runner.invoke(cli.app, ["health", "127.0.0.1:1", "--timeout", "1"])
+    assert result.exit_code == 1
+    assert "FAIL" in result.output
+
+
+def test_run_passes_only_options_up_accepts():
+    import inspect
+
+    source = inspect.getsource(cli.run)
+    call = source[source.index("up(") : source.index(")", source.index("up("))]
+    accepted = set(inspect.signature(cli.up).parameters)
+    passed = {part.split("=")[0].strip() for part in call.removeprefix("up(").split(",") if "=" in part}
+    assert passed <= accepted, passed - accepted
+
+
+def test_unknown_preset_is_refused(local_store):
+    result = runner.invoke(cli.app, ["up", "--preset", "sd15"])
+    assert result.exit_code == 2
+    assert "unknown preset" in result.output
