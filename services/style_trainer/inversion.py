@@ -302,8 +302,11 @@ class TextualInversion:
         ids = [torch.stack([table[p] for p in prompts]) for table in self.prompt_ids]
         return latents, noise, timesteps, ids, torch.stack(time_ids)
 
-    def _loss(self, pass_index: int) -> torch.Tensor:
-        latents, noise, timesteps, (ids_1, ids_2), time_ids = self._batch(pass_index)
+    def _loss(self, *pass_indices: int) -> torch.Tensor:
+        """Mean loss over the samples of the given passes (one forward for all of them)."""
+        parts = [self._batch(p) for p in pass_indices]
+        latents, noise, timesteps, time_ids = (torch.cat([part[i] for part in parts]) for i in (0, 1, 2, 4))
+        ids_1, ids_2 = (torch.cat([part[3][k] for part in parts]) for k in (0, 1))
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -361,6 +364,9 @@ class TextualInversion:
         if options.compile and self._compiled_unet is None:
             self._compiled_unet = compiled(self.unet, options.compile_mode)
         lag = 1 if self.device.type == "cuda" else 0  # read losses a step late: no GPU stall
+        batched = options.batch_accumulation
+        if batched is None:
+            batched = self.device.type == "cuda"
         pending: list[tuple[int, torch.Tensor, float]] = []
         started = time.perf_counter()
         first_step = self.step
@@ -380,12 +386,18 @@ class TextualInversion:
             self.unet.enable_gradient_checkpointing()
         try:
             while self.step < total:
-                step_loss = torch.zeros((), device=self.device)
-                for micro in range(accumulation):
-                    loss = self._loss(self.step * accumulation + micro)
-                    (loss / accumulation).backward()
-                    step_loss += loss.detach() / accumulation
-                    passes += 1
+                indices = [self.step * accumulation + micro for micro in range(accumulation)]
+                if batched:
+                    loss = self._loss(*indices)
+                    loss.backward()
+                    step_loss = loss.detach()
+                else:
+                    step_loss = torch.zeros((), device=self.device)
+                    for index in indices:
+                        loss = self._loss(index)
+                        (loss / accumulation).backward()
+                        step_loss += loss.detach() / accumulation
+                passes += accumulation
                 lr = self._optimizer_step(self.step)
                 self.step += 1
                 pending.append((self.step, step_loss, lr))

@@ -78,6 +78,9 @@ class TrainOptions:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
         "reduce-overhead"
     )
+    # Run a step's accumulation passes as one batch (same samples, same gradient up to rounding): half
+    # the kernel launches for these launch-bound passes. None: on GPUs, off on CPUs.
+    batch_accumulation: bool | None = None
     seed: int = 0
     # Save a resumable checkpoint to storage every N optimizer steps (0: never).
     checkpoint_every: int = 50
@@ -90,7 +93,13 @@ class TrainOptions:
     def fingerprint_fields(self) -> dict:
         """Everything that changes the result (not checkpoint_every, which only changes resumability)."""
         fields = asdict(self)
-        for name in ("checkpoint_every", "compile", "compile_mode", "gradient_checkpointing"):
+        for name in (
+            "checkpoint_every",
+            "compile",
+            "compile_mode",
+            "gradient_checkpointing",
+            "batch_accumulation",
+        ):
             fields.pop(name)
         return fields
 
