@@ -75,6 +75,20 @@ class JobContext:
         return len(self.job.spec.stories)
 
 
+async def final_result(call, on_update, *, service: str, field: str):
+    """Drain a stage's server stream: every message but the last reports progress (``on_update``);
+    the last carries the result. A stream that ends without one is the service's failure, named."""
+    result = None
+    async for response in call:
+        if response.HasField("result"):
+            result = response.result
+        else:
+            await on_update(response)
+    if result is None:
+        raise FailedPrecondition(f"{service} ended without a result", field=field)
+    return result
+
+
 def story_name(kind: str, index: int) -> str:
     return f"{kind}/{index:03d}"
 
@@ -93,21 +107,23 @@ async def plot(ctx: JobContext, index: int) -> None:
         request = plot_pb2.GenerateStoryRequest(
             job_id=job_id, theme=source.theme, options=ctx.job.spec.plot, story_index=index
         )
-        result = None
-        async for response in ctx.clients.plot.GenerateStory(request):
-            if response.HasField("result"):
-                result = response.result
-            elif response.HasField("progress"):
-                p = response.progress
-                await ctx.progress(
-                    pb.STAGE_PLOT,
-                    _done_stories(ctx, pb.STAGE_PLOT),
-                    ctx.stories,
-                    "stories",
-                    f"story {index} level {response.level}: {p.done}/{p.total} {p.unit}",
-                )
-        if result is None:
-            raise FailedPrecondition("plot-llm ended without a story", field=f"spec.stories.{index}")
+
+        async def on_update(response) -> None:
+            p = response.progress
+            await ctx.progress(
+                pb.STAGE_PLOT,
+                _done_stories(ctx, pb.STAGE_PLOT),
+                ctx.stories,
+                "stories",
+                f"story {index} level {response.level}: {p.done}/{p.total} {p.unit}",
+            )
+
+        result = await final_result(
+            ctx.clients.plot.GenerateStory(request),
+            on_update,
+            service="plot-llm",
+            field=f"spec.stories.{index}",
+        )
         ctx.record(pb.STAGE_PLOT, name, result.story)
         ctx.record(pb.STAGE_PLOT, story_name("reference_story", index), result.reference_story)
     else:
@@ -157,21 +173,23 @@ async def style(ctx: JobContext, index: int) -> None:
     request = style_pb2.TrainStyleRequest(
         job_id=ctx.job.job_id, story=story_ref(ctx, index), options=ctx.job.spec.style, story_index=index
     )
-    result = None
-    async for response in ctx.clients.style.TrainStyle(request):
-        if response.HasField("result"):
-            result = response.result
-        else:
-            p = response.progress
-            await ctx.progress(
-                pb.STAGE_STYLE,
-                _done_stories(ctx, pb.STAGE_STYLE),
-                ctx.stories,
-                "stories",
-                f"story {index} {_phase(response.phase)} {p.done}/{p.total}",
-            )
-    if result is None:
-        raise FailedPrecondition("style-trainer ended without an embedding", field=f"spec.stories.{index}")
+
+    async def on_update(response) -> None:
+        p = response.progress
+        await ctx.progress(
+            pb.STAGE_STYLE,
+            _done_stories(ctx, pb.STAGE_STYLE),
+            ctx.stories,
+            "stories",
+            f"story {index} {_phase(response.phase)} {p.done}/{p.total}",
+        )
+
+    result = await final_result(
+        ctx.clients.style.TrainStyle(request),
+        on_update,
+        service="style-trainer",
+        field=f"spec.stories.{index}",
+    )
     info = {"token": result.token, "embedding": _ref_dict(result.embedding)}
     ref = ctx.store.put_json(f"{keys.style_prefix(ctx.job.job_id, index)}style.json", info)
     ctx.record(pb.STAGE_STYLE, name, to_proto(ref))
@@ -252,15 +270,14 @@ async def dataset(ctx: JobContext) -> None:
     request = qa_pb2.BuildDatasetRequest(job_id=job_id, dataset_name=job_id, options=ctx.job.spec.dataset)
     for i in range(ctx.stories):
         request.stories.add(story=story_ref(ctx, i), frames_prefix=keys.frames_prefix(job_id, i))
-    result = None
-    async for response in ctx.clients.qa.BuildDataset(request):
-        if response.HasField("result"):
-            result = response.result
-        else:
-            p = response.progress
-            await ctx.progress(pb.STAGE_DATASET, p.done, p.total, p.unit or "samples", p.current_item)
-    if result is None:
-        raise FailedPrecondition("qa-generator ended without a dataset", field="spec.dataset")
+
+    async def on_update(response) -> None:
+        p = response.progress
+        await ctx.progress(pb.STAGE_DATASET, p.done, p.total, p.unit or "samples", p.current_item)
+
+    result = await final_result(
+        ctx.clients.qa.BuildDataset(request), on_update, service="qa-generator", field="spec.dataset"
+    )
     ctx.record(pb.STAGE_DATASET, "manifest", result.manifest)
     for named in result.files:
         ctx.record(pb.STAGE_DATASET, named.name, named.ref)
@@ -330,15 +347,14 @@ async def evaluate(ctx: JobContext) -> None:
             name="style-consistency",
             frame_prefixes=[keys.frames_prefix(job_id, i) for i in range(ctx.stories)],
         )
-    result = None
-    async for response in ctx.clients.eval.Evaluate(request):
-        if response.HasField("result"):
-            result = response.result
-        else:
-            p = response.progress
-            await ctx.progress(pb.STAGE_EVAL, p.done, p.total, p.unit or "items", p.current_item)
-    if result is None:
-        raise FailedPrecondition("evaluator ended without a report", field="spec.eval")
+
+    async def on_update(response) -> None:
+        p = response.progress
+        await ctx.progress(pb.STAGE_EVAL, p.done, p.total, p.unit or "items", p.current_item)
+
+    result = await final_result(
+        ctx.clients.eval.Evaluate(request), on_update, service="evaluator", field="spec.eval"
+    )
     ctx.record(pb.STAGE_EVAL, "report_json", result.report_json)
     ctx.record(pb.STAGE_EVAL, "report_markdown", result.report_markdown)
 
