@@ -25,7 +25,7 @@ from dreamframe import keys
 from dreamframe.cli import local
 from dreamframe.config import ClientSettings
 from dreamframe.serving import error_detail_from, make_sync_channel
-from dreamframe.storage import S3Store
+from dreamframe.storage import S3Store, from_proto
 from dreamframe.story import load_story
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
@@ -251,3 +251,30 @@ def test_bad_submissions_are_invalid_argument_naming_the_field(cluster, mutate, 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field), info.value.details()
     assert error_detail_from(info.value).field.startswith(field)
+
+
+def test_several_jobs_with_several_stories_run_at_once(cluster):
+    def data_only(job_id: str) -> pb.Job:
+        spec = job_spec(steps=8)
+        spec.stories.add(theme="a heist in a floating market")
+        del spec.stages[:]
+        spec.stages.extend([pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER, pb.STAGE_DATASET])
+        return cluster.coordinator.SubmitJob(pb.SubmitJobRequest(spec=spec, job_id=job_id)).job
+
+    jobs = [data_only("e2e-multi-a"), data_only("e2e-multi-b")]
+    assert all(len(j.spec.stories) == 2 for j in jobs)
+    # resubmitting the same id is idempotent: the same job, not a second one
+    assert data_only("e2e-multi-a").created_at == jobs[0].created_at
+    finished = [watch_until(cluster, j.job_id, lambda j: j.state in (3, 4, 5)) for j in jobs]
+    for job in finished:
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert [s.stage for s in job.stages] == [1, 2, 3, 4]
+        for story in (0, 1):
+            frames = [
+                i for i in cluster.store.list(keys.frames_prefix(job.job_id, story)) if i.key.endswith(".png")
+            ]
+            assert len(frames) == 2 * 2 * 6
+        manifest = next(n.ref for n in stage(job, pb.STAGE_DATASET).outputs if n.name == "manifest")
+        assert cluster.store.verify(from_proto(manifest))
+    listed = {j.job_id for j in cluster.coordinator.ListJobs(pb.ListJobsRequest()).jobs}
+    assert {"e2e-multi-a", "e2e-multi-b"} <= listed
