@@ -87,3 +87,45 @@ def test_missing_deployment_is_a_clear_error():
             assert info.value.field == "coordinator.kubernetes.renderer_deployment"
 
     asyncio.run(scenario())
+
+
+def test_the_coordinator_scales_by_the_frames_its_jobs_have_pending(tmp_path):
+    from dreamframe.config import CoordinatorSettings
+    from dreamframe.storage import LocalStore
+    from services.coordinator.clients import Clients
+    from services.coordinator.runner import Coordinator
+
+    async def scenario():
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+            url = str(server.url).rstrip("/")
+            api = client.ApiClient(client.Configuration(host=url))
+            apps = client.AppsV1Api(api)
+            await asyncio.to_thread(apps.create_namespaced_deployment, NS, deployment(1))
+            scaler = RendererScaler(settings(url), api)
+            clients = Clients(plot=None, style=None, renderers=[], qa=None, train=None, eval=None)
+            coordinator = Coordinator(
+                LocalStore(tmp_path, "bucket"),
+                clients,
+                CoordinatorSettings(),
+                scaler=scaler,
+                scale_interval_seconds=0.05,
+            )
+            await coordinator.start()
+
+            async def replicas_become(n: int) -> None:
+                for _ in range(200):
+                    dep = await asyncio.to_thread(apps.read_namespaced_deployment, NAME, NS)
+                    if dep.spec.replicas == n:
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"replicas never became {n}")
+
+            coordinator._pending_frames["job-a"] = 250  # two jobs rendering
+            coordinator._pending_frames["job-b"] = 100
+            await replicas_become(4)
+            assert coordinator._replicas() == 4  # what job status reports
+            coordinator._pending_frames.clear()
+            await replicas_become(1)
+            await coordinator.stop()
+
+    asyncio.run(scenario())
