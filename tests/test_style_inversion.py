@@ -221,8 +221,9 @@ def test_empty_keyword_and_no_images(pipes):
 
 def test_batched_accumulation_gives_the_same_embedding_as_pass_by_pass(pipes):
     # The same samples (each pass draws from its own seed) in one forward: the same gradient up to rounding.
-    sequential = trained(pipes, options=dataclasses.replace(FAST, max_train_steps=4, batch_accumulation=False))
-    batched = trained(pipes, options=dataclasses.replace(FAST, max_train_steps=4, batch_accumulation=True))
+    four_steps = dataclasses.replace(FAST, max_train_steps=4)
+    sequential = trained(pipes, options=dataclasses.replace(four_steps, batch_accumulation=False))
+    batched = trained(pipes, options=dataclasses.replace(four_steps, batch_accumulation=True))
     for a, b in zip(
         (sequential.embedding().clip_l, sequential.embedding().clip_g),
         (batched.embedding().clip_l, batched.embedding().clip_g),
