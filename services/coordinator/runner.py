@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dreamframe import keys
 from dreamframe.config import CoordinatorSettings
 from dreamframe.errors import InvalidArgument
+from dreamframe.stages import stage_name
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
 from dreamframe.v1 import coordinator_pb2 as pb
@@ -22,7 +23,7 @@ from . import stages as st
 from .clients import Clients
 from .jobs import JobStore, is_terminal, new_job_id, now
 from .scaler import RendererScaler
-from .spec import PER_STORY_STAGES, selected_stages, stage_name, validate_submission
+from .spec import PER_STORY_STAGES, selected_stages, validate_submission
 
 log = logging.getLogger(__name__)
 

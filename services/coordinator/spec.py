@@ -4,27 +4,13 @@ from __future__ import annotations
 
 from dreamframe.errors import InvalidArgument
 from dreamframe.keys import validate_id
+from dreamframe.stages import ALL_STAGES
 from dreamframe.v1 import coordinator_pb2 as pb
 
-# The chain, in order. Per-story stages run for each story; the rest once over all stories.
-ALL_STAGES = (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER, pb.STAGE_DATASET, pb.STAGE_TRAIN, pb.STAGE_EVAL)
+# Per-story stages run for each story; the rest once over all stories.
 PER_STORY_STAGES = (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER)
 MAX_STORIES = 10_000
 MAX_THEME_CHARS = 2_000
-
-
-def stage_name(stage: int) -> str:
-    return pb.Stage.Name(stage).removeprefix("STAGE_").lower()
-
-
-def parse_stage(name: str) -> int:
-    """'render' or 'STAGE_RENDER' → the enum value; for the CLI."""
-    key = name.strip().upper()
-    key = key if key.startswith("STAGE_") else f"STAGE_{key}"
-    if key not in pb.Stage.keys() or key == "STAGE_UNSPECIFIED":
-        known = ", ".join(stage_name(s) for s in ALL_STAGES)
-        raise InvalidArgument(f"unknown stage {name!r}; known: {known}", field="spec.stages")
-    return pb.Stage.Value(key)
 
 
 def selected_stages(spec: pb.JobSpec) -> list[int]:

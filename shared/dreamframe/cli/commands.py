@@ -24,6 +24,7 @@ from dreamframe.cli.export import export_job, relative
 from dreamframe.config import Settings, get_settings
 from dreamframe.errors import DreamFrameError, InvalidArgument
 from dreamframe.serving.client import make_sync_channel
+from dreamframe.stages import parse_stage, stage_name
 from dreamframe.storage import open_store, to_proto
 from dreamframe.story import load_story
 from dreamframe.v1 import coordinator_pb2 as pb
@@ -36,7 +37,6 @@ console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_JOB = REPO_ROOT / "deploy" / "local" / "tiny-job.json"
-STAGE_NAMES = ["plot", "style", "render", "dataset", "train", "eval"]
 PRESETS = {
     "tiny": {
         "DREAMFRAME_PLOT__BACKEND": "local",
@@ -71,10 +71,6 @@ def _stub(settings: Settings, address: str | None = None) -> coordinator_pb2_grp
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
-
-
-def _stage(value: int) -> str:
-    return pb.Stage.Name(value).removeprefix("STAGE_").lower()
 
 
 def _state(value: int) -> str:
@@ -157,8 +153,6 @@ def _build_spec(
     for path in stories:
         spec.stories.add(story=_upload_story(settings, path))
     if stages:
-        from services.coordinator.spec import parse_stage
-
         del spec.stages[:]
         spec.stages.extend(parse_stage(s) for s in stages.split(",") if s.strip())
     if name:
@@ -232,7 +226,7 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
                 for status in job.stages:
                     if status.stage not in tasks:
                         tasks[status.stage] = progress.add_task(
-                            _stage(status.stage), total=None, unit="", item=""
+                            stage_name(status.stage), total=None, unit="", item=""
                         )
                     p = status.progress
                     total = p.total if p.total > 0 else None
@@ -276,7 +270,7 @@ def status(job_id: str, coordinator: Annotated[str | None, typer.Option()] = Non
     table = Table("stage", "state", "progress", "outputs", "error")
     for s in job.stages:
         table.add_row(
-            _stage(s.stage),
+            stage_name(s.stage),
             _state(s.state),
             f"{s.progress.done}/{s.progress.total} {s.progress.unit}",
             str(len(s.outputs)),
@@ -297,7 +291,7 @@ def list_jobs(coordinator: Annotated[str | None, typer.Option()] = None) -> None
             job.job_id,
             _state(job.state),
             str(len(job.spec.stories)),
-            ",".join(_stage(s.stage) for s in job.stages),
+            ",".join(stage_name(s.stage) for s in job.stages),
             job.spec.name,
         )
     console.print(table)
