@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from dreamframe import keys
+from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.config import RendererSettings, get_settings
 from dreamframe.models import sdxl
 from dreamframe.storage.base import ObjectRef
@@ -84,11 +85,6 @@ def cast(pipes: sdxl.SDXLPipelines, dtype: torch.dtype) -> sdxl.SDXLPipelines:
 def note(message: str) -> None:
     """Progress on stderr, so a run cut short still says how far it got."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- (a) the reference loop --------------------------------------------------------------------------
@@ -238,21 +234,11 @@ def count_flops(engine: SDXLEngine, params, batch: int) -> dict[str, Any]:
 
 def gemm_flops_per_second(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Dense matmul throughput on this device: the practical ceiling for the UNet's GEMMs/convs."""
-    n, iters = (8192, 30) if device.type == "cuda" else (1024, 5)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    synchronize(device)
-    seconds = time.perf_counter() - started
+    n, iters = default_gemm_size(device), 30 if device.type == "cuda" else 5
     return {
         "n": n,
         "dtype": str(dtype).removeprefix("torch."),
-        "flops_per_second": 2 * n**3 * iters / seconds,
+        "flops_per_second": matmul_flops_per_second(device, dtype, n, iters),
     }
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.models import sdxl
 from dreamframe.models.sdxl_configs import RANDOM_PRESET, build_random_sdxl
 
@@ -36,11 +37,6 @@ from .inversion import TextualInversion
 from .options import REFERENCE_STEPS, TrainOptions
 
 H100_BF16_DENSE_TFLOPS = 989.0
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_pipelines(preset: str, device: str, model_path: str | None, cache_dir: Path) -> sdxl.SDXLPipelines:
@@ -59,20 +55,6 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
         small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
         images.append(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC))
     return images
-
-
-def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 20) -> float:
-    """Achieved TFLOP/s of an n×n×n matmul: the practical ceiling the floor is measured against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
 def pass_flops(trainer: TextualInversion) -> int:
@@ -125,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gemm = gemm_tflops(device, gemm_dtype, args.gemm_size)
+    gemm = matmul_flops_per_second(device, gemm_dtype, args.gemm_size) / 1e12
     per_step = elapsed / measured
     per_pass = per_step / options.gradient_accumulation_steps
     reference_passes = REFERENCE_STEPS * 2
@@ -215,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.gemm_size is None:
-        args.gemm_size = 8192 if sdxl.pick_device(args.device).type == "cuda" else 1024
+        args.gemm_size = default_gemm_size(sdxl.pick_device(args.device))
     return args
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.models import video_llm
 
 from . import modeling
@@ -108,26 +109,6 @@ def synthetic_batch(config, batch_size: int, num_frames: int, text: int, answer:
     )
 
 
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of an n×n×n GEMM in ``dtype`` on ``device`` (median of ``repeats`` after warm-up)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 3):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def count_model_flops(model, batch: Batch, ctx: DistContext, precision, checkpointing: bool) -> int:
     """FLOPs of one forward+backward of ``batch``, counted op by op; activation checkpointing is switched
     off meanwhile so recomputation is not counted. Gradients are dropped afterwards."""
@@ -200,19 +181,19 @@ def _bench(args: argparse.Namespace, ctx: DistContext) -> dict:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     times = []
     for i in range(args.warmup + args.steps):
-        _sync(ctx.device)
+        synchronize(ctx.device)
         start = time.perf_counter()
         stats = forward_backward(model, [batch], ctx, precision)
         clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(ctx.device)
+        synchronize(ctx.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
     (slowest,) = all_sum([max(times)], ctx)
-    gemm_n = args.gemm_size or (8192 if ctx.device.type == "cuda" else 1024)
-    peak = peak_matmul_flops(ctx.device, precision.compute_dtype, gemm_n)
+    gemm_n = args.gemm_size or default_gemm_size(ctx.device)
+    peak = matmul_flops_per_second(ctx.device, precision.compute_dtype, gemm_n, repeats=10)
     model_flops = flops_per_sample * args.batch_size
     figures = {
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
