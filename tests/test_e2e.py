@@ -11,8 +11,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,33 +127,11 @@ def restart_coordinator(cluster: Cluster) -> None:
     old = cluster.process("coordinator")
     os.kill(old.pid, signal.SIGKILL)
     os.waitpid(old.pid, 0)
-    env = {
-        **os.environ,
-        **cluster.env,
-        "DREAMFRAME_SERVER__HOST": "127.0.0.1",
-        "DREAMFRAME_SERVER__PORT": str(old.port),
-        "DREAMFRAME_SERVER__METRICS_PORT": "0",
-        "DREAMFRAME_COORDINATOR__PLOT_ADDRESS": f"127.0.0.1:{cluster.base_port + 1}",
-        "DREAMFRAME_COORDINATOR__STYLE_ADDRESS": f"127.0.0.1:{cluster.base_port + 2}",
-        "DREAMFRAME_COORDINATOR__RENDERER_ADDRESSES": ",".join(
-            f"127.0.0.1:{p.port}" for p in cluster.processes if p.name.startswith("keyframe-renderer")
-        ),
-        "DREAMFRAME_COORDINATOR__QA_ADDRESS": f"127.0.0.1:{cluster.base_port + 4}",
-        "DREAMFRAME_COORDINATOR__TRAINER_ADDRESS": f"127.0.0.1:{cluster.base_port + 5}",
-        "DREAMFRAME_COORDINATOR__EVALUATOR_ADDRESS": f"127.0.0.1:{cluster.base_port + 6}",
-    }
-    with open(old.log, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.coordinator"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    cluster.processes[cluster.processes.index(old)] = local.Process(
-        "coordinator", proc.pid, old.port, old.log
-    )
-    local.wait_healthy([cluster.process("coordinator")], timeout=120)
+    plan, addresses = local.service_plan(renderers=2, base_port=cluster.base_port)
+    coordinator = next(p for p in plan if p.name == "coordinator")
+    restarted = local.spawn(coordinator, {**cluster.env, **addresses}, Path(old.log))
+    cluster.processes[cluster.processes.index(old)] = restarted
+    local.wait_healthy([restarted], timeout=120)
 
 
 def test_whole_job_survives_a_dead_renderer_and_a_coordinator_restart(cluster):

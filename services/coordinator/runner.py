@@ -236,16 +236,12 @@ class Coordinator:
         job.state = state
         job.error = error
         for status in job.stages:
-            if not is_terminal(status.state):
-                status.state = (
-                    pb.JOB_STATE_CANCELLED
-                    if state == pb.JOB_STATE_CANCELLED
-                    else (
-                        pb.JOB_STATE_FAILED
-                        if state == pb.JOB_STATE_FAILED and status.state == pb.JOB_STATE_RUNNING
-                        else status.state
-                    )
-                )
+            if is_terminal(status.state):
+                continue
+            if state == pb.JOB_STATE_CANCELLED:
+                status.state = pb.JOB_STATE_CANCELLED  # every stage not yet done stops
+            elif state == pb.JOB_STATE_FAILED and status.state == pb.JOB_STATE_RUNNING:
+                status.state = pb.JOB_STATE_FAILED  # the stages that were running failed with the job
         self._cancel_requested.discard(job_id)
         await self._notify(job_id, persist=True)
 
@@ -272,11 +268,11 @@ class Coordinator:
 
     # --- renderer scaling ----------------------------------------------------------------------
     def _replicas(self) -> int:
+        """The scaled Deployment's replicas, else the configured renderer targets (a dns:/// target
+        counts as one: its pods are not known here)."""
         if self.scaler is not None and self.scaler.replicas:
             return self.scaler.replicas
-        return sum(e.workers if not e.name.startswith("dns:") else 0 for e in self.clients.renderers) or len(
-            self.clients.renderers
-        )
+        return len(self.clients.renderers)
 
     async def _scale_loop(self) -> None:
         assert self.scaler is not None

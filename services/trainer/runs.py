@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dreamframe.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from dreamframe.logging import get_logger
+from dreamframe.processes import pid_alive
 from dreamframe.storage.base import ObjectRef, ObjectStore
 
 from .run_store import RunRecord, RunState, RunStore
@@ -405,19 +406,9 @@ class RunManager:
         except (FileNotFoundError, ValueError):
             return
         deadline = asyncio.get_running_loop().time() + self.stop_grace_seconds
-        while _alive(pid) and asyncio.get_running_loop().time() < deadline:
+        while pid_alive(pid) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(self.poll_seconds)
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         pid_file.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

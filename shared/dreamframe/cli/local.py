@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dreamframe.processes import pid_alive
+
 # name → (module, default port). The coordinator's defaults in config.py point at these ports.
 SERVICES: dict[str, tuple[str, int]] = {
     "plot-llm": ("services.plot_llm", 50061),
@@ -49,16 +51,6 @@ def read_state(state_dir: Path) -> list[Process]:
     if not path.exists():
         return []
     return [Process(**p) for p in json.loads(path.read_text())]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -97,6 +89,28 @@ def service_plan(
     return plan, addresses
 
 
+def spawn(planned: Planned, env: dict[str, str], log_path: Path) -> Process:
+    """Start one service process (``python -m <module>`` on its port), appending to ``log_path``."""
+    child_env = {
+        **os.environ,
+        **env,
+        **planned.env,
+        "DREAMFRAME_SERVER__HOST": HOST,
+        "DREAMFRAME_SERVER__PORT": str(planned.port),
+        "DREAMFRAME_SERVER__METRICS_PORT": "0",
+    }
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(  # noqa: S603 - our own modules, our own interpreter
+            [sys.executable, "-m", planned.module],
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # ^C in the terminal reaches the CLI, not every service
+        )
+    return Process(planned.name, proc.pid, planned.port, str(log_path))
+
+
 def start_services(
     state_dir: Path,
     *,
@@ -109,36 +123,14 @@ def start_services(
 
     With ``gpus`` > 0 each renderer replica sees one GPU (replica r gets GPU r mod gpus), so N replicas
     on an N-GPU machine render in parallel instead of sharing the first card."""
-    running = [p for p in read_state(state_dir) if _alive(p.pid)]
+    running = [p for p in read_state(state_dir) if pid_alive(p.pid)]
     if running:
         names = ", ".join(p.name for p in running)
         raise RuntimeError(f"services already running ({names}); run `dreamframe down` first")
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     plan, addresses = service_plan(renderers=renderers, base_port=base_port, gpus=gpus)
-    processes = []
-    for planned in plan:
-        name, module, port, extra = planned.name, planned.module, planned.port, planned.env
-        log_path = logs / f"{name}.log"
-        child_env = {
-            **os.environ,
-            **env,
-            **addresses,
-            **extra,
-            "DREAMFRAME_SERVER__HOST": HOST,
-            "DREAMFRAME_SERVER__PORT": str(port),
-            "DREAMFRAME_SERVER__METRICS_PORT": "0",
-        }
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - our own modules, our own interpreter
-                [sys.executable, "-m", module],
-                env=child_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # ^C in the terminal reaches the CLI, not every service
-            )
-        processes.append(Process(name, proc.pid, port, str(log_path)))
+    processes = [spawn(planned, {**env, **addresses}, logs / f"{planned.name}.log") for planned in plan]
     state_file(state_dir).write_text(json.dumps([asdict(p) for p in processes], indent=2))
     return processes
 
@@ -150,7 +142,7 @@ def wait_healthy(processes: list[Process], timeout: float = 300.0) -> None:
         with grpc.insecure_channel(f"{HOST}:{proc.port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
-                if not _alive(proc.pid) or _exited(proc.pid):
+                if not pid_alive(proc.pid) or _exited(proc.pid):
                     raise RuntimeError(f"{proc.name} exited during start-up; see {proc.log}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
@@ -176,14 +168,14 @@ def stop_services(state_dir: Path, *, grace: float = 30.0) -> list[str]:
     """SIGTERM every recorded service, wait up to ``grace`` seconds, then SIGKILL what is left."""
     processes = read_state(state_dir)
     for proc in processes:
-        if _alive(proc.pid):
+        if pid_alive(proc.pid):
             os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     stopped = []
     for proc in processes:
-        while _alive(proc.pid) and not _exited(proc.pid) and time.monotonic() < deadline:
+        while pid_alive(proc.pid) and not _exited(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(proc.pid) and not _exited(proc.pid):
+        if pid_alive(proc.pid) and not _exited(proc.pid):
             os.kill(proc.pid, signal.SIGKILL)
         stopped.append(proc.name)
     state_file(state_dir).unlink(missing_ok=True)
