@@ -37,7 +37,8 @@ def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
     assert metrics["schedule"]["world_size"] == 2
     assert [s["samples"] for s in metrics["steps"]] == [2, 2, 2, 2]  # one sample per process per step
     assert record.step == 4 and record.checkpoint is not None and load_latest(store, "ddp").step == 4
-    assert store.exists("runs/ddp/checkpoints/step-00000002/trainable.safetensors")
+    assert store.exists("runs/ddp/checkpoints/step-00000002/state/.metadata")
+    assert store.exists("runs/ddp/checkpoints/step-00000002/state/__1_0.distcp")  # rank 1 wrote its shards
     assert (
         store.exists("runs/ddp/final/model.safetensors")
         and record.final_model.key == "runs/ddp/final/manifest.json"

@@ -1,19 +1,23 @@
 """Checkpoints in object storage.
 
-    runs/<run>/checkpoints/step-00000040/trainable.safetensors   trained weights (LoRA + projector, or all)
-    runs/<run>/checkpoints/step-00000040/optimizer.pt            full (unsharded) AdamW state
+    runs/<run>/checkpoints/step-00000040/state/.metadata         torch.distributed.checkpoint (DCP) index
+    runs/<run>/checkpoints/step-00000040/state/__<rank>_0.distcp  each rank's shards: trained weights
+                                                                  (LoRA + projector, or all) + AdamW state
     runs/<run>/checkpoints/step-00000040/scheduler.pt
     runs/<run>/checkpoints/step-00000040/rng.pt                  every rank's RNG states
     runs/<run>/checkpoints/latest.json                           the committed one: step, files, trainer state
 
+Weights and optimizer state are saved sharded: every rank writes only its own FSDP shards (no rank
+gathers a 7B model's ~80 GB of fp32 weights and AdamW moments), all into the run directory the ranks of
+one pod share, and rank 0 uploads the files. A run resumes with the same world size (the schedule check
+in training.py insists on it anyway, for the data order).
+
 A checkpoint's files are uploaded first and ``latest.json`` is written last, so a crash mid-upload
 leaves the previous checkpoint in charge; only then are older checkpoints beyond ``keep`` deleted.
-Full state dicts (not sharded ones) keep a checkpoint loadable with any number of processes.
 """
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +26,9 @@ from dreamframe.keys import run_prefix
 from dreamframe.storage.base import ObjectRef, ObjectStore
 
 LATEST = "checkpoints/latest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The DCP folder inside a checkpoint.
+STATE_DIR = "state"
 
 
 def checkpoint_prefix(run_id: str, step: int) -> str:
@@ -42,15 +48,63 @@ class Checkpoint:
     ref: ObjectRef | None = None
 
 
+def _state_dicts(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Frozen weights (the vision tower, a LoRA base) come from the base model again, not the checkpoint.
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": optim}
+
+
+def save_sharded(model, optimizer, dest: Path) -> None:
+    """Every rank writes its shards of the trained weights and of the optimizer state into ``dest``
+    (collective; ``dest`` is one folder all ranks see)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(dest))
+
+
+def load_sharded(model, optimizer, src: Path) -> None:
+    """Restore what ``save_sharded`` wrote, each rank reading its own shards (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _state_dicts(model, optimizer)
+    dcp.load(state, checkpoint_id=str(src))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),  # frozen weights are not in it
+    )
+
+
+def local_files(folder: Path) -> dict[str, Path]:
+    """Every file under ``folder`` by its relative posix path (a checkpoint's upload list)."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def save_checkpoint(
-    store: ObjectStore, run_id: str, step: int, files: dict[str, Path], state: dict, *, keep: int = 2
+    store: ObjectStore,
+    run_id: str,
+    step: int,
+    files: dict[str, Path],
+    state: dict,
+    *,
+    keep: int = 2,
+    remove_uploaded: bool = False,
 ) -> ObjectRef:
-    """Upload ``files`` (name → local path) as step ``step``, commit it in latest.json, prune old ones."""
+    """Upload ``files`` (name → local path) as step ``step``, commit it in latest.json, prune old ones.
+    ``remove_uploaded`` deletes each local file once stored, so a large checkpoint never needs twice its
+    size of local disk."""
     prefix = checkpoint_prefix(run_id, step)
     entries = {}
     for name, path in sorted(files.items()):
         ref = store.put_file(prefix + name, path)
         entries[name] = {"key": ref.key, "size": ref.size, "sha256": ref.sha256}
+        if remove_uploaded:
+            Path(path).unlink()
     ref = store.put_json(
         latest_key(run_id),
         {"format": FORMAT_VERSION, "step": step, "prefix": prefix, "files": entries, "state": state},
@@ -62,7 +116,8 @@ def save_checkpoint(
 def prune(store: ObjectStore, run_id: str, *, keep: int, current: str) -> None:
     """Delete all but the ``keep`` newest step folders (never the committed one)."""
     root = f"{run_prefix(run_id)}checkpoints/"
-    folders = sorted({posixpath.dirname(i.key) + "/" for i in store.list(root) if "/step-" in i.key})
+    steps = {i.key[len(root) :].split("/", 1)[0] for i in store.list(root)}
+    folders = sorted(root + name + "/" for name in steps if name.startswith("step-"))
     for folder in folders[: max(0, len(folders) - max(keep, 1))]:
         if folder != current:
             store.delete_prefix(folder)
@@ -74,6 +129,12 @@ def load_latest(store: ObjectStore, run_id: str) -> Checkpoint | None:
     if not store.exists(key):
         return None
     data = store.get_json(key)
+    if data.get("format") != FORMAT_VERSION:
+        raise FailedPrecondition(
+            f"checkpoint {key!r} has format {data.get('format')}, this trainer reads format "
+            f"{FORMAT_VERSION}; start a new run",
+            field="run_id",
+        )
     return Checkpoint(data["step"], data["prefix"], data["files"], data["state"], store.stat(key))
 
 
@@ -82,6 +143,7 @@ def download(store: ObjectStore, checkpoint: Checkpoint, dest: Path) -> dict[str
     dest.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, entry in checkpoint.files.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         ref = store.get_file(entry["key"], dest / name)
         if ref.sha256 != entry["sha256"] or ref.size != entry["size"]:
             raise FailedPrecondition(

@@ -46,7 +46,7 @@ from .data import (
     load_dataset,
     resolve_max_length,
 )
-from .distributed import DistContext, all_sum, barrier, broadcast, gather, init_distributed, on_main, teardown
+from .distributed import DistContext, all_sum, barrier, gather, init_distributed, on_main, teardown
 from .spec import Method, RunSpec
 
 log = get_logger(__name__)
@@ -372,39 +372,32 @@ class _Run:
             "samples": len(self.plan.samples),
         }
 
-    def save(self, step: int) -> dict | None:
-        """Checkpoint after ``step`` optimizer steps (collective). Returns the trained weights on rank 0."""
-        from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` optimizer steps (collective): every rank writes its shards into the
+        shared run directory, then rank 0 uploads the files and commits."""
         (bad,) = all_sum([sum(int((~torch.isfinite(p.detach())).sum()) for p in self.params)], self.ctx)
         if bad:
             raise self.diverged(f"{int(bad)} trained weights are not finite after step {step}")
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        weights = get_model_state_dict(self.model, options=options)
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        rngs = gather(rng_state(), self.ctx)
-
-        def write() -> ObjectRef:
-            tmp = self.run_dir / f"checkpoint-{step}"
+        tmp = self.run_dir / f"checkpoint-{step}"
+        if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            files = {
-                "trainable.safetensors": tmp / "trainable.safetensors",
-                "optimizer.pt": tmp / "optimizer.pt",
-                "scheduler.pt": tmp / "scheduler.pt",
-                "rng.pt": tmp / "rng.pt",
-            }
-            save_file({k: v.contiguous() for k, v in weights.items()}, files["trainable.safetensors"])
-            torch.save(optim, files["optimizer.pt"])
-            torch.save(self.scheduler.state_dict(), files["scheduler.pt"])
-            torch.save(rngs, files["rng.pt"])
+        barrier(self.ctx)
+        ckpt.save_sharded(self.model, self.optimizer, tmp / ckpt.STATE_DIR)
+        rngs = gather(rng_state(), self.ctx)
+        barrier(self.ctx)  # every rank's shards are on disk
+
+        def write() -> ObjectRef:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs, tmp / "rng.pt")
             ref = ckpt.save_checkpoint(
-                self.store, self.spec.run_id, step, files, self.state(), keep=self.runtime.keep_checkpoints
+                self.store,
+                self.spec.run_id,
+                step,
+                ckpt.local_files(tmp),
+                self.state(),
+                keep=self.runtime.keep_checkpoints,
+                remove_uploaded=True,
             )
             shutil.rmtree(tmp, ignore_errors=True)
             return ref
@@ -415,47 +408,33 @@ class _Run:
         if self.ctx.is_main:
             self.write_metrics()
             self.hooks.on_progress(self.progress)
-        return weights if self.ctx.is_main else None
 
     def resume(self) -> None:
         """Restore the last committed checkpoint, if any (collective)."""
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        resume_dir = self.run_dir / "resume"
 
         def fetch():
             found = ckpt.load_latest(self.store, self.spec.run_id)
             if found is None:
                 return None
-            paths = ckpt.download(self.store, found, self.run_dir / "resume")
-            return found, paths
+            shutil.rmtree(resume_dir, ignore_errors=True)
+            ckpt.download(self.store, found, resume_dir)
+            return found
 
-        fetched = on_main(fetch, self.ctx)
-        if fetched is None:
+        found = on_main(fetch, self.ctx)
+        if found is None:
             return
-        found, paths = fetched
         if found.state["schedule"] != self.schedule():
             raise FailedPrecondition(
                 f"checkpoint at step {found.step} was made with {found.state['schedule']}, this run has "
                 f"{self.schedule()}: resume with the same processes, batch size and data",
                 field="hyperparameters",
             )
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-        weights = load_file(paths["trainable.safetensors"]) if self.ctx.is_main else {}
-        set_model_state_dict(self.model, weights, options=options)
-        optim = torch.load(paths["optimizer.pt"], weights_only=False) if self.ctx.is_main else {}
-        set_optimizer_state_dict(self.model, self.optimizer, optim, options=options)
-        sched = broadcast(
-            torch.load(paths["scheduler.pt"], weights_only=False) if self.ctx.is_main else None, self.ctx
-        )
-        self.scheduler.load_state_dict(sched)
-        rngs = broadcast(
-            torch.load(paths["rng.pt"], weights_only=False) if self.ctx.is_main else None, self.ctx
-        )
-        set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
+        ckpt.load_sharded(self.model, self.optimizer, resume_dir / ckpt.STATE_DIR)
+        self.scheduler.load_state_dict(torch.load(resume_dir / "scheduler.pt", weights_only=False))
+        rngs = torch.load(resume_dir / "rng.pt", weights_only=False)
+        set_rng_state(rngs[self.ctx.rank])
+        barrier(self.ctx)  # every rank has read its files
         state = found.state
         self.history = state["history"]
         self.runtime_bad = state["runtime_bad"]
@@ -463,8 +442,16 @@ class _Run:
         self.progress.checkpoint = found.ref
         self.last_saved_step = found.step
         if self.ctx.is_main:
-            shutil.rmtree(self.run_dir / "resume", ignore_errors=True)
+            shutil.rmtree(resume_dir, ignore_errors=True)
             self.log.info("resumed", step=found.step)
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights, whole, on rank 0's CPU (empty elsewhere; collective): what the final
+        export merges into the base model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
 
     # --- training ----------------------------------------------------------------------------------
 
@@ -525,10 +512,9 @@ class _Run:
                     self.save(step + 1)
         finally:
             prefetch.shutdown(wait=True, cancel_futures=True)
-        weights = self.save(self.total_steps) if self.last_saved_step != self.total_steps else None
-        if weights is None and self.ctx.is_main:
-            weights = self._committed_weights()
-        return self.finish(weights)
+        if self.last_saved_step != self.total_steps:
+            self.save(self.total_steps)
+        return self.finish(self.trained_weights())
 
     def record(
         self, step: int, stats: dict, elapsed: float, step_times: list[float], uids: list[str]
@@ -584,13 +570,6 @@ class _Run:
         metrics = self.write_metrics() if self.ctx.is_main else None
         return Outcome(status, self.progress, metrics=metrics)
 
-    def _committed_weights(self) -> dict:
-        from safetensors.torch import load_file
-
-        found = ckpt.load_latest(self.store, self.spec.run_id)
-        paths = ckpt.download(self.store, found, self.run_dir / "final-weights")
-        return load_file(paths["trainable.safetensors"])
-
     # --- outputs -----------------------------------------------------------------------------------
 
     def metrics(self) -> dict:
@@ -629,7 +608,7 @@ class _Run:
     def write_metrics(self) -> ObjectRef:
         return self.store.put_json(metrics_key(self.spec.run_id), self.metrics())
 
-    def finish(self, weights: dict | None) -> Outcome:
+    def finish(self, weights: dict) -> Outcome:
         def export() -> tuple[ObjectRef, ObjectRef]:
             out = self.run_dir / "final"
             adapter = self.run_dir / "adapter"
@@ -659,7 +638,7 @@ class _Run:
                 },
             )
             metrics = self.write_metrics()
-            for folder in (out, adapter, self.run_dir / "final-weights"):
+            for folder in (out, adapter):
                 shutil.rmtree(folder, ignore_errors=True)
             return manifest, metrics
 
