@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from test_trainer_support import one_thread, tiny_cache  # noqa: F401
 
+from dreamframe.models import video_llm
 from services.trainer import bench
 
 
@@ -41,3 +42,40 @@ def test_bench_reports_tokens_per_second_and_mfu(one_thread):  # noqa: F811
     assert 0 < figures["mfu"] <= 1.5  # a CPU GEMM can beat the 1024³ reference a little
     report = bench.report(figures)
     assert "MFU" in report and "tokens/s" in report
+
+
+def test_bench_checkpoint_round_trip_restores_weights_and_optimizer(one_thread, tmp_path):  # noqa: F811
+    """Full fine-tune of a 1-layer random model: save the sharded checkpoint, step, restore, step again —
+    the second step matches the first exactly."""
+    args = bench.parse_args(
+        [
+            "--preset",
+            str(video_llm.tiny_video_llm_dir(tiny_cache())),
+            "--random-weights",
+            "--layers",
+            "1",
+            "--method",
+            "full",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "1",
+            "--num-frames",
+            "1",
+            "--text-tokens",
+            "8",
+            "--answer-tokens",
+            "4",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
+    figures = bench.run(args)
+    assert figures["layers"] == 1 and figures["method"] == "full"
+    c = figures["checkpoint"]
+    assert c["identical"], c
+    assert c["files"] == 2 and c["bytes"] > 4 * 3 * figures["trainable_parameters"]  # weights + 2 moments
+    assert not (tmp_path / "ckpt").exists()
+    assert "checkpoint (sharded)" in bench.report(figures)

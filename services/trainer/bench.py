@@ -15,6 +15,14 @@ Figures:
   activation checkpointing off (so recomputation is not counted), times the batch size.
 - MFU: model FLOPs per step ÷ step time ÷ the peak measured in the same process with a large GEMM in
   the compute dtype (bf16 on GPUs, fp32 on CPUs).
+
+``--layers N`` keeps the preset's architecture but only N decoder layers (random weights): a 7B full
+fine-tune (16 bytes per trained parameter: fp32 weights, gradients, two AdamW moments) does not fit one
+80 GB GPU, a 12-layer one does, so 1 → N GPU scaling is measured on that. ``--checkpoint-dir DIR`` then
+saves the sharded checkpoint exactly as the service does (``checkpoint.save_sharded``), takes one more
+step, restores the checkpoint (``checkpoint.load_sharded``) and takes the same step again: the same loss
+and the same weights afterwards show that weights and AdamW moments came back; save/load times and size
+are reported. DIR must be one folder every process sees (as a pod's run directory is).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -32,9 +41,10 @@ import torch
 from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.models import video_llm
 
+from . import checkpoint as ckpt
 from . import modeling
 from .data import Batch
-from .distributed import DistContext, all_sum, init_distributed, teardown
+from .distributed import DistContext, all_sum, barrier, init_distributed, teardown
 from .spec import Method, fill_hyperparameters
 from .training import clip_gradients, forward_backward, seed_everything
 
@@ -53,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--answer-tokens", type=int, default=64, help="labelled answer tokens per sample")
     p.add_argument("--lora-rank", type=int, default=128)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (random weights; 0: the preset's)")
+    p.add_argument("--checkpoint-dir", type=Path, help="also time a sharded checkpoint save + restore here")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
@@ -75,9 +87,13 @@ def build_base(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             config = AutoConfig.from_pretrained(
                 video_llm.resolve_model_path(args.preset, {}, args.model_cache_dir)
             )
+        if args.layers:
+            config.text_config.num_hidden_layers = args.layers
         with torch.device(device):
             model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
         return model
+    if args.layers:
+        raise SystemExit("--layers needs --random-weights")
     path = video_llm.resolve_model_path(args.preset, {}, args.model_cache_dir)
     return modeling.load_base_model(path, dtype)
 
@@ -179,14 +195,19 @@ def _bench(args: argparse.Namespace, ctx: DistContext) -> dict:
     flops_per_sample = count_model_flops(model, one, ctx, precision, args.gradient_checkpointing)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        synchronize(ctx.device)
-        start = time.perf_counter()
+
+    def train_step() -> dict:
         stats = forward_backward(model, [batch], ctx, precision)
         clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        synchronize(ctx.device)
+        start = time.perf_counter()
+        stats = train_step()
         synchronize(ctx.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -224,7 +245,60 @@ def _bench(args: argparse.Namespace, ctx: DistContext) -> dict:
     }
     if ctx.device.type == "cuda":
         figures["max_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    figures["layers"] = config.text_config.num_hidden_layers
+    if args.checkpoint_dir:
+        figures["checkpoint"] = checkpoint_round_trip(
+            model, optimizer, params, train_step, args.checkpoint_dir, ctx
+        )
     return figures
+
+
+def weights_digest(params: list[torch.nn.Parameter], ctx: DistContext) -> list[float]:
+    """(sum, sum of squares) of every trained weight over all ranks' shards."""
+    total = squares = 0.0
+    for p in params:
+        local = (p.to_local() if hasattr(p, "to_local") else p).detach().double()
+        total += float(local.sum())
+        squares += float((local * local).sum())
+    return all_sum([total, squares], ctx)
+
+
+def checkpoint_round_trip(model, optimizer, params, train_step, directory: Path, ctx: DistContext) -> dict:
+    """Save (as the service does), step, restore, step again: compare the two steps."""
+    if ctx.is_main:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+    barrier(ctx)
+    synchronize(ctx.device)
+    started = time.perf_counter()
+    ckpt.save_sharded(model, optimizer, directory)
+    barrier(ctx)
+    save_seconds = time.perf_counter() - started
+    written = [p.stat().st_size for p in directory.rglob("*") if p.is_file()]
+    first = train_step()["loss"]
+    first_digest = weights_digest(params, ctx)
+    synchronize(ctx.device)
+    started = time.perf_counter()
+    ckpt.load_sharded(model, optimizer, directory)
+    synchronize(ctx.device)
+    barrier(ctx)
+    load_seconds = time.perf_counter() - started
+    again = train_step()["loss"]
+    again_digest = weights_digest(params, ctx)
+    barrier(ctx)
+    if ctx.is_main:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {
+        "bytes": sum(written),
+        "files": len(written),
+        "save_seconds": save_seconds,
+        "load_seconds": load_seconds,
+        "loss_after_save": first,
+        "loss_after_restore": again,
+        "weights_digest_after_save": first_digest,
+        "weights_digest_after_restore": again_digest,
+        "identical": first == again and first_digest == again_digest,
+    }
 
 
 def _si(value: float, unit: str) -> str:
@@ -241,7 +315,7 @@ def report(figures: dict) -> str:
         ("device", f"{f['device']} x{f['world_size']}"),
         (
             "model",
-            f"{f['preset']}{weights}: {_si(f['parameters'], 'params')}, "
+            f"{f['preset']}{weights}, {f['layers']} layers: {_si(f['parameters'], 'params')}, "
             f"{_si(f['trainable_parameters'], 'trainable')}",
         ),
         ("method", f"{f['method']}, compute {f['compute_dtype']}, frozen weights {f['frozen_dtype']}"),
@@ -268,6 +342,17 @@ def report(figures: dict) -> str:
     ]
     if "max_memory_gib" in f:
         rows.append(("peak memory", f"{f['max_memory_gib']:.1f} GiB"))
+    if "checkpoint" in f:
+        c = f["checkpoint"]
+        rows.append(
+            (
+                "checkpoint (sharded)",
+                f"{c['bytes'] / 2**30:.1f} GiB, save {c['save_seconds']:.1f} s, restore "
+                f"{c['load_seconds']:.1f} s; step after restore "
+                f"{'identical' if c['identical'] else 'DIFFERS'} "
+                f"(loss {c['loss_after_save']:.6f} vs {c['loss_after_restore']:.6f})",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
