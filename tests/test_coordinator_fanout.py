@@ -115,6 +115,8 @@ def test_a_replica_dying_mid_shard_loses_no_frame_and_duplicates_none(tmp_path):
     assert len(dying.rendered) == 3 and healthy.rendered, "both replicas did work before one died"
     assert sorted(healthy.rendered + dying.rendered) == list(range(40)), "no frame rendered twice"
     assert result.resent_shards >= 1
+    assert result.by_endpoint == {"r0": len(healthy.rendered), "r1": 3}, "who delivered each frame"
+    assert sum(result.by_endpoint.values()) == 40
     assert sorted(int(i.key[-10:-4]) for i in store.list(keys.frames_prefix(JOB, 0))) == list(range(40))
 
 

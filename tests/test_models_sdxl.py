@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,12 @@ def test_pooling_stays_at_end_of_text_when_a_style_token_is_added(tmp_path):
     assert pooled_position() != eos_at, "the SDXL config pools at the added token"
     sdxl.pool_at_end_of_text(pipes.base)
     assert pooled_position() == eos_at
+
+
+def test_sdxl_random_preset_loads_the_real_architecture_without_weights():
+    """``sdxl-random`` goes through load_sdxl like any preset (shapes only here: device meta)."""
+    pipes = sdxl.load_sdxl(sdxl.SDXL_RANDOM, device="meta", with_refiner=True)
+    assert pipes.preset == sdxl.SDXL_RANDOM and pipes.resolution == 1024
+    assert pipes.refiner is not None and pipes.refiner.text_encoder_2 is pipes.base.text_encoder_2
+    assert sum(p.numel() for p in pipes.base.unet.parameters()) > 2.5e9
+    assert sdxl.resolve_paths(sdxl.SDXL_RANDOM, {}, Path(".")) == ("random-weights", "random-weights")

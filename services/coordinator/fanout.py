@@ -57,6 +57,10 @@ class FanoutResult:
     rendered: int = 0
     skipped: int = 0
     resent_shards: int = 0
+    # Reports of a frame already counted (a re-sent shard's frame the renderer had finished).
+    duplicate_reports: int = 0
+    # Frames counted per endpoint name (who delivered each frame first).
+    by_endpoint: dict[str, int] = field(default_factory=dict)
     frames: dict[int, render_pb2.RenderedFrame] = field(default_factory=dict)
 
 
@@ -100,11 +104,13 @@ async def render_frames(
     if not pending:
         all_done.set()
 
-    async def record(frame: render_pb2.RenderedFrame) -> None:
+    async def record(frame: render_pb2.RenderedFrame, endpoint: str) -> None:
         if frame.index not in pending:
-            return  # already counted (re-sent shard)
+            result.duplicate_reports += 1  # already counted (re-sent shard)
+            return
         pending.discard(frame.index)
         result.frames[frame.index] = frame
+        result.by_endpoint[endpoint] = result.by_endpoint.get(endpoint, 0) + 1
         if frame.skipped:
             result.skipped += 1
         else:
@@ -132,7 +138,7 @@ async def render_frames(
                 call = endpoint.stub.RenderFrames(request, timeout=deadline_seconds)
                 async for response in call:
                     if response.HasField("frame"):
-                        await record(response.frame)
+                        await record(response.frame, endpoint.name)
                 endpoint.consecutive_failures = 0
                 left = [i for i in todo if i in pending]
                 if left:  # the replica ended the stream without these frames: treat as a failure

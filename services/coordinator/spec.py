@@ -13,9 +13,18 @@ MAX_STORIES = 10_000
 MAX_THEME_CHARS = 2_000
 
 
+# Stages that read the job's copy of each story.
+READS_STORY = {pb.STAGE_STYLE, pb.STAGE_RENDER, pb.STAGE_DATASET}
+
+
 def selected_stages(spec: pb.JobSpec) -> list[int]:
-    """The stages to run, in chain order (empty selection: all six)."""
+    """The stages to run, in chain order (empty selection: all six). A story file enters the job through
+    the plot stage (normalised into both formats, no LLM call), so a stage that reads the story brings
+    the plot stage along when the stories are files."""
     chosen = set(spec.stages) or set(ALL_STAGES)
+    files = any(story.WhichOneof("source") == "story" for story in spec.stories)
+    if files and chosen & READS_STORY:
+        chosen.add(pb.STAGE_PLOT)
     return [s for s in ALL_STAGES if s in chosen]
 
 

@@ -254,6 +254,8 @@ async def render(
         "rendered": result.rendered,
         "skipped": result.skipped,
         "resent_shards": result.resent_shards,
+        "duplicate_reports": result.duplicate_reports,
+        "by_replica": result.by_endpoint,
     }
     ref = ctx.store.put_json(f"{keys.story_prefix(ctx.job.job_id, index)}frames.json", listing)
     ctx.record(pb.STAGE_RENDER, name, to_proto(ref))

@@ -4,6 +4,10 @@
   seconds). Built once from a fixed seed, saved with ``save_pretrained`` into the model cache and then
   loaded back by path, so the tiny preset goes through exactly the loading code the real one does.
 - ``sdxl``: SDXL 1.0 base + refiner, from hub ids or local paths (``model_paths`` in the service config).
+- ``sdxl-random``: the real SDXL base + refiner architecture with random weights from a fixed seed,
+  built on the device (seconds on a GPU, no download). For benchmarks and for smoke-testing a GPU
+  deployment without model weights: every process builds the same weights on the same kind of GPU, so
+  replicas render alike. Its images are noise.
 
 The refiner shares ``text_encoder_2`` and the VAE with the base pipeline (loaded once, as the reference
 does), so both pipelines together hold one copy of each.
@@ -21,7 +25,8 @@ from dreamframe.models import build_once
 
 TINY = "tiny"
 SDXL = "sdxl"
-PRESETS = (TINY, SDXL)
+SDXL_RANDOM = "sdxl-random"
+PRESETS = (TINY, SDXL, SDXL_RANDOM)
 HUB_IDS = {
     SDXL: ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"),
 }
@@ -200,6 +205,8 @@ def resolve_paths(preset: str, model_paths: dict[str, str], cache_dir: Path) -> 
     if preset == TINY and not model_paths.get(TINY):
         root = tiny_sdxl_dir(cache_dir)
         return str(root / "base"), str(root / "refiner")
+    if preset == SDXL_RANDOM:
+        return "random-weights", "random-weights"
     if preset in model_paths:
         root = Path(model_paths[preset])
         return str(root / "base"), str(root / "refiner")
@@ -240,6 +247,10 @@ def load_sdxl(
     base_path, refiner_path = resolve_paths(preset, model_paths or {}, cache_dir)
     dev = pick_device(device)
     dt = dtype or pick_dtype(dev)
+    if preset == SDXL_RANDOM:
+        from dreamframe.models.sdxl_configs import build_random_sdxl
+
+        return build_random_sdxl(dev, dt, with_refiner=with_refiner)
     try:
         base = StableDiffusionXLPipeline.from_pretrained(base_path, dtype=dt, use_safetensors=True)
         refiner = None

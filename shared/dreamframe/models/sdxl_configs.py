@@ -19,9 +19,9 @@ import copy
 
 import torch
 
-from dreamframe.models.sdxl import SDXLPipelines, clip_byte_tokenizer, pool_at_end_of_text
+from dreamframe.models.sdxl import SDXL_RANDOM, SDXLPipelines, clip_byte_tokenizer, pool_at_end_of_text
 
-RANDOM_PRESET = "sdxl-random"
+RANDOM_PRESET = SDXL_RANDOM
 RESOLUTION = 1024
 
 _BASE_UNET = {

@@ -1,0 +1,267 @@
+"""Render fan-out benchmark: one story's frames through the coordinator onto 1 and then N renderer replicas.
+
+    python -m services.coordinator.bench --replicas 2 --gpus 2 --preset sdxl-random --frames 64 --out DIR
+    python -m services.coordinator.bench --replicas 2 --preset tiny --frames 8 --steps 4 --out DIR   # CPU
+
+Starts N keyframe-renderer processes (replica r pinned to GPU r mod --gpus, as ``dreamframe up --gpus``
+does) on one local store, then for n = 1 and n = N a coordinator that knows the first n replicas. Each
+phase submits a warm-up job (one shard per replica: first-batch costs such as cuDNN autotuning are not
+timed) and then a render-only job for a story of --frames frames, and reports:
+
+- images/s: frames ÷ seconds from SubmitJob until the coordinator has every frame reported;
+- how many frames each replica delivered, duplicate reports and re-sent shards (from frames.json);
+- that the store holds exactly one PNG for every frame index;
+- scaling: N replicas' images/s ÷ one replica's (the target is at least 0.9·N).
+
+Shards are --shard-size frames (default: the batch size), so the frames split evenly over replicas when
+--frames is a multiple of N × shard size. Writes ``fanout-bench.json`` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dreamframe import keys
+from dreamframe.cli import local
+from dreamframe.config import StorageSettings
+from dreamframe.processes import pid_alive
+from dreamframe.storage import open_store
+from dreamframe.storage.base import ObjectRef
+from dreamframe.v1 import common_pb2, coordinator_pb2_grpc, render_pb2
+from dreamframe.v1 import coordinator_pb2 as pb
+
+RENDERER = "services.keyframe_renderer"
+COORDINATOR = "services.coordinator"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((local.HOST, 0))
+        return s.getsockname()[1]
+
+
+def bench_story_json(frames: int) -> str:
+    from services.keyframe_renderer.bench import bench_story
+
+    return bench_story(frames).to_json()
+
+
+def put_story(store, name: str, frames: int) -> common_pb2.ObjectRef:
+    ref: ObjectRef = store.put_bytes(f"inputs/{name}.json", bench_story_json(frames).encode())
+    return common_pb2.ObjectRef(bucket=ref.bucket, key=ref.key, size=ref.size, sha256=ref.sha256)
+
+
+def render_job(story: common_pb2.ObjectRef, args: argparse.Namespace, name: str) -> pb.JobSpec:
+    return pb.JobSpec(
+        name=name,
+        stories=[pb.StoryInput(story=story)],
+        stages=[pb.STAGE_RENDER],
+        render=render_pb2.RenderOptions(steps=args.steps, batch_size=args.batch_size),
+    )
+
+
+def run_job(stub, spec: pb.JobSpec, job_id: str, timeout: float) -> tuple[pb.Job, float]:
+    """Submit; return the finished job and the seconds until its last frame was reported."""
+    started = time.perf_counter()
+    stub.SubmitJob(pb.SubmitJobRequest(spec=spec, job_id=job_id), timeout=30)
+    frames_done_at = None
+    deadline = started + timeout
+    while time.perf_counter() < deadline:
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30).job
+        render = next(s for s in job.stages if s.stage == pb.STAGE_RENDER)
+        if frames_done_at is None and render.progress.total and render.progress.done == render.progress.total:
+            frames_done_at = time.perf_counter()
+        if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            if job.state != pb.JOB_STATE_SUCCEEDED:
+                raise RuntimeError(f"job {job_id} ended {pb.JobState.Name(job.state)}: {job.error}")
+            return job, (frames_done_at or time.perf_counter()) - started
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} not done after {timeout:.0f}s")
+
+
+def frames_listing(store, job: pb.Job) -> dict:
+    render = next(s for s in job.stages if s.stage == pb.STAGE_RENDER)
+    (ref,) = [o.ref for o in render.outputs if o.name.startswith("frames/")]
+    return store.get_json(ref.key)
+
+
+def stored_frame_indices(store, job_id: str) -> list[int]:
+    return sorted(
+        int(Path(i.key).stem) for i in store.list(keys.frames_prefix(job_id, 0)) if i.key.endswith(".png")
+    )
+
+
+def start_coordinator(addresses: list[str], env: dict[str, str], logs: Path, name: str) -> local.Process:
+    planned = local.Planned(name, COORDINATOR, free_port(), {})
+    coordinator_env = {
+        **env,
+        "DREAMFRAME_COORDINATOR__RENDERER_ADDRESSES": ",".join(addresses),
+        "DREAMFRAME_COORDINATOR__KUBERNETES__ENABLED": "false",
+    }
+    return local.spawn(planned, coordinator_env, logs / f"{name}.log")
+
+
+def stop(processes: list[local.Process]) -> None:
+    for proc in processes:
+        if pid_alive(proc.pid):
+            os.kill(proc.pid, 15)
+    deadline = time.monotonic() + 30
+    for proc in processes:
+        while pid_alive(proc.pid) and not local._exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(proc.pid) and not local._exited(proc.pid):
+            os.kill(proc.pid, 9)
+
+
+def phase(n: int, renderers: list[local.Process], env, store, logs: Path, args) -> dict:
+    """One coordinator over the first ``n`` replicas: a warm-up job, then the timed one."""
+    from dreamframe.serving.client import make_sync_channel
+
+    addresses = [f"{local.HOST}:{p.port}" for p in renderers[:n]]
+    coordinator = start_coordinator(addresses, env, logs, f"coordinator-{n}")
+    try:
+        local.wait_healthy([coordinator], timeout=120)
+        with make_sync_channel(f"{local.HOST}:{coordinator.port}") as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            warm = put_story(store, f"warmup-{n}", n * args.shard_size)
+            _, warm_seconds = run_job(stub, render_job(warm, args, "warm-up"), f"warmup-{n}", args.timeout)
+            story = put_story(store, f"story-{n}", args.frames)
+            job, seconds = run_job(stub, render_job(story, args, f"{n} replicas"), f"timed-{n}", args.timeout)
+        listing = frames_listing(store, job)
+        stored = stored_frame_indices(store, job.job_id)
+    finally:
+        stop([coordinator])
+    return {
+        "replicas": n,
+        "frames": args.frames,
+        "seconds": seconds,
+        "images_per_second": args.frames / seconds,
+        "warmup_seconds": warm_seconds,
+        "by_replica": listing["by_replica"],
+        "rendered": listing["rendered"],
+        "skipped": listing["skipped"],
+        "duplicate_reports": listing["duplicate_reports"],
+        "resent_shards": listing["resent_shards"],
+        "every_frame_once": stored == list(range(args.frames))
+        and sum(listing["by_replica"].values()) == args.frames
+        and listing["rendered"] == args.frames,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="fanout-bench-"))
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {
+        "DREAMFRAME_STORAGE__BACKEND": "local",
+        "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
+        "DREAMFRAME_MODELS__CACHE_DIR": str(work / "models"),
+        "DREAMFRAME_RENDERER__PRESET": args.preset,
+        "DREAMFRAME_RENDERER__BATCH_SIZE": str(args.batch_size),
+        "DREAMFRAME_RENDERER__COMPILE": "true" if args.compile else "false",
+        "DREAMFRAME_COORDINATOR__RENDER_SHARD_SIZE": str(args.shard_size),
+        "HF_HUB_OFFLINE": "1",
+    }
+    store = open_store(StorageSettings(backend="local", root=work / "store"))
+    renderers = []
+    for r in range(args.replicas):
+        pinned = {"CUDA_VISIBLE_DEVICES": str(r % args.gpus)} if args.gpus else {}
+        planned = local.Planned(f"renderer-{r}", RENDERER, free_port(), pinned)
+        renderers.append(local.spawn(planned, env, logs / f"{planned.name}.log"))
+    try:
+        started = time.perf_counter()
+        local.wait_healthy(renderers, timeout=args.timeout)
+        load_seconds = time.perf_counter() - started
+        phases = [phase(n, renderers, env, store, logs, args) for n in sorted({1, args.replicas})]
+    finally:
+        stop(renderers)
+    one, many = phases[0], phases[-1]
+    scaling = many["images_per_second"] / one["images_per_second"]
+    return {
+        "preset": args.preset,
+        "replicas": args.replicas,
+        "gpus": args.gpus,
+        "frames": args.frames,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "compile": args.compile,
+        "gpu": _gpu_name(),
+        "replica_load_seconds": load_seconds,
+        "phases": phases,
+        "scaling": scaling,
+        "scaling_efficiency": scaling / args.replicas,
+        "renderers": [asdict(r) for r in renderers],
+    }
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001 - only a label
+        return "unknown"
+
+
+def summarize(report: dict) -> str:
+    lines = [
+        f"render fan-out — {report['gpu']}, preset {report['preset']}, {report['frames']} frames, "
+        f"{report['steps'] or 'default'} steps, batch {report['batch_size']}, "
+        f"shards of {report['shard_size']}",
+        f"replicas ready (model built) in {report['replica_load_seconds']:.1f} s",
+        "| replicas | seconds | images/s | frames per replica | duplicates | re-sent shards "
+        "| each frame once |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in report["phases"]:
+        split = ", ".join(f"{k}: {v}" for k, v in sorted(p["by_replica"].items()))
+        lines.append(
+            f"| {p['replicas']} | {p['seconds']:.1f} | {p['images_per_second']:.3f} | {split} | "
+            f"{p['duplicate_reports']} | {p['resent_shards']} | {'yes' if p['every_frame_once'] else 'NO'} |"
+        )
+    n = report["replicas"]
+    lines.append(
+        f"scaling 1 → {n} replicas: {report['scaling']:.2f}× ({report['scaling_efficiency'] * 100:.0f}% of "
+        f"linear; target ≥ {0.9 * n:.1f}×)"
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--gpus", type=int, default=0, help="pin replica r to GPU r mod N (0: no pinning)")
+    p.add_argument("--preset", default="tiny", help="renderer preset: tiny, sdxl-random, sdxl")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the reference 40)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=0, help="frames per shard (0: the batch size)")
+    p.add_argument("--compile", action="store_true", help="torch.compile in the renderers")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--work-dir", type=Path, help="store, models and logs (default: a temp dir)")
+    p.add_argument("--out", type=Path, help="write fanout-bench.json here")
+    args = p.parse_args(argv)
+    args.shard_size = args.shard_size or args.batch_size
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    print(summarize(report), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fanout-bench.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
