@@ -48,7 +48,55 @@ def test_bench_reports_speed_flops_and_floor(tmp_path, monkeypatch, one_cpu_thre
     assert modules["base_unet"]["flops_per_call"] > modules["vae_decode"]["flops"] / 10 > 0
     assert saved["flops"]["per_image"] == pytest.approx(saved["flops"]["total"] / 2)
     assert saved["floor_seconds_per_image"]["measured_gemm"] > 0 and 0 < saved["mfu"]
-    assert saved["attention"] == "AttnProcessor2_0" and report["preset"] == "tiny"
+    assert saved["attention"] == "FusedAttnProcessor2_0" and report["preset"] == "tiny"
+    # One variant on a CPU by default: the service's settings, eager; its stages have device times.
+    [variant] = saved["variants"]
+    assert variant["name"] == "default" and saved["service_variant"] == "default"
+    assert variant["options"]["compile_mode"] == "" and variant["options"]["fuse_qkv"] is True
+    assert set(saved["service"]["stage_seconds_per_image"]) == {"encode", "base", "refiner", "decode"}
+    assert saved["attention_kernels"] and saved["vae_layouts"]["contiguous"] > 0
     table = (tmp_path / "out" / "render-bench.md").read_text()
-    assert "| reference (one at a time) | 1 |" in table and "| service (batched) | 2 |" in table
+    assert "| reference (one at a time, eager) | 1 |" in table and "| service: default | 2 |" in table
     assert "FLOPs per image" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_compares_variants_on_one_model(tmp_path, monkeypatch, one_cpu_thread):
+    monkeypatch.setenv("DREAMFRAME_MODELS__CACHE_DIR", str(tmp_path / "models"))
+    bench.get_settings.cache_clear()
+    try:
+        report = bench.main(
+            ["--preset", "tiny", "--device", "cpu", "--frames", "2", "--batch-size", "2", "--steps", "4"]
+            + ["--reference-frames", "0", "--skip-kernels", "--out", str(tmp_path / "out")]
+            + ["--variant", "before", "--variant", "default", "--variant", "m=sdpa_backend:math,fuse_qkv:off"]
+        )
+    finally:
+        bench.get_settings.cache_clear()
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["before", "default", "m"] and report["service_variant"] == "before"
+    before, default, math = report["variants"]
+    assert before["options"]["fuse_qkv"] is False and before["result"]["attention"] == "AttnProcessor2_0"
+    assert default["result"]["attention"] == "FusedAttnProcessor2_0"
+    assert math["options"]["sdpa_backend"] == "math" and math["options"]["fuse_qkv"] is False
+    # Same seeds, same frames: the variants draw the same pictures (within rounding).
+    assert default["diff_against"] == "before" and default["diff"]["max"] <= 2 and math["diff"]["max"] <= 2
+    assert report["reference"] is None and "speedup" not in report
+
+
+def test_bad_variants_are_refused_before_any_work():
+    from services.keyframe_renderer.engine import EngineOptions
+
+    base = EngineOptions(compile_mode="default")
+    assert bench.parse_variant("before", base)[1] == EngineOptions(
+        compile_mode="default", compile_vae=False, fuse_qkv=False
+    )
+    name, opts = bench.parse_variant("x=compile_mode:off,sdpa-backend:flash,compile_vae:false", base)
+    assert name == "x" and (opts.compile_mode, opts.sdpa_backend, opts.compile_vae) == ("", "flash", False)
+    with pytest.raises(ValueError, match="unknown"):
+        bench.parse_variant("fastest", base)
+    with pytest.raises(ValueError, match="not key:value"):
+        bench.parse_variant("x=warp:9", base)
+    with pytest.raises(ValueError, match="fuse_qkv must be true or false"):
+        bench.parse_variant("x=fuse_qkv:maybe", base)
+    with pytest.raises(ValueError, match="^sdpa_backend: "):
+        bench.parse_variant("x=sdpa_backend:fast", base)

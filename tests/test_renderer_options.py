@@ -178,3 +178,82 @@ def test_style_embedding_file_is_checked():
     with pytest.raises(InvalidArgument) as info:
         style.parse_style_embedding(good, token="two words", sha256="x")
     assert info.value.field == "style_token"
+
+
+# --- engine settings (no model needed) --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"sdpa_backend": "fastest"}, "sdpa_backend"),
+        ({"compile_mode": "turbo"}, "compile_mode"),
+        ({"fuse_qkv": "yes"}, "fuse_qkv"),
+        ({"compile_vae": 1}, "compile_vae"),
+    ],
+)
+def test_bad_engine_options_name_their_field(kwargs, field):
+    from services.keyframe_renderer.engine import EngineOptions
+
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        EngineOptions(**kwargs)
+
+
+def test_bad_renderer_settings_name_their_field(monkeypatch):
+    from pydantic import ValidationError
+
+    from dreamframe.config import RendererSettings, Settings
+
+    with pytest.raises(ValidationError, match="sdpa_backend"):
+        RendererSettings(sdpa_backend="fastest")
+    monkeypatch.setenv("DREAMFRAME_RENDERER__SDPA_BACKEND", "cuDNN9")
+    with pytest.raises(ValidationError, match=r"renderer\.sdpa_backend"):
+        Settings()
+    monkeypatch.setenv("DREAMFRAME_RENDERER__SDPA_BACKEND", "cudnn")
+    monkeypatch.setenv("DREAMFRAME_RENDERER__FUSE_QKV", "false")
+    renderer = Settings().renderer
+    assert renderer.sdpa_backend == "cudnn" and renderer.fuse_qkv is False
+
+
+def test_engine_options_follow_the_settings():
+    from dreamframe.config import RendererSettings
+    from services.keyframe_renderer.engine import EngineOptions
+
+    defaults = EngineOptions.from_settings(RendererSettings())
+    assert defaults == EngineOptions()  # not compiled unless asked; fused QKV, VAE compiled with the UNets
+    assert defaults.compile_mode == "" and defaults.fuse_qkv and defaults.compile_vae
+    custom = RendererSettings(
+        compile=True, compile_mode="reduce-overhead", sdpa_backend="flash", fuse_qkv=False
+    )
+    opts = EngineOptions.from_settings(custom)
+    assert (opts.compile_mode, opts.sdpa_backend, opts.fuse_qkv) == ("reduce-overhead", "flash", False)
+    assert EngineOptions.from_settings(custom, compile=False).compile_mode == ""
+
+
+def test_inductor_settings_go_to_our_compile_only():
+    import torch._inductor.config as inductor
+
+    from services.keyframe_renderer.engine import INDUCTOR_TUNING, inductor_options
+
+    before = (inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning, inductor.epilogue_fusion)
+    assert inductor_options("default", tuning=False) == {"conv_1x1_as_mm": True}
+    tuned = inductor_options("reduce-overhead", tuning=True)
+    assert tuned["triton.cudagraphs"] and tuned["conv_1x1_as_mm"]
+    assert all(tuned[k] == v for k, v in INDUCTOR_TUNING.items())
+    assert (inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning, inductor.epilogue_fusion) == before
+
+
+def test_sdpa_context_prefers_the_chosen_kernel_and_keeps_the_others():
+    from torch.nn.attention import SDPBackend
+
+    from services.keyframe_renderer.engine import sdpa_context
+
+    q = torch.randn(2, 2, 8, 16)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    for backend in ("auto", "cudnn", "flash", "efficient", "math"):
+        with sdpa_context(backend):
+            # cuDNN and memory-efficient kernels don't run on a CPU: the next one in line does.
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            if backend == "math":
+                assert torch.backends.cuda.math_sdp_enabled()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the block
+    assert SDPBackend.CUDNN_ATTENTION is not None

@@ -260,7 +260,59 @@ def test_refiner_reuses_the_base_text_encoder_2_embeddings(renderer):
             prompts, device="cpu", do_classifier_free_guidance=False
         )
     assert torch.equal(embeds[..., -48:], r_embeds) and torch.equal(pooled, r_pooled)
-    assert engine.attention == "AttnProcessor2_0"
+    assert engine.attention == "FusedAttnProcessor2_0"  # fused QKV projections by default
+
+
+def test_fused_qkv_renders_the_same_image_and_shares_the_weights(renderer):
+    from diffusers.models.attention_processor import Attention
+
+    from services.keyframe_renderer.engine import EngineOptions
+    from services.keyframe_renderer.options import resolve_options
+
+    engine = renderer.engine("tiny")
+    params = resolve_options(
+        RenderOptions(steps=STEPS), preset="tiny", resolution=64, default_batch_size=0, compile_default=False
+    )
+    prompts, seeds = ["scene 0: Ann is sitting at the bar", "scene 1: a dog"], [20, 21]
+    try:
+        engine.configure(EngineOptions(fuse_qkv=False))
+        assert engine.attention == "AttnProcessor2_0"
+        separate = engine.render(prompts, seeds, params).astype(np.int16)
+        engine.configure(EngineOptions(fuse_qkv=True))
+        assert engine.attention == "FusedAttnProcessor2_0"
+        fused = engine.render(prompts, seeds, params).astype(np.int16)
+    finally:
+        engine.configure(EngineOptions())
+    diff = np.abs(separate - fused)
+    assert diff.max() <= 2 and diff.mean() < 0.05, f"max {diff.max()} mean {diff.mean()}"
+    for model in (engine.base.unet, engine.refiner.unet, engine.base.vae):
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        assert attentions and all(a.fused_projections for a in attentions)
+        for attn in attentions:
+            fused_w = (attn.to_kv if attn.is_cross_attention else attn.to_qkv).weight
+            # The separate projections are views into the fused weights: one copy in memory.
+            assert attn.to_k.weight.untyped_storage().data_ptr() == fused_w.untyped_storage().data_ptr()
+    # Stage device times were recorded for every batch.
+    assert all(engine.stage_seconds[s] > 0 for s in ("encode", "base", "refiner", "decode"))
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "math"])
+def test_preferred_sdpa_kernel_keeps_the_image(renderer, backend):
+    from services.keyframe_renderer.engine import EngineOptions
+    from services.keyframe_renderer.options import resolve_options
+
+    engine = renderer.engine("tiny")
+    params = resolve_options(
+        RenderOptions(steps=STEPS), preset="tiny", resolution=64, default_batch_size=0, compile_default=False
+    )
+    auto = engine.render(["a dog"], [20], params).astype(np.int16)
+    try:
+        engine.configure(EngineOptions(sdpa_backend=backend))
+        chosen = engine.render(["a dog"], [20], params).astype(np.int16)
+    finally:
+        engine.configure(EngineOptions())
+    diff = np.abs(auto - chosen)
+    assert diff.max() <= 2 and diff.mean() < 0.05
 
 
 def test_without_the_refiner(store, renderer):

@@ -1,27 +1,39 @@
-"""Keyframe-renderer benchmark: the reference setting vs the service's fast path vs the compute floor.
+"""Keyframe-renderer benchmark: the reference setting vs the service's fast path(s) vs the compute floor.
 
     python -m services.keyframe_renderer.bench --out bench/            # GPU: full-size SDXL, random weights
     python -m services.keyframe_renderer.bench --preset tiny --out /tmp/b   # CPU smoke run in seconds
 
-Measures, on the current device, in one run:
-- (a) the reference setting: the paper's loop — one image per call, fp16 (fp32 on a CPU), text prompts
-  through both diffusers pipelines, PIL PNG saved per frame;
-- (b) the service: ``Renderer.render`` end to end (batched bf16 engine, PNG + sidecar writes into a
-  LocalStore), at ``--batch-size`` (0 = chosen from free memory, as the service does);
+Measures, on the current device, in one run (the weights are built once):
+- the reference setting as the paper runs it: diffusers' pipelines, text prompts, one image per call,
+  fp16 (fp32 on a CPU), eager, PIL PNG saved per frame; ``--reference-compile`` also times the same loop
+  with both UNets under ``torch.compile`` (for transparency; the speedups are against the eager one);
+- the service, once per *variant* of the engine options (``--variant``; the defaults compare the
+  service's defaults, last session's compiled setting and cuDNN attention): ``Renderer.render`` end to
+  end (batched bf16 engine, PNG + sidecar writes into a LocalStore) at ``--batch-size`` (0 = chosen from
+  free memory, as the service does), after one warm-up batch that pays any compile; device time per
+  stage (text encoders, base, refiner, VAE decode) from CUDA events;
 - FLOPs per image, counted with ``torch.utils.flop_counter.FlopCounterMode`` over one real batch
-  (per module: base UNet × its steps, refiner UNet × its steps, VAE decode, text encoders);
+  (per module: base UNet × its steps, refiner UNet × its steps, VAE decode, text encoders), and each
+  module's eager device time over one batch;
+- SDPA kernels (cuDNN, flash, memory-efficient, math) timed alone on the UNets' and the VAE's attention
+  shapes, and the eager VAE decode channels-last vs contiguous;
 - the compute floor: FLOPs per image ÷ the bf16 peak (``--peak-flops``, default H100 SXM dense 989e12)
   and ÷ the matmul throughput this run measures on a large GEMM; model FLOPs utilisation;
 - host synchronisations per batch (CUDA sync debug mode) and peak memory per image.
 
-Prints a table and writes ``render-bench.json`` and ``render-bench.md`` under ``--out``.
-Presets: ``sdxl-random`` (the real SDXL base + refiner + VAE architecture with random weights, from
-dreamframe.models.sdxl_configs; no download), ``sdxl`` (real weights per the renderer config), ``tiny``.
+Prints a table and writes ``render-bench.json`` and ``render-bench.md`` under ``--out`` (rewritten after
+every variant, so a run cut short keeps what it measured). ``--time-budget`` skips variants that would
+not finish in time. Presets: ``sdxl-random`` (the real SDXL base + refiner + VAE architecture with random
+weights, from dreamframe.models.sdxl_configs; no download), ``sdxl`` (real weights per the renderer
+config), ``tiny``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import platform
 import sys
@@ -31,6 +43,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dreamframe import keys
@@ -40,12 +53,29 @@ from dreamframe.models import sdxl
 from dreamframe.storage.base import ObjectRef
 from dreamframe.story import Story, StoryItem, Substory, TinyStory
 
-from .engine import SDXLEngine, model_id
+from .engine import COMPILE_MODES, SDPA_BACKENDS, EngineOptions, SDXLEngine, model_id
 from .options import DEFAULT_NEGATIVE_PROMPT, FrameSelection, RenderOptions, resolve_options
 from .renderer import Renderer, RenderRequest
 
 H100_SXM_BF16_DENSE = 989e12
 RANDOM_PRESET = "sdxl-random"
+# Engine-option changes against the service's settings (``--variant NAME``; ``NAME=key:value,...`` for
+# others). "before" is the service as last measured: both UNets compiled with conv_1x1_as_mm only, the
+# VAE eager, separate QKV projections, PyTorch's SDPA choice.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "before": {"compile_vae": False, "fuse_qkv": False, "sdpa_backend": "auto", "compile_tuning": False},
+    "eager": {"compile_mode": ""},
+    "cudnn": {"sdpa_backend": "cudnn"},
+    "flash": {"sdpa_backend": "flash"},
+    "efficient": {"sdpa_backend": "efficient"},
+    "tuned": {"compile_tuning": True},
+    "untuned": {"compile_tuning": False},
+    "unfused": {"fuse_qkv": False},
+    "vae-eager": {"compile_vae": False},
+    "contiguous": {"channels_last": False},
+}
+GPU_VARIANTS = ["default", "before", "cudnn"]
 PROMPTS = [
     "at a rainy street corner, a man looks like Tom Hanks in blue is standing under a lamp",
     "in a small kitchen, a woman looks like Emma Stone in red is holding a cup of tea",
@@ -131,6 +161,19 @@ def run_reference(
         seconds = time.perf_counter() - started
     diffusers_logging.set_verbosity(level)
     return {"images": frames, "seconds": seconds, "seconds_per_image": seconds / frames, "batch_size": 1}
+
+
+def set_reference_compiled(pipes: sdxl.SDXLPipelines, mode: str) -> None:
+    """torch.compile both pipelines' UNets as diffusers' docs do (``mode=""``: back to eager)."""
+    for pipe in (pipes.base, pipes.refiner):
+        if pipe is None:
+            continue
+        if mode:
+            pipe.unet.compile(mode=mode, fullgraph=True)
+        else:
+            pipe.unet._compiled_call_impl = None
+    if not mode:
+        torch._dynamo.reset()
 
 
 # --- FLOPs -------------------------------------------------------------------------------------------
@@ -312,11 +355,13 @@ def run_service(
         started = time.perf_counter()
         warm = render("warmup", FrameSelection("range", start=0, end=min(frames, batch_size or frames)))
         chosen = warm[-1].summary.batch_size
-        note(f"service warm-up batch of {chosen}: {time.perf_counter() - started:.1f} s")
+        warmup_seconds = time.perf_counter() - started
+        note(f"service warm-up batch of {chosen}: {warmup_seconds:.1f} s")
         if device_is_cuda(engine):
             torch.cuda.reset_peak_memory_stats(engine.device)
             resident = torch.cuda.memory_allocated(engine.device)
         synchronize(engine.device)
+        engine.reset_stage_seconds()
         with SyncCounter(engine.device) as syncs:
             started = time.perf_counter()
             events = render("timed", FrameSelection("all"))
@@ -332,6 +377,8 @@ def run_service(
             "render_seconds": summary.render_seconds,
             "render_seconds_per_image": summary.render_seconds / summary.rendered,
             "batches": -(-summary.rendered // chosen),
+            "warmup_seconds": warmup_seconds,
+            "stage_seconds_per_image": {k: v / summary.rendered for k, v in engine.stage_seconds.items()},
         }
         if syncs.enabled:
             result["host_syncs"] = syncs.count
@@ -342,11 +389,138 @@ def run_service(
             result["peak_memory_bytes"] = peak
             result["peak_bytes_per_image"] = (peak - resident) / chosen
         renderer.close()
+        result["_frame0"] = frame_pixels(store, "timed", 0)  # for comparing variants; not saved
         return result
+
+
+def frame_pixels(store, job: str, index: int) -> np.ndarray:
+    from PIL import Image
+
+    data = store.get_bytes(keys.frame_key(job, 0, index))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 def device_is_cuda(engine: SDXLEngine) -> bool:
     return engine.device.type == "cuda"
+
+
+# --- kernels in isolation ---------------------------------------------------------------------------
+def attention_shapes(device: torch.device) -> list[tuple[str, int, int, int, int, int]]:
+    """(name, batch, heads, query tokens, key tokens, head dim) as the models run them at 1024² batch 8."""
+    if device.type != "cuda":
+        return [("tiny self", 4, 2, 64, 64, 16), ("tiny cross", 4, 2, 64, 77, 16)]
+    return [
+        ("UNet 64x64 self", 16, 10, 4096, 4096, 64),
+        ("UNet 64x64 cross", 16, 10, 4096, 77, 64),
+        ("UNet 32x32 self", 16, 20, 1024, 1024, 64),
+        ("VAE 128x128 self", 8, 1, 16384, 16384, 512),
+    ]
+
+
+def time_attention(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> list[dict[str, Any]]:
+    """Each SDPA kernel alone (strictly that kernel) on the models' attention shapes, laid out as the
+    fused projections leave them (q, k, v as strided views of one [B, N, 3, H, D] tensor)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    rows = []
+    for name, b, h, nq, nk, d in attention_shapes(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(b, nq, 3, h, d, device=device, dtype=dtype, generator=gen)[:, :, 0].transpose(1, 2)
+        kv = torch.randn(b, nk, 2, h, d, device=device, dtype=dtype, generator=gen)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        flops = 4 * b * h * nq * nk * d
+        row: dict[str, Any] = {"shape": name, "b_h_nq_nk_d": [b, h, nq, nk, d], "flops": flops}
+        try:
+            row["auto_choice"] = SDPBackend(torch._fused_sdp_choice(q, k, v)).name
+        except Exception:  # private API: informative only
+            pass
+        for label, kernel in [("auto", None), *kernels.items()]:
+            context = contextlib.nullcontext() if kernel is None else sdpa_kernel([kernel])
+            try:
+                with context, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    synchronize(device)
+                    started = time.perf_counter()
+                    for _ in range(repeats):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    synchronize(device)
+                row[label] = flops * repeats / (time.perf_counter() - started)
+            except RuntimeError:
+                row[label] = None  # this kernel can't run the shape
+        rows.append(row)
+        del q, k, v, kv
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def time_vae_layouts(engine: SDXLEngine, batch: int, size: int) -> dict[str, float]:
+    """Eager VAE decode of one batch, channels-last vs contiguous (seconds); the engine's layout is kept."""
+    vae = engine.base.vae
+    latents = torch.randn(batch, vae.config.latent_channels, size // 8, size // 8, device=engine.device)
+    latents = latents.to(vae.dtype)
+    results = {}
+    applied = engine.options.channels_last and engine.device.type == "cuda"
+    kept = torch.channels_last if applied else torch.contiguous_format
+    try:
+        for label, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+            vae.to(memory_format=fmt)
+            x = latents.contiguous(memory_format=fmt)
+            with torch.inference_mode():
+                vae.decode(x, return_dict=False)  # cuDNN picks its algorithms for this layout
+                synchronize(engine.device)
+                started = time.perf_counter()
+                vae.decode(x, return_dict=False)
+                synchronize(engine.device)
+            results[label] = time.perf_counter() - started
+    finally:
+        vae.to(memory_format=kept)
+    return results
+
+
+# --- variants ----------------------------------------------------------------------------------------
+def parse_variant(spec: str, base: EngineOptions) -> tuple[str, EngineOptions]:
+    """``NAME`` (one of VARIANTS) or ``NAME=key:value,key:value`` (EngineOptions fields) → options."""
+    name, _, changes = spec.partition("=")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"--variant {spec!r}: needs a name")
+    if not changes:
+        if name not in VARIANTS:
+            raise ValueError(
+                f"--variant {name!r}: unknown; known: {', '.join(VARIANTS)} (or NAME=key:value,...)"
+            )
+        return name, dataclasses.replace(base, **VARIANTS[name])
+    types = {f.name: f.type for f in dataclasses.fields(EngineOptions)}
+    updates: dict[str, Any] = {}
+    for item in changes.split(","):
+        key, sep, value = (part.strip() for part in item.partition(":"))
+        key = key.replace("-", "_")
+        if not sep or key not in types:
+            raise ValueError(
+                f"--variant {spec!r}: {item!r} is not key:value with a key in {', '.join(types)}"
+            )
+        if types[key] in (bool, "bool"):
+            if value.lower() not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+                raise ValueError(f"--variant {spec!r}: {key} must be true or false, got {value!r}")
+            updates[key] = value.lower() in ("true", "1", "on", "yes")
+        else:
+            updates[key] = (
+                "" if key == "compile_mode" and value.lower() in ("off", "none", "eager") else value
+            )
+    return name, dataclasses.replace(base, **updates)
+
+
+def pixel_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    diff = np.abs(a - b)
+    return {"max": float(diff.max()), "mean": float(diff.mean())}
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -379,8 +553,23 @@ def si(value: float) -> str:
     return f"{value:.3g} "
 
 
+def stage_flops_per_image(flops: dict[str, Any]) -> dict[str, float]:
+    """FLOPs per image of each engine stage, from the per-module count."""
+    m, batch = flops["modules"], flops["batch_size"]
+
+    def total(*names: str) -> float:
+        return sum(m[n]["flops"] for n in names if n in m) / batch
+
+    return {
+        "encode": total("text_encoder", "text_encoder_2"),
+        "base": total("base_unet"),
+        "refiner": total("refiner_unet"),
+        "decode": total("vae_decode", "vae_post_quant_conv"),
+    }
+
+
 def summarize(report: dict[str, Any]) -> str:
-    ref, svc, fl = report["reference"], report["service"], report["flops"]
+    ref, ref_c, fl = report["reference"], report.get("reference_compiled"), report["flops"]
     peak, gemm = report["peak_flops"], report["gemm"]["flops_per_second"]
     per_image = fl["per_image"]
     floor_peak, floor_gemm = per_image / peak, per_image / gemm
@@ -389,16 +578,24 @@ def summarize(report: dict[str, Any]) -> str:
         f"Keyframe renderer benchmark — {env.get('gpu', env['device'])}, "
         f"torch {env['torch']}, diffusers {env['diffusers']}",
         f"model {report['preset']} {report['size']}x{report['size']}, {report['steps']} steps "
-        f"(base {report['step_split'][0]} + refiner {report['step_split'][1]}), guidance 5.0, "
-        f"attention {report['attention']}, compile {report['compile'] or 'off'}",
+        f"(base {report['step_split'][0]} + refiner {report['step_split'][1]}), guidance 5.0",
         "",
-        "| setting | batch | dtype | images | s/image | images/s | speedup | FLOP/s | MFU (peak) "
-        "| × GEMM floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | batch | dtype | images | s/image | images/s | vs reference | vs compiled ref. | FLOP/s "
+        "| MFU (peak) | × GEMM floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [("reference (one at a time)", ref, report["reference_dtype"])] if ref else []
-    rows.append(("service (batched)", svc, report["dtype"]))
+    rows = []
+    if ref:
+        rows.append(("reference (one at a time, eager)", ref, report["reference_dtype"]))
+    if ref_c:
+        rows.append(
+            (f"reference (one at a time, compile {ref_c['compile']})", ref_c, report["reference_dtype"])
+        )
+    for v in report["variants"]:
+        if "result" in v:
+            rows.append((f"service: {v['name']}", v["result"], report["dtype"]))
     base_ips = 1 / ref["seconds_per_image"] if ref else None
+    compiled_ips = 1 / ref_c["seconds_per_image"] if ref_c else None
     for name, r, dtype in rows:
         ips = 1 / r["seconds_per_image"]
         achieved = per_image * ips
@@ -410,11 +607,34 @@ def summarize(report: dict[str, Any]) -> str:
             f"{r['seconds_per_image']:.3f}",
             f"{ips:.3f}",
             f"{ips / base_ips:.2f}×" if base_ips else "–",
+            f"{ips / compiled_ips:.2f}×" if compiled_ips else "–",
             si(achieved),
             f"{achieved / peak:.1%}",
             f"{r['seconds_per_image'] / floor_gemm:.2f}",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines.append("")
+    stage_flops = stage_flops_per_image(fl)
+    for v in report["variants"]:
+        if "result" not in v:
+            lines.append(f"{v['name']} ({v['options_text']}): {v.get('error') or v.get('skipped')}")
+            continue
+        r = v["result"]
+        stages = ", ".join(
+            f"{k} {sec:.3f} s"
+            + (f" ({si(stage_flops[k] / sec)}FLOP/s)" if sec > 0 and stage_flops[k] else "")
+            for k, sec in r["stage_seconds_per_image"].items()
+        )
+        diff = (
+            f"; frame 0 vs {v['diff_against']}: max {v['diff']['max']:.0f}, mean {v['diff']['mean']:.2f}"
+            if ("diff" in v)
+            else ""
+        )
+        lines.append(
+            f"{v['name']} ({v['options_text']}): per image {stages}; render only "
+            f"{r['render_seconds_per_image']:.3f} s/image; warm-up (compile) {r['warmup_seconds']:.0f} s; "
+            f"variant total {v['wall_seconds']:.0f} s{diff}"
+        )
     parts = ", ".join(
         f"{name} {si(m['flops_per_call'])}FLOP × {m['calls']}"
         for name, m in fl["modules"].items()
@@ -428,28 +648,46 @@ def summarize(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"FLOPs per image: {si(per_image)}FLOP (one batch of {fl['batch_size']} counted: {parts})",
-        f"eager batch of {fl['batch_size']}: {fl.get('eager_batch_seconds', 0):.2f} s — {eager}",
+        f"eager batch of {fl['batch_size']} ({report['eager_options']}): "
+        f"{fl.get('eager_batch_seconds', 0):.2f} s — {eager}",
         f"peak: {si(peak)}FLOP/s ({report['peak_source']}) → floor {floor_peak:.4f} s/image",
         f"measured GEMM ({report['gemm']['n']}³ {report['gemm']['dtype']}): {si(gemm)}FLOP/s "
         f"→ floor {floor_gemm:.4f} s/image",
-        f"service render only (GPU work + one copy per batch): {svc['render_seconds_per_image']:.3f} s/image",
     ]
-    if "host_syncs" in svc:
-        per_batch = svc["host_syncs_per_batch"]
+    vae = report.get("vae_layouts")
+    if vae:
         lines.append(
-            f"host syncs: {svc['host_syncs']} over {svc['batches']} batches "
-            f"({per_batch:.1f} per batch of {report['steps']} steps): {svc['host_sync_sites']}"
+            f"eager VAE decode of a batch: channels-last {vae['channels_last']:.3f} s, "
+            f"contiguous {vae['contiguous']:.3f} s"
         )
-    if "peak_bytes_per_image" in svc:
+    for row in report.get("attention_kernels", []):
+        rates = ", ".join(
+            f"{k} {si(row[k])}FLOP/s" if row.get(k) else f"{k} n/a"
+            for k in ("auto", *[b for b in SDPA_BACKENDS if b != "auto"])
+        )
         lines.append(
-            f"peak memory {svc['peak_memory_bytes'] / 2**30:.1f} GiB, "
-            f"{svc['peak_bytes_per_image'] / 2**30:.2f} GiB per image above the weights"
+            f"SDPA {row['shape']} {row['b_h_nq_nk_d']} (auto picks {row.get('auto_choice', '?')}): {rates}"
         )
-    if ref:
-        lines.append(
-            f"targets: speedup {1 / svc['seconds_per_image'] / base_ips:.2f}× (≥ 2.5×), "
-            f"{svc['seconds_per_image'] / floor_gemm:.2f}× the measured-GEMM floor (≤ 1.6×)"
-        )
+    svc = report.get("service")
+    if svc:
+        if "host_syncs" in svc:
+            per_batch = svc["host_syncs_per_batch"]
+            lines.append(
+                f"host syncs ({report['service_variant']}): {svc['host_syncs']} over {svc['batches']} "
+                f"batches ({per_batch:.1f} per batch of {report['steps']} steps): {svc['host_sync_sites']}"
+            )
+        if "peak_bytes_per_image" in svc:
+            lines.append(
+                f"peak memory ({report['service_variant']}) {svc['peak_memory_bytes'] / 2**30:.1f} GiB, "
+                f"{svc['peak_bytes_per_image'] / 2**30:.2f} GiB per image above the weights"
+            )
+        if ref:
+            lines.append(
+                f"targets ({report['service_variant']}): speedup {report['speedup']:.2f}× the eager "
+                f"reference (≥ 2.5×), {svc['seconds_per_image'] / floor_gemm:.2f}× the measured-GEMM floor "
+                f"(≤ 1.6×)"
+            )
+    lines.append(f"bench wall time {report['elapsed_seconds']:.0f} s")
     return "\n".join(lines)
 
 
@@ -459,9 +697,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset", default=None, help=f"{RANDOM_PRESET} (GPU default), sdxl, or tiny (CPU default)"
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--frames", type=int, default=16, help="timed frames in the service run")
+    p.add_argument("--frames", type=int, default=16, help="timed frames per service variant")
     p.add_argument(
         "--reference-frames", type=int, default=3, help="timed frames in the reference run (0: skip)"
+    )
+    p.add_argument(
+        "--reference-compile",
+        nargs="?",
+        const="default",
+        default="",
+        choices=[m for m in COMPILE_MODES if m],
+        help="also time the reference loop with both UNets under torch.compile (in this mode, "
+        "default 'default')",
     )
     p.add_argument("--batch-size", type=int, default=0, help="0 = from free memory, as the service chooses")
     p.add_argument("--steps", type=int, default=40)
@@ -469,10 +716,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=0, help="0 = the preset's (1024 for SDXL)")
     p.add_argument(
         "--compile",
-        default="",
-        choices=["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode for both UNets (empty: off, the service default)",
+        default=None,
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode of the service variants ('' = eager; default: 'default' on GPUs, eager on "
+        "CPUs)",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="NAME[=key:value,...]",
+        help=f"a service variant (repeatable), against the renderer settings: {', '.join(VARIANTS)}, or "
+        "NAME=key:value,... over compile_mode, compile_vae, compile_tuning, fuse_qkv, sdpa_backend, "
+        f"channels_last. Default: {', '.join(GPU_VARIANTS)} on GPUs, default on CPUs. The first one "
+        "that runs is the headline 'service' figure.",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        help="seconds for the whole run: a variant that would not finish in time (judged by the last "
+        "one's duration) is skipped (0 = no limit)",
+    )
+    p.add_argument("--skip-kernels", action="store_true", help="skip the SDPA and VAE-layout timings")
     p.add_argument(
         "--peak-flops", type=float, default=None, help="bf16 dense peak (default: H100 SXM 989e12)"
     )
@@ -481,35 +747,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    began = time.perf_counter()
     args = parse_args(argv)
     device = sdxl.pick_device(args.device)
     preset = args.preset or (RANDOM_PRESET if device.type == "cuda" else sdxl.TINY)
     fast_dtype = sdxl.pick_dtype(device)  # bf16 on GPUs
     reference_dtype = torch.float16 if device.type == "cuda" else torch.float32
     cache_dir = get_settings().models.cache_dir
+    compile_mode = args.compile if args.compile is not None else ("default" if device.type == "cuda" else "")
+    settings_options = dataclasses.replace(
+        EngineOptions.from_settings(get_settings().renderer), compile_mode=compile_mode
+    )
+    specs = args.variant or (GPU_VARIANTS if device.type == "cuda" else ["default"])
+    variants = [parse_variant(spec, settings_options) for spec in specs]  # bad specs fail before any work
     args.out.mkdir(parents=True, exist_ok=True)
 
     pipes = build_pipes(preset, device, reference_dtype, cache_dir)
+    note(f"built {preset} in {time.perf_counter() - began:.0f} s")
     size = args.resolution or pipes.resolution
-    reference = None
+    reference = reference_compiled = None
     if args.reference_frames > 0:
+        ref_args = dict(
+            frames=args.reference_frames, steps=args.steps, size=size, fraction=args.high_noise_fraction
+        )
         with tempfile.TemporaryDirectory(prefix="render-ref-") as tmp:
-            reference = run_reference(
-                pipes,
-                frames=args.reference_frames,
-                steps=args.steps,
-                size=size,
-                fraction=args.high_noise_fraction,
-                out_dir=Path(tmp),
-            )
-        note(f"reference: {reference['seconds_per_image']:.3f} s/image")
+            reference = run_reference(pipes, out_dir=Path(tmp), **ref_args)
+            note(f"reference (eager): {reference['seconds_per_image']:.3f} s/image")
+            if args.reference_compile:
+                set_reference_compiled(pipes, args.reference_compile)
+                try:
+                    reference_compiled = run_reference(pipes, out_dir=Path(tmp), **ref_args)
+                    reference_compiled["compile"] = args.reference_compile
+                    note(f"reference (compiled): {reference_compiled['seconds_per_image']:.3f} s/image")
+                finally:
+                    set_reference_compiled(pipes, "")
     pipes = cast(pipes, fast_dtype)
     mid = (
         RANDOM_PRESET
         if preset == RANDOM_PRESET
         else model_id(preset, get_settings().renderer.model_paths, cache_dir)
     )
-    engine = SDXLEngine(pipes, model_id=mid, channels_last=True)
+    eager_options = dataclasses.replace(settings_options, compile_mode="")
+    engine = SDXLEngine(pipes, model_id=mid, options=eager_options)
     params = resolve_options(
         RenderOptions(
             steps=args.steps, high_noise_fraction=args.high_noise_fraction, width=size, height=size
@@ -532,31 +811,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops["eager_batch_seconds"] = timing["total_seconds"]
     spent = ", ".join(f"{k} {v:.2f} s" for k, v in timing["seconds"].items())
     note(f"eager batch {timing['total_seconds']:.2f} s: {spent}")
-    if args.compile:
-        note(f"compiling the UNets ({args.compile}); the warm-up batch pays for it")
-        engine.compile(args.compile)
-    service = run_service(
-        engine,
-        frames=args.frames,
-        steps=args.steps,
-        size=size,
-        fraction=args.high_noise_fraction,
-        batch_size=batch,
-        compile=bool(args.compile),
-    )
     gemm = gemm_flops_per_second(device, fast_dtype)
-    report = {
+    report: dict[str, Any] = {
         "preset": preset,
         "size": size,
         "steps": args.steps,
         "high_noise_fraction": args.high_noise_fraction,
         "step_split": [split.base, split.refiner],
-        "compile": args.compile,
+        "compile": compile_mode,
         "dtype": str(fast_dtype).removeprefix("torch."),
         "reference_dtype": str(reference_dtype).removeprefix("torch."),
-        "attention": engine.attention,
         "reference": reference,
-        "service": service,
+        "reference_compiled": reference_compiled,
+        "eager_options": eager_options.describe(),
+        "variants": [],
+        "service": None,
+        "service_variant": None,
         "flops": flops,
         "gemm": gemm,
         # On a GPU the datasheet peak; on a CPU the measured GEMM stands in for it.
@@ -572,13 +842,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak": per_image / report["peak_flops"],
         "measured_gemm": per_image / gemm["flops_per_second"],
     }
-    report["mfu"] = per_image / service["seconds_per_image"] / report["peak_flops"]
-    if reference:
-        report["speedup"] = reference["seconds_per_image"] / service["seconds_per_image"]
-    table = summarize(report)
+    if not args.skip_kernels:
+        report["attention_kernels"] = time_attention(device, fast_dtype)
+        report["vae_layouts"] = time_vae_layouts(engine, batch, size)
+        note("timed the SDPA kernels and the VAE layouts")
+
+    def write() -> str:
+        report["elapsed_seconds"] = time.perf_counter() - began
+        table = summarize(report)
+        clean = {
+            **report,
+            "variants": [{k: v for k, v in x.items() if not k.startswith("_")} for x in report["variants"]],
+        }
+        (args.out / "render-bench.json").write_text(json.dumps(clean, indent=2, default=str) + "\n")
+        (args.out / "render-bench.md").write_text(table + "\n")
+        return table
+
+    last_seconds = 0.0
+    first_pixels: tuple[str, np.ndarray] | None = None
+    for name, options in variants:
+        entry: dict[str, Any] = {
+            "name": name,
+            "options": dataclasses.asdict(options),
+            "options_text": options.describe(),
+        }
+        report["variants"].append(entry)
+        elapsed = time.perf_counter() - began
+        if args.time_budget and last_seconds and elapsed + last_seconds > args.time_budget:
+            entry["skipped"] = (
+                f"skipped: {elapsed:.0f} s spent, the last variant took {last_seconds:.0f} s, "
+                f"budget {args.time_budget:.0f} s"
+            )
+            note(f"variant {name}: {entry['skipped']}")
+            continue
+        note(f"variant {name}: {options.describe()}")
+        started = time.perf_counter()
+        try:
+            engine.configure(options)
+            result = run_service(
+                engine,
+                frames=args.frames,
+                steps=args.steps,
+                size=size,
+                fraction=args.high_noise_fraction,
+                batch_size=batch,
+                compile=bool(options.compile_mode),
+            )
+        except Exception as exc:  # one variant failing (a kernel, a compile) must not lose the others
+            entry["error"] = f"failed: {type(exc).__name__}: {exc}"[:2000]
+            note(f"variant {name} {entry['error']}")
+            engine.uncompile()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            pixels = result.pop("_frame0")
+            result["attention"] = engine.attention
+            entry["result"] = result
+            if first_pixels is None:
+                first_pixels = (name, pixels)
+            else:
+                entry["diff_against"], entry["diff"] = (
+                    first_pixels[0],
+                    pixel_difference(first_pixels[1], pixels),
+                )
+            if report["service"] is None:
+                report["service"], report["service_variant"] = result, name
+                report["attention"] = engine.attention
+                report["mfu"] = per_image / result["seconds_per_image"] / report["peak_flops"]
+                if reference:
+                    report["speedup"] = reference["seconds_per_image"] / result["seconds_per_image"]
+                if reference_compiled:
+                    report["speedup_vs_compiled_reference"] = (
+                        reference_compiled["seconds_per_image"] / result["seconds_per_image"]
+                    )
+        entry["wall_seconds"] = last_seconds = time.perf_counter() - started
+        write()
+    engine.uncompile()
+    table = write()
     print(table)
-    (args.out / "render-bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "render-bench.md").write_text(table + "\n")
     return report
 
 

@@ -9,27 +9,37 @@ What makes it fast (DESIGN.md, "GPU work is fast by design"):
 - the base stops at ``high_noise_fraction`` and hands its latents to the refiner (``output_type="latent"``:
   no decode/encode in between); the whole batch is decoded by the VAE in one call, converted to uint8
   on the device, and copied to the host once per batch;
-- bf16 weights on GPUs, PyTorch SDPA attention (diffusers' ``AttnProcessor2_0``, checked at load),
-  channels-last UNets/VAE, cuDNN's convolution autotuning, optional ``torch.compile`` of both UNets;
+- bf16 weights on GPUs, PyTorch SDPA attention (diffusers' ``AttnProcessor2_0`` or, with fused QKV
+  projections, ``FusedAttnProcessor2_0``; checked at load) with a selectable preferred kernel,
+  channels-last UNets/VAE, cuDNN's convolution autotuning, optional ``torch.compile`` of both UNets and
+  the VAE decoder (with our inductor settings passed to those compiles only, never set globally);
 - no host synchronisation inside the denoising loop: no step callbacks, device-side generators (a CPU
   generator would copy noise to the GPU every Euler step), the scheduler keeps its sigmas on the host.
   The benchmark counts the syncs that remain: all at pipeline set-up (diffusers' step split for
   ``denoising_end``/``denoising_start``, input copies) plus the one device→host copy per batch.
+
+The speed-ups are ``EngineOptions`` (from ``RendererSettings``); ``configure`` switches them on a loaded
+engine (the benchmark compares settings on one set of weights). Device time per stage (text encoding,
+base, refiner, decode) is recorded with CUDA events at the stage boundaries (no host syncs) into
+``stage_seconds``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from dreamframe.config import RendererSettings
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import sdxl
 
@@ -46,6 +56,141 @@ BYTES_PER_PIXEL_BF16 = 2048
 MEMORY_HEADROOM = 2 << 30
 
 
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+STAGES = ("encode", "base", "refiner", "decode")
+# Inductor settings for our torch.compile calls (passed as their ``options``, so nothing global changes).
+# SDXL's many 1×1 convolutions as matmuls: always, when compiling.
+INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
+# diffusers' further advice for SDXL ("compile_tuning"): tunes every Triton kernel's launch config, so
+# compiles take longer.
+INDUCTOR_TUNING = {
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs its loaded weights (``RendererSettings`` names the same fields)."""
+
+    # "" = eager; otherwise a torch.compile mode for both UNets (and the VAE decoder with compile_vae).
+    compile_mode: str = ""
+    compile_vae: bool = True
+    compile_tuning: bool = False
+    fuse_qkv: bool = True
+    sdpa_backend: str = "auto"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode: must be one of {', '.join(repr(m) for m in COMPILE_MODES)} "
+                f"('' = not compiled), got {self.compile_mode!r}"
+            )
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(
+                f"sdpa_backend: must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}"
+            )
+        for f in fields(self):
+            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name}: must be true or false, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def from_settings(cls, settings: RendererSettings, *, compile: bool | None = None) -> EngineOptions:
+        """The engine options the service runs with (``compile`` overrides ``settings.compile``)."""
+        compiled = settings.compile if compile is None else compile
+        return cls(
+            compile_mode=settings.compile_mode if compiled else "",
+            compile_vae=settings.compile_vae,
+            compile_tuning=settings.compile_tuning,
+            fuse_qkv=settings.fuse_qkv,
+            sdpa_backend=settings.sdpa_backend,
+            channels_last=settings.channels_last,
+        )
+
+    def describe(self) -> str:
+        compiled = (
+            f"compile {self.compile_mode}"
+            + (" +VAE" if self.compile_vae else " (UNets only)")
+            + (" +tuning" if self.compile_tuning else "")
+            if self.compile_mode
+            else "eager"
+        )
+        return (
+            f"{compiled}, {'fused' if self.fuse_qkv else 'unfused'} QKV, SDPA {self.sdpa_backend}, "
+            f"{'channels-last' if self.channels_last else 'contiguous'}"
+        )
+
+
+def inductor_options(mode: str, *, tuning: bool) -> dict[str, Any]:
+    """torch.compile ``options`` for ``mode`` plus our inductor settings (``mode`` and ``options``
+    can't both be given to torch.compile, so the mode goes in as its option list)."""
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode or "default"))
+    options.update(INDUCTOR_OPTIONS)
+    if tuning:
+        options.update(INDUCTOR_TUNING)
+    return options
+
+
+def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
+    """Prefer ``backend`` for F.scaled_dot_product_attention inside the block ("auto": no change).
+
+    The others stay enabled behind it (PyTorch's priority order), so shapes the preferred kernel can't
+    run still run. Under torch.compile the choice is made when the graph is traced, so the same context
+    must surround the compiling call and every later one (the engine always wraps the denoising)."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    chosen = kernels[backend]
+    order = [chosen] + [k for k in kernels.values() if k != chosen]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a PyTorch without priorities: the preferred kernel alone, math as the fallback
+        return sdpa_kernel([chosen, SDPBackend.MATH] if chosen != SDPBackend.MATH else [chosen])
+
+
+def set_fused_qkv(model: torch.nn.Module, fused: bool) -> None:
+    """diffusers' fused QKV projections on ``model`` (a UNet or the VAE), or back to separate ones.
+
+    Fusing builds ``to_qkv`` (self-attention) / ``to_kv`` (cross-attention) from the separate weights;
+    the separate projections then become views into the fused weights, so both ways share one copy
+    (no extra memory) and switching back is only a change of attention processor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    if not fused:
+        model.set_attn_processor(AttnProcessor2_0())
+        return
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    with torch.no_grad():
+        for attn in attentions:
+            if getattr(attn, "fused_projections", False):
+                continue
+            attn.fuse_projections(fuse=True)
+            if attn.is_cross_attention:
+                fused_layer, parts = attn.to_kv, (attn.to_k, attn.to_v)
+            else:
+                fused_layer, parts = attn.to_qkv, (attn.to_q, attn.to_k, attn.to_v)
+            start = 0
+            for part in parts:
+                rows = part.weight.shape[0]
+                part.weight.data = fused_layer.weight.data[start : start + rows]
+                if part.bias is not None and fused_layer.bias is not None:
+                    part.bias.data = fused_layer.bias.data[start : start + rows]
+                start += rows
+    model.set_attn_processor(FusedAttnProcessor2_0())
+
+
 @dataclass(frozen=True)
 class StepSplit:
     """How a schedule of ``steps`` divides between base and refiner."""
@@ -58,7 +203,11 @@ class SDXLEngine:
     """One loaded preset, ready to render batches. Not thread-safe: hold ``lock`` around use."""
 
     def __init__(
-        self, pipes: sdxl.SDXLPipelines, *, model_id: str, channels_last: bool = True, compile_mode: str = ""
+        self,
+        pipes: sdxl.SDXLPipelines,
+        *,
+        model_id: str,
+        options: EngineOptions | None = None,
     ) -> None:
         self.pipes = pipes
         self.base = pipes.base
@@ -70,41 +219,88 @@ class SDXLEngine:
         # A plain Lock (not RLock): a generator holding it may be closed from another thread.
         self.lock = threading.Lock()
         self.style = StyleSlot(self.base)
-        self.compile_mode = compile_mode
+        self.options = EngineOptions(fuse_qkv=False, channels_last=False)  # as loaded
         self.compiled = False
         self._negative: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._splits: dict[tuple[int, float], StepSplit] = {}
         self.batches_rendered = 0
         self.frames_rendered = 0
+        # Device seconds per stage over every batch since the last reset_stage_seconds().
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         for pipe in self._pipes():
             pipe.set_progress_bar_config(disable=True)
-            if channels_last and self.device.type == "cuda":
-                pipe.unet.to(memory_format=torch.channels_last)
-        if channels_last and self.device.type == "cuda":
-            self.base.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             # Shapes repeat batch after batch: let cuDNN time its convolution algorithms once per shape.
             torch.backends.cudnn.benchmark = True
         self.attention = check_sdpa(self._pipes())
-        if compile_mode:
-            self.compile(compile_mode)
+        self.configure(options or EngineOptions())
 
     def _pipes(self):
         return [p for p in (self.base, self.refiner) if p is not None]
 
+    def _models(self) -> list[torch.nn.Module]:
+        """Both UNets and the (shared) VAE, each once."""
+        return [p.unet for p in self._pipes()] + [self.base.vae]
+
+    @property
+    def compile_mode(self) -> str:
+        return self.options.compile_mode
+
+    def configure(self, options: EngineOptions) -> None:
+        """Apply ``options`` to the loaded weights (undoing a previous compile first)."""
+        self.uncompile()
+        channels_last = options.channels_last and self.device.type == "cuda"
+        if channels_last != (self.options.channels_last and self.device.type == "cuda"):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            for model in self._models():
+                model.to(memory_format=fmt)
+        if options.fuse_qkv != self.options.fuse_qkv:
+            for model in self._models():
+                set_fused_qkv(model, options.fuse_qkv)
+        self.options = replace(options, compile_mode="")
+        self.attention = check_sdpa(self._pipes())
+        if options.compile_mode:
+            self.compile(options.compile_mode)
+        log.info("engine: %s", self.options.describe())
+
+    def _compile_targets(self) -> list[torch.nn.Module]:
+        targets = [p.unet for p in self._pipes()]
+        if self.options.compile_vae:
+            targets.append(self.base.vae.decoder)
+        return targets
+
     def compile(self, mode: str | None = None) -> None:
-        """torch.compile both UNets in place (first batches of each shape pay the compile time)."""
+        """torch.compile both UNets (and the VAE decoder) in place; the first batch of each shape pays
+        the compile time."""
         if self.compiled:
             return
-        mode = mode or self.compile_mode or "default"
-        import torch._inductor.config as inductor
-
-        inductor.conv_1x1_as_mm = True  # SDXL's 1×1 convolutions as matmuls (diffusers' SDXL advice)
-        for pipe in self._pipes():
-            pipe.unet.compile(mode=mode, fullgraph=True)
+        mode = mode or self.options.compile_mode or "default"
+        self.options = replace(self.options, compile_mode=mode)
+        options = inductor_options(mode, tuning=self.options.compile_tuning)
+        for module in self._compile_targets():
+            module.compile(fullgraph=True, options=options)
         self.compiled = True
-        self.compile_mode = mode
-        log.info("compiled the UNets (mode %s)", mode)
+        log.info("compiled %s", self.options.describe())
+
+    def uncompile(self) -> None:
+        """Back to eager modules, dropping every compiled graph (used when options change)."""
+        if not self.compiled:
+            return
+        for module in [p.unet for p in self._pipes()] + [self.base.vae.decoder]:
+            module._compiled_call_impl = None  # what nn.Module.compile set
+        torch._dynamo.reset()
+        self.compiled = False
+        self.options = replace(self.options, compile_mode="")
+
+    def reset_stage_seconds(self) -> None:
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     # --- style ----------------------------------------------------------------------------------------
     def set_style(self, style: StyleEmbedding | None) -> None:
@@ -157,6 +353,7 @@ class SDXLEngine:
         split = self.step_split(params)
         batch = len(prompts)
         guided = params.guidance_scale > 1.0
+        marks = [self._mark()]
         embeds, _, pooled, _ = self.base.encode_prompt(
             prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
@@ -172,35 +369,54 @@ class SDXLEngine:
             output_type="latent",
         )
         refine = split.refiner > 0
-        latents = self.base(
-            prompt_embeds=embeds,
-            negative_prompt_embeds=negative,
-            pooled_prompt_embeds=pooled,
-            negative_pooled_prompt_embeds=negative_pooled,
-            height=params.height,
-            width=params.width,
-            denoising_end=params.high_noise_fraction if refine else None,
-            **common,
-        ).images
-        if refine:
-            # The refiner conditions on text_encoder_2 only: the last d2 features of the base's embeddings.
-            d2 = self.base.text_encoder_2.config.hidden_size
-            latents = self.refiner(
-                prompt_embeds=embeds[..., -d2:],
-                negative_prompt_embeds=None if negative is None else negative[..., -d2:],
+        marks.append(self._mark())
+        with sdpa_context(self.options.sdpa_backend):
+            latents = self.base(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=negative,
                 pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=negative_pooled,
-                image=latents,
-                denoising_start=params.high_noise_fraction,
+                height=params.height,
+                width=params.width,
+                denoising_end=params.high_noise_fraction if refine else None,
                 **common,
             ).images
-        images = self.decode(latents)
+            marks.append(self._mark())
+            if refine:
+                # The refiner conditions on text_encoder_2 only: the last d2 features of the base's
+                # embeddings.
+                d2 = self.base.text_encoder_2.config.hidden_size
+                latents = self.refiner(
+                    prompt_embeds=embeds[..., -d2:],
+                    negative_prompt_embeds=None if negative is None else negative[..., -d2:],
+                    pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=negative_pooled,
+                    image=latents,
+                    denoising_start=params.high_noise_fraction,
+                    **common,
+                ).images
+        marks.append(self._mark())
+        pixels = self._decode_on_device(latents)
+        marks.append(self._mark())
+        images = pixels.cpu().numpy()  # the one host copy (and sync) per batch
+        self._add_stage_seconds(marks)
         self.batches_rendered += 1
         self.frames_rendered += batch
         return images
 
+    def _add_stage_seconds(self, marks: list) -> None:
+        for stage, (start, end) in zip(STAGES, zip(marks[:-1], marks[1:], strict=True), strict=True):
+            if self.device.type == "cuda":
+                seconds = start.elapsed_time(end) / 1e3  # both recorded before the host copy: done
+            else:
+                seconds = end - start
+            self.stage_seconds[stage] += seconds
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """One VAE decode for the whole batch; uint8 conversion on the device, one copy to the host."""
+        return self._decode_on_device(latents).cpu().numpy()
+
+    def _decode_on_device(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.base.vae
         config = vae.config
         latents = latents.to(vae.dtype)
@@ -211,11 +427,11 @@ class SDXLEngine:
             latents = latents * std_t / config.scaling_factor + mean_t
         else:
             latents = latents / config.scaling_factor
-        if self.device.type == "cuda" and vae.device.type == "cuda":
+        if self.options.channels_last and latents.device.type == "cuda":
             latents = latents.contiguous(memory_format=torch.channels_last)
         pixels = vae.decode(latents, return_dict=False)[0]
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return pixels.permute(0, 2, 3, 1).contiguous()
 
 
 def check_sdpa(pipes) -> str:
@@ -296,13 +512,7 @@ def load_engine(
     model_paths: dict[str, str],
     cache_dir: Path,
     device: str = "auto",
-    channels_last: bool = True,
-    compile_mode: str = "",
+    options: EngineOptions | None = None,
 ) -> SDXLEngine:
     pipes = sdxl.load_sdxl(preset, model_paths=model_paths, cache_dir=cache_dir, device=device)
-    return SDXLEngine(
-        pipes,
-        model_id=model_id(preset, model_paths, cache_dir),
-        channels_last=channels_last,
-        compile_mode=compile_mode,
-    )
+    return SDXLEngine(pipes, model_id=model_id(preset, model_paths, cache_dir), options=options)

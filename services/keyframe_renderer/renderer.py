@@ -28,7 +28,7 @@ from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, No
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story, load_story
 
-from .engine import EngineCache, SDXLEngine, load_engine
+from .engine import EngineCache, EngineOptions, SDXLEngine, load_engine
 from .frames import FrameRecipe, StoredFrame, find_done, write_frame
 from .options import (
     FrameSelection,
@@ -138,8 +138,7 @@ class Renderer:
             model_paths=s.model_paths,
             cache_dir=self.cache_dir,
             device=s.device,
-            channels_last=s.channels_last,
-            compile_mode=s.compile_mode if s.compile else "",
+            options=EngineOptions.from_settings(s),
         )
 
     def engine(self, preset: str | None = None) -> SDXLEngine:

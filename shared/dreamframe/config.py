@@ -159,6 +159,19 @@ class RendererSettings(BaseModel):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
         "default"
     )
+    # When compiling, also compile the VAE decoder (one call per batch, at full resolution: eager it ran
+    # at 103 TFLOP/s on an H100 while the UNets ran at ~350).
+    compile_vae: bool = True
+    # diffusers' inductor settings for SDXL on top of conv_1x1_as_mm (always on when compiling):
+    # coordinate-descent tuning of the Triton kernels in all directions, no epilogue fusion. Longer
+    # compiles; passed to our torch.compile calls only.
+    compile_tuning: bool = False
+    # Fused QKV projections (one matmul for q, k, v; one for k, v in cross-attention) in both UNets and
+    # the VAE (diffusers' fuse_qkv_projections; the old projections become views of the fused weights).
+    fuse_qkv: bool = True
+    # The SDPA kernel preferred in the UNets while denoising. "auto": PyTorch's own choice; the others
+    # go first in PyTorch's priority order, which falls back where that kernel can't run the shapes.
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     # channels-last memory format for UNets and VAE on GPUs (faster convolutions on tensor cores).
     channels_last: bool = True
     # Presets kept loaded at once (least recently used ones are dropped to make room).
