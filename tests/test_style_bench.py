@@ -67,10 +67,30 @@ def test_bench_runs_on_cpu_with_the_tiny_preset(tmp_path, tmp_path_factory, caps
         "--cache-dir",
         str(tmp_path_factory.getbasetemp() / "style-models"),
     ]
-    result = bench.main([*args, "--steps", "2", "--warmup", "1", "--images", "2", "--json", str(out)])
+    result = bench.main(
+        [*args, "--steps", "2", "--warmup", "1", "--images", "2", "--json", str(out)]
+        + ["--variants", "default,previous,read-every-step"]
+    )
     printed = capsys.readouterr().out
     assert "per optimizer step" in printed and "compute floor" in printed and "MFU" in printed
     saved = json.loads(out.read_text())
+    # one model and one set of latents for all variants; the same training in each
+    assert [v["name"] for v in saved["variants"]] == ["default", "previous", "read-every-step"]
+    assert len({v["final_loss"] for v in saved["variants"]}) == 1
+    assert saved["variant"] == "default"
+    assert saved["seconds_per_pass"] == saved["variants"][0]["seconds_per_pass"]
+    assert all(v["estimate_over_floor"] > 0 and v["warmup_seconds"] >= 0 for v in saved["variants"])
     assert saved["reference_passes"] == 800 and saved["cached_latents"] == 4 and saved["resolution"] == 64
     assert saved["seconds_per_step"] > 0 and saved["flops_per_pass"] > 0 and 0 < saved["mfu"] < 1
     assert result["reference_estimate_seconds"] >= 800 * result["seconds_per_pass"]
+
+
+def test_attention_shapes_of_sdxl_at_768_px():
+    config = build_random_sdxl("meta", torch.bfloat16).base.unet.config
+    # (tokens, heads, head dim, transformer layers): 48² at 640 channels, 24² at 1280 (mid block included)
+    assert bench.attention_shapes(config, 96) == [(2304, 10, 64, 10), (576, 20, 64, 60)]
+
+
+def test_unknown_variants_are_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "default,fastest"])

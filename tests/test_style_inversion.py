@@ -79,22 +79,30 @@ def trained(pipes, keyword: str = "Dramatic", options: TrainOptions = FAST) -> T
 
 def test_only_the_token_rows_change_and_the_shared_pipeline_is_untouched(pipes):
     shared = (pipes.base.text_encoder, pipes.base.text_encoder_2)
-    before = [encoder.get_input_embeddings().weight.detach().clone() for encoder in shared]
+    before = [{name: t.detach().clone() for name, t in e.state_dict().items()} for e in shared]
+    tables = [encoder.get_input_embeddings().weight.detach().clone() for encoder in shared]
+    initial = TextualInversion(pipes, "Dramatic", FAST).rows()  # the same seed: the same start
     ti = trained(pipes)
     assert ti.added and ti.token == "Dramatic"
-    for weight, original, initial, token_id, encoder in zip(
-        ti.weights, before, ti.originals, ti.token_ids, shared, strict=True
+    rendering = (ti.pipeline.text_encoder, ti.pipeline.text_encoder_2)
+    for encoder, own, original, table, token_id, start, row in zip(
+        shared, rendering, before, tables, ti.token_ids, initial, ti.rows(), strict=True
     ):
-        assert token_id == original.shape[0] and weight.shape[0] == original.shape[0] + 1  # a new token
+        weight = own.get_input_embeddings().weight.detach()
+        assert token_id == table.shape[0] and weight.shape[0] == table.shape[0] + 1  # a new token
         # every other row bit-identical after 6 optimizer steps with weight decay
-        assert (weight.detach()[:token_id] - original).abs().max().item() == 0
-        assert (weight.detach()[token_id] - initial[token_id]).abs().max() > 0, "the token's row learned"
-        assert torch.equal(encoder.get_input_embeddings().weight, original), "shared encoder modified"
+        assert (weight[:token_id] - table).abs().max().item() == 0
+        assert torch.equal(weight[token_id], row)
+        assert (row - start).abs().max() > 0, "the token's row learned"
+        # nothing of the loaded encoders changed
+        assert all(torch.equal(t, original[name]) for name, t in encoder.state_dict().items())
     assert single_token_ids(pipes.base, "Dramatic") is None, "shared tokenizer modified"
-    for encoder in ti.encoders:  # nothing but the token embedding can learn
-        trainable = [p for p in encoder.parameters() if p.requires_grad]
-        assert len(trainable) == 1 and trainable[0] is encoder.get_input_embeddings().weight
-    assert not any(p.requires_grad for p in pipes.base.unet.parameters())
+    # nothing but the two token rows can learn
+    trainable = [p for p in ti.prompt_encoder.parameters() if p.requires_grad]
+    assert len(trainable) == 2 and all(a is b for a, b in zip(trainable, ti.prompt_encoder.rows, strict=True))
+    assert [p.shape[0] for p in trainable] == [32, 48]
+    for module in (pipes.base.unet, *shared):
+        assert not any(p.requires_grad for p in module.parameters())
 
 
 def test_init_rows_are_small_random(pipes):
@@ -176,7 +184,10 @@ def test_a_single_token_keyword_trains_its_own_row(pipes, load_tiny):
     ti = trained(pipes, keyword="x")
     assert not ti.added
     assert ti.token_ids == single_token_ids(pipes.base, "x")
-    assert ti.weights[0].shape == pipes.base.text_encoder.get_input_embeddings().weight.shape
+    assert (
+        ti.pipeline.text_encoder.get_input_embeddings().weight.shape
+        == pipes.base.text_encoder.get_input_embeddings().weight.shape
+    )
     fresh = load_tiny().base
     apply_embedding(
         fresh, StyleEmbedding.from_reference_pt(ti.embedding().to_reference_pt(), "x", dims=(32, 48))
@@ -233,3 +244,78 @@ def test_batched_accumulation_gives_the_same_embedding_as_pass_by_pass(pipes):
         assert not torch.equal(a, torch.zeros_like(a))
     # and the reported loss is the same mean over the step's samples
     assert sequential.last_loss == pytest.approx(batched.last_loss, rel=1e-4)
+
+
+def assert_same_embedding(a: TextualInversion, b: TextualInversion, atol: float = 1e-5) -> None:
+    for x, y in zip(a.rows(), b.rows(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+def test_trainings_in_one_process_keep_their_own_rows(pipes):
+    # They share one prompt encoder (compiled once per process); each binds its rows in when it runs.
+    options = dataclasses.replace(FAST, max_train_steps=4)
+    solo = trained(pipes, options=options)
+    first = TextualInversion(pipes, "Dramatic", options)
+    first.encode_images(images())
+    stop_after = iter([False, True])
+    assert [r.step for r in first.train(should_stop=lambda: next(stop_after))] == [1, 2]
+    other = trained(pipes, keyword="x", options=dataclasses.replace(options, seed=7))
+    other_rows = other.rows()
+    assert [r.step for r in first.train()] == [3, 4]
+    for x, y in zip(first.rows(), solo.rows(), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(other.rows(), other_rows, strict=True):
+        assert torch.equal(x, y) and not torch.equal(x, first.rows()[0][: x.shape[0]])
+
+
+def test_losses_read_in_bunches_are_the_same_losses(pipes):
+    options = dataclasses.replace(FAST, max_train_steps=7)
+
+    def run(**change) -> list[tuple[int, int, float]]:
+        ti = TextualInversion(pipes, "Dramatic", dataclasses.replace(options, **change))
+        ti.encode_images(images())
+        return [(r.step, ti.step, r.loss) for r in ti.train()]
+
+    each = run(loss_read_every=1)
+    assert [(step, at) for step, at, _ in each] == [(s, s) for s in range(1, 8)]
+    bunched = run(loss_read_every=4)
+    # read when four are waiting, and at the end (CPU: no lag)
+    assert [at for _, at, _ in bunched] == [4, 4, 4, 4, 7, 7, 7]
+    assert [loss for *_, loss in bunched] == [loss for *_, loss in each]
+    # a checkpoint step is always reported while the trainer is at it
+    at_checkpoints = run(loss_read_every=4, checkpoint_every=3)
+    assert [at for _, at, _ in at_checkpoints] == [3, 3, 3, 6, 6, 6, 7]
+
+
+def test_channels_last_and_math_attention_train_the_same_embedding(pipes):
+    options = dataclasses.replace(FAST, max_train_steps=4)
+    plain = trained(pipes, options=options)
+    fast = trained(pipes, options=dataclasses.replace(options, channels_last=True, attention_backend="math"))
+    assert pipes.base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_embedding(plain, fast)
+    trained(pipes, options=options)  # the default turns the layout back
+    assert pipes.base.unet.conv_in.weight.is_contiguous()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_without_graph_breaks(load_tiny, monkeypatch):
+    from services.style_trainer import inversion
+
+    pipes = load_tiny()  # its own modules: the compiled ones stay with them
+    # The real compile's tracing (no graph break in either module: CUDA graphs cover each whole), with
+    # the eager backend (inductor's CPU code generation would take minutes here).
+    monkeypatch.setattr(
+        inversion, "_compile", lambda module, mode: torch.compile(module, backend="aot_eager", fullgraph=True)
+    )
+    options = dataclasses.replace(FAST, max_train_steps=3)
+    eager = trained(pipes, options=options)
+    text_only = trained(pipes, options=dataclasses.replace(options, compile_text_encoders=True))
+    assert text_only._compiled_prompts is not None and text_only._compiled_unet is None
+    both = trained(pipes, options=dataclasses.replace(options, compile=True))
+    assert both._compiled_prompts is not None and both._compiled_unet is not None
+    unet_only = trained(
+        pipes, options=dataclasses.replace(options, compile=True, compile_text_encoders=False)
+    )
+    assert unet_only._compiled_prompts is None
+    for other in (text_only, both, unet_only):
+        assert_same_embedding(eager, other)

@@ -70,6 +70,8 @@ def test_schedule_scales_to_other_lengths():
         ({"lr_stages": ((4, 1e-3), (0, 1e-4))}, "options.lr_stages.1"),
         ({"templates": ("no placeholder",)}, "options.templates.0"),
         ({"checkpoint_every": -1}, "options.checkpoint_every"),
+        ({"loss_read_every": 0}, "options.loss_read_every"),
+        ({"attention_backend": "fastest"}, "options.attention_backend"),
     ],
 )
 def test_bad_train_options_name_the_field(change, field):
@@ -90,6 +92,19 @@ def test_bad_image_options_name_the_field(change, field):
     with pytest.raises(InvalidArgument) as info:
         validate_images(dataclasses.replace(ImageOptions(), **change))
     assert info.value.field == field
+
+
+def test_speed_options_do_not_change_the_fingerprint():
+    fast = dataclasses.replace(
+        TrainOptions(),
+        compile=True,
+        compile_text_encoders=True,
+        channels_last=True,
+        loss_read_every=10,
+        attention_backend="cudnn",
+        batch_accumulation=True,
+    )
+    assert fast.fingerprint_fields() == TrainOptions().fingerprint_fields()
 
 
 def test_resolution_is_768_capped_at_the_model_size():

@@ -169,6 +169,22 @@ def test_zero_options_mean_the_reference_defaults():
     assert options.images.num_images == 20 and options.images.steps == 40
 
 
+def test_speed_settings_reach_the_training_options():
+    settings = StyleSettings(
+        compile=True,
+        compile_text_encoders=False,
+        channels_last=True,
+        loss_read_every=5,
+        attention_backend="cudnn",
+    )
+    train = options_from_proto(style_pb2.StyleOptions(), settings).train
+    assert train.compile and train.compile_text_encoders is False and train.channels_last
+    assert train.loss_read_every == 5 and train.attention_backend == "cudnn"
+    defaults = options_from_proto(style_pb2.StyleOptions(), StyleSettings()).train
+    assert (defaults.compile_text_encoders, defaults.loss_read_every) == (None, None)
+    assert defaults.channels_last is False and defaults.attention_backend == "auto"
+
+
 def test_a_caller_that_leaves_stops_the_training_at_a_checkpoint(store, servicer):
     ref = story_ref(store, "leave")
     long = style_pb2.StyleOptions(preset="tiny", num_style_images=1, max_train_steps=500, image_steps=1)

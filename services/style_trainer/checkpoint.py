@@ -1,9 +1,9 @@
 """Resumable training state: the two trained rows, their AdamW moments and the step.
 
-Only the trained rows are kept: the gradient of every other row is zeroed before each optimizer step,
-so their AdamW moments stay exactly zero and the full state is rebuilt from the rows losslessly
-(a few KB instead of two 49408-row matrices). Stored as safetensors (no pickle) with the step and a
-fingerprint of the training inputs in the metadata, so a checkpoint of a different request is ignored.
+The two trained rows are the whole optimizer state (they are the only trainable tensors; the rest of
+the embedding tables never changes): a few KB instead of two 49408-row matrices. Stored as safetensors
+(no pickle) with the step and a fingerprint of the training inputs in the metadata, so a checkpoint of a
+different request is ignored.
 """
 
 from __future__ import annotations

@@ -2,18 +2,23 @@
 
 One token row is learned in each encoder (CLIP-L 768, CLIP-bigG 1280): the style keyword itself when it
 is a single token in both tokenizers (as the reference does), otherwise the keyword added as a new token
-to both. Everything else is frozen; the gradient of every other row is zeroed and every other row is
-restored after each optimizer step, so they stay bit-identical.
+to both. The two rows are the only trainable tensors: the encoders' lookups put them in at the token's
+positions, and every other weight (the rest of both embedding tables included) is the loaded model's,
+untouched. That is exactly the reference's update (its gradient masking, per-encoder clipping, AdamW and
+row restoring act on the token's row alone) without gradients, optimizer state or restores over two
+49408-row tables.
 
 Where the time goes and what is done about it:
 - the images are encoded by the VAE once, before the loop (mean and std of the latent distribution
   are cached; each pass draws a fresh latent sample and a random crop of it);
 - the prompts (templates × variations) are tokenized once, onto the device;
 - the time ids of every possible crop are tabled on the device;
-- all randomness that feeds tensors is drawn on the device, so the loop never waits on the GPU
-  (the loss is read one step late on GPUs for the same reason);
-- the UNet runs under bf16 autocast on GPUs and only input gradients flow through it (its weights are
-  frozen: the backward pass costs about one forward, not two).
+- all randomness that feeds tensors is drawn on the device, so the loop never waits on the GPU;
+  losses are read to the host in bunches (``loss_read_every``), one step late;
+- the UNet runs in its own bf16 and only input gradients flow through it (its weights are frozen: the
+  backward pass costs about one forward, not two); the text encoders likewise;
+- with ``compile`` the UNet and both text encoders are compiled once per process (CUDA graphs with
+  "reduce-overhead"), the per-request state (rows, token ids) living in the same tensors every time.
 
 The randomness of pass ``p`` is seeded from ``(seed, p)``, so a run resumed from a checkpoint at step k
 draws exactly what the uninterrupted run drew after step k.
@@ -21,9 +26,11 @@ draws exactly what the uninterrupted run drew after step k.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,39 +71,127 @@ class StepReport:
     eta: float  # seconds left (estimate)
 
 
+class TokenEmbedding(torch.nn.Module):
+    """A text encoder's token lookup with one trainable fp32 row put in wherever ``token_id`` occurs.
+
+    The table is the loaded model's (shared, frozen); ids past its end (a token added to the tokenizer)
+    look up its last row and are then replaced. The row is fp32 (in bf16, steps of ~1e-4 on values of
+    ~1e-2 round away) and cast to the table's dtype after the lookup, as the encoder computes at
+    inference with the row in its table."""
+
+    def __init__(self, table: torch.nn.Embedding) -> None:
+        super().__init__()
+        self.table = table
+        weight = table.weight
+        self.row = torch.nn.Parameter(torch.zeros(weight.shape[1], device=weight.device, dtype=torch.float32))
+        self.register_buffer("token_id", torch.tensor(-1, device=weight.device), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.table.weight
+        looked_up = F.embedding(ids.clamp(max=weight.shape[0] - 1), weight)
+        mixed = torch.where((ids == self.token_id)[..., None], self.row, looked_up.float())
+        return mixed.to(weight.dtype)
+
+
+class PromptEncoder(torch.nn.Module):
+    """SDXL's ``encode_prompt`` on token ids, differentiable in the two token rows: the penultimate
+    hidden states of both encoders side by side, and the second encoder's pooled (projected) output.
+
+    Built once per loaded model (``prompt_encoder_for``) over structural copies of its text encoders that
+    share every weight with them, so it is compiled once per process; each training binds its own rows
+    and token ids into the same tensors (``TextualInversion._bind``)."""
+
+    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = _sharing_copy(text_encoder)
+        self.text_encoder_2 = _sharing_copy(text_encoder_2)
+        self.requires_grad_(False)
+        self.lookups = []
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            lookup = TokenEmbedding(encoder.get_input_embeddings())
+            encoder.set_input_embeddings(lookup)
+            if encoder.get_input_embeddings() is not lookup:
+                raise FailedPrecondition("cannot replace the text encoder's token lookup", field="preset")
+            lookup.row.requires_grad_(True)
+            self.lookups.append(lookup)
+        self.owner: weakref.ref | None = None  # the training whose rows are in
+        self.source_2 = weakref.ref(text_encoder_2)
+
+    @property
+    def rows(self) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        return self.lookups[0].row, self.lookups[1].row
+
+    def forward(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_1 = self.text_encoder(ids_1, output_hidden_states=True)
+        out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
+        return torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
+
+
+def _sharing_copy(module: torch.nn.Module, *, except_: Sequence[torch.Tensor] = ()) -> torch.nn.Module:
+    """A copy of the module's structure and config that shares its parameters and buffers (but the
+    tensors in ``except_``, which are copied)."""
+    own = {id(t) for t in except_}
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in own}
+    return copy.deepcopy(module, memo)
+
+
+# One prompt encoder per loaded text encoder (the value holds no reference to its key: it only shares
+# the key's tensors, so the entry goes with the model).
+_PROMPT_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prompt_encoder_for(base) -> PromptEncoder:
+    """The prompt encoder over a pipeline's two text encoders (made on first use)."""
+    encoder = _PROMPT_ENCODERS.get(base.text_encoder)
+    if encoder is None or encoder.source_2() is not base.text_encoder_2:
+        encoder = _PROMPT_ENCODERS[base.text_encoder] = PromptEncoder(base.text_encoder, base.text_encoder_2)
+    return encoder
+
+
+class PhaseTimer:
+    """GPU time between marks (CUDA events, no host syncs), summed per phase: the interval that ends at
+    a mark is the mark's phase."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, torch.cuda.Event]] = []
+
+    def mark(self, phase: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append((phase, event))
+
+    def seconds(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for (_, start), (phase, end) in zip(self.events, self.events[1:], strict=False):
+            totals[phase] = totals.get(phase, 0.0) + start.elapsed_time(end) / 1e3
+        return totals
+
+
 class TextualInversion:
-    """Learns the style token on private copies of the text encoders and tokenizers: the shared,
-    loaded-once pipeline is never modified (apart from freezing its UNet/VAE weights)."""
+    """Learns the style token. The loaded pipeline is never modified, apart from freezing the weights of
+    its UNet, VAE and text encoders and (``channels_last``) the UNet's memory format."""
 
     def __init__(self, pipes: SDXLPipelines, keyword: str, options: TrainOptions) -> None:
-        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+        from diffusers import DDPMScheduler
 
         base = pipes.base
+        self.base = base
         self.options = options
         self.device = pipes.device
         self.resolution = resolve_resolution(options, pipes.resolution)
+        self.vae_scale_factor = base.vae_scale_factor
         # Autocast only casts fp32 weights: a UNet already in bf16 runs bf16 without it, and skipping its
         # per-op casts cut a pass from 211 to 183 ms on an H200 (these passes are launch-bound).
         self.autocast = (
             options.mixed_precision == "bf16"
             or (options.mixed_precision == "auto" and self.device.type == "cuda")
         ) and base.unet.dtype == torch.float32
-        base.unet.requires_grad_(False)
-        base.vae.requires_grad_(False)
-        text_encoder = copy.deepcopy(base.text_encoder).requires_grad_(False)
-        text_encoder_2 = copy.deepcopy(base.text_encoder_2).requires_grad_(False)
-        # A pipeline over the copies: it renders with the embedding as trained ("in place").
-        self.pipeline = StableDiffusionXLPipeline(
-            vae=base.vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=copy.deepcopy(base.tokenizer),
-            tokenizer_2=copy.deepcopy(base.tokenizer_2),
-            unet=base.unet,
-            scheduler=type(base.scheduler).from_config(base.scheduler.config),
-            add_watermarker=False,
+        for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+            module.requires_grad_(False)
+        self.tokenizers = types.SimpleNamespace(
+            tokenizer=copy.deepcopy(base.tokenizer), tokenizer_2=copy.deepcopy(base.tokenizer_2)
         )
-        self.pipeline.set_progress_bar_config(disable=True)
         prediction_type = base.scheduler.config.get("prediction_type", "epsilon")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise FailedPrecondition(
@@ -110,33 +205,19 @@ class TextualInversion:
             clip_sample=False,
             prediction_type=prediction_type,
         )
-        self.encoders = (text_encoder, text_encoder_2)
         self.token, self.token_ids, self.added = self._placeholder(keyword)
-        self.weights = []
+        self.prompt_encoder = prompt_encoder_for(base)
         init = torch.Generator().manual_seed(
             int(np.random.SeedSequence([options.seed, 1]).generate_state(1)[0])
         )
-        for encoder, token_id in zip(self.encoders, self.token_ids, strict=True):
-            embedding = encoder.get_input_embeddings()
-            if embedding.weight.dtype != torch.float32:
-                # fp32 master rows (in bf16, steps of ~1e-4 on values of ~1e-2 round away); lookups
-                # are cast to the encoder's dtype, so it computes exactly as it will at inference.
-                embedding.register_forward_hook(_cast_output(embedding.weight.dtype))
-                embedding.to(torch.float32)
-            weight = embedding.weight
-            with torch.no_grad():
-                row = torch.randn(weight.shape[1], generator=init) * options.init_scale
-                weight[token_id] = row.to(device=weight.device, dtype=weight.dtype)
-            weight.requires_grad_(True)
-            self.weights.append(weight)
-        # Every row but the token's, as it was, and the mask that selects them.
-        self.originals = [w.detach().clone() for w in self.weights]
-        self.keep_masks = [
-            (torch.arange(w.shape[0], device=w.device) != token_id)[:, None]
-            for w, token_id in zip(self.weights, self.token_ids, strict=True)
+        # This training's rows while another one holds the prompt encoder (see _bind).
+        self._parked: list[torch.Tensor] | None = [
+            (torch.randn(row.shape[0], generator=init) * options.init_scale).to(row.device)
+            for row in self.prompt_encoder.rows
         ]
+        self._bind()
         self.optimizer = torch.optim.AdamW(
-            self.weights,
+            self.prompt_encoder.rows,
             lr=options.lr_stages[0][1],
             betas=options.adam_betas,
             eps=options.adam_eps,
@@ -150,29 +231,30 @@ class TextualInversion:
             for variation in (options.variations or ("",))
         ]
         self.prompt_ids = [
-            self._tokenize(tokenizer) for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2)
+            self._tokenize(tokenizer)
+            for tokenizer in (self.tokenizers.tokenizer, self.tokenizers.tokenizer_2)
         ]
         self.latents: list[LatentImage] = []
         self.unet = base.unet
         self._compiled_unet = None
+        self._compiled_prompts = None
+        self._pipeline = None
         self._generator = torch.Generator(device=self.device)
         self.last_loss = float("nan")
+        # Set to a PhaseTimer to time the phases of every step on the GPU (benchmarks).
+        self.timer: PhaseTimer | None = None
 
     # --- setup ---------------------------------------------------------------------------------
     def _placeholder(self, keyword: str) -> tuple[str, tuple[int, int], bool]:
         keyword = keyword.strip()
         if not keyword:
             raise InvalidArgument("must not be empty", field="style_keyword")
-        ids = single_token_ids(self.pipeline, keyword)
+        ids = single_token_ids(self.tokenizers, keyword)
         if ids is not None:
             return keyword, ids, False
-        for tokenizer, encoder in zip(
-            (self.pipeline.tokenizer, self.pipeline.tokenizer_2), self.encoders, strict=True
-        ):
+        for tokenizer in (self.tokenizers.tokenizer, self.tokenizers.tokenizer_2):
             tokenizer.add_tokens(keyword)
-            if len(tokenizer) > encoder.get_input_embeddings().weight.shape[0]:
-                encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        ids = single_token_ids(self.pipeline, keyword)
+        ids = single_token_ids(self.tokenizers, keyword)
         if ids is None:
             raise FailedPrecondition(f"cannot make {keyword!r} a single token", field="style_keyword")
         return keyword, ids, True
@@ -187,9 +269,70 @@ class TextualInversion:
         ).input_ids
         return ids.to(self.device)
 
+    def _bind(self) -> None:
+        """Put this training's rows and token ids into the shared prompt encoder (parking the rows of
+        the training that held it), so its compiled graphs see them."""
+        encoder = self.prompt_encoder
+        holder = encoder.owner() if encoder.owner is not None else None
+        if holder is self:
+            return
+        if holder is not None:
+            holder._parked = [row.detach().clone() for row in encoder.rows]
+        with torch.no_grad():
+            for lookup, row, token_id in zip(encoder.lookups, self._parked, self.token_ids, strict=True):
+                lookup.row.copy_(row)
+                lookup.row.grad = None
+                lookup.token_id.fill_(token_id)
+        encoder.owner = weakref.ref(self)
+        self._parked = None
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the current token rows (fp32, [768] and [1280] for SDXL)."""
+        rows = self._parked if self._parked is not None else self.prompt_encoder.rows
+        return rows[0].detach().clone(), rows[1].detach().clone()
+
+    @property
+    def pipeline(self):
+        """An SDXL pipeline with the embedding as trained so far in its text encoders (their tables are
+        copies; every other weight is the loaded model's): renders what the saved embedding renders."""
+        from diffusers import StableDiffusionXLPipeline
+
+        base = self.base
+        if self._pipeline is None:
+            encoders = []
+            for encoder, tokenizer in (
+                (base.text_encoder, self.tokenizers.tokenizer),
+                (base.text_encoder_2, self.tokenizers.tokenizer_2),
+            ):
+                own = _sharing_copy(encoder, except_=[encoder.get_input_embeddings().weight])
+                if len(tokenizer) > own.get_input_embeddings().weight.shape[0]:
+                    own.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+                encoders.append(own.requires_grad_(False))
+            self._pipeline = StableDiffusionXLPipeline(
+                vae=base.vae,
+                text_encoder=encoders[0],
+                text_encoder_2=encoders[1],
+                tokenizer=self.tokenizers.tokenizer,
+                tokenizer_2=self.tokenizers.tokenizer_2,
+                unet=base.unet,
+                scheduler=type(base.scheduler).from_config(base.scheduler.config),
+                add_watermarker=False,
+            )
+            self._pipeline.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            for encoder, token_id, row in zip(
+                (self._pipeline.text_encoder, self._pipeline.text_encoder_2),
+                self.token_ids,
+                self.rows(),
+                strict=True,
+            ):
+                weight = encoder.get_input_embeddings().weight
+                weight[token_id] = row.to(weight.dtype)
+        return self._pipeline
+
     def encode_images(self, images: Sequence[Image.Image]) -> None:
         """VAE-encode every image (and its mirror image) once; the loop only samples and crops."""
-        vae = self.pipeline.vae
+        vae = self.base.vae
         scale = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         items = [
@@ -197,7 +340,7 @@ class TextualInversion:
             for image in images
             for mirrored in ((False, True) if self.options.mirror else (False,))
         ]
-        crop = self.resolution // self.pipeline.vae_scale_factor
+        crop = self.resolution // self.vae_scale_factor
         self.latents = []
         upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
         if upcast:
@@ -220,7 +363,7 @@ class TextualInversion:
                 vae.to(torch.float16)
 
     def _time_id_table(self, image: Image.Image, mean: torch.Tensor, crop: int) -> torch.Tensor:
-        factor = self.pipeline.vae_scale_factor
+        factor = self.vae_scale_factor
         h, w = mean.shape[1:]
         table = torch.tensor(
             [
@@ -235,41 +378,36 @@ class TextualInversion:
         return table.to(self.device)
 
     def load_state(self, state: TrainingState) -> None:
-        """Continue from a checkpoint: rows, AdamW moments (zero outside the rows) and step."""
+        """Continue from a checkpoint: rows, AdamW moments and step."""
+        self._bind()
         full = self.optimizer.state_dict()
         full["state"] = {}
         with torch.no_grad():
-            for index, (name, weight, token_id) in enumerate(
-                zip(ENCODERS, self.weights, self.token_ids, strict=True)
-            ):
-                weight[token_id] = state.rows[name].to(weight.device, weight.dtype)
-                exp_avg = torch.zeros_like(weight)
-                exp_avg_sq = torch.zeros_like(weight)
-                exp_avg[token_id] = state.exp_avg[name].to(weight.device, weight.dtype)
-                exp_avg_sq[token_id] = state.exp_avg_sq[name].to(weight.device, weight.dtype)
+            for index, (name, row) in enumerate(zip(ENCODERS, self.prompt_encoder.rows, strict=True)):
+                row.copy_(state.rows[name].to(row.device, row.dtype))
                 full["state"][index] = {
                     "step": torch.tensor(state.adam_step, dtype=torch.float32),
-                    "exp_avg": exp_avg,
-                    "exp_avg_sq": exp_avg_sq,
+                    "exp_avg": state.exp_avg[name].to(row.device, row.dtype).clone(),
+                    "exp_avg_sq": state.exp_avg_sq[name].to(row.device, row.dtype).clone(),
                 }
         self.optimizer.load_state_dict(full)
         self.step = state.step
 
     def state(self, loss: float = float("nan")) -> TrainingState:
+        self._bind()
         rows, exp_avg, exp_avg_sq, adam_step = {}, {}, {}, 0.0
-        for name, weight, token_id in zip(ENCODERS, self.weights, self.token_ids, strict=True):
-            rows[name] = weight.detach()[token_id].float().cpu()
-            moments = self.optimizer.state.get(weight, {})
-            zero = torch.zeros(weight.shape[1])
-            exp_avg[name] = moments["exp_avg"][token_id].float().cpu() if moments else zero
-            exp_avg_sq[name] = moments["exp_avg_sq"][token_id].float().cpu() if moments else zero
+        for name, row in zip(ENCODERS, self.prompt_encoder.rows, strict=True):
+            # Copies (on a CPU, .cpu() would alias the live tensors).
+            rows[name] = row.detach().float().cpu().clone()
+            moments = self.optimizer.state.get(row, {})
+            zero = torch.zeros(row.shape[0])
+            exp_avg[name] = moments["exp_avg"].float().cpu().clone() if moments else zero
+            exp_avg_sq[name] = moments["exp_avg_sq"].float().cpu().clone() if moments else zero
             adam_step = float(moments["step"]) if moments else 0.0
         return TrainingState(self.step, rows, exp_avg, exp_avg_sq, adam_step, loss)
 
     def embedding(self) -> StyleEmbedding:
-        rows = [
-            w.detach()[i].float().cpu().clone() for w, i in zip(self.weights, self.token_ids, strict=True)
-        ]
+        rows = [row.cpu() for row in self.rows()]
         return StyleEmbedding(self.token, rows[0], rows[1])
 
     # --- the loop ------------------------------------------------------------------------------
@@ -282,7 +420,7 @@ class TextualInversion:
         cpu_seed, device_seed = self._seeds(pass_index)
         choose = random.Random(cpu_seed)
         generator = self._generator.manual_seed(device_seed)
-        crop = self.resolution // self.pipeline.vae_scale_factor
+        crop = self.resolution // self.vae_scale_factor
         latents, time_ids, prompts = [], [], []
         for _ in range(self.options.batch_size):
             item = self.latents[choose.randrange(len(self.latents))]
@@ -302,8 +440,14 @@ class TextualInversion:
         ids = [torch.stack([table[p] for p in prompts]) for table in self.prompt_ids]
         return latents, noise, timesteps, ids, torch.stack(time_ids)
 
-    def _loss(self, *pass_indices: int) -> torch.Tensor:
-        """Mean loss over the samples of the given passes (one forward for all of them)."""
+    def _mark(self, phase: str) -> None:
+        if self.timer is not None:
+            self.timer.mark(phase)
+
+    def _loss(self, *pass_indices: int, compiled: bool = True) -> torch.Tensor:
+        """Mean loss over the samples of the given passes (one forward for all of them); ``compiled``:
+        through the compiled modules where training compiled them."""
+        self._bind()
         parts = [self._batch(p) for p in pass_indices]
         latents, noise, timesteps, time_ids = (torch.cat([part[i] for part in parts]) for i in (0, 1, 2, 4))
         ids_1, ids_2 = (torch.cat([part[3][k] for part in parts]) for k in (0, 1))
@@ -312,9 +456,17 @@ class TextualInversion:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        unet = self._compiled_unet if self._compiled_unet is not None else self.unet
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            prompt_embeds, pooled = self.encode_prompts(ids_1, ids_2)
+        encode, unet = self.prompt_encoder, self.unet
+        if compiled and self._compiled_prompts is not None:
+            encode = self._compiled_prompts
+        if compiled and self._compiled_unet is not None:
+            unet = self._compiled_unet
+        self._mark("batch")
+        with self._attention(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            prompt_embeds, pooled = encode(ids_1, ids_2)
+            self._mark("text_forward")
+            if self.timer is not None and prompt_embeds.requires_grad:
+                prompt_embeds.register_hook(lambda grad: self._mark("unet_backward"))
             dtype = self.unet.dtype
             pred = unet(
                 noisy.to(dtype),
@@ -322,70 +474,108 @@ class TextualInversion:
                 encoder_hidden_states=prompt_embeds.to(dtype),
                 added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids},
             ).sample
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        self._mark("unet_forward")
+        return loss
+
+    def _attention(self):
+        backend = self.options.attention_backend
+        if backend == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(
+            {
+                "flash": SDPBackend.FLASH_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH,
+            }[backend]
+        )
 
     def encode_prompts(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL's ``encode_prompt`` on token ids, keeping the graph: the penultimate hidden states of both
-        encoders side by side, and the second encoder's pooled (projected) output."""
-        out_1 = self.encoders[0](ids_1, output_hidden_states=True)
-        out_2 = self.encoders[1](ids_2, output_hidden_states=True)
-        return torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
+        """SDXL's ``encode_prompt`` on token ids with this training's rows, keeping the graph."""
+        self._bind()
+        return self.prompt_encoder(ids_1, ids_2)
 
     def evaluate_loss(self, *, samples: int = 8, seed_offset: int = 1_000_000) -> float:
         """Mean loss on fixed draws (same timesteps, noise, crops and prompts every call): a
         noise-free measure of how well the current embedding fits the images."""
         with torch.no_grad():
-            losses = [self._loss(seed_offset + i) for i in range(samples)]
+            losses = [self._loss(seed_offset + i, compiled=False) for i in range(samples)]
         return float(torch.stack(losses).mean())
 
     def _optimizer_step(self, step: int) -> float:
         lr = learning_rate(step, self.options.max_train_steps, self.options.lr_stages)
-        for weight, keep in zip(self.weights, self.keep_masks, strict=True):
-            weight.grad.masked_fill_(keep, 0.0)  # only the token's row learns
-            # Per encoder, as the reference clips each text encoder separately.
-            torch.nn.utils.clip_grad_norm_([weight], self.options.max_grad_norm)
+        for row in self.prompt_encoder.rows:
+            # Per encoder, as the reference clips each text encoder separately (the gradient it clips is
+            # zero outside the token's row).
+            torch.nn.utils.clip_grad_norm_([row], self.options.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for weight, original, keep in zip(self.weights, self.originals, self.keep_masks, strict=True):
-                weight.copy_(torch.where(keep, original, weight))
         return lr
 
+    def _prepare(self) -> None:
+        """The speed options: the UNet's memory format, and the compiled modules (cached per process)."""
+        options = self.options
+        on_gpu = self.device.type == "cuda"
+        channels_last = on_gpu if options.channels_last is None else options.channels_last
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        if any(p.dim() == 4 and not p.is_contiguous(memory_format=layout) for p in self.unet.parameters()):
+            self.unet.to(memory_format=layout)
+        self._compiled_unet = compiled(self.unet, options.compile_mode) if options.compile else None
+        text = options.compile if options.compile_text_encoders is None else options.compile_text_encoders
+        self._compiled_prompts = compiled(self.prompt_encoder, options.compile_mode) if text else None
+
     def train(self, *, should_stop: Callable[[], bool] | None = None) -> Iterator[StepReport]:
-        """Run the remaining optimizer steps, yielding a report after each. Stops early (between
-        steps) when ``should_stop()`` turns true; the caller checkpoints what it has."""
+        """Run the remaining optimizer steps, yielding a report for each (in bunches of
+        ``loss_read_every``). Stops early (between steps) when ``should_stop()`` turns true; the caller
+        checkpoints what it has."""
         if not self.latents:
             raise InvalidArgument("no training images", field="style_images")
         options = self.options
         accumulation = options.gradient_accumulation_steps
         total = options.max_train_steps
-        if options.compile and self._compiled_unet is None:
-            self._compiled_unet = compiled(self.unet, options.compile_mode)
-        lag = 1 if self.device.type == "cuda" else 0  # read losses a step late: no GPU stall
+        on_gpu = self.device.type == "cuda"
+        self._prepare()
+        self._bind()
+        lag = 1 if on_gpu else 0  # read losses a step late: no GPU stall
+        read_every = options.loss_read_every or (10 if on_gpu else 1)
+        every = options.checkpoint_every
+        graphs = (
+            on_gpu
+            and "reduce-overhead" in options.compile_mode
+            and (self._compiled_unet is not None or self._compiled_prompts is not None)
+        )
         batched = options.batch_accumulation
         if batched is None:
-            batched = self.device.type == "cuda"
+            batched = on_gpu
         pending: list[tuple[int, torch.Tensor, float]] = []
         started = time.perf_counter()
         first_step = self.step
         passes = 0
 
         def report(keep: int) -> Iterator[StepReport]:
-            while len(pending) > keep:
-                step, value, lr = pending.pop(0)
-                elapsed = time.perf_counter() - started
-                per_step = elapsed / max(self.step - first_step, 1)
-                self.last_loss = float(value)
-                yield StepReport(
-                    step, total, self.last_loss, lr, passes, elapsed, per_step * (total - self.step)
-                )
+            if len(pending) <= keep:
+                return
+            ready = pending[: len(pending) - keep]
+            del pending[: len(pending) - keep]
+            values = torch.stack([value for _, value, _ in ready]).tolist()  # one host sync for all
+            elapsed = time.perf_counter() - started
+            per_step = elapsed / max(self.step - first_step, 1)
+            for (step, _, lr), value in zip(ready, values, strict=True):
+                self.last_loss = value
+                yield StepReport(step, total, value, lr, passes, elapsed, per_step * (total - self.step))
 
         if options.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         try:
             while self.step < total:
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done
+                self._mark("between_steps")
                 indices = [self.step * accumulation + micro for micro in range(accumulation)]
                 if batched:
                     loss = self._loss(*indices)
@@ -397,11 +587,14 @@ class TextualInversion:
                         loss = self._loss(index)
                         (loss / accumulation).backward()
                         step_loss += loss.detach() / accumulation
+                self._mark("text_backward")
                 passes += accumulation
                 lr = self._optimizer_step(self.step)
+                self._mark("optimizer")
                 self.step += 1
                 pending.append((self.step, step_loss, lr))
-                yield from report(lag)
+                if len(pending) >= lag + read_every or (every and self.step % every == 0):
+                    yield from report(lag)
                 if should_stop is not None and should_stop():
                     break
             yield from report(0)
@@ -410,7 +603,7 @@ class TextualInversion:
                 self.unet.disable_gradient_checkpointing()
 
 
-# One compiled UNet per (model, mode) for the whole process: every request reuses it instead of paying
+# One compiled module per (module, mode) for the whole process: every request reuses it instead of paying
 # the compile again.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -418,12 +611,9 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     per_mode = _COMPILED.setdefault(module, {})
     if mode not in per_mode:
-        per_mode[mode] = torch.compile(module, mode=mode)
+        per_mode[mode] = _compile(module, mode)
     return per_mode[mode]
 
 
-def _cast_output(dtype: torch.dtype):
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output.to(dtype)
-
-    return hook
+def _compile(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    return torch.compile(module, mode=mode)

@@ -39,6 +39,7 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
 )
 PROMPT_VARIATIONS: tuple[str, ...] = ("painting", "acryl", "art", "picture")
 
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 MAX_TRAIN_STEPS = 10_000
 MAX_STYLE_IMAGES = 200
 
@@ -78,9 +79,24 @@ class TrainOptions:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
         "reduce-overhead"
     )
+    # Compile the two text encoders as well (they run forward and backward every step: hundreds of small
+    # kernels, launch-bound when eager; with "reduce-overhead" CUDA graphs cover them). Once per process
+    # and model, like the UNet's. None: whenever ``compile`` is on.
+    compile_text_encoders: bool | None = None
     # Run a step's accumulation passes as one batch (same samples, same gradient up to rounding): half
     # the kernel launches for these launch-bound passes. None: on GPUs, off on CPUs.
     batch_accumulation: bool | None = None
+    # The UNet's weights in channels-last memory format (the layout bf16 tensor-core convolutions run in;
+    # values unchanged, the loaded pipeline's UNet is converted in place). Off until measured a win for
+    # compiled training (the bench's "channels-last" variant); None: on GPUs.
+    channels_last: bool | None = False
+    # Read the losses to the host once per this many optimizer steps (one host sync for all of them, one
+    # step late so the GPU never waits); every step is still reported, the reports arrive in bunches.
+    # Steps that are multiples of checkpoint_every are always reported at once. None: 10 on GPUs, 1 else.
+    loss_read_every: int | None = None
+    # Scaled-dot-product attention kernels: "auto" is PyTorch's choice; a compiled model keeps the kernels
+    # it was compiled with.
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     seed: int = 0
     # Save a resumable checkpoint to storage every N optimizer steps (0: never).
     checkpoint_every: int = 50
@@ -97,8 +113,12 @@ class TrainOptions:
             "checkpoint_every",
             "compile",
             "compile_mode",
+            "compile_text_encoders",
             "gradient_checkpointing",
             "batch_accumulation",
+            "channels_last",
+            "loss_read_every",
+            "attention_backend",
         ):
             fields.pop(name)
         return fields
@@ -181,6 +201,13 @@ def validate_train(options: TrainOptions, *, prefix: str = "options") -> TrainOp
     )
     _require(o.checkpoint_every >= 0, "must be >= 0", f"{prefix}.checkpoint_every")
     _require(o.num_train_timesteps >= 1, "must be >= 1", f"{prefix}.num_train_timesteps")
+    if o.loss_read_every is not None:
+        _require(1 <= o.loss_read_every <= 1000, "must be in 1..1000", f"{prefix}.loss_read_every")
+    _require(
+        o.attention_backend in ATTENTION_BACKENDS,
+        f"must be one of {', '.join(ATTENTION_BACKENDS)}",
+        f"{prefix}.attention_backend",
+    )
     return o
 
 

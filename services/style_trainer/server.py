@@ -52,6 +52,10 @@ def options_from_proto(options: style_pb2.StyleOptions, settings: StyleSettings)
             checkpoint_every=pick(options.checkpoint_every, settings.checkpoint_every),
             compile=settings.compile,
             compile_mode=settings.compile_mode,
+            compile_text_encoders=settings.compile_text_encoders,
+            channels_last=settings.channels_last,
+            loss_read_every=settings.loss_read_every,
+            attention_backend=settings.attention_backend,
         ),
         images=ImageOptions(
             num_images=pick(options.num_style_images, images.num_images),

@@ -142,6 +142,14 @@ class StyleSettings(BaseModel):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
         "reduce-overhead"
     )
+    # Compile the two text encoders too (None: with compile).
+    compile_text_encoders: bool | None = None
+    # The UNet in channels-last memory format (None: on GPUs).
+    channels_last: bool | None = False
+    # Read training losses to the host once per this many steps (None: 10 on GPUs, 1 on CPUs).
+    loss_read_every: int | None = Field(None, ge=1, le=1000)
+    # Scaled-dot-product attention kernels ("auto": PyTorch's choice).
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
 
 class RendererSettings(BaseModel):
