@@ -26,7 +26,6 @@ base, refiner, decode) is recorded with CUDA events at the stage boundaries (no 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -41,7 +40,8 @@ import torch
 
 from dreamframe.config import RendererSettings
 from dreamframe.errors import InvalidArgument
-from dreamframe.models import sdxl
+from dreamframe.models import attention, sdxl
+from dreamframe.models.attention import sdpa_context
 
 from .options import RenderParams
 from .style import StyleEmbedding, StyleSlot
@@ -57,7 +57,7 @@ MEMORY_HEADROOM = 2 << 30
 
 
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+SDPA_BACKENDS = attention.BACKENDS
 STAGES = ("encode", "base", "refiner", "decode")
 # Inductor settings for our torch.compile calls (passed as their ``options``, so nothing global changes).
 # SDXL's many 1×1 convolutions as matmuls: always, when compiling.
@@ -134,30 +134,6 @@ def inductor_options(mode: str, *, tuning: bool) -> dict[str, Any]:
     if tuning:
         options.update(INDUCTOR_TUNING)
     return options
-
-
-def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
-    """Prefer ``backend`` for F.scaled_dot_product_attention inside the block ("auto": no change).
-
-    The others stay enabled behind it (PyTorch's priority order), so shapes the preferred kernel can't
-    run still run. Under torch.compile the choice is made when the graph is traced, so the same context
-    must surround the compiling call and every later one (the engine always wraps the denoising)."""
-    if backend == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    kernels = {
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    chosen = kernels[backend]
-    order = [chosen] + [k for k in kernels.values() if k != chosen]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # a PyTorch without priorities: the preferred kernel alone, math as the fallback
-        return sdpa_kernel([chosen, SDPBackend.MATH] if chosen != SDPBackend.MATH else [chosen])
 
 
 def set_fused_qkv(model: torch.nn.Module, fused: bool) -> None:

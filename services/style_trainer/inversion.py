@@ -26,7 +26,6 @@ draws exactly what the uninterrupted run drew after step k.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
 import time
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument
+from dreamframe.models.attention import sdpa_context
 from dreamframe.models.sdxl import SDXLPipelines
 
 from .checkpoint import ENCODERS, TrainingState
@@ -479,19 +479,8 @@ class TextualInversion:
         return loss
 
     def _attention(self):
-        backend = self.options.attention_backend
-        if backend == "auto":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(
-            {
-                "flash": SDPBackend.FLASH_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "math": SDPBackend.MATH,
-            }[backend]
-        )
+        # The preferred kernel first, the others behind it: CLIP's masked attention has no cuDNN kernel.
+        return sdpa_context(self.options.attention_backend)
 
     def encode_prompts(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's ``encode_prompt`` on token ids with this training's rows, keeping the graph."""

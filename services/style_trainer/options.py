@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from dreamframe.errors import InvalidArgument
+from dreamframe.models import attention
 
 # (optimizer steps, learning rate) per stage; lrs are linear from 1e-3 down to 3e-4 in 8 stages.
 REFERENCE_LR_STAGES: tuple[tuple[int, float], ...] = (
@@ -39,7 +40,7 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
 )
 PROMPT_VARIATIONS: tuple[str, ...] = ("painting", "acryl", "art", "picture")
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+ATTENTION_BACKENDS = attention.BACKENDS
 MAX_TRAIN_STEPS = 10_000
 MAX_STYLE_IMAGES = 200
 
