@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 
 import grpc
 import pytest
@@ -168,3 +169,32 @@ def test_a_bad_request_fails_at_once_and_all_replicas_down_is_unavailable(tmp_pa
         await dead.close()
 
     asyncio.run(scenario())
+
+
+def test_a_dead_replica_does_not_use_up_the_attempts_while_a_busy_one_works(tmp_path):
+    """One replica is gone for good (connection refused at once), the other is slow: every shard the dead
+    one grabs comes back to the queue, and the slow one ends up rendering them all."""
+
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        slow = ScriptedRenderer(store, delay=0.05)
+        server = await start(slow)
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            dead_address = f"127.0.0.1:{s.getsockname()[1]}"
+        channels = [make_channel(server.address, client()), make_channel(dead_address, client())]
+        endpoints = [Endpoint(f"r{i}", render_pb2_grpc.RenderServiceStub(c)) for i, c in enumerate(channels)]
+        try:
+            result = await render_frames(
+                endpoints, template(), list(range(24)), shard_size=2, backoff_seconds=0.01, max_attempts=2
+            )
+        finally:
+            for c in channels:
+                await c.close()
+            await server.stop(0)
+        return slow, result
+
+    slow, result = asyncio.run(scenario())
+    assert sorted(result.frames) == list(range(24)) and sorted(slow.rendered) == list(range(24))
+    assert result.by_endpoint == {"r0": 24}
+    assert result.resent_shards > 2, "the dead replica failed more shards than the attempt cap"

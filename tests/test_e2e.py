@@ -131,6 +131,7 @@ def restart_coordinator(cluster: Cluster) -> None:
     coordinator = next(p for p in plan if p.name == "coordinator")
     restarted = local.spawn(coordinator, {**cluster.env, **addresses}, Path(old.log))
     cluster.processes[cluster.processes.index(old)] = restarted
+    local.write_state(cluster.state, cluster.processes)  # so the fixture's teardown stops this one too
     local.wait_healthy([restarted], timeout=120)
 
 

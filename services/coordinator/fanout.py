@@ -36,6 +36,8 @@ RETRYABLE = frozenset(
     }
 )
 
+MAX_BACKOFF_SECONDS = 30.0
+
 
 @dataclass
 class Endpoint:
@@ -159,7 +161,11 @@ async def render_frames(
                     len(left),
                     shard.attempts,
                 )
-                if shard.attempts >= attempts_cap:
+                # Give up on a shard once it has failed often and no replica is known to be healthy
+                # (a dead replica alone must not use up the attempts while a busy one could take it),
+                # or after far too many attempts either way.
+                healthy = any(e.consecutive_failures == 0 for e in endpoints)
+                if shard.attempts >= attempts_cap and (not healthy or shard.attempts >= 4 * attempts_cap):
                     failure.append(
                         Unavailable(
                             f"frames {left[:5]}... failed {shard.attempts} times; last error {code.name}"
@@ -169,8 +175,9 @@ async def render_frames(
                     return
                 result.resent_shards += 1
                 queue.put_nowait(shard)
-                # Step back so a healthy replica picks the shard up first.
-                await asyncio.sleep(min(backoff_seconds * endpoint.consecutive_failures, 10.0))
+                # Step back, longer each time, so a healthy replica picks the shard up first.
+                pause = backoff_seconds * 2 ** (endpoint.consecutive_failures - 1)
+                await asyncio.sleep(min(pause, MAX_BACKOFF_SECONDS))
 
     tasks = [asyncio.create_task(worker(e)) for e in endpoints for _ in range(max(1, e.workers))]
     try:

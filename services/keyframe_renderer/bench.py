@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from dreamframe import keys
-from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
+from dreamframe.benchmarking import SyncCounter, default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.config import RendererSettings, get_settings
 from dreamframe.models import sdxl
 from dreamframe.storage.base import ObjectRef
@@ -293,36 +293,6 @@ def bench_story(frames: int) -> Story:
         style_keyword="Dramatic",
         substories=[Substory(tiny_stories=[TinyStory(items=items)])],
     )
-
-
-class SyncCounter:
-    """Counts host synchronisations (CUDA sync debug mode) and where they come from."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.enabled = device.type == "cuda"
-        self.sites: dict[str, int] = {}
-        self._catch = warnings.catch_warnings(record=True)
-
-    def __enter__(self) -> SyncCounter:
-        if self.enabled:
-            self._records = self._catch.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.enabled:
-            return
-        torch.cuda.set_sync_debug_mode("default")
-        self._catch.__exit__(*exc)
-        for record in self._records:
-            if "synchroniz" in str(record.message):
-                site = f"{Path(record.filename).name}:{record.lineno}"
-                self.sites[site] = self.sites.get(site, 0) + 1
-
-    @property
-    def count(self) -> int:
-        return sum(self.sites.values())
 
 
 def run_service(

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
+from dreamframe.benchmarking import SyncCounter, default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.models import sdxl
 from dreamframe.models.sdxl_configs import RANDOM_PRESET, build_random_sdxl
 
@@ -95,37 +94,6 @@ def pass_flops(trainer: TextualInversion) -> int:
         trainer._loss(10**9, compiled=False).backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
-class SyncCounter:
-    """Counts host synchronisations (CUDA sync debug mode) and where they come from."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.enabled = device.type == "cuda"
-        self.sites: dict[str, int] = {}
-        self._catch = warnings.catch_warnings(record=True)
-        self._records: list = []
-
-    def __enter__(self) -> SyncCounter:
-        if self.enabled:
-            self._records = self._catch.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.enabled:
-            return
-        torch.cuda.set_sync_debug_mode("default")
-        self._catch.__exit__(*exc)
-        for record in self._records:
-            if "synchroniz" in str(record.message):
-                site = f"{Path(record.filename).name}:{record.lineno}"
-                self.sites[site] = self.sites.get(site, 0) + 1
-
-    @property
-    def count(self) -> int:
-        return sum(self.sites.values())
 
 
 def measure(

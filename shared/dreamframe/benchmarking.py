@@ -1,9 +1,12 @@
-"""What every GPU benchmark needs: waiting for the device, and the bf16 GEMM rate the compute floor is
-measured against (an n×n×n matmul timed in the same run, the practical ceiling for dense work)."""
+"""What every GPU benchmark needs: waiting for the device, the bf16 GEMM rate the compute floor is
+measured against (an n×n×n matmul timed in the same run, the practical ceiling for dense work), and a
+count of host synchronisations."""
 
 from __future__ import annotations
 
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -30,3 +33,34 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int, re
         a @ b
     synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
+class SyncCounter:
+    """Counts host synchronisations (CUDA sync debug mode) and where they come from."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.sites: dict[str, int] = {}
+        self._catch = warnings.catch_warnings(record=True)
+        self._records: list = []
+
+    def __enter__(self) -> SyncCounter:
+        if self.enabled:
+            self._records = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+        for record in self._records:
+            if "synchroniz" in str(record.message):
+                site = f"{Path(record.filename).name}:{record.lineno}"
+                self.sites[site] = self.sites.get(site, 0) + 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.sites.values())

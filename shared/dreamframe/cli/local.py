@@ -46,6 +46,10 @@ def state_file(state_dir: Path) -> Path:
     return state_dir / "local.json"
 
 
+def write_state(state_dir: Path, processes: list[Process]) -> None:
+    state_file(state_dir).write_text(json.dumps([asdict(p) for p in processes], indent=2))
+
+
 def read_state(state_dir: Path) -> list[Process]:
     path = state_file(state_dir)
     if not path.exists():
@@ -131,7 +135,7 @@ def start_services(
     logs.mkdir(parents=True, exist_ok=True)
     plan, addresses = service_plan(renderers=renderers, base_port=base_port, gpus=gpus)
     processes = [spawn(planned, {**env, **addresses}, logs / f"{planned.name}.log") for planned in plan]
-    state_file(state_dir).write_text(json.dumps([asdict(p) for p in processes], indent=2))
+    write_state(state_dir, processes)
     return processes
 
 
