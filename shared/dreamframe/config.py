@@ -156,9 +156,10 @@ class RendererSettings(BaseModel):
     preset: str = "tiny"
     device: str = "auto"
     model_paths: dict[str, str] = Field(default_factory=dict)
-    # 0 chooses from free GPU memory (capped by max_batch_size; cpu_batch_size on a CPU).
+    # 0 chooses from free GPU memory (capped by max_batch_size; cpu_batch_size on a CPU). On an H100,
+    # batch 16 (31 GiB peak) ran 2% faster per image than batch 8.
     batch_size: int = Field(0, ge=0)
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(16, ge=1)
     cpu_batch_size: int = Field(4, ge=1)
     # torch.compile the UNets (also per request with options.compile); the mode is torch.compile's.
     # "default": on an H100, max-autotune spent over 10 minutes per UNet and still picked the cuBLAS/
