@@ -47,3 +47,17 @@ def s3_server(request: pytest.FixtureRequest) -> Iterator[S3Server]:
         if reporter is not None:
             reporter.write_line(f"[s3_server] {server.kind} at {server.endpoint}")
         yield server
+
+
+# --- torch threads --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for the rest of the module: tiny models on a 2-core CPU, where thread hand-offs
+    cost more than the math. A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``
+    or a test by asking for it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

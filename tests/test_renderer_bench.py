@@ -6,21 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from services.keyframe_renderer import bench
 
 
-@pytest.fixture
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_bench_reports_speed_flops_and_floor(tmp_path, monkeypatch, one_cpu_thread, capsys):
+def test_bench_reports_speed_flops_and_floor(tmp_path, monkeypatch, one_thread, capsys):
     monkeypatch.setenv("DREAMFRAME_MODELS__CACHE_DIR", str(tmp_path / "models"))
     bench.get_settings.cache_clear()
     try:
@@ -61,7 +52,7 @@ def test_bench_reports_speed_flops_and_floor(tmp_path, monkeypatch, one_cpu_thre
 
 
 @pytest.mark.slow
-def test_bench_compares_variants_on_one_model(tmp_path, monkeypatch, one_cpu_thread):
+def test_bench_compares_variants_on_one_model(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("DREAMFRAME_MODELS__CACHE_DIR", str(tmp_path / "models"))
     bench.get_settings.cache_clear()
     try:

@@ -23,6 +23,8 @@ from services.keyframe_renderer.engine import EngineCache, load_engine
 from services.keyframe_renderer.options import FrameSelection, RenderOptions
 from services.keyframe_renderer.renderer import Renderer, RenderEvent, RenderRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 8  # 6 base + 2 refiner steps: seconds on a CPU, both stages exercised
 
 
@@ -52,15 +54,6 @@ def put_embedding(store: LocalStore, job: str, seed: int, dims: tuple[int, int] 
         "clip_g": torch.randn(1, dims[1], generator=gen),
     }
     return store.put_bytes(f"{keys.style_prefix(job)}embedding-{seed}.safetensors", save(tensors))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    # Tiny models: thread hand-offs cost more than the math, and on a shared CPU far more.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

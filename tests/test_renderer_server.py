@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import torch
 
 from dreamframe import keys
 from dreamframe.config import RendererSettings, ServerSettings
@@ -20,13 +19,7 @@ from services.keyframe_renderer.engine import EngineCache, load_engine
 from services.keyframe_renderer.renderer import Renderer
 from services.keyframe_renderer.server import RenderServicer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

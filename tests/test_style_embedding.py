@@ -12,6 +12,8 @@ from dreamframe.errors import InvalidArgument
 from dreamframe.models import sdxl
 from services.style_trainer.embedding import StyleEmbedding, apply_embedding, single_token_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make_embedding(dims=(768, 1280), token="Dramatic") -> StyleEmbedding:
     g = torch.Generator().manual_seed(7)
@@ -71,14 +73,6 @@ def test_garbage_is_rejected():
         StyleEmbedding.from_safetensors(no_token, dims=(768, 1280))
     assert info.value.field == "embedding.token"
     assert StyleEmbedding.from_safetensors(no_token, token="Noir").token == "Noir"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,10 @@ from services.style_trainer.images import training_pixels
 from services.style_trainer.inversion import TextualInversion
 from services.style_trainer.options import TrainOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = "generate an image in Dramatic style: at a bar, a man is sitting"
 FAST = TrainOptions(max_train_steps=6, checkpoint_every=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

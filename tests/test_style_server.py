@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load
 
@@ -28,13 +27,7 @@ FAST = style_pb2.StyleOptions(
     preset="tiny", num_style_images=2, max_train_steps=4, image_steps=2, checkpoint_every=2, seed=3
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ OPTIONS = StyleOptions(
     images=ImageOptions(num_images=3, steps=2, batch_size=2),
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

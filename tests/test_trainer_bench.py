@@ -3,13 +3,13 @@ consistent figures (the GPU figures in services/trainer/README.md come from the 
 
 from __future__ import annotations
 
-from test_trainer_support import one_thread, tiny_cache  # noqa: F401
+from test_trainer_support import tiny_cache
 
 from dreamframe.models import video_llm
 from services.trainer import bench
 
 
-def test_bench_reports_tokens_per_second_and_mfu(one_thread):  # noqa: F811
+def test_bench_reports_tokens_per_second_and_mfu(one_thread):
     args = bench.parse_args(
         [
             "--preset",
@@ -44,7 +44,7 @@ def test_bench_reports_tokens_per_second_and_mfu(one_thread):  # noqa: F811
     assert "MFU" in report and "tokens/s" in report
 
 
-def test_bench_checkpoint_round_trip_restores_weights_and_optimizer(one_thread, tmp_path):  # noqa: F811
+def test_bench_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     """Full fine-tune of a 1-layer random model: save the sharded checkpoint, step, restore, step again —
     the second step matches the first exactly."""
     args = bench.parse_args(

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from PIL import Image
-from test_trainer_support import ANSWERS, local_store, make_dataset, one_thread, tiny_cache  # noqa: F401
+from test_trainer_support import ANSWERS, local_store, make_dataset, tiny_cache
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.models import video_llm

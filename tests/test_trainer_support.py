@@ -12,8 +12,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
-import torch
 
 from dreamframe.storage import LocalStore
 from dreamframe.storage.base import ObjectRef, ObjectStore
@@ -28,15 +26,6 @@ ANSWERS = [
     "He holds a red cup.",
     "She sits and talks.",
 ]
-
-
-@pytest.fixture
-def one_thread():
-    """2 shared cores: more BLAS threads than that only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer_support import local_store, make_dataset, one_thread, runtime, tiny_spec  # noqa: F401
+from test_trainer_support import local_store, make_dataset, runtime, tiny_spec
 
 from dreamframe.models import video_llm
 from services.trainer import modeling

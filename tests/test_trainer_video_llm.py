@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from test_trainer_support import one_thread, tiny_cache  # noqa: F401
+from test_trainer_support import tiny_cache
 
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import video_llm
@@ -54,7 +54,7 @@ def test_read_video_frames_samples_uniformly():
     assert means == pytest.approx([40, 120, 200], abs=6)
 
 
-def test_tiny_round_trip_is_identical(tmp_path, tiny, one_thread):  # noqa: F811
+def test_tiny_round_trip_is_identical(tmp_path, tiny):
     _, model, processor = tiny
     video_llm.save_video_llm(model, processor, tmp_path / "copy")
     model2, processor2 = video_llm.load_video_llm(tmp_path / "copy", "cpu")
@@ -85,7 +85,7 @@ def test_inputs_label_only_the_answer(tiny):
     assert "What happens?" in prompt and "A man walks" not in prompt
 
 
-def test_generation_prompt_and_answer_prefix(tiny, one_thread):  # noqa: F811
+def test_generation_prompt_and_answer_prefix(tiny):
     _, model, processor = tiny
     frames = video_llm.random_frames(2)
     inputs = video_llm.prepare_inputs(processor, frames, "Which option?")
