@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import EvaluatorSettings, Settings
+from dreamframe.enums import enum_name
 from dreamframe.serving import (
     Done,
     Registration,
@@ -71,7 +72,7 @@ def request_from_proto(request: eval_pb2.EvaluateRequest) -> EvaluateRequest:
         )
     benchmarks = [
         BenchmarkSpec(
-            kind=KIND_NAMES.get(b.kind, _kind_name(b.kind)),
+            kind=KIND_NAMES.get(b.kind, enum_name(eval_pb2.BenchmarkKind, b.kind)),
             name=b.name,
             data_prefix=b.data_prefix,
             video_prefix=b.video_prefix,
@@ -169,13 +170,6 @@ async def amain(settings: Settings) -> None:
 
 def main() -> None:
     run_service(amain)
-
-
-def _kind_name(value: int) -> str:
-    try:
-        return eval_pb2.BenchmarkKind.Name(value)
-    except ValueError:
-        return f"BENCHMARK_KIND_{value}"
 
 
 if __name__ == "__main__":

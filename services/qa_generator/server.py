@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import QaSettings, Settings
+from dreamframe.enums import enum_name
 from dreamframe.serving import (
     Done,
     Registration,
@@ -44,7 +45,7 @@ def build_request_from_proto(request: qa_pb2.BuildDatasetRequest, settings: QaSe
     """Proto → domain request; unknown or unspecified formats pass through by name for the domain to
     refuse (naming ``options.formats.<i>``)."""
     o = request.options
-    formats = [FORMAT_NAMES.get(f, _enum_name(f)) for f in o.formats]
+    formats = [FORMAT_NAMES.get(f, enum_name(qa_pb2.DatasetFormat, f)) for f in o.formats]
     options = make_options(
         formats=formats,
         fps=o.fps,
@@ -130,13 +131,6 @@ async def amain(settings: Settings) -> None:
 
 def main() -> None:
     run_service(amain)
-
-
-def _enum_name(value: int) -> str:
-    try:
-        return qa_pb2.DatasetFormat.Name(value)
-    except ValueError:
-        return f"DATASET_FORMAT_{value}"
 
 
 if __name__ == "__main__":
