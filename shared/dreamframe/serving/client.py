@@ -169,6 +169,38 @@ def _aio_defaults(settings: ClientSettings) -> list[grpc.aio.ClientInterceptor]:
     ]
 
 
+def _channel_setup(
+    settings: ClientSettings,
+    *,
+    tls: bool | None,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+    max_message_bytes: int,
+    load_balancing: str,
+    initial_backoff_seconds: float,
+    options: Sequence[tuple[str, Any]],
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """Channel options and credentials (None: plaintext), the same for aio and blocking channels."""
+    opts = [
+        *channel_options(
+            settings,
+            max_message_bytes=max_message_bytes,
+            load_balancing=load_balancing,
+            initial_backoff_seconds=initial_backoff_seconds,
+        ),
+        *options,
+    ]
+    creds = channel_credentials(
+        settings,
+        tls=tls,
+        root_certificates=root_certificates,
+        certificate_chain=certificate_chain,
+        private_key=private_key,
+    )
+    return opts, creds
+
+
 def make_channel(
     target: str,
     settings: ClientSettings | None = None,
@@ -188,23 +220,18 @@ def make_channel(
     ``certificate_chain``/``private_key`` present a client certificate (mutual TLS).
     """
     settings = settings or ClientSettings()
-    opts = [
-        *channel_options(
-            settings,
-            max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            initial_backoff_seconds=initial_backoff_seconds,
-        ),
-        *options,
-    ]
-    all_interceptors = [*_aio_defaults(settings), *interceptors]
-    creds = channel_credentials(
+    opts, creds = _channel_setup(
         settings,
         tls=tls,
         root_certificates=root_certificates,
         certificate_chain=certificate_chain,
         private_key=private_key,
+        max_message_bytes=max_message_bytes,
+        load_balancing=load_balancing,
+        initial_backoff_seconds=initial_backoff_seconds,
+        options=options,
     )
+    all_interceptors = [*_aio_defaults(settings), *interceptors]
     if creds is None:
         return grpc.aio.insecure_channel(target, options=opts, interceptors=all_interceptors)
     return grpc.aio.secure_channel(target, creds, options=opts, interceptors=all_interceptors)
@@ -272,21 +299,16 @@ def make_sync_channel(
 ) -> grpc.Channel:
     """Blocking-stub twin of ``make_channel``."""
     settings = settings or ClientSettings()
-    opts = [
-        *channel_options(
-            settings,
-            max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            initial_backoff_seconds=initial_backoff_seconds,
-        ),
-        *options,
-    ]
-    creds = channel_credentials(
+    opts, creds = _channel_setup(
         settings,
         tls=tls,
         root_certificates=root_certificates,
         certificate_chain=certificate_chain,
         private_key=private_key,
+        max_message_bytes=max_message_bytes,
+        load_balancing=load_balancing,
+        initial_backoff_seconds=initial_backoff_seconds,
+        options=options,
     )
     channel = (
         grpc.insecure_channel(target, options=opts)
