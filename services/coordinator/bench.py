@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import tempfile
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 from dreamframe import keys
 from dreamframe.cli import local
 from dreamframe.config import StorageSettings
-from dreamframe.processes import pid_alive
 from dreamframe.storage import open_store
 from dreamframe.storage.base import ObjectRef
 from dreamframe.v1 import common_pb2, coordinator_pb2_grpc, render_pb2
@@ -108,18 +106,6 @@ def start_coordinator(addresses: list[str], env: dict[str, str], logs: Path, nam
     return local.spawn(planned, coordinator_env, logs / f"{name}.log")
 
 
-def stop(processes: list[local.Process]) -> None:
-    for proc in processes:
-        if pid_alive(proc.pid):
-            os.kill(proc.pid, 15)
-    deadline = time.monotonic() + 30
-    for proc in processes:
-        while pid_alive(proc.pid) and not local._exited(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_alive(proc.pid) and not local._exited(proc.pid):
-            os.kill(proc.pid, 9)
-
-
 def phase(n: int, renderers: list[local.Process], env, store, logs: Path, args) -> dict:
     """One coordinator over the first ``n`` replicas: a warm-up job, then the timed one."""
     from dreamframe.serving.client import make_sync_channel
@@ -137,7 +123,7 @@ def phase(n: int, renderers: list[local.Process], env, store, logs: Path, args) 
         listing = frames_listing(store, job)
         stored = stored_frame_indices(store, job.job_id)
     finally:
-        stop([coordinator])
+        local.stop_processes([coordinator])
     return {
         "replicas": n,
         "frames": args.frames,
@@ -181,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         load_seconds = time.perf_counter() - started
         phases = [phase(n, renderers, env, store, logs, args) for n in sorted({1, args.replicas})]
     finally:
-        stop(renderers)
+        local.stop_processes(renderers)
     one, many = phases[0], phases[-1]
     scaling = many["images_per_second"] / one["images_per_second"]
     return {

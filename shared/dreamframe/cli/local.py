@@ -170,7 +170,13 @@ def _exited(pid: int) -> bool:
 
 def stop_services(state_dir: Path, *, grace: float = 30.0) -> list[str]:
     """SIGTERM every recorded service, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    processes = read_state(state_dir)
+    stopped = stop_processes(read_state(state_dir), grace=grace)
+    state_file(state_dir).unlink(missing_ok=True)
+    return stopped
+
+
+def stop_processes(processes: list[Process], *, grace: float = 30.0) -> list[str]:
+    """SIGTERM ``processes``, wait up to ``grace`` seconds, then SIGKILL what is left; their names."""
     for proc in processes:
         if pid_alive(proc.pid):
             os.kill(proc.pid, signal.SIGTERM)
@@ -182,5 +188,4 @@ def stop_services(state_dir: Path, *, grace: float = 30.0) -> list[str]:
         if pid_alive(proc.pid) and not _exited(proc.pid):
             os.kill(proc.pid, signal.SIGKILL)
         stopped.append(proc.name)
-    state_file(state_dir).unlink(missing_ok=True)
     return stopped
