@@ -58,7 +58,6 @@ from .options import DEFAULT_NEGATIVE_PROMPT, FrameSelection, RenderOptions, res
 from .renderer import Renderer, RenderRequest
 
 H100_SXM_BF16_DENSE = 989e12
-RANDOM_PRESET = "sdxl-random"
 # Engine-option changes against the service's settings (``--variant NAME``; ``NAME=key:value,...`` for
 # others). "before" is the service as last measured: both UNets compiled with conv_1x1_as_mm only, the
 # VAE eager, separate QKV projections, PyTorch's SDPA choice.
@@ -86,11 +85,6 @@ PROMPTS = [
 
 # --- models ------------------------------------------------------------------------------------------
 def build_pipes(preset: str, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> sdxl.SDXLPipelines:
-    if preset == RANDOM_PRESET:
-        # The one import to swap for another real-size builder.
-        from dreamframe.models.sdxl_configs import build_random_sdxl
-
-        return build_random_sdxl(device=device, dtype=dtype, with_refiner=True)
     settings = get_settings().renderer
     return sdxl.load_sdxl(
         preset, model_paths=settings.model_paths, cache_dir=cache_dir, device=str(device), dtype=dtype
@@ -664,7 +658,7 @@ def summarize(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--preset", default=None, help=f"{RANDOM_PRESET} (GPU default), sdxl, or tiny (CPU default)"
+        "--preset", default=None, help=f"{sdxl.SDXL_RANDOM} (GPU default), sdxl, or tiny (CPU default)"
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--frames", type=int, default=16, help="timed frames per service variant")
@@ -720,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     began = time.perf_counter()
     args = parse_args(argv)
     device = sdxl.pick_device(args.device)
-    preset = args.preset or (RANDOM_PRESET if device.type == "cuda" else sdxl.TINY)
+    preset = args.preset or (sdxl.SDXL_RANDOM if device.type == "cuda" else sdxl.TINY)
     fast_dtype = sdxl.pick_dtype(device)  # bf16 on GPUs
     reference_dtype = torch.float16 if device.type == "cuda" else torch.float32
     cache_dir = get_settings().models.cache_dir
@@ -752,11 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finally:
                     set_reference_compiled(pipes, "")
     pipes = cast(pipes, fast_dtype)
-    mid = (
-        RANDOM_PRESET
-        if preset == RANDOM_PRESET
-        else model_id(preset, get_settings().renderer.model_paths, cache_dir)
-    )
+    mid = model_id(preset, get_settings().renderer.model_paths, cache_dir)
     eager_options = dataclasses.replace(settings_options, compile_mode="")
     engine = SDXLEngine(pipes, model_id=mid, options=eager_options)
     params = resolve_options(

@@ -43,7 +43,6 @@ from PIL import Image
 
 from dreamframe.benchmarking import SyncCounter, default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.models import sdxl
-from dreamframe.models.sdxl_configs import RANDOM_PRESET, build_random_sdxl
 
 from .inversion import PhaseTimer, TextualInversion
 from .options import REFERENCE_STEPS, TrainOptions
@@ -68,9 +67,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def load_pipelines(preset: str, device: str, model_path: str | None, cache_dir: Path) -> sdxl.SDXLPipelines:
-    if preset == RANDOM_PRESET:
-        dev = sdxl.pick_device(device)
-        return build_random_sdxl(dev, sdxl.pick_dtype(dev), with_refiner=False)
     paths = {preset: model_path} if model_path else {}
     return sdxl.load_sdxl(preset, model_paths=paths, cache_dir=cache_dir, device=device, with_refiner=False)
 
@@ -419,7 +415,9 @@ def describe(r: dict) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default=sdxl.TINY, help=f"tiny, {RANDOM_PRESET} or sdxl (default: tiny)")
+    parser.add_argument(
+        "--preset", default=sdxl.TINY, help=f"tiny, {sdxl.SDXL_RANDOM} or sdxl (default: tiny)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-path", default=None, help="folder holding base/ (for --preset sdxl)")
     parser.add_argument("--cache-dir", default=".dreamframe/models")

@@ -21,7 +21,6 @@ import torch
 
 from dreamframe.models.sdxl import SDXL_RANDOM, SDXLPipelines, clip_byte_tokenizer, pool_at_end_of_text
 
-RANDOM_PRESET = SDXL_RANDOM
 RESOLUTION = 1024
 
 _BASE_UNET = {
@@ -229,4 +228,4 @@ def build_random_sdxl(
             add_watermarker=False,
         )
         refiner.set_progress_bar_config(disable=True)
-    return SDXLPipelines(base, refiner, RANDOM_PRESET, RESOLUTION, dev, dtype)
+    return SDXLPipelines(base, refiner, SDXL_RANDOM, RESOLUTION, dev, dtype)
