@@ -74,6 +74,27 @@ def test_bench_compares_variants_on_one_model(tmp_path, monkeypatch, one_thread)
     assert report["reference"] is None and "speedup" not in report
 
 
+@pytest.mark.slow
+def test_bench_switches_fp8_on_and_off_on_one_model(tmp_path, monkeypatch, one_thread):
+    from dreamframe.models import fp8
+
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda device: None)  # the CPU runs FP8 matmuls too
+    monkeypatch.setenv("DREAMFRAME_MODELS__CACHE_DIR", str(tmp_path / "models"))
+    bench.get_settings.cache_clear()
+    try:
+        report = bench.main(
+            ["--preset", "tiny", "--device", "cpu", "--frames", "2", "--batch-size", "2", "--steps", "4"]
+            + ["--reference-frames", "0", "--skip-kernels", "--out", str(tmp_path / "out")]
+            + ["--variant", "fp8", "--variant", "default"]
+        )
+    finally:
+        bench.get_settings.cache_clear()
+    quantized, default = report["variants"]
+    assert quantized["options_text"].endswith("FP8 linears") and "FP8" not in default["options_text"]
+    assert default["diff_against"] == "fp8" and 0 < default["diff"]["mean"] < 3
+    assert report["fp8_precision"] == {"skipped": "not on a CPU"}
+
+
 def test_bad_variants_are_refused_before_any_work():
     from services.keyframe_renderer.engine import EngineOptions
 

@@ -380,3 +380,54 @@ def test_stop_finishes_the_batch_in_flight_then_resumes(store, renderer):
         (4, False),
         (5, False),
     ]
+
+
+def test_fp8_linears_keep_the_image_close_and_switch_back(tmp_path, monkeypatch):
+    from diffusers.models.attention_processor import Attention
+
+    from dreamframe.models import fp8, sdxl
+    from services.keyframe_renderer.engine import EngineOptions, SDXLEngine
+    from services.keyframe_renderer.options import resolve_options
+
+    pipes = sdxl.load_sdxl("tiny", model_paths={}, cache_dir=tmp_path, device="cpu")
+    engine = SDXLEngine(pipes, model_id="tiny", reversible=True)
+    params = resolve_options(
+        RenderOptions(steps=STEPS), preset="tiny", resolution=64, default_batch_size=0, compile_default=False
+    )
+    prompts, seeds = ["scene 0: Ann is sitting at the bar", "scene 1: a dog"], [20, 21]
+    plain = engine.render(prompts, seeds, params).astype(np.int16)
+
+    engine.configure(EngineOptions(fp8=True))  # a CPU has no FP8 tensor cores: stays off
+    assert not engine.options.fp8 and "FP8" not in engine.options.describe()
+
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda device: None)  # the CPU runs them, slowly
+    engine.configure(EngineOptions(fp8=True))
+    assert engine.options.fp8 and "FP8 linears" in engine.options.describe()
+    for unet in (engine.base.unet, engine.refiner.unet):
+        swapped = {n for n, m in unet.named_modules() if isinstance(m, fp8.Float8Linear)}
+        assert swapped and all(".attentions." in f".{n}." for n in swapped)
+        for name, attn in unet.named_modules():
+            if isinstance(attn, Attention):  # fused QKV: the unused separate projections stay as they are
+                assert isinstance(attn.to_out[0], fp8.Float8Linear) and type(attn.to_k) is torch.nn.Linear
+    quantized = engine.render(prompts, seeds, params).astype(np.int16)
+    alone = engine.render(prompts[1:], seeds[1:], params).astype(np.int16)
+    diff = np.abs(plain - quantized)
+    assert 0 < diff.mean() < 3, f"FP8 moved the image by {diff.mean():.2f} on average"
+    assert np.abs(alone[0] - quantized[1]).max() <= 2  # still batch-invariant
+
+    engine.configure(EngineOptions())  # reversible: the original layers come back
+    assert np.array_equal(engine.render(prompts, seeds, params).astype(np.int16), plain)
+    assert not any(isinstance(m, fp8.Float8Linear) for m in engine.base.unet.modules())
+
+
+def test_an_fp8_engine_without_its_originals_refuses_to_switch_back(tmp_path, monkeypatch):
+    from dreamframe.models import fp8, sdxl
+    from services.keyframe_renderer.engine import EngineOptions, SDXLEngine
+
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda device: None)
+    pipes = sdxl.load_sdxl("tiny", model_paths={}, cache_dir=tmp_path, device="cpu")
+    engine = SDXLEngine(pipes, model_id="tiny", options=EngineOptions(fp8=True))
+    assert engine.options.fp8
+    engine.configure(EngineOptions(fp8=True, sdpa_backend="math"))  # no layout change: fine
+    with pytest.raises(ValueError, match="fp8"):
+        engine.configure(EngineOptions(fp8=True, fuse_qkv=False))

@@ -49,11 +49,11 @@ import torch
 from dreamframe import keys
 from dreamframe.benchmarking import SyncCounter, default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.config import RendererSettings, get_settings
-from dreamframe.models import sdxl
+from dreamframe.models import fp8, sdxl
 from dreamframe.storage.base import ObjectRef
 from dreamframe.story import Story, StoryItem, Substory, TinyStory
 
-from .engine import COMPILE_MODES, SDPA_BACKENDS, EngineOptions, SDXLEngine, model_id
+from .engine import COMPILE_MODES, SDPA_BACKENDS, EngineOptions, SDXLEngine, fp8_linears, model_id
 from .options import DEFAULT_NEGATIVE_PROMPT, FrameSelection, RenderOptions, resolve_options
 from .renderer import Renderer, RenderRequest
 
@@ -73,8 +73,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unfused": {"fuse_qkv": False},
     "vae-eager": {"compile_vae": False},
     "contiguous": {"channels_last": False},
+    "fp8": {"fp8": True},
+    "bf16": {"fp8": False},
 }
-GPU_VARIANTS = ["default", "before", "cudnn"]
+GPU_VARIANTS = ["default", "fp8"]
 PROMPTS = [
     "at a rainy street corner, a man looks like Tom Hanks in blue is standing under a lamp",
     "in a small kitchen, a woman looks like Emma Stone in red is holding a cup of tea",
@@ -269,6 +271,56 @@ def count_flops(engine: SDXLEngine, params, batch: int) -> dict[str, Any]:
     return {"batch_size": batch, "total": total, "per_image": total / batch, "modules": stats}
 
 
+def fp8_error(engine: SDXLEngine, params, batch: int = 2) -> dict[str, Any]:
+    """How far FP8 linears move one base-UNet call from an fp32 copy of the same weights, next to
+    how far bf16 itself is (relative L2 error of the noise prediction, first denoising step of a real
+    batch). Random weights can't say how images look; this says how much precision FP8 costs."""
+    import copy
+
+    from torch.utils._pytree import tree_map
+
+    reason = fp8.unavailable_reason(engine.device)
+    if reason or engine.options.fp8:
+        return {"skipped": reason or "the engine is already FP8"}
+    unet = engine.base.unet
+    captured: dict[str, Any] = {}
+
+    def grab(_module, args, kwargs):
+        captured.setdefault("inputs", (args, kwargs))
+
+    handle = unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        engine.render([PROMPTS[i % len(PROMPTS)] for i in range(batch)], list(range(20, 20 + batch)), params)
+    finally:
+        handle.remove()
+    args, kwargs = captured["inputs"]
+
+    def to32(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    with torch.inference_mode():
+        bf16 = unet(*args, **kwargs)[0].float()
+        fp32_unet = copy.deepcopy(unet).float()
+        fp32 = fp32_unet(*tree_map(to32, args), **tree_map(to32, kwargs))[0]
+        del fp32_unet
+        torch.cuda.empty_cache()
+        originals = fp8.quantize_linears(unet, fp8_linears(unet))
+        try:
+            quantized = unet(*args, **kwargs)[0].float()
+        finally:
+            fp8.restore_linears(unet, originals)
+
+    def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((x - ref).norm() / ref.norm())
+
+    return {
+        "layers": len(originals),
+        "bf16_vs_fp32": rel(bf16, fp32),
+        "fp8_vs_fp32": rel(quantized, fp32),
+        "fp8_vs_bf16": rel(quantized, bf16),
+    }
+
+
 def gemm_flops_per_second(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Dense matmul throughput on this device: the practical ceiling for the UNet's GEMMs/convs."""
     n, iters = default_gemm_size(device), 30 if device.type == "cuda" else 5
@@ -422,6 +474,58 @@ def time_attention(device: torch.device, dtype: torch.dtype, repeats: int = 5) -
         del q, k, v, kv
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return rows
+
+
+def linear_shapes(batch: int) -> list[tuple[str, int, int, int]]:
+    """(name, rows, in, out) of the base UNet's main linear layers at 1024² with guidance (2 × batch)."""
+    rows64, rows32 = 2 * batch * 64 * 64, 2 * batch * 32 * 32
+    return [
+        ("64x64 qkv", rows64, 640, 1920),
+        ("64x64 geglu", rows64, 640, 5120),
+        ("64x64 ff out", rows64, 2560, 640),
+        ("32x32 qkv", rows32, 1280, 3840),
+        ("32x32 geglu", rows32, 1280, 10240),
+        ("32x32 ff out", rows32, 5120, 1280),
+    ]
+
+
+def time_linears(device: torch.device, batch: int, repeats: int = 10) -> list[dict[str, Any]]:
+    """The matmul alone, bf16 vs FP8 with per-row scales (operands already quantized), on the base
+    UNet's linear-layer shapes: what FP8 can gain at most before the activation-scaling work."""
+
+    def rate(fn, flops: int) -> float:
+        fn()
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+        return flops * repeats / (time.perf_counter() - started)
+
+    rows = []
+    for name, m, k, n in linear_shapes(batch):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        x8, xs = fp8._rowwise(x)
+        w8, ws = fp8._rowwise(w)
+        ws = ws.t().contiguous()
+        flops = 2 * m * k * n
+        rows.append(
+            {
+                "shape": name,
+                "m_k_n": [m, k, n],
+                "bf16": rate(lambda x=x, w=w: x @ w.t(), flops),
+                "fp8": rate(
+                    lambda x8=x8, w8=w8, xs=xs, ws=ws: torch._scaled_mm(
+                        x8, w8.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16
+                    ),
+                    flops,
+                ),
+            }
+        )
+        del x, w, x8, w8
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -645,12 +749,27 @@ def summarize(report: dict[str, Any]) -> str:
                 f"peak memory ({report['service_variant']}) {svc['peak_memory_bytes'] / 2**30:.1f} GiB, "
                 f"{svc['peak_bytes_per_image'] / 2**30:.2f} GiB per image above the weights"
             )
-        if ref:
+    for v in report["variants"] if ref else []:
+        if "result" in v:
+            spi = v["result"]["seconds_per_image"]
             lines.append(
-                f"targets ({report['service_variant']}): speedup {report['speedup']:.2f}× the eager "
-                f"reference (≥ 2.5×), {svc['seconds_per_image'] / floor_gemm:.2f}× the measured-GEMM floor "
-                f"(≤ 1.6×)"
+                f"targets ({v['name']}): speedup {ref['seconds_per_image'] / spi:.2f}× the eager "
+                f"reference (≥ 2.5×), {spi / floor_gemm:.2f}× the measured-GEMM floor (≤ 1.6×)"
             )
+    precision = report.get("fp8_precision") or {}
+    if "fp8_vs_fp32" in precision:
+        lines.append(
+            f"FP8 precision (base UNet, first step, {precision['layers']} linear layers FP8): relative L2 "
+            f"error vs fp32 — bf16 {precision['bf16_vs_fp32']:.2e}, FP8 {precision['fp8_vs_fp32']:.2e} "
+            f"(FP8 vs bf16 {precision['fp8_vs_bf16']:.2e})"
+        )
+    elif precision:
+        lines.append(f"FP8 precision: {precision.get('skipped')}")
+    for row in precision.get("linears", []):
+        lines.append(
+            f"matmul {row['shape']} {row['m_k_n']}: bf16 {si(row['bf16'])}FLOP/s, FP8 (per-row) "
+            f"{si(row['fp8'])}FLOP/s"
+        )
     lines.append(f"bench wall time {report['elapsed_seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -747,8 +866,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     set_reference_compiled(pipes, "")
     pipes = cast(pipes, fast_dtype)
     mid = model_id(preset, get_settings().renderer.model_paths, cache_dir)
-    eager_options = dataclasses.replace(settings_options, compile_mode="")
-    engine = SDXLEngine(pipes, model_id=mid, options=eager_options)
+    # FLOPs are counted (and eager modules timed) in bf16: the floor is the bf16 one.
+    eager_options = dataclasses.replace(settings_options, compile_mode="", fp8=False)
+    engine = SDXLEngine(pipes, model_id=mid, options=eager_options, reversible=True)
     params = resolve_options(
         RenderOptions(
             steps=args.steps, high_noise_fraction=args.high_noise_fraction, width=size, height=size
@@ -772,6 +892,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spent = ", ".join(f"{k} {v:.2f} s" for k, v in timing["seconds"].items())
     note(f"eager batch {timing['total_seconds']:.2f} s: {spent}")
     gemm = gemm_flops_per_second(device, fast_dtype)
+    precision = fp8_error(engine, params) if device.type == "cuda" else {"skipped": "not on a CPU"}
+    if "skipped" not in precision:
+        precision["linears"] = time_linears(device, batch)
+    note(f"FP8 precision: {precision}")
     report: dict[str, Any] = {
         "preset": preset,
         "size": size,
@@ -789,6 +913,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "service_variant": None,
         "flops": flops,
         "gemm": gemm,
+        "fp8_precision": precision,
         # On a GPU the datasheet peak; on a CPU the measured GEMM stands in for it.
         "peak_flops": args.peak_flops
         or (H100_SXM_BF16_DENSE if device.type == "cuda" else gemm["flops_per_second"]),
@@ -839,6 +964,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             engine.configure(options)
+            entry["options_text"] = engine.options.describe()  # what ran (FP8 is off where unsupported)
             result = run_service(
                 engine,
                 frames=args.frames,

@@ -40,7 +40,7 @@ import torch
 
 from dreamframe.config import RendererSettings
 from dreamframe.errors import InvalidArgument
-from dreamframe.models import attention, sdxl
+from dreamframe.models import attention, fp8, sdxl
 from dreamframe.models.attention import sdpa_context
 
 from .options import RenderParams
@@ -82,6 +82,9 @@ class EngineOptions:
     fuse_qkv: bool = True
     sdpa_backend: str = "auto"
     channels_last: bool = True
+    # FP8 (e4m3, per-row scales) for the UNets' attention-block linear layers, where the GPU has FP8
+    # tensor cores (dreamframe.models.fp8); elsewhere the engine runs without and says so.
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
@@ -108,6 +111,7 @@ class EngineOptions:
             fuse_qkv=settings.fuse_qkv,
             sdpa_backend=settings.sdpa_backend,
             channels_last=settings.channels_last,
+            fp8=settings.fp8,
         )
 
     def describe(self) -> str:
@@ -121,6 +125,7 @@ class EngineOptions:
         return (
             f"{compiled}, {'fused' if self.fuse_qkv else 'unfused'} QKV, SDPA {self.sdpa_backend}, "
             f"{'channels-last' if self.channels_last else 'contiguous'}"
+            + (", FP8 linears" if self.fp8 else "")
         )
 
 
@@ -167,6 +172,20 @@ def set_fused_qkv(model: torch.nn.Module, fused: bool) -> None:
     model.set_attn_processor(FusedAttnProcessor2_0())
 
 
+def fp8_linears(unet: torch.nn.Module) -> fp8.LinearFilter:
+    """Which of a UNet's linear layers go FP8: those in its attention blocks (projections in/out,
+    attention projections, feed-forward), where almost all its matmul FLOPs are. The separate q/k/v
+    projections that fused QKV leaves unused (views into the fused weights) stay as they are."""
+    from diffusers.models.attention_processor import Attention
+
+    unused: set[str] = set()
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+            parts = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+            unused |= {f"{name}.{part}" for part in parts}
+    return lambda name, _layer: ".attentions." in f".{name}." and name not in unused
+
+
 @dataclass(frozen=True)
 class StepSplit:
     """How a schedule of ``steps`` divides between base and refiner."""
@@ -184,7 +203,10 @@ class SDXLEngine:
         *,
         model_id: str,
         options: EngineOptions | None = None,
+        reversible: bool = False,
     ) -> None:
+        """``reversible``: keep the bf16 weights that FP8 replaces, so ``configure`` can switch FP8 (or
+        anything it depends on) off again; the benchmark compares settings this way. Costs their memory."""
         self.pipes = pipes
         self.base = pipes.base
         self.refiner = pipes.refiner
@@ -197,6 +219,9 @@ class SDXLEngine:
         self.style = StyleSlot(self.base)
         self.options = EngineOptions(fuse_qkv=False, channels_last=False)  # as loaded
         self.compiled = False
+        self.reversible = reversible
+        # Per UNet, the linear layers FP8 replaced (empty dicts when not reversible); None: not quantized.
+        self._fp8_originals: list[dict[str, torch.nn.Linear]] | None = None
         self._negative: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._splits: dict[tuple[int, float], StepSplit] = {}
         self.batches_rendered = 0
@@ -225,6 +250,12 @@ class SDXLEngine:
     def configure(self, options: EngineOptions) -> None:
         """Apply ``options`` to the loaded weights (undoing a previous compile first)."""
         self.uncompile()
+        use_fp8 = options.fp8 and self._fp8_available()
+        layout = (options.channels_last, options.fuse_qkv)
+        if self._fp8_originals is not None and (
+            not use_fp8 or layout != (self.options.channels_last, self.options.fuse_qkv)
+        ):
+            self._unquantize()  # layout changes work on the bf16 weights
         channels_last = options.channels_last and self.device.type == "cuda"
         if channels_last != (self.options.channels_last and self.device.type == "cuda"):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -233,11 +264,34 @@ class SDXLEngine:
         if options.fuse_qkv != self.options.fuse_qkv:
             for model in self._models():
                 set_fused_qkv(model, options.fuse_qkv)
-        self.options = replace(options, compile_mode="")
+        if use_fp8 and self._fp8_originals is None:
+            self._quantize()
+        self.options = replace(options, compile_mode="", fp8=use_fp8)
         self.attention = check_sdpa(self._pipes())
         if options.compile_mode:
             self.compile(options.compile_mode)
         log.info("engine: %s", self.options.describe())
+
+    def _fp8_available(self) -> bool:
+        reason = fp8.unavailable_reason(self.device)
+        if reason:
+            log.warning("FP8 linears requested but off: %s", reason)
+        return reason is None
+
+    def _quantize(self) -> None:
+        originals = [fp8.quantize_linears(p.unet, fp8_linears(p.unet)) for p in self._pipes()]
+        log.info("FP8 linears: %d layers", sum(len(o) for o in originals))
+        self._fp8_originals = originals if self.reversible else [{} for _ in originals]
+
+    def _unquantize(self) -> None:
+        if not self.reversible:
+            raise ValueError(
+                "fp8: this engine dropped its bf16 weights when it went FP8; load it again to switch "
+                "FP8, channels-last or fused QKV (or build it with reversible=True)"
+            )
+        for pipe, originals in zip(self._pipes(), self._fp8_originals or [], strict=True):
+            fp8.restore_linears(pipe.unet, originals)
+        self._fp8_originals = None
 
     def _compile_targets(self) -> list[torch.nn.Module]:
         targets = [p.unet for p in self._pipes()]

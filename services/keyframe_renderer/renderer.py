@@ -127,7 +127,9 @@ class Renderer:
         self.cache_dir = Path(cache_dir)
         self.engines = engines or EngineCache(self._load, capacity=settings.max_loaded_presets)
         # PNG encoding and uploads overlap the next batch's GPU work.
-        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frame-writer")
+        self._writer = ThreadPoolExecutor(
+            max_workers=settings.writer_threads, thread_name_prefix="frame-writer"
+        )
         self.frames_rendered = 0
         self.frames_skipped = 0
 

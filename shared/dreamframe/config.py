@@ -183,6 +183,12 @@ class RendererSettings(BaseModel):
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     # channels-last memory format for UNets and VAE on GPUs (faster convolutions on tensor cores).
     channels_last: bool = True
+    # FP8 matmuls (e4m3, per-row scales: dreamframe.models.fp8) for the UNets' attention-block linear
+    # layers, on GPUs with FP8 tensor cores (compute capability ≥ 8.9); ignored elsewhere, with a warning.
+    fp8: bool = False
+    # Threads encoding and storing PNGs while the GPU renders the next batch (PNG encoding releases the
+    # GIL); more shorten the wait for the last batch's writes.
+    writer_threads: int = Field(4, ge=1)
     # Presets kept loaded at once (least recently used ones are dropped to make room).
     max_loaded_presets: int = Field(2, ge=1)
     # Load the default preset at startup, so readiness means "can render now".
