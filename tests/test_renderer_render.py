@@ -406,7 +406,7 @@ def test_fp8_linears_keep_the_image_close_and_switch_back(tmp_path, monkeypatch)
     for unet in (engine.base.unet, engine.refiner.unet):
         swapped = {n for n, m in unet.named_modules() if isinstance(m, fp8.Float8Linear)}
         assert swapped and all(".attentions." in f".{n}." for n in swapped)
-        for name, attn in unet.named_modules():
+        for attn in unet.modules():
             if isinstance(attn, Attention):  # fused QKV: the unused separate projections stay as they are
                 assert isinstance(attn.to_out[0], fp8.Float8Linear) and type(attn.to_k) is torch.nn.Linear
     quantized = engine.render(prompts, seeds, params).astype(np.int16)
@@ -431,3 +431,21 @@ def test_an_fp8_engine_without_its_originals_refuses_to_switch_back(tmp_path, mo
     engine.configure(EngineOptions(fp8=True, sdpa_backend="math"))  # no layout change: fine
     with pytest.raises(ValueError, match="fp8"):
         engine.configure(EngineOptions(fp8=True, fuse_qkv=False))
+
+
+def test_fp8_frames_carry_it_in_their_recipe_and_replace_bf16_ones(store, renderer, tmp_path, monkeypatch):
+    from dreamframe.models import fp8
+
+    ref = put_story(store, "job", make_story(2))
+    assert all(not f.skipped for f in frame_events(run(renderer, request("job", ref))))
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda device: None)
+    fp8_renderer = Renderer(store, RendererSettings(device="cpu", fp8=True), cache_dir=tmp_path)
+    try:
+        assert fp8_renderer.engine("tiny").options.fp8
+        events = run(fp8_renderer, request("job", ref))
+        assert [f.skipped for f in frame_events(events)] == [False, False]  # another recipe
+        assert [f.skipped for f in frame_events(run(fp8_renderer, request("job", ref)))] == [True, True]
+    finally:
+        fp8_renderer.close()
+    recipe = json.loads(frames.read_png_text(store.get_bytes(keys.frame_key("job", 0, 0)))["dreamframe"])
+    assert recipe["settings"]["fp8_linears"] is True

@@ -272,6 +272,11 @@ class SDXLEngine:
             self.compile(options.compile_mode)
         log.info("engine: %s", self.options.describe())
 
+    def recipe_settings(self) -> dict[str, bool]:
+        """Engine settings that change pixels beyond rounding, for frame recipes: FP8 linears (only when
+        on, so frames rendered before the setting existed keep matching)."""
+        return {"fp8_linears": True} if self.options.fp8 else {}
+
     def _fp8_available(self) -> bool:
         reason = fp8.unavailable_reason(self.device)
         if reason:

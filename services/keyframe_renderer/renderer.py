@@ -212,7 +212,7 @@ class Renderer:
                 prompt=prompts[i],
                 seed=params.seed(i),
                 model=engine.model_id,
-                settings=params.image_settings(),
+                settings={**params.image_settings(), **engine.recipe_settings()},
                 style_token=style.token if style else "",
                 style_embedding_sha256=style.sha256 if style else "",
             )
