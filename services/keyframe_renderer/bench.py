@@ -491,8 +491,9 @@ def linear_shapes(batch: int) -> list[tuple[str, int, int, int]]:
 
 
 def time_linears(device: torch.device, batch: int, repeats: int = 10) -> list[dict[str, Any]]:
-    """The matmul alone, bf16 vs FP8 with per-row scales (operands already quantized), on the base
-    UNet's linear-layer shapes: what FP8 can gain at most before the activation-scaling work."""
+    """bf16 ``nn.Linear`` vs FP8 on the base UNet's linear-layer shapes: the FP8 GEMM alone (operands
+    already quantized: what FP8 can gain at most) and the whole ``Float8Linear`` eager (with its
+    activation scaling unfused: what it costs at most; compiled, that work fuses into fewer kernels)."""
 
     def rate(fn, flops: int) -> float:
         fn()
@@ -505,26 +506,27 @@ def time_linears(device: torch.device, batch: int, repeats: int = 10) -> list[di
 
     rows = []
     for name, m, k, n in linear_shapes(batch):
+        linear = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        layer = fp8.Float8Linear(linear)
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         x8, xs = fp8._rowwise(x)
-        w8, ws = fp8._rowwise(w)
-        ws = ws.t().contiguous()
         flops = 2 * m * k * n
-        rows.append(
-            {
-                "shape": name,
-                "m_k_n": [m, k, n],
-                "bf16": rate(lambda x=x, w=w: x @ w.t(), flops),
-                "fp8": rate(
-                    lambda x8=x8, w8=w8, xs=xs, ws=ws: torch._scaled_mm(
-                        x8, w8.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16
+        with torch.inference_mode():
+            rows.append(
+                {
+                    "shape": name,
+                    "m_k_n": [m, k, n],
+                    "bf16": rate(lambda x=x, f=linear: f(x), flops),
+                    "fp8": rate(
+                        lambda x8=x8, xs=xs, f=layer: fp8.scaled_matmul(
+                            x8, xs, f.weight, f.weight_scale, f.bias, f.out_dtype
+                        ),
+                        flops,
                     ),
-                    flops,
-                ),
-            }
-        )
-        del x, w, x8, w8
+                    "fp8_layer_eager": rate(lambda x=x, f=layer: f(x), flops),
+                }
+            )
+        del x, x8, linear, layer
     torch.cuda.empty_cache()
     return rows
 
@@ -767,8 +769,8 @@ def summarize(report: dict[str, Any]) -> str:
         lines.append(f"FP8 precision: {precision.get('skipped')}")
     for row in precision.get("linears", []):
         lines.append(
-            f"matmul {row['shape']} {row['m_k_n']}: bf16 {si(row['bf16'])}FLOP/s, FP8 (per-row) "
-            f"{si(row['fp8'])}FLOP/s"
+            f"linear {row['shape']} {row['m_k_n']}: bf16 {si(row['bf16'])}FLOP/s; FP8 GEMM alone "
+            f"{si(row['fp8'])}FLOP/s, FP8 layer eager {si(row['fp8_layer_eager'])}FLOP/s"
         )
     lines.append(f"bench wall time {report['elapsed_seconds']:.0f} s")
     return "\n".join(lines)
