@@ -20,7 +20,7 @@ def test_float8_linear_stays_close_to_the_linear(dtype, bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=bias).to(dtype)
     x = torch.randn(3, 7, 64, dtype=dtype)
-    quantized = fp8.Float8Linear(linear)
+    quantized = fp8.Float8Linear.from_linear(linear)
     with torch.inference_mode():
         out, ref = quantized(x), linear(x)
     assert out.shape == ref.shape == (3, 7, 96) and out.dtype == dtype
@@ -32,7 +32,7 @@ def test_float8_linear_stays_close_to_the_linear(dtype, bias):
 def test_each_row_is_scaled_on_its_own():
     """A token's result doesn't depend on the other rows of the batch (unlike a per-tensor scale)."""
     torch.manual_seed(1)
-    layer = fp8.Float8Linear(torch.nn.Linear(32, 16))
+    layer = fp8.Float8Linear.from_linear(torch.nn.Linear(32, 16))
     x = torch.randn(4, 32)
     x[3] *= 1000  # one loud row must not change the others' quantization
     with torch.inference_mode():
@@ -57,3 +57,14 @@ def test_quantize_and_restore_swap_only_the_chosen_layers():
 
 def test_cpu_is_not_an_fp8_device():
     assert "CUDA" in fp8.unavailable_reason(torch.device("cpu"))
+
+
+def test_rows_are_views_computing_a_slice_of_the_outputs():
+    torch.manual_seed(2)
+    layer = fp8.Float8Linear.from_linear(torch.nn.Linear(32, 48))
+    part = layer.rows(16, 32)
+    assert part.weight.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+    assert (part.in_features, part.out_features) == (32, 16)
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(part(x), layer(x)[:, 16:32], rtol=1e-5, atol=1e-5)

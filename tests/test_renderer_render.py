@@ -382,6 +382,10 @@ def test_stop_finishes_the_batch_in_flight_then_resumes(store, renderer):
     ]
 
 
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def test_fp8_linears_keep_the_image_close_and_switch_back(tmp_path, monkeypatch):
     from diffusers.models.attention_processor import Attention
 
@@ -406,9 +410,14 @@ def test_fp8_linears_keep_the_image_close_and_switch_back(tmp_path, monkeypatch)
     for unet in (engine.base.unet, engine.refiner.unet):
         swapped = {n for n, m in unet.named_modules() if isinstance(m, fp8.Float8Linear)}
         assert swapped and all(".attentions." in f".{n}." for n in swapped)
+        assert not any(type(m) is torch.nn.Linear for n, m in unet.named_modules() if ".attentions." in n)
         for attn in unet.modules():
-            if isinstance(attn, Attention):  # fused QKV: the unused separate projections stay as they are
-                assert isinstance(attn.to_out[0], fp8.Float8Linear) and type(attn.to_k) is torch.nn.Linear
+            if isinstance(attn, Attention):  # fused QKV: the separate projections are views of the fused
+                fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
+                assert isinstance(fused, fp8.Float8Linear) and isinstance(attn.to_k, fp8.Float8Linear)
+                assert (
+                    attn.to_k.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+                )
     quantized = engine.render(prompts, seeds, params).astype(np.int16)
     alone = engine.render(prompts[1:], seeds[1:], params).astype(np.int16)
     diff = np.abs(plain - quantized)
@@ -418,6 +427,12 @@ def test_fp8_linears_keep_the_image_close_and_switch_back(tmp_path, monkeypatch)
     engine.configure(EngineOptions())  # reversible: the original layers come back
     assert np.array_equal(engine.render(prompts, seeds, params).astype(np.int16), plain)
     assert not any(isinstance(m, fp8.Float8Linear) for m in engine.base.unet.modules())
+    for attn in engine.base.unet.modules():  # and the separate projections are bf16 views again
+        if isinstance(attn, Attention) and not attn.is_cross_attention:
+            shared = attn.to_qkv.weight.untyped_storage().data_ptr()
+            assert (
+                type(attn.to_q) is torch.nn.Linear and attn.to_q.weight.untyped_storage().data_ptr() == shared
+            )
 
 
 def test_an_fp8_engine_without_its_originals_refuses_to_switch_back(tmp_path, monkeypatch):

@@ -53,7 +53,15 @@ from dreamframe.models import fp8, sdxl
 from dreamframe.storage.base import ObjectRef
 from dreamframe.story import Story, StoryItem, Substory, TinyStory
 
-from .engine import COMPILE_MODES, SDPA_BACKENDS, EngineOptions, SDXLEngine, fp8_linears, model_id
+from .engine import (
+    COMPILE_MODES,
+    SDPA_BACKENDS,
+    EngineOptions,
+    SDXLEngine,
+    fp8_linears,
+    model_id,
+    quantize_unet,
+)
 from .options import DEFAULT_NEGATIVE_PROMPT, FrameSelection, RenderOptions, resolve_options
 from .renderer import Renderer, RenderRequest
 
@@ -304,7 +312,7 @@ def fp8_error(engine: SDXLEngine, params, batch: int = 2) -> dict[str, Any]:
         fp32 = fp32_unet(*tree_map(to32, args), **tree_map(to32, kwargs))[0]
         del fp32_unet
         torch.cuda.empty_cache()
-        originals = fp8.quantize_linears(unet, fp8_linears(unet))
+        originals = quantize_unet(unet)
         try:
             quantized = unet(*args, **kwargs)[0].float()
         finally:
@@ -314,7 +322,7 @@ def fp8_error(engine: SDXLEngine, params, batch: int = 2) -> dict[str, Any]:
         return float((x - ref).norm() / ref.norm())
 
     return {
-        "layers": len(originals),
+        "layers": len(fp8.linears(unet, fp8_linears(unet))),
         "bf16_vs_fp32": rel(bf16, fp32),
         "fp8_vs_fp32": rel(quantized, fp32),
         "fp8_vs_bf16": rel(quantized, bf16),
@@ -507,7 +515,7 @@ def time_linears(device: torch.device, batch: int, repeats: int = 10) -> list[di
     rows = []
     for name, m, k, n in linear_shapes(batch):
         linear = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-        layer = fp8.Float8Linear(linear)
+        layer = fp8.Float8Linear.from_linear(linear)
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         x8, xs = fp8._rowwise(x)
         flops = 2 * m * k * n

@@ -172,18 +172,43 @@ def set_fused_qkv(model: torch.nn.Module, fused: bool) -> None:
     model.set_attn_processor(FusedAttnProcessor2_0())
 
 
-def fp8_linears(unet: torch.nn.Module) -> fp8.LinearFilter:
-    """Which of a UNet's linear layers go FP8: those in its attention blocks (projections in/out,
-    attention projections, feed-forward), where almost all its matmul FLOPs are. The separate q/k/v
-    projections that fused QKV leaves unused (views into the fused weights) stay as they are."""
+def _fused_parts(unet: torch.nn.Module):
+    """(attention name, module, fused layer name, separate layer names) for each attention whose
+    projections are fused: the separate ones are views into the fused weights, unused while fused."""
     from diffusers.models.attention_processor import Attention
 
-    unused: set[str] = set()
     for name, module in unet.named_modules():
         if isinstance(module, Attention) and getattr(module, "fused_projections", False):
-            parts = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
-            unused |= {f"{name}.{part}" for part in parts}
+            if module.is_cross_attention:
+                yield name, module, "to_kv", ("to_k", "to_v")
+            else:
+                yield name, module, "to_qkv", ("to_q", "to_k", "to_v")
+
+
+def fp8_linears(unet: torch.nn.Module) -> fp8.LinearFilter:
+    """Which of a UNet's linear layers go FP8: those in its attention blocks (projections in/out,
+    attention projections, feed-forward), where almost all its matmul FLOPs are; not the separate
+    projections fused QKV leaves unused (``quantize_unet`` makes those views of the fused FP8 layer)."""
+    unused = {f"{name}.{part}" for name, _, _, parts in _fused_parts(unet) for part in parts}
     return lambda name, _layer: ".attentions." in f".{name}." and name not in unused
+
+
+def quantize_unet(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """FP8 linears in ``unet`` (``fp8_linears``); returns the layers replaced, by name. The separate
+    q/k/v projections of fused attentions become row views of the fused FP8 layer, as they were of the
+    bf16 one: otherwise their views would keep the whole bf16 fused weights alive."""
+    originals = fp8.quantize_linears(unet, fp8_linears(unet))
+    for name, attn, fused_name, parts in _fused_parts(unet):
+        fused = getattr(attn, fused_name)
+        if not isinstance(fused, fp8.Float8Linear):
+            continue
+        start = 0
+        for part in parts:
+            layer = getattr(attn, part)
+            originals[f"{name}.{part}"] = layer
+            setattr(attn, part, fused.rows(start, start + layer.out_features))
+            start += layer.out_features
+    return originals
 
 
 @dataclass(frozen=True)
@@ -284,7 +309,7 @@ class SDXLEngine:
         return reason is None
 
     def _quantize(self) -> None:
-        originals = [fp8.quantize_linears(p.unet, fp8_linears(p.unet)) for p in self._pipes()]
+        originals = [quantize_unet(p.unet) for p in self._pipes()]
         log.info("FP8 linears: %d layers", sum(len(o) for o in originals))
         self._fp8_originals = originals if self.reversible else [{} for _ in originals]
 

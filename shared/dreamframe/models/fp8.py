@@ -66,14 +66,34 @@ def scaled_matmul(
 class Float8Linear(torch.nn.Module):
     """Inference-only stand-in for an ``nn.Linear``: same inputs, outputs in the linear's dtype."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> None:
+        """``weight`` [out, in] e4m3, row-major (its ``.t()`` is the column-major operand the GEMM
+        wants); ``weight_scale`` [1, out] fp32; ``bias`` [out] or None."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = linear.weight.dtype
+        self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> Float8Linear:
         weight, scale = _rowwise(linear.weight.detach())
-        self.register_buffer("weight", weight)  # [out, in], row-major: .t() is the column-major operand
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), False)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight, scale.t().contiguous(), bias, linear.weight.dtype)
+
+    def rows(self, start: int, stop: int) -> Float8Linear:
+        """The layer computing output features ``start:stop`` of this one, its weights a view of
+        this one's (no copy)."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        scale = self.weight_scale[:, start:stop].contiguous()  # a few floats
+        return Float8Linear(self.weight[start:stop], scale, bias, self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values, scale = _rowwise(x.reshape(-1, self.in_features))
@@ -104,7 +124,7 @@ def quantize_linears(model: torch.nn.Module, include: LinearFilter) -> dict[str,
     (``restore_linears`` puts them back; dropping them frees their weights)."""
     chosen = linears(model, include)
     for name, layer in chosen.items():
-        _swap(model, name, Float8Linear(layer))
+        _swap(model, name, Float8Linear.from_linear(layer))
     return chosen
 
 
