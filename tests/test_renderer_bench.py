@@ -51,18 +51,23 @@ def test_bench_reports_speed_flops_and_floor(tmp_path, monkeypatch, one_thread, 
     assert "FLOPs per image" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_bench_compares_variants_on_one_model(tmp_path, monkeypatch, one_thread):
+def bench_variants(tmp_path, monkeypatch, *variants: str) -> dict:
+    """A short tiny-preset bench run over ``variants`` on one model, no reference."""
     monkeypatch.setenv("DREAMFRAME_MODELS__CACHE_DIR", str(tmp_path / "models"))
     bench.get_settings.cache_clear()
     try:
-        report = bench.main(
+        return bench.main(
             ["--preset", "tiny", "--device", "cpu", "--frames", "2", "--batch-size", "2", "--steps", "4"]
             + ["--reference-frames", "0", "--skip-kernels", "--out", str(tmp_path / "out")]
-            + ["--variant", "before", "--variant", "default", "--variant", "m=sdpa_backend:math,fuse_qkv:off"]
+            + [arg for variant in variants for arg in ("--variant", variant)]
         )
     finally:
         bench.get_settings.cache_clear()
+
+
+@pytest.mark.slow
+def test_bench_compares_variants_on_one_model(tmp_path, monkeypatch, one_thread):
+    report = bench_variants(tmp_path, monkeypatch, "before", "default", "m=sdpa_backend:math,fuse_qkv:off")
     names = [v["name"] for v in report["variants"]]
     assert names == ["before", "default", "m"] and report["service_variant"] == "before"
     before, default, math = report["variants"]
@@ -79,16 +84,7 @@ def test_bench_switches_fp8_on_and_off_on_one_model(tmp_path, monkeypatch, one_t
     from dreamframe.models import fp8
 
     monkeypatch.setattr(fp8, "unavailable_reason", lambda device: None)  # the CPU runs FP8 matmuls too
-    monkeypatch.setenv("DREAMFRAME_MODELS__CACHE_DIR", str(tmp_path / "models"))
-    bench.get_settings.cache_clear()
-    try:
-        report = bench.main(
-            ["--preset", "tiny", "--device", "cpu", "--frames", "2", "--batch-size", "2", "--steps", "4"]
-            + ["--reference-frames", "0", "--skip-kernels", "--out", str(tmp_path / "out")]
-            + ["--variant", "fp8", "--variant", "default"]
-        )
-    finally:
-        bench.get_settings.cache_clear()
+    report = bench_variants(tmp_path, monkeypatch, "fp8", "default")
     quantized, default = report["variants"]
     assert quantized["options_text"].endswith("FP8 linears") and "FP8" not in default["options_text"]
     assert default["diff_against"] == "fp8" and 0 < default["diff"]["mean"] < 3

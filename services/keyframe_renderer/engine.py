@@ -13,6 +13,8 @@ What makes it fast (DESIGN.md, "GPU work is fast by design"):
   projections, ``FusedAttnProcessor2_0``; checked at load) with a selectable preferred kernel,
   channels-last UNets/VAE, cuDNN's convolution autotuning, optional ``torch.compile`` of both UNets and
   the VAE decoder (with our inductor settings passed to those compiles only, never set globally);
+- optionally (``fp8``, off by default) FP8 matmuls with per-row scales for the UNets' attention-block
+  linear layers, on GPUs with FP8 tensor cores (``quantize_unet``; the change goes into frame recipes);
 - no host synchronisation inside the denoising loop: no step callbacks, device-side generators (a CPU
   generator would copy noise to the GPU every Euler step), the scheduler keeps its sigmas on the host.
   The benchmark counts the syncs that remain: all at pipeline set-up (diffusers' step split for
