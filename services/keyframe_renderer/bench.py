@@ -40,14 +40,22 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dreamframe import keys
-from dreamframe.benchmarking import SyncCounter, default_gemm_size, matmul_flops_per_second, synchronize
+from dreamframe.benchmarking import (
+    SyncCounter,
+    default_gemm_size,
+    matmul_flops_per_second,
+    seconds_per_call,
+    synchronize,
+)
 from dreamframe.config import RendererSettings, get_settings
 from dreamframe.models import fp8, sdxl
 from dreamframe.storage.base import ObjectRef
@@ -469,13 +477,10 @@ def time_attention(device: torch.device, dtype: torch.dtype, repeats: int = 5) -
             try:
                 with context, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                    synchronize(device)
-                    started = time.perf_counter()
-                    for _ in range(repeats):
-                        torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                    synchronize(device)
-                row[label] = flops * repeats / (time.perf_counter() - started)
+                    seconds = seconds_per_call(
+                        partial(F.scaled_dot_product_attention, q, k, v), device, repeats
+                    )
+                row[label] = flops / seconds
             except RuntimeError:
                 row[label] = None  # this kernel can't run the shape
         rows.append(row)
@@ -504,13 +509,7 @@ def time_linears(device: torch.device, batch: int, repeats: int = 10) -> list[di
     activation scaling unfused: what it costs at most; compiled, that work fuses into fewer kernels)."""
 
     def rate(fn, flops: int) -> float:
-        fn()
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        synchronize(device)
-        return flops * repeats / (time.perf_counter() - started)
+        return flops / seconds_per_call(fn, device, repeats)
 
     rows = []
     for name, m, k, n in linear_shapes(batch):
@@ -551,13 +550,10 @@ def time_vae_layouts(engine: SDXLEngine, batch: int, size: int) -> dict[str, flo
         for label, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
             vae.to(memory_format=fmt)
             x = latents.contiguous(memory_format=fmt)
-            with torch.inference_mode():
-                vae.decode(x, return_dict=False)  # cuDNN picks its algorithms for this layout
-                synchronize(engine.device)
-                started = time.perf_counter()
-                vae.decode(x, return_dict=False)
-                synchronize(engine.device)
-            results[label] = time.perf_counter() - started
+            with torch.inference_mode():  # the untimed first call: cuDNN picks algorithms for the layout
+                results[label] = seconds_per_call(
+                    lambda x=x: vae.decode(x, return_dict=False), engine.device, repeats=1
+                )
     finally:
         vae.to(memory_format=kept)
     return results

@@ -41,7 +41,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamframe.benchmarking import SyncCounter, default_gemm_size, matmul_flops_per_second, synchronize
+from dreamframe.benchmarking import (
+    SyncCounter,
+    default_gemm_size,
+    matmul_flops_per_second,
+    seconds_per_call,
+    synchronize,
+)
 from dreamframe.models import sdxl
 
 from .inversion import PhaseTimer, TextualInversion
@@ -214,13 +220,9 @@ def attention_timings(
             return torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
 
         q, k, v, out_grad = make(tokens), make(keys), make(keys), make(tokens, grad=False)
-        F.scaled_dot_product_attention(q, k, v).backward(out_grad)
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            F.scaled_dot_product_attention(q, k, v).backward(out_grad)
-        synchronize(device)
-        return (time.perf_counter() - started) / repeats
+        return seconds_per_call(
+            lambda: F.scaled_dot_product_attention(q, k, v).backward(out_grad), device, repeats
+        )
 
     for name, backend in backends.items():
         try:

@@ -21,18 +21,24 @@ def default_gemm_size(device: torch.device) -> int:
     return 8192 if device.type == "cuda" else 1024
 
 
+def seconds_per_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Wall-clock seconds per call of ``fn`` over ``repeats`` calls, after ``warmup`` untimed ones
+    (kernel selection, allocator), with the device's queue drained before and after."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - started) / repeats
+
+
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 20) -> float:
     """FLOP/s of ``repeats`` n×n×n matmuls in ``dtype`` after three untimed ones."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, repeats, warmup=3)
 
 
 class SyncCounter:
