@@ -110,12 +110,8 @@ async def plot(ctx: JobContext, index: int) -> None:
 
         async def on_update(response) -> None:
             p = response.progress
-            await ctx.progress(
-                pb.STAGE_PLOT,
-                _done_stories(ctx, pb.STAGE_PLOT),
-                ctx.stories,
-                "stories",
-                f"story {index} level {response.level}: {p.done}/{p.total} {p.unit}",
+            await _story_progress(
+                ctx, pb.STAGE_PLOT, f"story {index} level {response.level}: {p.done}/{p.total} {p.unit}"
             )
 
         result = await final_result(
@@ -142,9 +138,7 @@ async def plot(ctx: JobContext, index: int) -> None:
         )
         ctx.record(pb.STAGE_PLOT, story_name("reference_story", index), to_proto(ref))
         ctx.record(pb.STAGE_PLOT, name, to_proto(native))
-    await ctx.progress(
-        pb.STAGE_PLOT, _done_stories(ctx, pb.STAGE_PLOT), ctx.stories, "stories", f"story {index} done"
-    )
+    await _story_progress(ctx, pb.STAGE_PLOT, f"story {index} done")
 
 
 def story_ref(ctx: JobContext, index: int) -> common_pb2.ObjectRef:
@@ -176,13 +170,8 @@ async def style(ctx: JobContext, index: int) -> None:
 
     async def on_update(response) -> None:
         p = response.progress
-        await ctx.progress(
-            pb.STAGE_STYLE,
-            _done_stories(ctx, pb.STAGE_STYLE),
-            ctx.stories,
-            "stories",
-            f"story {index} {_phase(response.phase)} {p.done}/{p.total}",
-        )
+        message = f"story {index} {_phase(response.phase)} {p.done}/{p.total}"
+        await _story_progress(ctx, pb.STAGE_STYLE, message)
 
     result = await final_result(
         ctx.clients.style.TrainStyle(request),
@@ -193,9 +182,7 @@ async def style(ctx: JobContext, index: int) -> None:
     info = {"token": result.token, "embedding": _ref_dict(result.embedding)}
     ref = ctx.store.put_json(f"{keys.style_prefix(ctx.job.job_id, index)}style.json", info)
     ctx.record(pb.STAGE_STYLE, name, to_proto(ref))
-    await ctx.progress(
-        pb.STAGE_STYLE, _done_stories(ctx, pb.STAGE_STYLE), ctx.stories, "stories", f"story {index} done"
-    )
+    await _story_progress(ctx, pb.STAGE_STYLE, f"story {index} done")
 
 
 def style_of(ctx: JobContext, index: int) -> tuple[common_pb2.ObjectRef | None, str]:
@@ -394,6 +381,11 @@ def _phase(phase: int) -> str:
 
 def _has_stage(ctx: JobContext, stage: int) -> bool:
     return any(s.stage == stage for s in ctx.job.stages)
+
+
+async def _story_progress(ctx: JobContext, stage: int, message: str) -> None:
+    """A per-story stage's progress: stories with their output recorded, out of the job's stories."""
+    await ctx.progress(stage, _done_stories(ctx, stage), ctx.stories, "stories", message)
 
 
 def _done_stories(ctx: JobContext, stage: int) -> int:
