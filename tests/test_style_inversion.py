@@ -196,14 +196,20 @@ def assert_same_embedding(a: TextualInversion, b: TextualInversion, atol: float 
         torch.testing.assert_close(x, y, rtol=0, atol=atol)
 
 
+def stopped_after_two_steps(pipes, options: TrainOptions) -> TextualInversion:
+    """A training asked to stop after its second step (it finishes that step first)."""
+    ti = TextualInversion(pipes, "Dramatic", options)
+    ti.encode_images(images())
+    stop_after = iter([False, True])
+    assert [r.step for r in ti.train(should_stop=lambda: next(stop_after))] == [1, 2]
+    return ti
+
+
 def test_resumed_training_matches_uninterrupted_training(pipes):
     options = dataclasses.replace(FAST, max_train_steps=5)
     full = trained(pipes, options=options)
 
-    first = TextualInversion(pipes, "Dramatic", options)
-    first.encode_images(images())
-    stop_after = iter([False, True])
-    assert [r.step for r in first.train(should_stop=lambda: next(stop_after))] == [1, 2]
+    first = stopped_after_two_steps(pipes, options)
     state = first.state()
 
     resumed = TextualInversion(pipes, "Dramatic", options)
@@ -239,10 +245,7 @@ def test_trainings_in_one_process_keep_their_own_rows(pipes):
     # They share one prompt encoder (compiled once per process); each binds its rows in when it runs.
     options = dataclasses.replace(FAST, max_train_steps=4)
     solo = trained(pipes, options=options)
-    first = TextualInversion(pipes, "Dramatic", options)
-    first.encode_images(images())
-    stop_after = iter([False, True])
-    assert [r.step for r in first.train(should_stop=lambda: next(stop_after))] == [1, 2]
+    first = stopped_after_two_steps(pipes, options)
     other = trained(pipes, keyword="x", options=dataclasses.replace(options, seed=7))
     other_rows = other.rows()
     assert [r.step for r in first.train()] == [3, 4]
