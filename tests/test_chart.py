@@ -132,12 +132,12 @@ def test_secrets_never_land_in_config_maps():
 
 
 def test_config_values_use_dreamframe_settings_names():
-    from dreamframe.config import Settings
+    from dreamframe.config import settings_class
 
     config_map = by_kind(render(), "ConfigMap")["dreamframe-config"]
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     # Every section and key in the chart's config is one DreamFrame's Settings knows.
-    fields = Settings.model_fields
+    fields = settings_class().model_fields
     for section, values in config.items():
         assert section in fields, section
         model = fields[section].annotation

@@ -38,7 +38,7 @@ def test_plan_gives_every_service_a_port_and_the_coordinator_every_address():
 
 
 def test_default_plan_matches_the_configured_defaults():
-    from dreamframe.config import CoordinatorSettings
+    from services.coordinator.settings import CoordinatorSettings
 
     plan, addresses = service_plan()
     defaults = CoordinatorSettings()

@@ -9,9 +9,9 @@ import kmock
 import pytest
 from kubernetes import client
 
-from dreamframe.config import KubernetesSettings
 from dreamframe.errors import FailedPrecondition
 from services.coordinator.scaler import RendererScaler, desired_replicas
+from services.coordinator.settings import KubernetesSettings
 
 NS = "dreamframe"
 NAME = "dreamframe-keyframe-renderer"
@@ -90,10 +90,10 @@ def test_missing_deployment_is_a_clear_error():
 
 
 def test_the_coordinator_scales_by_the_frames_its_jobs_have_pending(tmp_path):
-    from dreamframe.config import CoordinatorSettings
     from dreamframe.storage import LocalStore
     from services.coordinator.clients import Clients
     from services.coordinator.runner import Coordinator
+    from services.coordinator.settings import CoordinatorSettings
 
     async def scenario():
         async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:

@@ -18,7 +18,6 @@ from test_eval_support import (
     write_videochatgpt,
 )
 
-from dreamframe.config import EvaluatorSettings
 from dreamframe.errors import Cancelled, InvalidArgument
 from services.evaluator.evaluate import (
     BenchmarkSpec,
@@ -29,6 +28,7 @@ from services.evaluator.evaluate import (
     ModelSpec,
     Progress,
 )
+from services.evaluator.settings import EvaluatorSettings
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,12 @@ from test_eval_support import (
     write_videochatgpt,
 )
 
-from dreamframe.config import EvaluatorSettings, ServerSettings
+from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.v1 import eval_pb2, eval_pb2_grpc
 from services.evaluator.evaluate import Evaluator
 from services.evaluator.server import EvalServicer, request_from_proto
+from services.evaluator.settings import EvaluatorSettings
 
 E = eval_pb2
 

@@ -9,7 +9,6 @@ import dataclasses
 import jsonschema
 import pytest
 
-from dreamframe.config import PlotSettings
 from dreamframe.errors import FailedPrecondition
 from dreamframe.keys import reference_story_key, story_key
 from dreamframe.storage.local import LocalStore
@@ -19,6 +18,7 @@ from services.plot_llm.generator import StoryGenerator
 from services.plot_llm.options import StoryOptions
 from services.plot_llm.schemas import answer_schema, level1_model, level2_model, level3_model
 from services.plot_llm.service import TINY_TEXT_LIMITS, PlotService
+from services.plot_llm.settings import PlotSettings
 from services.plot_llm.validation import STRUCTURAL
 
 pytestmark = pytest.mark.slow

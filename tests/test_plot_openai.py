@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from dreamframe.config import PlotSettings
 from dreamframe.errors import FailedPrecondition, InvalidArgument, Unavailable
 from dreamframe.keys import reference_story_key, story_key
 from dreamframe.storage.local import LocalStore
@@ -25,6 +24,7 @@ from services.plot_llm.cache import cache_prefix
 from services.plot_llm.options import StoryOptions
 from services.plot_llm.scripted_server import ScriptedChatServer
 from services.plot_llm.service import PlotService
+from services.plot_llm.settings import PlotSettings
 
 REPO = Path(__file__).resolve().parents[1]
 THEME = "two strangers follow an old letter across town"
@@ -157,7 +157,7 @@ def test_calls_run_in_parallel_up_to_the_limit(store):
 _KILLED_RUN = textwrap.dedent(
     """
     import asyncio, sys
-    from dreamframe.config import PlotSettings
+    from services.plot_llm.settings import PlotSettings
     from dreamframe.storage.local import LocalStore
     from services.plot_llm.options import StoryOptions
     from services.plot_llm.service import PlotService

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from dreamframe.config import PlotSettings, ServerSettings
+from dreamframe.config import ServerSettings
 from dreamframe.keys import reference_story_key, story_key
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.storage.local import LocalStore
@@ -21,6 +21,7 @@ from services.plot_llm.options import REFERENCE_COUNTS
 from services.plot_llm.scripted_server import ScriptedChatServer
 from services.plot_llm.server import PlotServicer, options_from_proto
 from services.plot_llm.service import PlotService
+from services.plot_llm.settings import PlotSettings
 
 THEME = "a lighthouse keeper finds a message in a bottle"
 OPTIONS = plot_pb2.PlotOptions(

@@ -15,7 +15,6 @@ import yaml
 from PIL import Image
 
 from dreamframe import keys
-from dreamframe.config import QaSettings
 from dreamframe.errors import Cancelled, InvalidArgument, NotFound
 from dreamframe.storage import LocalStore
 from dreamframe.story import QA, Character, Story, StoryItem, Substory, TinyStory
@@ -25,6 +24,7 @@ from services.qa_generator.dialogue import dialogue_questions
 from services.qa_generator.inputs import StorySource
 from services.qa_generator.options import make_options
 from services.qa_generator.samples import SpanQA, Turn, remove_duplicate_turns, story_spans
+from services.qa_generator.settings import QaSettings
 from services.qa_generator.splits import assign_splits
 
 JOB = "job-qa"

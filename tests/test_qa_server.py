@@ -17,12 +17,13 @@ import pytest
 from test_qa_generator import JOB, make_story, put_story
 
 from dreamframe import keys
-from dreamframe.config import QaSettings, ServerSettings
+from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.storage import LocalStore
 from dreamframe.v1 import common_pb2, qa_pb2, qa_pb2_grpc
 from services.qa_generator import formats
 from services.qa_generator.server import QaServicer
+from services.qa_generator.settings import QaSettings
 
 F = qa_pb2
 

@@ -200,22 +200,23 @@ def test_bad_engine_options_name_their_field(kwargs, field):
 def test_bad_renderer_settings_name_their_field(monkeypatch):
     from pydantic import ValidationError
 
-    from dreamframe.config import RendererSettings, Settings
+    from dreamframe.config import load_settings
+    from services.keyframe_renderer.settings import RendererSettings
 
     with pytest.raises(ValidationError, match="sdpa_backend"):
         RendererSettings(sdpa_backend="fastest")
     monkeypatch.setenv("DREAMFRAME_RENDERER__SDPA_BACKEND", "cuDNN9")
     with pytest.raises(ValidationError, match=r"renderer\.sdpa_backend"):
-        Settings()
+        load_settings()
     monkeypatch.setenv("DREAMFRAME_RENDERER__SDPA_BACKEND", "cudnn")
     monkeypatch.setenv("DREAMFRAME_RENDERER__FUSE_QKV", "false")
-    renderer = Settings().renderer
+    renderer = load_settings().renderer
     assert renderer.sdpa_backend == "cudnn" and renderer.fuse_qkv is False
 
 
 def test_engine_options_follow_the_settings():
-    from dreamframe.config import RendererSettings
     from services.keyframe_renderer.engine import EngineOptions
+    from services.keyframe_renderer.settings import RendererSettings
 
     defaults = EngineOptions.from_settings(RendererSettings())
     assert defaults == EngineOptions()  # not compiled unless asked; fused QKV, VAE compiled with the UNets

@@ -13,7 +13,6 @@ from PIL import Image
 from safetensors.torch import save
 
 from dreamframe import keys
-from dreamframe.config import RendererSettings
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.storage import LocalStore
 from dreamframe.storage.base import ObjectRef, sha256_bytes
@@ -22,6 +21,7 @@ from services.keyframe_renderer import frames
 from services.keyframe_renderer.engine import EngineCache, load_engine
 from services.keyframe_renderer.options import FrameSelection, RenderOptions
 from services.keyframe_renderer.renderer import Renderer, RenderEvent, RenderRequest
+from services.keyframe_renderer.settings import RendererSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

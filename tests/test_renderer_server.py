@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from dreamframe import keys
-from dreamframe.config import RendererSettings, ServerSettings
+from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.storage import LocalStore, to_proto
 from dreamframe.story import Story, StoryItem, Substory, TinyStory
@@ -18,6 +18,7 @@ from dreamframe.v1 import common_pb2, render_pb2, render_pb2_grpc
 from services.keyframe_renderer.engine import EngineCache, load_engine
 from services.keyframe_renderer.renderer import Renderer
 from services.keyframe_renderer.server import RenderServicer
+from services.keyframe_renderer.settings import RendererSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load
 
 from dreamframe import keys
-from dreamframe.config import ServerSettings, StyleSettings
+from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.storage import LocalStore, from_proto, to_proto
 from dreamframe.story import Story
@@ -22,6 +22,7 @@ from dreamframe.v1 import common_pb2, style_pb2, style_pb2_grpc
 from services.style_trainer.checkpoint import TrainingState
 from services.style_trainer.server import StyleServicer, options_from_proto
 from services.style_trainer.service import StyleKeys, StyleTrainer
+from services.style_trainer.settings import StyleSettings
 
 FAST = style_pb2.StyleOptions(
     preset="tiny", num_style_images=2, max_train_steps=4, image_steps=2, checkpoint_every=2, seed=3

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dreamframe.config import ClientSettings, CoordinatorSettings
+from dreamframe.config import ClientSettings
 from dreamframe.serving.client import make_channel
 from dreamframe.v1 import (
     eval_pb2_grpc,
@@ -16,6 +16,7 @@ from dreamframe.v1 import (
     style_pb2_grpc,
     train_pb2_grpc,
 )
+from services.coordinator.settings import CoordinatorSettings
 
 from .fanout import Endpoint, split_targets
 

@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator
 
 from dreamframe import keys
-from dreamframe.config import CoordinatorSettings
 from dreamframe.errors import InvalidArgument
 from dreamframe.stages import stage_name
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
 from dreamframe.v1 import coordinator_pb2 as pb
+from services.coordinator.settings import CoordinatorSettings
 
 from . import stages as st
 from .clients import Clients

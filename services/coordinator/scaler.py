@@ -11,8 +11,8 @@ import asyncio
 import logging
 import math
 
-from dreamframe.config import KubernetesSettings
 from dreamframe.errors import FailedPrecondition, Unavailable
+from services.coordinator.settings import KubernetesSettings
 
 log = logging.getLogger(__name__)
 

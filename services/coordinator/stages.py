@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dreamframe import keys
-from dreamframe.config import CoordinatorSettings
 from dreamframe.errors import FailedPrecondition
 from dreamframe.storage import from_proto, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import Story, load_story
 from dreamframe.v1 import common_pb2, eval_pb2, plot_pb2, qa_pb2, render_pb2, style_pb2, train_pb2
 from dreamframe.v1 import coordinator_pb2 as pb
+from services.coordinator.settings import CoordinatorSettings
 
 from . import storyboard
 from .clients import Clients

@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dreamframe import keys
-from dreamframe.config import EvaluatorSettings
 from dreamframe.errors import Cancelled, DreamFrameError, FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.logging import get_logger
 from dreamframe.storage.base import ObjectRef, ObjectStore
+from services.evaluator.settings import EvaluatorSettings
 
 from .benchmarks import BENCHMARKS, STYLE_CONSISTENCY
 from .benchmarks.base import Asker, Benchmark, Graded, Location

@@ -13,7 +13,7 @@ import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import EvaluatorSettings, Settings
+from dreamframe.config import Settings
 from dreamframe.enums import enum_name
 from dreamframe.serving import (
     Done,
@@ -27,6 +27,7 @@ from dreamframe.serving import (
 from dreamframe.storage import open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import eval_pb2, eval_pb2_grpc
+from services.evaluator.settings import EvaluatorSettings
 
 from .benchmarks import STYLE_CONSISTENCY
 from .evaluate import (

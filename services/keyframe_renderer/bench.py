@@ -56,10 +56,11 @@ from dreamframe.benchmarking import (
     seconds_per_call,
     synchronize,
 )
-from dreamframe.config import RendererSettings, get_settings
+from dreamframe.config import get_settings
 from dreamframe.models import fp8, sdxl
 from dreamframe.storage.base import ObjectRef
 from dreamframe.story import Story, StoryItem, Substory, TinyStory
+from services.keyframe_renderer.settings import RendererSettings
 
 from .engine import (
     COMPILE_MODES,

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamframe.config import RendererSettings
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import attention, fp8, sdxl
 from dreamframe.models.attention import sdpa_context
+from services.keyframe_renderer.settings import RendererSettings
 
 from .options import RenderParams
 from .style import StyleEmbedding, StyleSlot

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreamframe import keys
-from dreamframe.config import RendererSettings
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story, load_story
+from services.keyframe_renderer.settings import RendererSettings
 
 from .engine import EngineCache, EngineOptions, SDXLEngine, load_engine
 from .frames import FrameRecipe, StoredFrame, find_done, write_frame

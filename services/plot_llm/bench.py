@@ -23,8 +23,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from dreamframe.config import PlotSettings
 from dreamframe.storage.local import LocalStore
+from services.plot_llm.settings import PlotSettings
 
 from .options import StoryOptions
 from .schemas import level2_model, level3_model

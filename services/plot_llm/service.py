@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from dreamframe.config import PlotSettings
 from dreamframe.errors import InvalidArgument
 from dreamframe.keys import story_key
 from dreamframe.storage.base import ObjectStore
+from services.plot_llm.settings import PlotSettings
 
 from .generator import GeneratorConfig, ProgressCallback, StoryGenerator, StoryResult
 from .llm import ChatBackend, LocalChatBackend, OpenAIChatBackend

@@ -10,8 +10,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dreamframe.config import QaSettings
 from dreamframe.errors import InvalidArgument
+from services.qa_generator.settings import QaSettings
 
 LLAVA_JSON = "llava_json"
 VIDEO_MP4 = "video_mp4"

@@ -12,7 +12,7 @@ import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import QaSettings, Settings
+from dreamframe.config import Settings
 from dreamframe.enums import enum_name
 from dreamframe.serving import (
     Done,
@@ -26,6 +26,7 @@ from dreamframe.serving import (
 from dreamframe.storage import open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import common_pb2, qa_pb2, qa_pb2_grpc
+from services.qa_generator.settings import QaSettings
 
 from .builder import BuildRequest, BuildResult, Progress, build_dataset, dataset_name_for
 from .inputs import StorySource

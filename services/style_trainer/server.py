@@ -12,12 +12,13 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from dreamframe.config import Settings, StyleSettings
+from dreamframe.config import Settings
 from dreamframe.serving import Done, Registration, ThreadJobs, run_service, serve, stream_from_thread
 from dreamframe.storage import from_proto, open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
 from dreamframe.v1 import common_pb2, style_pb2, style_pb2_grpc
+from services.style_trainer.settings import StyleSettings
 
 from .options import ImageOptions, StyleOptions, TrainOptions
 from .service import Phase, StyleProgress, StyleRequest, StyleResult, StyleTrainer

@@ -1,0 +1,32 @@
+"""The trainer service's own settings: the ``trainer`` section
+(``DREAMFRAME_TRAINER__*``, ``trainer:`` in
+the config file and the Helm chart's ``config:`` values). The shared loader (``dreamframe.config``) finds it
+through the ``dreamframe.settings`` entry point in pyproject.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class TrainerSettings(BaseModel):
+    # Base model of a run whose request names none ("tiny", "llava-1.5-7b", a path or hub id).
+    preset: str = "tiny"
+    device: str = "auto"
+    # "auto": bf16 on GPUs (LoRA keeps the frozen base in bf16 too), fp32 on CPUs.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # torch.compile each decoder layer of the language model (GPU runs; compiling costs the first steps).
+    compile: bool = False
+    # Preset name → local path or hub id (e.g. {"llava-1.5-7b": "/models/llava-1.5-7b-hf"}).
+    model_paths: dict[str, str] = Field(default_factory=dict)
+    # Local scratch: each run's worker files, checkpoints before upload, the exported model.
+    work_dir: Path = Path(".dreamframe/trainer")
+    max_concurrent_runs: int = Field(1, ge=1)
+    # Checkpoints kept in storage per run (the newest ones).
+    keep_checkpoints: int = Field(2, ge=1)
+    # Launches of a run's worker before a worker that keeps dying fails the run.
+    max_attempts: int = Field(3, ge=1)
+    # How long a cancelled or shut-down run may take to stop (and checkpoint) before it is killed.
+    stop_grace_seconds: float = Field(120.0, ge=0)
