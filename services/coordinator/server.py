@@ -7,6 +7,7 @@ import asyncio
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
 from dreamframe.serving import Registration, serve
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
@@ -51,11 +52,8 @@ def build(settings: Settings) -> Coordinator:
 async def amain(settings: Settings) -> None:
     coordinator = build(settings)
 
-    async def ready() -> bool:
-        # Storage must answer: every job lives there.
-        await asyncio.to_thread(lambda: next(iter(coordinator.store.list("jobs/")), None))
-        return True
-
+    # Storage must answer: every job lives there.
+    ready = StorageReadiness(coordinator.store, "jobs/")
     await coordinator.start()
     try:
         await serve(

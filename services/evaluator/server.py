@@ -24,6 +24,7 @@ from dreamframe.serving import (
     serve,
     stream_from_thread,
 )
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import eval_pb2, eval_pb2_grpc
@@ -157,11 +158,8 @@ async def amain(settings: Settings) -> None:
     servicer = build_servicer(settings)
     store = servicer.evaluator.store
 
-    async def ready() -> bool:
-        # Benchmarks, checkpoints, the cache and reports are all in storage: it must answer.
-        await asyncio.to_thread(lambda: next(iter(store.list("reports/")), None))
-        return True
-
+    # Benchmarks, checkpoints, the cache and reports are all in storage: it must answer.
+    ready = StorageReadiness(store, "reports/")
     registration = Registration.of(eval_pb2, eval_pb2_grpc.add_EvalServiceServicer_to_server, servicer)
     try:
         await serve([registration], settings.server, service_name=SERVICE, readiness=ready)

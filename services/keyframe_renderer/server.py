@@ -24,6 +24,7 @@ from dreamframe.serving import (
     run_service,
     stream_from_thread,
 )
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import from_proto, open_store, to_proto
 from dreamframe.v1 import common_pb2, render_pb2, render_pb2_grpc
 
@@ -180,16 +181,8 @@ def build_servicer(settings: Settings) -> RenderServicer:
 
 async def amain(settings: Settings) -> None:
     servicer = build_servicer(settings)
-    preload: asyncio.Task[object] | None = None
-
-    async def ready() -> bool:
-        # Frames are read from and written to storage: it must answer.
-        await asyncio.to_thread(lambda: next(iter(servicer.renderer.store.list("jobs/")), None))
-        if preload is not None:
-            if not preload.done():
-                return False
-            preload.result()  # a failed load keeps the service NOT_SERVING (and logs why)
-        return True
+    # Frames are read from and written to storage: it must answer; and the weights must be loaded.
+    ready = StorageReadiness(servicer.renderer.store, "jobs/")
 
     async def on_shutdown() -> None:
         servicer.stop_all()
@@ -206,7 +199,7 @@ async def amain(settings: Settings) -> None:
     servicer.metrics.register(server.metrics.registry)
     if settings.renderer.preload:
         # Weights load once per process, before the service says SERVING.
-        preload = asyncio.create_task(asyncio.to_thread(servicer.renderer.engine), name="preload-model")
+        ready.track(asyncio.create_task(asyncio.to_thread(servicer.renderer.engine), name="preload-model"))
     try:
         await server.run_forever()
     finally:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dreamframe.config import Settings
 from dreamframe.serving import Done, Registration, run_service, serve, stream_from_task
 from dreamframe.serving import progress_to_proto as common_progress_to_proto
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store, to_proto
 from dreamframe.v1 import plot_pb2, plot_pb2_grpc
 
@@ -93,12 +94,12 @@ def build_service(settings: Settings) -> PlotService:
 async def amain(settings: Settings) -> None:
     service = build_service(settings)
 
-    async def ready() -> bool:
-        # Serving means: storage answers and the default model is loaded (local weights load here once).
-        await asyncio.to_thread(lambda: next(iter(service.store.list("jobs/")), None))
-        await service.backend(service.resolve_model(""))
+    async def default_model_loaded() -> bool:
+        await service.backend(service.resolve_model(""))  # local weights load here, once
         return True
 
+    # Serving means: storage answers and the default model is loaded.
+    ready = StorageReadiness(service.store, "jobs/", default_model_loaded)
     registration = Registration.of(
         plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, PlotServicer(service)
     )

@@ -23,6 +23,7 @@ from dreamframe.serving import (
     serve,
     stream_from_thread,
 )
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import common_pb2, qa_pb2, qa_pb2_grpc
@@ -118,11 +119,8 @@ def build_servicer(settings: Settings) -> QaServicer:
 async def amain(settings: Settings) -> None:
     servicer = build_servicer(settings)
 
-    async def ready() -> bool:
-        # Everything the service reads and writes is in storage: it must answer.
-        await asyncio.to_thread(lambda: next(iter(servicer.store.list("datasets/")), None))
-        return True
-
+    # Everything the service reads and writes is in storage: it must answer.
+    ready = StorageReadiness(servicer.store, "datasets/")
     registration = Registration.of(qa_pb2, qa_pb2_grpc.add_QaServiceServicer_to_server, servicer)
     try:
         await serve([registration], settings.server, service_name=SERVICE, readiness=ready)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
 from dreamframe.serving import Done, Registration, ThreadJobs, run_service, serve, stream_from_thread
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import from_proto, open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
@@ -159,21 +160,10 @@ def build(settings: Settings) -> tuple[StyleTrainer, StyleServicer]:
 
 async def amain(settings: Settings) -> None:
     trainer, servicer = build(settings)
-    preload = (
-        asyncio.create_task(asyncio.to_thread(trainer.pipelines, settings.style.preset))
-        if settings.style.preload
-        else None
-    )
-
-    async def ready() -> bool:
-        # Storage must answer, and the default model be loaded (when preloading).
-        await asyncio.to_thread(lambda: next(iter(trainer.store.list("jobs/")), None))
-        if preload is None:
-            return True
-        if preload.done():
-            preload.result()  # a failed load keeps the service NOT_SERVING, with the error logged
-            return True
-        return False
+    # Storage must answer, and the default model be loaded (when preloading).
+    ready = StorageReadiness(trainer.store, "jobs/")
+    if settings.style.preload:
+        ready.track(asyncio.create_task(asyncio.to_thread(trainer.pipelines, settings.style.preset)))
 
     try:
         await serve(

@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from dreamframe.config import Settings
 from dreamframe.errors import InvalidArgument
 from dreamframe.serving import Registration, run_service, serve
+from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store, to_proto
 from dreamframe.v1 import train_pb2 as pb
 from dreamframe.v1 import train_pb2_grpc
@@ -172,11 +173,8 @@ def registration(manager: RunManager, settings: Settings) -> Registration:
 async def amain(settings: Settings) -> None:
     manager = build_manager(settings)
 
-    async def ready() -> bool:
-        # Runs live in storage: it must answer, and stored runs must have been picked up.
-        await asyncio.to_thread(lambda: next(iter(manager.store.list("runs/")), None))
-        return manager.ready
-
+    # Runs live in storage: it must answer, and stored runs must have been picked up.
+    ready = StorageReadiness(manager.store, "runs/", lambda: manager.ready)
     await manager.start()
     try:
         await serve(
