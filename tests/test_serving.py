@@ -30,8 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from dreamframe import errors
@@ -343,6 +345,43 @@ def test_domain_errors_map_to_status_codes_with_the_field_named(error_name, code
             rebuilt = domain_error_from(error)
             assert type(rebuilt) is getattr(errors, error_name)
             assert (rebuilt.field, rebuilt.message) == ("run_id", "no such thing")
+
+    run(body())
+
+
+def test_errors_are_a_standard_google_rpc_status_any_grpc_client_reads():
+    """No DreamFrame helpers: a plain channel, grpcio-status and the google.rpc protos find the field."""
+
+    def detail(status, message_type):
+        (packed,) = [d for d in status.details if d.Is(message_type.DESCRIPTOR)]
+        message = message_type()
+        packed.Unpack(message)
+        return message
+
+    def get_run_with_a_sync_stub(address: str) -> grpc.RpcError:
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as info:
+            request = train_pb2.GetRunRequest(run_id="raise:InvalidArgument")
+            train_pb2_grpc.TrainServiceStub(ch).GetRun(request, timeout=5)
+        return info.value
+
+    async def body():
+        async with running() as server:
+            error = await asyncio.to_thread(get_run_with_a_sync_stub, server.address)
+            status = rpc_status.from_call(error)
+            assert status.code == StatusCode.INVALID_ARGUMENT.value[0]
+            assert status.message == "run_id: no such thing"
+            (violation,) = detail(status, error_details_pb2.BadRequest).field_violations
+            assert (violation.field, violation.description) == ("run_id", "no such thing")
+            info = detail(status, error_details_pb2.ErrorInfo)
+            assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "dreamframe.v1")
+
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                call = plot_pb2_grpc.PlotServiceStub(ch).GenerateStory(plot_pb2.GenerateStoryRequest())
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call.read()
+                status = await rpc_status.aio.from_call(call)
+                (violation,) = detail(status, error_details_pb2.BadRequest).field_violations
+                assert (violation.field, violation.description) == ("theme", "must not be empty")
 
     run(body())
 

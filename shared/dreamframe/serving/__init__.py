@@ -3,7 +3,7 @@
 Server side: ``GrpcServer``/``serve`` with health (real readiness), reflection, exception mapping,
 bearer-token auth, Prometheus metrics, access logs, TLS and graceful shutdown.
 Client side: ``make_channel`` with retries, round-robin, default deadlines, token and TLS;
-``error_detail_from``/``domain_error_from`` to read a failed call's structured error.
+``error_detail_from``/``domain_error_from`` to read a failed call's google.rpc.Status details.
 Streaming: ``stream_from_thread``/``stream_from_task`` run a long RPC's work and stream its progress.
 """
 
@@ -12,14 +12,20 @@ from __future__ import annotations
 from dreamframe.serving.auth import BearerTokenAuthInterceptor, bearer
 from dreamframe.serving.client import make_channel, make_sync_channel, service_config
 from dreamframe.serving.errors import (
-    ERROR_DETAIL_KEY,
     STATUS_BY_ERROR,
+    StatusDetail,
     domain_error_from,
     error_detail_from,
+    rich_status,
     status_code_for,
 )
 from dreamframe.serving.health import HealthServicer
-from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor, WrappingInterceptor
+from dreamframe.serving.interceptors import (
+    AccessLogInterceptor,
+    ExceptionInterceptor,
+    ObservingInterceptor,
+    StreamWritingInterceptor,
+)
 from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
 from dreamframe.serving.server import GrpcServer, Registration, run_service, serve
 from dreamframe.serving.streaming import (
@@ -31,7 +37,6 @@ from dreamframe.serving.streaming import (
 )
 
 __all__ = [
-    "ERROR_DETAIL_KEY",
     "STATUS_BY_ERROR",
     "AccessLogInterceptor",
     "BearerTokenAuthInterceptor",
@@ -40,16 +45,19 @@ __all__ = [
     "GrpcServer",
     "HealthServicer",
     "MetricsInterceptor",
+    "ObservingInterceptor",
     "Registration",
     "ServerMetrics",
+    "StatusDetail",
+    "StreamWritingInterceptor",
     "ThreadJobs",
-    "WrappingInterceptor",
     "bearer",
     "domain_error_from",
     "error_detail_from",
     "make_channel",
     "make_sync_channel",
     "progress_to_proto",
+    "rich_status",
     "run_service",
     "serve",
     "service_config",

@@ -8,14 +8,15 @@ neither timing nor the position of the matching token leaks anything.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
+from grpc_interceptor.server import AsyncServerInterceptor
 from pydantic import SecretStr
 
 from dreamframe.serving.health import HEALTH_SERVICE_NAME
-from dreamframe.serving.interceptors import rejecting_handler
+from dreamframe.serving.interceptors import abort
 
 AUTHORIZATION = "authorization"
 OPEN_SERVICES = frozenset(
@@ -33,7 +34,13 @@ def bearer(token: str | SecretStr) -> str:
     return f"Bearer {value}"
 
 
-class BearerTokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenAuthInterceptor(AsyncServerInterceptor):
+    """Rejects calls without a valid token with UNAUTHENTICATED, naming the ``authorization`` field.
+
+    The request message has been parsed when this runs (grpc-interceptor keeps the handler's
+    deserializer); the handler itself never runs for a rejected call.
+    """
+
     def __init__(
         self, tokens: Iterable[str | SecretStr], *, open_services: Iterable[str] = OPEN_SERVICES
     ) -> None:
@@ -59,23 +66,13 @@ class BearerTokenAuthInterceptor(grpc.aio.ServerInterceptor):
             ok |= hmac.compare_digest(candidate, expected)  # no short-circuit: same work for every token
         return ok
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not self._tokens:
-            return handler
-        method = handler_call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        if method.lstrip("/").partition("/")[0] in self._open:
-            return handler
-        if self.authorized(handler_call_details.invocation_metadata):
-            return handler
-        return rejecting_handler(
-            handler,
-            grpc.StatusCode.UNAUTHENTICATED,
-            "missing or invalid bearer token (metadata 'authorization: Bearer <token>')",
-            field=AUTHORIZATION,
-        )
+    async def intercept(self, method: Any, request: Any, context: Any, method_name: str) -> Any:
+        service = method_name.lstrip("/").partition("/")[0]
+        if self._tokens and service not in self._open and not self.authorized(context.invocation_metadata()):
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token (metadata 'authorization: Bearer <token>')",
+                field=AUTHORIZATION,
+            )
+        return await super().intercept(method, request, context, method_name)

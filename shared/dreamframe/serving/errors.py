@@ -1,18 +1,24 @@
 """Domain errors <-> gRPC status: the one table that turns DreamFrameError types into status codes.
 
-The server attaches a ``dreamframe.v1.ErrorDetail`` to every error status as binary trailing metadata
-(``dreamframe-error-bin``) so callers can read the offending field without parsing the message;
-``error_detail_from`` reads it back and ``domain_error_from`` rebuilds the domain exception.
+Every error status carries the standard rich error model, a ``google.rpc.Status`` in the
+``grpc-status-details-bin`` trailer (grpcio-status): the same human message, an ``ErrorInfo`` whose
+reason is the canonical code name, and a ``BadRequest`` field violation when the error names a field.
+Any gRPC client reads it with ``grpc_status.rpc_status.from_call``; ``error_detail_from`` does that
+for our own callers and ``domain_error_from`` rebuilds the domain exception.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from dreamframe import errors
-from dreamframe.v1 import common_pb2
 
-ERROR_DETAIL_KEY = "dreamframe-error-bin"
+# ErrorInfo.domain: who defines the reasons (the API package).
+ERROR_DOMAIN = "dreamframe.v1"
 
 STATUS_BY_ERROR: dict[type[errors.DreamFrameError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -38,30 +44,56 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_detail(
-    code: grpc.StatusCode, *, field: str | None = None, description: str = ""
-) -> common_pb2.ErrorDetail:
-    return common_pb2.ErrorDetail(reason=code.name, field=field or "", description=description)
+def rich_status(
+    code: grpc.StatusCode, message: str, *, field: str | None = None, description: str | None = None
+) -> status_pb2.Status:
+    """The google.rpc.Status of a failed call. ``description`` is the field violation's text (the
+    message without the field's name); it defaults to ``message``."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=code.name, domain=ERROR_DOMAIN))
+    if field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=field, description=description or message
+        )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status
 
 
-def detail_metadata(detail: common_pb2.ErrorDetail) -> tuple[tuple[str, bytes], ...]:
-    """Trailing metadata carrying ``detail`` (binary keys must end in ``-bin``)."""
-    return ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
+@dataclass(frozen=True)
+class StatusDetail:
+    """What a failed call's google.rpc.Status says, flattened for callers."""
+
+    reason: str  # ErrorInfo.reason: the canonical code name, e.g. "INVALID_ARGUMENT"
+    field: str  # dotted path of the offending request field, "" when none is named
+    description: str  # what is wrong with the field (or the whole message when none is named)
 
 
-def error_detail_from(error: grpc.RpcError) -> common_pb2.ErrorDetail | None:
-    """The ErrorDetail a DreamFrame server attached to a failed call, or None.
+def error_detail_from(error: grpc.RpcError) -> StatusDetail | None:
+    """The reason and bad field a failed call's google.rpc.Status carries, or None without one.
 
-    Works for ``grpc.aio.AioRpcError`` and for errors raised by sync stubs.
+    Works for ``grpc.aio.AioRpcError`` and for errors raised by sync stubs (both answer
+    ``code()``/``details()``/``trailing_metadata()`` synchronously, as ``from_call`` needs).
     """
-    trailing = getattr(error, "trailing_metadata", None)
-    metadata = trailing() if callable(trailing) else None
-    for key, value in metadata or ():
-        if key == ERROR_DETAIL_KEY:
-            detail = common_pb2.ErrorDetail()
-            detail.ParseFromString(value)
-            return detail
-    return None
+    if not callable(getattr(error, "trailing_metadata", None)):
+        return None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a status proto that contradicts the call's code or message
+        return None
+    if status is None:
+        return None
+    reason, field, description = "", "", status.message
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field, description = bad.field_violations[0].field, bad.field_violations[0].description
+    return StatusDetail(reason=reason, field=field, description=description)
 
 
 def domain_error_from(error: grpc.RpcError) -> errors.DreamFrameError | None:

@@ -1,10 +1,12 @@
-"""Server interceptors every service gets: exception mapping and per-RPC access logs.
+"""Server interceptors every service gets, on grpc-interceptor's ``AsyncServerInterceptor``:
+exception mapping (domain errors -> google.rpc.Status) and per-RPC access logs. Metrics and auth
+interceptors (metrics.py, auth.py) are built the same way.
 
-grpc.aio interceptors only see the handler *lookup*; to act around the call itself each interceptor
-returns a copy of the handler whose behaviour is wrapped (``WrappingInterceptor``). Streaming handlers,
-whether async generators or ``context.write`` coroutines, are run as one coroutine that writes each
-message, so an ``around`` hook sees every exception, including one raised after messages were sent,
-and cancellation, in a single try block.
+grpc-interceptor calls ``intercept(method, request, context, method_name)`` once per RPC. For a
+response-streaming RPC that returns the stream's async generator unstarted, so an interceptor that
+must see how the whole RPC ended (an error raised after some messages were sent, a caller who left)
+returns a generator of its own around it: ``ObservingInterceptor`` does that for a context manager.
+``StreamWritingInterceptor``, innermost, makes every stream write its messages from inside that chain.
 
 Handlers must be ``async def`` (coroutines or async generators), as every DreamFrame servicer is.
 """
@@ -13,29 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import structlog
+from grpc_interceptor.exception_to_status import AsyncExceptionToStatusInterceptor
+from grpc_interceptor.server import AsyncServerInterceptor
+from grpc_status import rpc_status
 
 from dreamframe.errors import DreamFrameError
 from dreamframe.logging import get_logger
-from dreamframe.serving.errors import detail_metadata, error_detail, status_code_for
+from dreamframe.serving.errors import rich_status, status_code_for
 
-# Invoke the wrapped handler with (possibly a proxy of) the servicer context.
-Invoke = Callable[[Any], Awaitable[Any]]
-
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 _TYPES = {
     (False, False): "unary",
     (False, True): "server_stream",
@@ -56,105 +52,15 @@ class RpcInfo:
     type: str
 
     @classmethod
-    def of(cls, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler) -> RpcInfo:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    def of(cls, method_name: str | bytes, request: Any, response: Any) -> RpcInfo:
+        """From the call's name, its request and what the next handler returned. grpc-interceptor
+        hands a streaming side over as an async iterator (grpc.aio's request reader; its own
+        generator around every inner interceptor's response stream), a unary one as a message or
+        coroutine, so the shapes tell the RPC's type."""
+        method = method_name.decode() if isinstance(method_name, bytes) else method_name
         service, _, name = method.lstrip("/").partition("/")
-        kind = _TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        kind = _TYPES[(hasattr(request, "__aiter__"), hasattr(response, "__aiter__"))]
         return cls(method=method, service=service, name=name, type=kind)
-
-
-def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-
-
-def rebuild_handler(
-    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], *, keep_deserializer: bool = True
-) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` running ``behavior``."""
-    factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return factory(
-        behavior,
-        request_deserializer=handler.request_deserializer if keep_deserializer else None,
-        response_serializer=handler.response_serializer,
-    )
-
-
-async def _drain(result: Any, context: Any) -> None:
-    """Run a response-streaming handler's result to completion, writing each message."""
-    if hasattr(result, "__aiter__"):
-        # aclosing: if a write fails, the generator's finally blocks still run now, not at GC.
-        async with contextlib.aclosing(result) as messages:
-            async for message in messages:
-                await context.write(message)
-    elif inspect.isawaitable(result):
-        await result  # a coroutine that writes through context.write itself
-    elif result is not None:
-        for message in result:
-            await context.write(message)
-
-
-def wrap_handler(
-    handler: grpc.RpcMethodHandler, around: Callable[[Invoke, Any], Awaitable[Any]]
-) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour run inside ``await around(invoke, context)``."""
-    inner = _behavior(handler)
-    if handler.response_streaming:
-
-        async def streaming(request: Any, context: Any) -> None:
-            async def invoke(ctx: Any) -> None:
-                await _drain(inner(request, ctx), ctx)
-
-            await around(invoke, context)
-
-        return rebuild_handler(handler, streaming)
-
-    async def unary(request: Any, context: Any) -> Any:
-        async def invoke(ctx: Any) -> Any:
-            result = inner(request, ctx)
-            return await result if inspect.isawaitable(result) else result
-
-        return await around(invoke, context)
-
-    return rebuild_handler(handler, unary)
-
-
-def rejecting_handler(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, *, field: str | None = None
-) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that fails every call with ``code`` (request bytes are not parsed)."""
-    trailers = detail_metadata(error_detail(code, field=field, description=message))
-
-    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message, trailing_metadata=trailers)
-
-    return rebuild_handler(handler, reject, keep_deserializer=False)
-
-
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Base class: run every matching RPC inside ``self.around(rpc, invoke, context)``."""
-
-    def applies_to(self, rpc: RpcInfo) -> bool:
-        return True
-
-    async def around(self, rpc: RpcInfo, invoke: Invoke, context: Any) -> Any:
-        return await invoke(context)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # unknown method: grpc answers UNIMPLEMENTED
-        rpc = RpcInfo.of(handler_call_details, handler)
-        if not self.applies_to(rpc):
-            return handler
-
-        async def around(invoke: Invoke, context: Any) -> Any:
-            return await self.around(rpc, invoke, context)
-
-        return wrap_handler(handler, around)
 
 
 def outcome_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
@@ -171,44 +77,97 @@ def outcome_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
     return status_code_for(exc)
 
 
-class ExceptionInterceptor(WrappingInterceptor):
-    """Domain errors -> their status code, message naming the field, ErrorDetail in the trailers.
+async def abort(
+    context: Any,
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    field: str | None = None,
+    description: str | None = None,
+) -> NoReturn:
+    """End the RPC with ``code``/``message`` and its google.rpc.Status (see ``rich_status``)."""
+    status = rpc_status.to_status(rich_status(code, message, field=field, description=description))
+    # Keep trailers the handler set itself; abort would otherwise replace them.
+    trailers = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
+    await context.abort(status.code, status.details, trailing_metadata=trailers)
+    raise AssertionError("context.abort returned")  # it always raises AbortError
+
+
+class ObservingInterceptor(AsyncServerInterceptor):
+    """Base class: run every RPC, all of a stream included, inside ``self.observe(rpc, context)``.
+
+    ``observe`` returns a context manager; it sees the exception the RPC ended with.
+    """
+
+    def observe(self, rpc: RpcInfo, context: Any) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    async def intercept(self, method: Any, request: Any, context: Any, method_name: str) -> Any:
+        response = method(request, context)
+        rpc = RpcInfo.of(method_name, request, response)
+        if hasattr(response, "__aiter__"):
+            return self._stream(rpc, response, context)
+        with self.observe(rpc, context):
+            return await response
+
+    async def _stream(self, rpc: RpcInfo, response: Any, context: Any) -> AsyncIterator[Any]:
+        with self.observe(rpc, context):
+            async for message in response:  # none: StreamWritingInterceptor wrote them
+                yield message
+
+
+class StreamWritingInterceptor(AsyncServerInterceptor):
+    """Innermost: a handler's async generator is drained here, each message sent with context.write.
+
+    The one adapter grpc-interceptor needs. grpc.aio sends an async generator's messages itself,
+    *outside* the generator, and neither it nor grpc-interceptor's stream wrappers close an abandoned
+    generator: a caller leaving during a send would leave every interceptor's and the handler's
+    generator to the garbage collector, which closes them after grpc released the call (when
+    ``context.peer()`` crashes the process, logs and metrics come late and the handler stops its work
+    late). Sending from here, inside the chain, makes that cancellation land in every interceptor's
+    try block within the RPC's task, and ``aclosing`` runs the handler's finally blocks at once.
+    """
+
+    async def intercept(self, method: Any, request: Any, context: Any, method_name: str) -> Any:
+        response = method(request, context)
+        if not hasattr(response, "__aiter__"):
+            return await response  # unary, or a stream the handler writes with context.write
+        async with contextlib.aclosing(response) as messages:
+            async for message in messages:
+                await context.write(message)
+        return None
+
+
+class ExceptionInterceptor(AsyncExceptionToStatusInterceptor):
+    """Domain errors -> their status code and a google.rpc.Status naming the field (the kserve way).
 
     Anything unexpected becomes INTERNAL with a generic message and an error id; the traceback goes
-    only to the log (under the same id), never to the caller.
+    only to the log (under the same id), never to the caller. grpc-interceptor's base class runs
+    ``handle_exception`` for errors of unary calls and of streams, also after messages were sent;
+    cancellation (not an ``Exception``) passes through untouched.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._log = get_logger("dreamframe.serving")
 
-    async def around(self, rpc: RpcInfo, invoke: Invoke, context: Any) -> Any:
-        try:
-            return await invoke(context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise  # cancelled by the caller/deadline, or the handler chose its status itself
-        except DreamFrameError as exc:
-            code = status_code_for(exc)
-            detail = error_detail(code, field=exc.field, description=exc.message)
-            await self._abort(context, code, str(exc), detail)
-        except NotImplementedError:
-            code = grpc.StatusCode.UNIMPLEMENTED
-            message = f"{rpc.method} is not implemented"
-            await self._abort(context, code, message, error_detail(code, description=message))
-        except Exception as exc:
+    async def handle_exception(
+        self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str
+    ) -> NoReturn:
+        if isinstance(ex, grpc.aio.AbortError):
+            raise ex  # the handler (or auth) chose its status itself
+        if isinstance(ex, DreamFrameError):
+            await abort(context, status_code_for(ex), str(ex), field=ex.field, description=ex.message)
+        elif isinstance(ex, NotImplementedError):
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"{method_name} is not implemented")
+        else:
             error_id = uuid.uuid4().hex[:12]
-            self._log.error("unhandled exception", rpc=rpc.method, error_id=error_id, exc_info=exc)
-            code = grpc.StatusCode.INTERNAL
+            self._log.error("unhandled exception", rpc=method_name, error_id=error_id, exc_info=ex)
             message = f"internal error (error id {error_id}; details are in the server log)"
-            await self._abort(context, code, message, error_detail(code, description=message))
-
-    @staticmethod
-    async def _abort(context: Any, code: grpc.StatusCode, message: str, detail: Any) -> None:
-        # Keep trailers the handler set itself; abort would otherwise replace them.
-        trailers = tuple(context.trailing_metadata() or ()) + detail_metadata(detail)
-        await context.abort(code, message, trailing_metadata=trailers)
+            await abort(context, grpc.StatusCode.INTERNAL, message)
 
 
-class AccessLogInterceptor(WrappingInterceptor):
+class AccessLogInterceptor(ObservingInterceptor):
     """One structured log line per RPC: method, code, duration, peer.
 
     The method is bound into structlog's context vars while the handler runs, so the handler's own
@@ -222,12 +181,13 @@ class AccessLogInterceptor(WrappingInterceptor):
         if service_name:
             self._log = self._log.bind(service=service_name)
 
-    async def around(self, rpc: RpcInfo, invoke: Invoke, context: Any) -> Any:
+    @contextlib.contextmanager
+    def observe(self, rpc: RpcInfo, context: Any) -> Iterator[None]:
         start = time.perf_counter()
         exc: BaseException | None = None
         with structlog.contextvars.bound_contextvars(rpc=rpc.method):
             try:
-                return await invoke(context)
+                yield
             except BaseException as e:
                 exc = e
                 raise

@@ -8,8 +8,10 @@ variants) never collide. Services add their own metrics to ``ServerMetrics.regis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -23,7 +25,7 @@ from prometheus_client import (
 )
 
 from dreamframe import __version__
-from dreamframe.serving.interceptors import Invoke, RpcInfo, WrappingInterceptor, outcome_code
+from dreamframe.serving.interceptors import ObservingInterceptor, RpcInfo, outcome_code
 
 # RPCs range from a health check (ms) to a story render or a training run (hours).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
@@ -70,36 +72,43 @@ class ServerMetrics:
 
 
 class _CountingContext:
-    """Servicer-context proxy counting messages written (async generators and context.write alike)."""
+    """Servicer-context proxy counting the messages written (StreamWritingInterceptor sends those of
+    async generators through context.write too)."""
 
-    def __init__(self, context: Any, on_write: Any) -> None:
+    def __init__(self, context: Any) -> None:
         self._context = context
-        self._on_write = on_write
+        self.on_write: Callable[[], Any] | None = None  # set once the RPC's labels are known
 
     async def write(self, message: Any) -> None:
         await self._context.write(message)
-        self._on_write()
+        if self.on_write is not None:
+            self.on_write()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
 
-class MetricsInterceptor(WrappingInterceptor):
+class MetricsInterceptor(ObservingInterceptor):
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
 
-    async def around(self, rpc: RpcInfo, invoke: Invoke, context: Any) -> Any:
+    async def intercept(self, method: Any, request: Any, context: Any, method_name: str) -> Any:
+        # The handler gets the counting proxy; observe() learns the labels and starts the count.
+        return await super().intercept(method, request, _CountingContext(context), method_name)
+
+    @contextlib.contextmanager
+    def observe(self, rpc: RpcInfo, context: Any) -> Iterator[None]:
         m = self.metrics
         labels = (rpc.service, rpc.name, rpc.type)
         m.started.labels(*labels).inc()
+        if rpc.type in ("server_stream", "bidi_stream"):
+            context.on_write = m.msg_sent.labels(*labels).inc
         in_flight = m.in_flight.labels(*labels)
         in_flight.inc()
         start = time.perf_counter()
         exc: BaseException | None = None
         try:
-            if rpc.type in ("server_stream", "bidi_stream"):
-                context = _CountingContext(context, m.msg_sent.labels(*labels).inc)
-            return await invoke(context)
+            yield
         except BaseException as e:
             exc = e
             raise

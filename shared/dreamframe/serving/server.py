@@ -26,7 +26,11 @@ from dreamframe.config import ServerSettings, Settings, get_settings
 from dreamframe.logging import configure_logging, get_logger
 from dreamframe.serving.auth import BearerTokenAuthInterceptor
 from dreamframe.serving.health import HEALTH_SERVICE_NAME, NOT_SERVING, SERVING, HealthServicer
-from dreamframe.serving.interceptors import AccessLogInterceptor, ExceptionInterceptor
+from dreamframe.serving.interceptors import (
+    AccessLogInterceptor,
+    ExceptionInterceptor,
+    StreamWritingInterceptor,
+)
 from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
 
 Readiness = Callable[[], Awaitable[bool] | bool]
@@ -149,12 +153,14 @@ class GrpcServer:
         s = self.settings
         creds = server_credentials(s)  # before creating the server: bad TLS settings fail fast
         # Outermost first: metrics and logs see every outcome, including auth rejections.
+        auth = BearerTokenAuthInterceptor(s.auth_tokens)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             MetricsInterceptor(self.metrics),
             AccessLogInterceptor(self.service_name),
-            BearerTokenAuthInterceptor(s.auth_tokens),
+            *([auth] if auth.enabled else []),  # no tokens configured: no per-RPC layer for nothing
             *self._extra_interceptors,
             ExceptionInterceptor(),
+            StreamWritingInterceptor(),  # innermost: see its docstring
         ]
         server = grpc.aio.server(
             interceptors=interceptors, options=[*server_options(s), *self._extra_options]
