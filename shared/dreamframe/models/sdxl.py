@@ -15,51 +15,33 @@ does), so both pipelines together hold one copy of each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.models import build_once
+from dreamframe.models.sdxl_configs import build_random_sdxl
 
-TINY = "tiny"
-SDXL = "sdxl"
-SDXL_RANDOM = "sdxl-random"
-PRESETS = (TINY, SDXL, SDXL_RANDOM)
+# The presets, SDXLPipelines, the tokenizer and the pooling live in sdxl_pipelines (sdxl_configs needs
+# them too) and are used from here as sdxl.<name>.
+from dreamframe.models.sdxl_pipelines import (
+    PRESETS,
+    SDXL,
+    SDXL_RANDOM,
+    TINY,
+    SDXLPipelines,
+    clip_byte_tokenizer,
+    pool_at_end_of_text,
+)
+
 HUB_IDS = {
     SDXL: ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"),
 }
+
 # Bump when the tiny configs change, so stale caches are rebuilt instead of reused.
 TINY_VERSION = 1
 TINY_SEED = 1234
-
-
-@dataclass
-class SDXLPipelines:
-    base: object  # StableDiffusionXLPipeline
-    refiner: object | None  # StableDiffusionXLImg2ImgPipeline
-    preset: str
-    # Image side the model was trained for (tiny: 64, SDXL: 1024).
-    resolution: int
-    device: torch.device
-    dtype: torch.dtype
-
-
-def clip_byte_tokenizer(model_max_length: int = 77):
-    """An offline CLIP tokenizer over the 256 byte symbols (and their ``</w>`` forms), no merges:
-    covers any text, needs no download, and behaves like CLIP's tokenizer for padding/truncation."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    symbols = sorted(ByteLevel.alphabet())
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({f"{s}</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-    tok.model_max_length = model_max_length  # a hand-built CLIPTokenizer otherwise says 1e30
-    return tok
 
 
 def build_tiny_sdxl(seed: int = TINY_SEED) -> SDXLPipelines:
@@ -152,23 +134,6 @@ def build_tiny_sdxl(seed: int = TINY_SEED) -> SDXLPipelines:
     return SDXLPipelines(base, refiner, TINY, 64, torch.device("cpu"), torch.float32)
 
 
-def pool_at_end_of_text(pipe) -> None:
-    """Make both text encoders pool at the tokenizer's real end-of-text token.
-
-    SDXL's published CLIP configs say ``eos_token_id=2``, which makes transformers pool at the *largest*
-    token id. A style token added by textual inversion has the largest id, so the pooled embedding would
-    jump to it: trained one way, rendered another. Pointing both at ``<|endoftext|>`` keeps pooling where
-    SDXL was trained, with or without added tokens."""
-    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
-        if encoder is None or tokenizer is None:
-            continue
-        encoder.config.eos_token_id = tokenizer.eos_token_id
-        # The pooling module keeps its own copy (the model itself or its `text_model`, by version).
-        for module in encoder.modules():
-            if hasattr(module, "eos_token_id"):
-                module.eos_token_id = tokenizer.eos_token_id
-
-
 def quiet_progress_bars() -> None:
     """Services log progress themselves; library download/load bars would only spam the logs."""
     from diffusers.utils import logging as diffusers_logging
@@ -248,8 +213,6 @@ def load_sdxl(
     dev = pick_device(device)
     dt = dtype or pick_dtype(dev)
     if preset == SDXL_RANDOM:
-        from dreamframe.models.sdxl_configs import build_random_sdxl
-
         return build_random_sdxl(dev, dt, with_refiner=with_refiner)
     try:
         base = StableDiffusionXLPipeline.from_pretrained(base_path, dtype=dt, use_safetensors=True)

@@ -19,7 +19,12 @@ import copy
 
 import torch
 
-from dreamframe.models.sdxl import SDXL_RANDOM, SDXLPipelines, clip_byte_tokenizer, pool_at_end_of_text
+from dreamframe.models.sdxl_pipelines import (
+    SDXL_RANDOM,
+    SDXLPipelines,
+    clip_byte_tokenizer,
+    pool_at_end_of_text,
+)
 
 RESOLUTION = 1024
 
