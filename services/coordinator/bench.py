@@ -19,15 +19,17 @@ Shards are --shard-size frames (default: the batch size), so the frames split ev
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
-from dreamframe import keys
+import typer
+
+from dreamframe import commandline, keys
 from dreamframe.cli import local
 from dreamframe.config import StorageSettings
 from dreamframe.storage import open_store
@@ -46,7 +48,7 @@ def free_port() -> int:
 
 
 def bench_story_json(frames: int) -> str:
-    from services.keyframe_renderer.bench import bench_story
+    from services.keyframe_renderer.bench.common import bench_story
 
     return bench_story(frames).to_json()
 
@@ -56,7 +58,7 @@ def put_story(store, name: str, frames: int) -> common_pb2.ObjectRef:
     return common_pb2.ObjectRef(bucket=ref.bucket, key=ref.key, size=ref.size, sha256=ref.sha256)
 
 
-def render_job(story: common_pb2.ObjectRef, args: argparse.Namespace, name: str) -> pb.JobSpec:
+def render_job(story: common_pb2.ObjectRef, args: BenchArgs, name: str) -> pb.JobSpec:
     return pb.JobSpec(
         name=name,
         stories=[pb.StoryInput(story=story)],
@@ -141,7 +143,7 @@ def phase(n: int, renderers: list[local.Process], env, store, logs: Path, args) 
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: BenchArgs) -> dict:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fanout-bench-"))
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -221,22 +223,60 @@ def summarize(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--gpus", type=int, default=0, help="pin replica r to GPU r mod N (0: no pinning)")
-    p.add_argument("--preset", default="tiny", help="renderer preset: tiny, sdxl-random, sdxl")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the reference 40)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=0, help="frames per shard (0: the batch size)")
-    p.add_argument("--compile", action="store_true", help="torch.compile in the renderers")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--work-dir", type=Path, help="store, models and logs (default: a temp dir)")
-    p.add_argument("--out", type=Path, help="write fanout-bench.json here")
-    args = p.parse_args(argv)
-    args.shard_size = args.shard_size or args.batch_size
-    return args
+@dataclass(frozen=True)
+class BenchArgs:
+    """The command line's choices (see ``bench`` for each one's meaning)."""
+
+    replicas: int
+    gpus: int
+    preset: str
+    frames: int
+    steps: int
+    batch_size: int
+    shard_size: int
+    compile: bool
+    timeout: float
+    work_dir: Path | None
+    out: Path | None
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__.splitlines()[0])
+def bench(
+    replicas: Annotated[int, typer.Option()] = 2,
+    gpus: Annotated[int, typer.Option(help="pin replica r to GPU r mod N (0: no pinning)")] = 0,
+    preset: Annotated[str, typer.Option(help="renderer preset: tiny, sdxl-random, sdxl")] = "tiny",
+    frames: Annotated[int, typer.Option()] = 16,
+    steps: Annotated[int, typer.Option(help="denoising steps (0: the reference 40)")] = 0,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    shard_size: Annotated[int, typer.Option(help="frames per shard (0: the batch size)")] = 0,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile in the renderers")] = False,
+    timeout: Annotated[float, typer.Option()] = 900,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="store, models and logs (default: a temp dir)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="write fanout-bench.json here")] = None,
+) -> BenchArgs:
+    return BenchArgs(
+        replicas=replicas,
+        gpus=gpus,
+        preset=preset,
+        frames=frames,
+        steps=steps,
+        batch_size=batch_size,
+        shard_size=shard_size or batch_size,
+        compile=compile,
+        timeout=timeout,
+        work_dir=work_dir,
+        out=out,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> BenchArgs:
+    """The command line (default: the process's); ``--help`` and usage errors exit."""
+    return commandline.run(app, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

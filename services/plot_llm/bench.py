@@ -11,7 +11,6 @@ report; exits 1 when the target applies and is missed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -22,7 +21,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from dreamframe import commandline
 from dreamframe.storage.local import LocalStore
 from services.plot_llm.settings import PlotSettings
 
@@ -111,17 +114,25 @@ def run(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latency", type=float, default=0.5, help="seconds per LLM call (default 0.5)")
-    parser.add_argument("--concurrency", type=int, default=128, help="max_parallel_calls (default 128)")
-    parser.add_argument("--substories", type=int, default=11)
-    parser.add_argument("--tiny-stories", type=int, default=11)
-    parser.add_argument("--frames", type=int, default=11)
-    args = parser.parse_args(argv)
-    report = run(args.latency, args.concurrency, args.substories, args.tiny_stories, args.frames)
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__.split("\n\n")[0])
+def bench(
+    latency: Annotated[float, typer.Option(help="seconds per LLM call (default 0.5)")] = 0.5,
+    concurrency: Annotated[int, typer.Option(help="max_parallel_calls (default 128)")] = 128,
+    substories: Annotated[int, typer.Option()] = 11,
+    tiny_stories: Annotated[int, typer.Option()] = 11,
+    frames: Annotated[int, typer.Option()] = 11,
+) -> int:
+    report = run(latency, concurrency, substories, tiny_stories, frames)
     print(json.dumps(report, indent=2))
     return 1 if report.get("target_met") is False else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with these command-line arguments (default: the process's); the exit status."""
+    return commandline.run(app, argv)
 
 
 if __name__ == "__main__":

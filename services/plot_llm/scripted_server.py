@@ -15,13 +15,16 @@ Run alone: ``python -m services.plot_llm.scripted_server --port 8000 --latency 0
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+
+from dreamframe import commandline
 
 PLACES = (
     "the old harbour",
@@ -355,22 +358,30 @@ def _answer(kind: str, schema: dict[str, Any], *, broken: bool) -> str:
     return json.dumps({})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--latency", type=float, default=0.0)
-    parser.add_argument("--model", default="scripted")
-    args = parser.parse_args()
-    server = ScriptedChatServer(host=args.host, port=args.port, latency=args.latency, models=(args.model,))
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__.split("\n\n")[0])
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    latency: Annotated[float, typer.Option()] = 0.0,
+    model: Annotated[str, typer.Option()] = "scripted",
+) -> None:
+    server = ScriptedChatServer(host=host, port=port, latency=latency, models=(model,))
     # The URL on its own line first: a parent process that started us with --port 0 reads it.
     print(server.base_url, flush=True)
-    print(f"serving the OpenAI chat-completions protocol (model {args.model!r}); Ctrl-C stops", flush=True)
+    print(f"serving the OpenAI chat-completions protocol (model {model!r}); Ctrl-C stops", flush=True)
     server.start()
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until Ctrl-C, with these command-line arguments (default: the process's)."""
+    commandline.run(app, argv)
 
 
 if __name__ == "__main__":

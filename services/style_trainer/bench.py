@@ -28,19 +28,20 @@ interrupted run keeps what it measured). The top-level figures are the first var
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import typer
 from PIL import Image
 
+from dreamframe import commandline
 from dreamframe.benchmarking import (
     SyncCounter,
     default_gemm_size,
@@ -54,6 +55,7 @@ from .inversion import PhaseTimer, TextualInversion
 from .options import REFERENCE_STEPS, TrainOptions
 
 H100_BF16_DENSE_TFLOPS = 989.0
+CompileMode = Literal["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 # name -> (what it is, TrainOptions changes on top of the defaults and the command line's).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -245,7 +247,7 @@ def variant_names(text: str) -> list[str]:
     return names
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: BenchArgs) -> dict:
     torch.manual_seed(0)
     bench_started = time.perf_counter()
     started = time.perf_counter()
@@ -415,59 +417,98 @@ def describe(r: dict) -> list[str]:
     return lines
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--preset", default=sdxl.TINY, help=f"tiny, {sdxl.SDXL_RANDOM} or sdxl (default: tiny)"
+@dataclasses.dataclass(frozen=True)
+class BenchArgs:
+    """The command line's choices (see ``bench`` for each one's meaning)."""
+
+    preset: str
+    device: str
+    model_path: str | None
+    cache_dir: str
+    steps: int
+    warmup: int
+    phase_steps: int
+    images: int
+    resolution: int | None
+    accumulation: int
+    compile: str
+    variants: str
+    time_budget: float
+    attention: bool
+    gradient_checkpointing: bool
+    gemm_size: int
+    peak_tflops: float
+    json: Path | None
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__.split("\n\n")[0])
+def bench(
+    preset: Annotated[
+        str, typer.Option(help=f"tiny, {sdxl.SDXL_RANDOM} or sdxl (default: tiny)")
+    ] = sdxl.TINY,
+    device: Annotated[str, typer.Option()] = "auto",
+    model_path: Annotated[str | None, typer.Option(help="folder holding base/ (for --preset sdxl)")] = None,
+    cache_dir: Annotated[str, typer.Option()] = ".dreamframe/models",
+    steps: Annotated[int, typer.Option(min=1, help="timed optimizer steps")] = 10,
+    warmup: Annotated[int, typer.Option(min=1, help="untimed optimizer steps first")] = 3,
+    phase_steps: Annotated[int, typer.Option(help="GPU: steps after the timed ones with phase timing")] = 5,
+    images: Annotated[int, typer.Option(help="synthetic style images (the paper used 10)")] = 10,
+    resolution: Annotated[int | None, typer.Option(help="crop side (default 768, or the model's)")] = None,
+    accumulation: Annotated[int, typer.Option()] = 2,
+    compile: Annotated[
+        CompileMode,
+        typer.Option(
+            metavar="[MODE]", help="torch.compile (mode; bare --compile: reduce-overhead, CUDA graphs)"
+        ),
+    ] = "",
+    variants: Annotated[
+        str, typer.Option(help=f"comma-separated, measured in this order: {', '.join(VARIANTS)}")
+    ] = "default",
+    time_budget: Annotated[
+        float,
+        typer.Option(
+            help="seconds: skip a later variant that needs new compiled graphs when they would not fit"
+        ),
+    ] = 0,
+    no_attention: Annotated[
+        bool, typer.Option("--no-attention", help="skip the attention kernel timings")
+    ] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
+    gemm_size: Annotated[
+        int | None, typer.Option(help="GEMM side for the floor (8192 GPU, 1024 CPU)")
+    ] = None,
+    peak_tflops: Annotated[float, typer.Option(help="for MFU")] = H100_BF16_DENSE_TFLOPS,
+    json: Annotated[Path | None, typer.Option(help="also write the figures here")] = None,
+) -> BenchArgs:
+    variant_names(variants)
+    return BenchArgs(
+        preset=preset,
+        device=device,
+        model_path=model_path,
+        cache_dir=cache_dir,
+        steps=steps,
+        warmup=warmup,
+        phase_steps=phase_steps,
+        images=images,
+        resolution=resolution,
+        accumulation=accumulation,
+        compile=compile,
+        variants=variants,
+        time_budget=time_budget,
+        attention=not no_attention,
+        gradient_checkpointing=gradient_checkpointing,
+        gemm_size=gemm_size if gemm_size is not None else default_gemm_size(sdxl.pick_device(device)),
+        peak_tflops=peak_tflops,
+        json=json,
     )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--model-path", default=None, help="folder holding base/ (for --preset sdxl)")
-    parser.add_argument("--cache-dir", default=".dreamframe/models")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
-    parser.add_argument(
-        "--phase-steps", type=int, default=5, help="GPU: steps after the timed ones with phase timing"
-    )
-    parser.add_argument("--images", type=int, default=10, help="synthetic style images (the paper used 10)")
-    parser.add_argument(
-        "--resolution", type=int, default=None, help="crop side (default 768, or the model's)"
-    )
-    parser.add_argument("--accumulation", type=int, default=2)
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="reduce-overhead",
-        default="",
-        choices=["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile (mode; bare --compile: reduce-overhead, CUDA graphs)",
-    )
-    parser.add_argument(
-        "--variants",
-        default="default",
-        help=f"comma-separated, measured in this order: {', '.join(VARIANTS)}",
-    )
-    parser.add_argument(
-        "--time-budget",
-        type=float,
-        default=0,
-        help="seconds: skip a later variant that needs new compiled graphs when they would not fit",
-    )
-    parser.add_argument(
-        "--no-attention", dest="attention", action="store_false", help="skip the attention kernel timings"
-    )
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument(
-        "--gemm-size", type=int, default=None, help="GEMM side for the floor (8192 GPU, 1024 CPU)"
-    )
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for MFU")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = parser.parse_args(argv)
-    variant_names(args.variants)
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be at least 1")
-    if args.gemm_size is None:
-        args.gemm_size = default_gemm_size(sdxl.pick_device(args.device))
-    return args
+
+
+def parse_args(argv: list[str] | None = None) -> BenchArgs:
+    """The command line (default: the process's); ``--help``, usage errors and unknown variants exit."""
+    return commandline.run(app, commandline.bare_option(argv, "--compile", "reduce-overhead"))
 
 
 def main(argv: list[str] | None = None) -> dict:

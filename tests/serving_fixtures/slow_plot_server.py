@@ -7,11 +7,14 @@ The shutdown hook writes ``--marker`` so the test can see that hooks ran.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from dreamframe import commandline
 from dreamframe.config import LogSettings, ServerSettings
 from dreamframe.logging import configure_logging
 from dreamframe.serving import GrpcServer, Registration
@@ -31,17 +34,20 @@ class SlowPlot(plot_pb2_grpc.PlotServiceServicer):
             )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--grace", type=float, required=True)
-    parser.add_argument("--messages", type=int, default=8)
-    parser.add_argument("--interval", type=float, default=0.2)
-    parser.add_argument("--marker", type=Path, required=True)
-    args = parser.parse_args()
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def serve(
+    grace: Annotated[float, typer.Option()],
+    marker: Annotated[Path, typer.Option()],
+    messages: Annotated[int, typer.Option()] = 8,
+    interval: Annotated[float, typer.Option()] = 0.2,
+) -> None:
     configure_logging(LogSettings(level="INFO", json=True), stream=sys.stdout)
 
     async def checkpoint() -> None:
-        args.marker.write_text("checkpointed\n")
+        marker.write_text("checkpointed\n")
 
     async def amain() -> None:
         server = GrpcServer(
@@ -49,16 +55,20 @@ def main() -> None:
                 Registration.of(
                     plot_pb2,
                     plot_pb2_grpc.add_PlotServiceServicer_to_server,
-                    SlowPlot(args.messages, args.interval),
+                    SlowPlot(messages, interval),
                 )
             ],
-            ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=args.grace),
+            ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=grace),
             service_name="slow-plot",
             shutdown_hooks=[checkpoint],
         )
         await server.run_forever()
 
     asyncio.run(amain())
+
+
+def main(argv: list[str] | None = None) -> None:
+    commandline.run(app, argv)
 
 
 if __name__ == "__main__":
