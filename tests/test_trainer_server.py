@@ -16,7 +16,7 @@ from test_trainer_support import local_store, make_dataset
 from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.v1 import common_pb2, train_pb2, train_pb2_grpc
-from services.trainer import cli
+from services.trainer import bench, cli, worker
 from services.trainer.server import TrainServicer, spec_from_request
 
 pb = train_pb2
@@ -89,6 +89,26 @@ def test_request_conversion_keeps_the_callers_digits():
     assert [d.weight for d in spec.datasets] == [3.0, 1.0] and spec.method == "full"
     assert spec.hyperparameters.max_steps == 7 and spec.hyperparameters.gradient_checkpointing
     assert spec.learning_rate == 2e-5
+    assert cli.parse_args(["--target", "h:1", "watch", "r"]) == cli.parse_args(["--target=h:1", "watch", "r"])
+    assert vars(cli.parse_args(["list"])) == {"command": "list", "target": None, "job_id": ""}
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "code"),
+    [
+        (cli.parse_args, [], 2),  # no command
+        (cli.parse_args, ["start"], 2),  # --dataset is required
+        (cli.parse_args, ["start", "--dataset", "d.json", "--method", "half"], 2),
+        (cli.parse_args, ["--help"], 0),
+        (worker.main, [], 2),  # --run-dir is required
+        (bench.parse_args, ["--precision", "fp16"], 2),
+        (bench.parse_args, ["--help"], 0),
+    ],
+)
+def test_command_lines_exit_as_argparse_did(main, argv, code):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == code
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@
         --method lora --batch-size 4 --num-frames 4                                  # one H100
 
 It runs exactly the training path (``modeling.prepare_model``: LoRA or full, activation checkpointing,
-FSDP2 over a world of one — or of N under torchrun —, bf16 on GPUs; ``training.forward_backward``,
+FSDP2 over a world of one — or of N under torchrun —, bf16 on GPUs; ``step.forward_backward``,
 gradient clipping, AdamW) on synthetic batches shaped like a real sample: BOS, the frames' visual tokens,
 a question, an answer (the only labelled tokens).
 
@@ -27,7 +27,6 @@ are reported. DIR must be one folder every process sees (as a pod's run director
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -35,9 +34,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Literal
 
 import torch
+import typer
 
+from dreamframe import commandline
 from dreamframe.benchmarking import default_gemm_size, matmul_flops_per_second, synchronize
 from dreamframe.models import video_llm
 
@@ -45,38 +48,50 @@ from . import checkpoint as ckpt
 from . import modeling
 from .data import Batch
 from .distributed import DistContext, all_sum, barrier, init_distributed, teardown
+from .rng import seed_everything
 from .spec import Method, fill_hyperparameters
-from .training import clip_gradients, forward_backward, seed_everything
+from .step import clip_gradients, forward_backward
+
+app = typer.Typer(add_completion=False)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", help="tiny, llava-1.5-7b, or a local path / hub id")
-    p.add_argument(
-        "--random-weights", action="store_true", help="build the preset's architecture, no download"
-    )
-    p.add_argument("--model-cache-dir", type=Path, default=Path(".dreamframe/models"))
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
-    p.add_argument("--batch-size", type=int, default=2, help="samples per process per step")
-    p.add_argument("--num-frames", type=int, default=4)
-    p.add_argument("--text-tokens", type=int, default=128, help="question tokens per sample")
-    p.add_argument("--answer-tokens", type=int, default=64, help="labelled answer tokens per sample")
-    p.add_argument("--lora-rank", type=int, default=128)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--layers", type=int, default=0, help="decoder layers (random weights; 0: the preset's)")
-    p.add_argument("--checkpoint-dir", type=Path, help="also time a sharded checkpoint save + restore here")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--gemm-size", type=int, default=0, help="peak-GEMM side (0: 8192 on GPU, 1024 on CPU)")
-    p.add_argument("--json", type=Path, help="also write the figures here")
-    return p.parse_args(argv)
+# The command line is parsed into one namespace (``parse_args``), which ``run`` measures.
+@app.command(help=__doc__.splitlines()[0])
+def options(
+    preset: Annotated[str, typer.Option(help="tiny, llava-1.5-7b, or a local path / hub id")] = "tiny",
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="build the preset's architecture, no download")
+    ] = False,
+    model_cache_dir: Path = Path(".dreamframe/models"),
+    method: Annotated[Literal["lora", "full"], typer.Option()] = "lora",
+    batch_size: Annotated[int, typer.Option(help="samples per process per step")] = 2,
+    num_frames: int = 4,
+    text_tokens: Annotated[int, typer.Option(help="question tokens per sample")] = 128,
+    answer_tokens: Annotated[int, typer.Option(help="labelled answer tokens per sample")] = 64,
+    lora_rank: int = 128,
+    lora_dropout: float = 0.05,
+    layers: Annotated[int, typer.Option(help="decoder layers (random weights; 0: the preset's)")] = 0,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="also time a sharded checkpoint save + restore here")
+    ] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each decoder layer")] = False,
+    steps: Annotated[int, typer.Option(help="timed optimizer steps")] = 5,
+    warmup: int = 2,
+    device: str = "auto",
+    precision: Annotated[Literal["auto", "bf16", "fp32"], typer.Option()] = "auto",
+    gemm_size: Annotated[int, typer.Option(help="peak-GEMM side (0: 8192 on GPU, 1024 on CPU)")] = 0,
+    json: Annotated[Path | None, typer.Option(help="also write the figures here")] = None,
+) -> SimpleNamespace:
+    return SimpleNamespace(**locals())
 
 
-def build_base(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+def parse_args(argv: list[str] | None) -> SimpleNamespace:
+    """The benchmark's options; ``--help`` exits 0, a usage error exits 2 (SystemExit)."""
+    return commandline.run(app, argv)
+
+
+def build_base(args: SimpleNamespace, device: torch.device, dtype: torch.dtype):
     """The base model: random weights of the preset's architecture (built on the device), or loaded."""
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
@@ -153,7 +168,7 @@ def _set_checkpointing(model, enabled: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: SimpleNamespace) -> dict:
     ctx = init_distributed(args.device)
     try:
         return _bench(args, ctx)
@@ -161,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         teardown(ctx)
 
 
-def _bench(args: argparse.Namespace, ctx: DistContext) -> dict:
+def _bench(args: SimpleNamespace, ctx: DistContext) -> dict:
     method = Method(args.method)
     precision = modeling.pick_precision(ctx.device, args.precision, method)
     hp = fill_hyperparameters(

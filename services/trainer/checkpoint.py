@@ -10,20 +10,29 @@
 Weights and optimizer state are saved sharded: every rank writes only its own FSDP shards (no rank
 gathers a 7B model's ~80 GB of fp32 weights and AdamW moments), all into the run directory the ranks of
 one pod share, and rank 0 uploads the files. A run resumes with the same world size (the schedule check
-in training.py insists on it anyway, for the data order).
+in ``restore_run`` insists on it anyway, for the data order).
 
 A checkpoint's files are uploaded first and ``latest.json`` is written last, so a crash mid-upload
 leaves the previous checkpoint in charge; only then are older checkpoints beyond ``keep`` deleted.
+
+``save_run`` and ``restore_run`` are a training run's side of it (collectives, on every rank): shards,
+the scheduler and every rank's RNG state into the run directory, uploaded and committed by rank 0; and
+back.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dreamframe.errors import FailedPrecondition
 from dreamframe.keys import run_prefix
 from dreamframe.storage.base import ObjectRef, ObjectStore
+
+from .distributed import DistContext, barrier, gather, on_main
+from .rng import rng_state, set_rng_state
 
 LATEST = "checkpoints/latest.json"
 FORMAT_VERSION = 2
@@ -152,3 +161,88 @@ def download(store: ObjectStore, checkpoint: Checkpoint, dest: Path) -> dict[str
             )
         paths[name] = dest / name
     return paths
+
+
+# --- a training run's checkpoints (collective) -------------------------------------------------------
+
+
+def save_run(
+    store: ObjectStore,
+    run_id: str,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    state: Callable[[], dict],
+    work_dir: Path,
+    ctx: DistContext,
+    keep: int,
+) -> ObjectRef:
+    """Checkpoint after ``step`` optimizer steps (collective): every rank writes its shards into
+    ``work_dir`` (the run directory all ranks share), then rank 0 adds the scheduler, every rank's RNG
+    state and the trainer's ``state()``, uploads the files and commits. Returns the commit's ref."""
+    import torch
+
+    tmp = work_dir / f"checkpoint-{step}"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ctx)
+    save_sharded(model, optimizer, tmp / STATE_DIR)
+    rngs = gather(rng_state(), ctx)
+    barrier(ctx)  # every rank's shards are on disk
+
+    def write() -> ObjectRef:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rngs, tmp / "rng.pt")
+        ref = save_checkpoint(store, run_id, step, local_files(tmp), state(), keep=keep, remove_uploaded=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ref
+
+    return on_main(write, ctx)
+
+
+def restore_run(
+    store: ObjectStore,
+    run_id: str,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    schedule: dict,
+    work_dir: Path,
+    ctx: DistContext,
+) -> Checkpoint | None:
+    """Restore the last committed checkpoint into model, optimizer, scheduler and this rank's RNGs
+    (collective); None if the run has none. A checkpoint made under another schedule (processes, batch
+    size, data) is refused: the data order would not be the same."""
+    import torch
+
+    resume_dir = work_dir / "resume"
+
+    def fetch():
+        found = load_latest(store, run_id)
+        if found is None:
+            return None
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        download(store, found, resume_dir)
+        return found
+
+    found = on_main(fetch, ctx)
+    if found is None:
+        return None
+    if found.state["schedule"] != schedule:
+        raise FailedPrecondition(
+            f"checkpoint at step {found.step} was made with {found.state['schedule']}, this run has "
+            f"{schedule}: resume with the same processes, batch size and data",
+            field="hyperparameters",
+        )
+    load_sharded(model, optimizer, resume_dir / STATE_DIR)
+    scheduler.load_state_dict(torch.load(resume_dir / "scheduler.pt", weights_only=False))
+    rngs = torch.load(resume_dir / "rng.pt", weights_only=False)
+    set_rng_state(rngs[ctx.rank])
+    barrier(ctx)  # every rank has read its files
+    if ctx.is_main:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return found

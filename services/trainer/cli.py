@@ -12,13 +12,16 @@ field of TrainHyperparameters. The target defaults to the coordinator's trainer 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
+from types import SimpleNamespace
+from typing import Annotated, Literal
 
+import typer
 from google.protobuf import json_format
 
+from dreamframe import commandline
 from dreamframe.config import get_settings
 from dreamframe.serving import make_channel
 from dreamframe.v1 import common_pb2, train_pb2, train_pb2_grpc
@@ -26,27 +29,70 @@ from dreamframe.v1 import common_pb2, train_pb2, train_pb2_grpc
 pb = train_pb2
 METHODS = {"lora": pb.TRAIN_METHOD_LORA, "full": pb.TRAIN_METHOD_FULL, "": pb.TRAIN_METHOD_UNSPECIFIED}
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.trainer.cli", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default=None, help="host:port of the trainer")
-    sub = p.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="start a run (prints its id)")
-    start.add_argument("--dataset", action="append", required=True, metavar="KEY[@WEIGHT]")
-    start.add_argument("--bucket", default="")
-    start.add_argument("--base-model", default="")
-    start.add_argument("--method", choices=["lora", "full"], default="")
-    start.add_argument("--run-id", default="")
-    start.add_argument("--job-id", default="")
-    start.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="hyperparameters")
-    start.add_argument("--watch", action="store_true", help="then follow it until it ends")
-    for name in ("watch", "get", "cancel"):
-        sub.add_parser(name).add_argument("run_id")
-    sub.add_parser("list").add_argument("--job-id", default="")
-    return p.parse_args(argv)
+app = typer.Typer(help=__doc__.splitlines()[0], add_completion=False)
+RunId = Annotated[str, typer.Argument(metavar="RUN_ID")]
 
 
-def start_request(args: argparse.Namespace) -> pb.StartRunRequest:
+# The command line is parsed into one namespace (``parse_args``): each command returns its options.
+@app.callback()
+def _common(
+    ctx: typer.Context, target: Annotated[str | None, typer.Option(help="host:port of the trainer")] = None
+) -> None:
+    ctx.obj = {"target": target}
+
+
+@app.command(help="start a run (prints its id)")
+def start(
+    ctx: typer.Context,
+    dataset: Annotated[list[str], typer.Option(metavar="KEY[@WEIGHT]")],
+    bucket: str = "",
+    base_model: str = "",
+    method: Annotated[Literal["lora", "full"] | None, typer.Option()] = None,
+    run_id: str = "",
+    job_id: str = "",
+    hyperparameters: Annotated[list[str] | None, typer.Option("--set", metavar="NAME=VALUE")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="then follow it until it ends")] = False,
+) -> SimpleNamespace:
+    return SimpleNamespace(
+        command="start",
+        **ctx.obj,
+        dataset=dataset,
+        bucket=bucket,
+        base_model=base_model,
+        method=method or "",
+        run_id=run_id,
+        job_id=job_id,
+        hyperparameters=hyperparameters or [],
+        watch=watch,
+    )
+
+
+@app.command()
+def watch(ctx: typer.Context, run_id: RunId) -> SimpleNamespace:
+    return SimpleNamespace(command="watch", **ctx.obj, run_id=run_id)
+
+
+@app.command()
+def get(ctx: typer.Context, run_id: RunId) -> SimpleNamespace:
+    return SimpleNamespace(command="get", **ctx.obj, run_id=run_id)
+
+
+@app.command()
+def cancel(ctx: typer.Context, run_id: RunId) -> SimpleNamespace:
+    return SimpleNamespace(command="cancel", **ctx.obj, run_id=run_id)
+
+
+@app.command("list")
+def list_runs(ctx: typer.Context, job_id: str = "") -> SimpleNamespace:
+    return SimpleNamespace(command="list", **ctx.obj, job_id=job_id)
+
+
+def parse_args(argv: list[str] | None) -> SimpleNamespace:
+    """The command and its options; ``--help`` exits 0, a usage error exits 2 (SystemExit)."""
+    return commandline.run(app, argv)
+
+
+def start_request(args: SimpleNamespace) -> pb.StartRunRequest:
     datasets = []
     for item in args.dataset:
         key, _, weight = item.partition("@")
@@ -82,7 +128,7 @@ def progress_line(run: pb.RunStatus) -> str:
     return line
 
 
-async def _run(args: argparse.Namespace, out) -> int:
+async def _run(args: SimpleNamespace, out) -> int:
     settings = get_settings()
     target = args.target or settings.coordinator.trainer_address
     async with make_channel(target, settings.client) as channel:

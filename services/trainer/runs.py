@@ -26,9 +26,9 @@ from dreamframe.logging import get_logger
 from dreamframe.processes import pid_alive
 from dreamframe.storage.base import ObjectRef, ObjectStore
 
+from .contract import Runtime
 from .run_store import RunRecord, RunState, RunStore
 from .spec import RunSpec
-from .training import Runtime
 from .worker import CONTROL, LAUNCH, PROGRESS, RESULT, read_json, write_json_atomic
 
 log = get_logger(__name__)

@@ -18,10 +18,10 @@ from dreamframe.storage import open_store, to_proto
 from dreamframe.v1 import train_pb2 as pb
 from dreamframe.v1 import train_pb2_grpc
 
+from .contract import Runtime
 from .run_store import RunRecord, RunState
 from .runs import RunManager
 from .spec import DatasetSource, Method, RunSpec, build_spec, new_run_id
-from .training import Runtime
 
 SERVICE = "trainer"
 

@@ -14,7 +14,6 @@ SIGTERM, or the manager process going away, is a shutdown request: checkpoint an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -23,6 +22,11 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dreamframe import commandline
 
 LAUNCH, PROGRESS, CONTROL, RESULT = "launch.json", "progress.json", "control.json", "result.json"
 
@@ -50,7 +54,7 @@ class FileHooks:
     """Rank 0's progress and stop channel through the run directory."""
 
     def __init__(self, run_dir: Path, manager_pid: int | None, min_interval: float = 0.25) -> None:
-        from .training import Stop
+        from .contract import Stop
 
         self.run_dir = run_dir
         self.manager_pid = manager_pid
@@ -89,11 +93,13 @@ class FileHooks:
         return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, required=True)
-    args = parser.parse_args(argv)
-    run_dir: Path = args.run_dir
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help="The training process of one run (torchrun starts one per GPU).")
+def work(run_dir: Annotated[Path, typer.Option(help="the run directory (launch.json is in it)")]) -> int:
+    """Train the run ``run_dir/launch.json`` describes; 0 when it ended (succeeded, cancelled or
+    interrupted), 1 when it failed."""
     launch = json.loads((run_dir / LAUNCH).read_text())
     rank = int(os.environ.get("RANK", "0"))
 
@@ -109,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dreamframe.storage import open_store
 
+    from .contract import Runtime
     from .spec import RunSpec
-    from .training import Runtime, run_training
+    from .training import run_training
 
     hooks = FileHooks(run_dir, launch.get("manager_pid"))
     signal.signal(signal.SIGTERM, lambda *_: setattr(hooks, "terminated", True))
@@ -143,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(run_dir / RESULT, result)
     store.close()
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return commandline.run(app, argv)
 
 
 if __name__ == "__main__":

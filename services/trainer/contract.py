@@ -1,0 +1,82 @@
+"""What a training run is given and what it gives back: the trainer's ``Runtime`` settings, the
+``Hooks`` through which rank 0 reports ``RunProgress`` and hears ``Stop`` requests, and the run's
+``Outcome`` (or ``TrainingDiverged``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from dreamframe.errors import FailedPrecondition
+from dreamframe.storage.base import ObjectRef
+
+
+class Stop(IntEnum):
+    NONE = 0
+    CANCEL = 1
+    # Service shutdown: checkpoint now and leave the run to be resumed.
+    SHUTDOWN = 2
+
+
+class TrainingDiverged(FailedPrecondition):
+    """The loss or the gradient norm stopped being finite."""
+
+
+@dataclass
+class Runtime:
+    """Process-level settings of the trainer (the same for every run)."""
+
+    work_dir: Path
+    model_cache_dir: Path = Path(".dreamframe/models")
+    model_paths: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    precision: str = "auto"
+    keep_checkpoints: int = 2
+    # Pad sequences to a multiple of this (0: 8 on GPUs, for tensor cores; 1 on CPUs).
+    pad_to_multiple_of: int = 0
+    # torch.compile each decoder layer (GPU runs; the first steps pay the compilation).
+    compile: bool = False
+
+
+@dataclass
+class RunProgress:
+    """The run after its latest optimizer step: what ``progress.json`` and a checkpoint's state carry
+    (the ETA comes from ``dreamframe.progress.ProgressClock``)."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: float = 0.0
+    learning_rate: float = 0.0
+    tokens_per_second: float = 0.0
+    eta_seconds: float = -1.0
+    samples_seen: int = 0
+    bad_samples: int = 0
+    tokens_seen: int = 0
+    checkpoint: ObjectRef | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _noop(*_args) -> None:
+    return None
+
+
+@dataclass
+class Hooks:
+    """Rank 0's connection to whoever runs the training (the worker process, a test)."""
+
+    on_progress: Callable[[RunProgress], None] = _noop
+    should_stop: Callable[[], Stop] = lambda: Stop.NONE
+
+
+@dataclass
+class Outcome:
+    status: str  # "succeeded" | "cancelled" | "interrupted"
+    progress: RunProgress
+    final_model: ObjectRef | None = None
+    final_model_prefix: str = ""
+    metrics: ObjectRef | None = None

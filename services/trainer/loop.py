@@ -1,0 +1,244 @@
+"""The training loop of a prepared run (on every rank): resume from the last checkpoint, take the
+optimizer steps, checkpoint every ``save_every`` steps, honour stop requests, stop on divergence or on
+too many unreadable samples, and export the final model.
+
+Rank 0 reports ``RunProgress`` after every step (ETA from ``dreamframe.progress.ProgressClock``: the
+pace of the steps this process has trained); every decision that changes control flow (stop requests,
+bad data, divergence) is agreed through a collective, so ranks never part ways.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from dreamframe.errors import FailedPrecondition
+from dreamframe.progress import ProgressClock
+from dreamframe.storage.base import ObjectRef
+
+from . import checkpoint as ckpt
+from .contract import Hooks, Outcome, RunProgress, Stop, TrainingDiverged
+from .data import Batch
+from .distributed import all_sum, barrier, gather, on_main
+from .export import export_model, final_prefix, trained_weights
+from .metrics import batch_digest, write_metrics
+from .run_setup import PreparedRun
+from .schedule import StepBatches
+from .step import clip_gradients, forward_backward
+
+
+class TrainingLoop:
+    def __init__(self, run: PreparedRun, hooks: Hooks) -> None:
+        self.run = run
+        self.hp = run.hp
+        self.ctx = run.ctx
+        self.schedule = run.schedule
+        self.hooks = hooks
+        self.log = run.log
+        self.batches = StepBatches(run.plan, run.collate, run.schedule, seed=self.hp.seed, rank=run.ctx.rank)
+        self.history: list[dict] = []
+        self.progress = RunProgress(total_steps=run.schedule.total_steps, bad_samples=run.plan.bad_count)
+        self.clock = ProgressClock(run.schedule.total_steps, "steps")
+        self.runtime_bad = 0
+        self.bad_reasons: list[str] = []
+        self.last_saved_step = -1
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "step": self.progress.step,
+            "progress": self.progress.to_dict() | {"checkpoint": None},
+            "runtime_bad": self.runtime_bad,
+            "history": self.history,
+            "schedule": self.schedule.to_dict(),
+        }
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` optimizer steps (collective), once every trained weight is finite."""
+        (bad,) = all_sum([sum(int((~torch.isfinite(p.detach())).sum()) for p in self.run.params)], self.ctx)
+        if bad:
+            raise self.diverged(f"{int(bad)} trained weights are not finite after step {step}")
+        run = self.run
+        ref = ckpt.save_run(
+            run.store,
+            run.spec.run_id,
+            step,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            state=self.state,
+            work_dir=run.run_dir,
+            ctx=self.ctx,
+            keep=run.runtime.keep_checkpoints,
+        )
+        self.progress.checkpoint = ref
+        self.last_saved_step = step
+        if self.ctx.is_main:
+            self.write_metrics()
+            self.hooks.on_progress(self.progress)
+
+    def resume(self) -> None:
+        """Continue from the last committed checkpoint, if any (collective)."""
+        run = self.run
+        found = ckpt.restore_run(
+            run.store,
+            run.spec.run_id,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            schedule=self.schedule.to_dict(),
+            work_dir=run.run_dir,
+            ctx=self.ctx,
+        )
+        if found is None:
+            return
+        state = found.state
+        self.history = state["history"]
+        self.runtime_bad = state["runtime_bad"]
+        self.progress = RunProgress(**state["progress"])
+        self.progress.checkpoint = found.ref
+        self.last_saved_step = found.step
+        self.clock.skip(found.step)  # done before: not this process's pace
+        if self.ctx.is_main:
+            self.log.info("resumed", step=found.step)
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def train(self) -> Outcome:
+        self.resume()
+        prefetch = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        total = self.schedule.total_steps
+        try:
+            upcoming: Future | None = None
+            if self.progress.step < total:
+                upcoming = prefetch.submit(self.batches, self.progress.step)
+            self.clock.begin_work()
+            while self.progress.step < total:
+                request = self.stop_requested()
+                if request is not Stop.NONE:
+                    return self.stop(request)
+                started = time.perf_counter()
+                batches = upcoming.result()
+                step = self.progress.step
+                upcoming = prefetch.submit(self.batches, step + 1) if step + 1 < total else None
+                stats = self.train_step(batches)
+                elapsed = time.perf_counter() - started
+                self.record(step + 1, stats, elapsed, [u for b in batches for u in b.uids])
+                self.check_runtime_bad(stats["bad"], [r for b in batches for r in b.bad_reasons])
+                if self.ctx.is_main:
+                    self.hooks.on_progress(self.progress)
+                if (step + 1) % self.schedule.save_every == 0 and step + 1 < total:
+                    self.save(step + 1)
+        finally:
+            prefetch.shutdown(wait=True, cancel_futures=True)
+        if self.last_saved_step != total:
+            self.save(total)
+        return self.finish(trained_weights(self.run.model))
+
+    def train_step(self, batches: list[Batch]) -> dict:
+        run = self.run
+        stats = forward_backward(run.model, batches, self.ctx, run.precision)
+        step = self.progress.step + 1
+        if not math.isfinite(stats["loss"]):
+            raise self.diverged(f"the loss is {stats['loss']} at step {step}")
+        grad_norm = clip_gradients(run.params, self.hp.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise self.diverged(f"the gradient norm is {grad_norm} at step {step}")
+        lr = run.scheduler.get_last_lr()[0]
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return stats | {"learning_rate": lr, "grad_norm": grad_norm}
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        last = (
+            f"the last good checkpoint is step {self.last_saved_step} ({self.progress.checkpoint.key})"
+            if self.progress.checkpoint is not None
+            else "there is no checkpoint yet"
+        )
+        return TrainingDiverged(
+            f"training diverged: {what}; stopped, {last}", field="hyperparameters.learning_rate"
+        )
+
+    def stop_requested(self) -> Stop:
+        code = int(self.hooks.should_stop()) if self.ctx.is_main else 0
+        (agreed,) = all_sum([code], self.ctx)
+        return Stop(int(agreed))
+
+    def record(self, step: int, stats: dict, elapsed: float, uids: list[str]) -> None:
+        self.clock.advance()
+        p = self.progress
+        p.step = step
+        p.epoch = step / self.schedule.steps_per_epoch
+        p.loss = stats["loss"]
+        p.learning_rate = stats["learning_rate"]
+        p.tokens_per_second = stats["tokens"] / elapsed if elapsed > 0 else 0.0
+        p.eta_seconds = self.clock.eta
+        p.samples_seen += stats["samples"]
+        p.tokens_seen += stats["tokens"]
+        self.runtime_bad += stats["bad"]
+        p.bad_samples = self.run.plan.bad_count + self.runtime_bad
+        digests = gather(batch_digest(uids), self.ctx)
+        self.history.append(
+            {
+                "step": step,
+                "epoch": round(p.epoch, 6),
+                "loss": stats["loss"],
+                "learning_rate": stats["learning_rate"],
+                "grad_norm": stats["grad_norm"],
+                "tokens": stats["tokens"],
+                "label_tokens": stats["label_tokens"],
+                "samples": stats["samples"],
+                "bad_samples": stats["bad"],
+                "step_seconds": round(elapsed, 6),
+                "tokens_per_second": round(p.tokens_per_second, 3),
+                "batch_digest": batch_digest(digests) if digests else "",
+            }
+        )
+
+    def check_runtime_bad(self, bad: int, reasons: list[str]) -> None:
+        """Media that fail only when read (corrupt video) count like planned bad samples."""
+        for reason in reasons:
+            self.log.warning("bad sample", reason=reason)
+        if bad and len(self.bad_reasons) < 20:
+            self.bad_reasons.extend(reasons[: 20 - len(self.bad_reasons)])
+        seen = self.progress.samples_seen
+        if self.runtime_bad > max(5, self.hp.max_bad_sample_fraction * seen):
+            first = self.bad_reasons[0] if self.bad_reasons else "unknown"
+            raise FailedPrecondition(
+                f"{self.runtime_bad} of the {seen} samples read so far could not be used, more than "
+                f"max_bad_sample_fraction={self.hp.max_bad_sample_fraction:g}; first: {first}",
+                field="datasets",
+            )
+
+    # --- endings -----------------------------------------------------------------------------------
+
+    def stop(self, request: Stop) -> Outcome:
+        if request is Stop.SHUTDOWN and self.last_saved_step != self.progress.step and self.progress.step > 0:
+            self.save(self.progress.step)
+        status = "cancelled" if request is Stop.CANCEL else "interrupted"
+        metrics = self.write_metrics() if self.ctx.is_main else None
+        return Outcome(status, self.progress, metrics=metrics)
+
+    def write_metrics(self) -> ObjectRef:
+        return write_metrics(self.run, self.progress, self.history, self.runtime_bad)
+
+    def finish(self, weights: dict) -> Outcome:
+        def export() -> tuple[ObjectRef, ObjectRef]:
+            manifest = export_model(self.run, weights, self.progress.step)
+            return manifest, self.write_metrics()
+
+        manifest, metrics = on_main(export, self.ctx)
+        barrier(self.ctx)
+        run_id = self.run.spec.run_id
+        return Outcome(
+            "succeeded",
+            self.progress,
+            final_model=manifest,
+            final_model_prefix=final_prefix(run_id),
+            metrics=metrics,
+        )
