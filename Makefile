@@ -9,33 +9,53 @@ PRESET ?= tiny
 PROTO_OUT := shared/dreamframe/v1
 PROTOS := $(wildcard protos/dreamframe/v1/*.proto)
 STAMP := $(VENV)/.installed
+# Every transitive pin for every extra (`make lock` writes it). Each install takes its versions from it:
+# `pip install -c $(LOCK) ...`, here and in the images, so nothing resolves newer than what was tested.
+LOCK := requirements/lock.txt
+LOCK_ARGS ?=
+# Where torch comes from. Empty (the default): wherever pip is configured to look; on the project's machines
+# that is the CPU wheel of torch 2.13.0 on local disk (pip's find-links), which `torch==2.13.0` prefers.
+# Set it to a PyTorch wheel index to choose the build yourself; it is added to PyPI for torch's install only,
+# and that index's local version (2.13.0+cpu, 2.13.0+cu128) ranks above PyPI's plain 2.13.0 (CUDA on Linux):
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 VERSION ?= $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 REGISTRY ?=
 CONTAINER ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
-# services/<dir>:<image name>
-IMAGES := coordinator:coordinator plot_llm:plot-llm style_trainer:style-trainer \
-	keyframe_renderer:keyframe-renderer qa_generator:qa-generator trainer:trainer evaluator:evaluator
+# One image per service from deploy/Dockerfile, as services/<dir>:<image name>:<extra>:<cpu|gpu base>
+IMAGES := coordinator:coordinator:coordinator:cpu plot_llm:plot-llm:plot:gpu \
+	style_trainer:style-trainer:style:gpu keyframe_renderer:keyframe-renderer:renderer:gpu \
+	qa_generator:qa-generator:qa:cpu trainer:trainer:trainer:gpu evaluator:evaluator:evaluator:gpu
+CPU_BASE ?= python:3.12-slim-bookworm
+GPU_BASE ?= nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 RELEASE ?= dreamframe
 NAMESPACE ?= dreamframe
 ENV ?= gpu
 VALUES ?= deploy/values-$(ENV).yaml
 DRY_RUN ?=
 
-.PHONY: help install proto lint test run deploy images push bench bench-render clean
+.PHONY: help install lock proto lint test run deploy images push bench bench-render clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# CPU torch first, from the exact pinned wheel (a bare `torch` would pull a multi-GB CUDA build).
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[$(EXTRAS)]'
+	$(PIP) install --quiet -c $(LOCK) pip
+	# torch first and alone, so TORCH_INDEX (when set) serves torch and nothing else.
+	$(PIP) install --quiet -c $(LOCK) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
+	$(PIP) install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install DreamFrame with every extra
+install: $(STAMP)  ## create .venv and install DreamFrame with every extra, at the lock's versions (TORCH_INDEX=...)
+
+# requirements/lock.py says how: pip-compile on this machine, agreeing with what the index's CUDA torch pins,
+# plus what only the images need (CUDA's wheels). LOCK_ARGS=--upgrade moves every pin to its newest release.
+lock:  ## regenerate requirements/lock.txt from pyproject.toml: every extra, every transitive pin, the images' too
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c $(LOCK) pip-tools
+	$(PY) requirements/lock.py $(LOCK_ARGS)
 
 $(PROTO_OUT)/.generated: $(STAMP) $(PROTOS)
 	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
@@ -52,7 +72,7 @@ lint: proto  ## buf lint + format check, ruff, hadolint, helm lint
 	$(VENV)/bin/buf format --diff --exit-code
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
-	$(VENV)/bin/hadolint services/*/Dockerfile
+	$(VENV)/bin/hadolint deploy/Dockerfile
 	$(PY) -c 'import helm_python as h, sys; r = h.lint("charts/dreamframe", strict=True); print(r); sys.exit(bool(r["errors"]))'
 
 test: proto  ## the whole test suite, offline
@@ -72,15 +92,17 @@ bench: proto  ## renderer, style-trainer and trainer benchmarks on this machine'
 	$(PY) -m services.style_trainer.bench $(if $(shell $(PY) -c 'import torch; print(int(torch.cuda.is_available()))' | grep 1),--preset sdxl-random) --json $(BENCH_OUT)/style.json
 	$(PY) -m services.trainer.bench $(if $(shell $(PY) -c 'import torch; print(int(torch.cuda.is_available()))' | grep 1),--preset llava-1.5-7b --random-weights --gradient-checkpointing) --json $(BENCH_OUT)/trainer.json
 
-images:  ## build one image per service with docker or podman, tagged $(VERSION) (REGISTRY=... to prefix)
+images:  ## build one image per service from deploy/Dockerfile with docker or podman, tagged $(VERSION) (REGISTRY=...)
 	@test -n "$(CONTAINER)" || { echo "make images: needs docker or podman" >&2; exit 2; }
-	@set -e; for pair in $(IMAGES); do dir=$${pair%%:*}; name=$${pair##*:}; \
+	@set -e; for entry in $(IMAGES); do IFS=: read -r dir name extra flavour <<< "$$entry"; \
+		if [ "$$flavour" = gpu ]; then base="$(GPU_BASE)"; else base="$(CPU_BASE)"; fi; \
 		ref="$(if $(REGISTRY),$(REGISTRY)/,)dreamframe/$$name:$(VERSION)"; \
-		echo "building $$ref"; $(CONTAINER) build -f services/$$dir/Dockerfile -t "$$ref" .; done
+		echo "building $$ref"; $(CONTAINER) build -f deploy/Dockerfile --build-arg SERVICE=$$dir \
+		--build-arg EXTRA=$$extra --build-arg BASE=$$base --build-arg VERSION=$(VERSION) -t "$$ref" .; done
 
 push: images  ## push every image to REGISTRY
 	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY=registry.example.com/team" >&2; exit 2; }
-	@set -e; for pair in $(IMAGES); do name=$${pair##*:}; \
+	@set -e; for entry in $(IMAGES); do IFS=: read -r _ name _ _ <<< "$$entry"; \
 		$(CONTAINER) push "$(REGISTRY)/dreamframe/$$name:$(VERSION)"; done
 
 deploy: install proto  ## helm upgrade --install --wait onto the current kubectl context (ENV=dev|gpu, DRY_RUN=client)
