@@ -19,15 +19,9 @@ from test_eval_support import (
 )
 
 from dreamframe.errors import Cancelled, InvalidArgument
-from services.evaluator.evaluate import (
-    BenchmarkSpec,
-    EndpointSpec,
-    EvaluateRequest,
-    EvaluateResult,
-    Evaluator,
-    ModelSpec,
-    Progress,
-)
+from dreamframe.progress import Progress
+from services.evaluator.evaluate import Evaluator
+from services.evaluator.request import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResult, ModelSpec
 from services.evaluator.settings import EvaluatorSettings
 
 pytestmark = pytest.mark.slow

@@ -14,18 +14,24 @@ DREAMFRAME_EVALUATOR__*); progress goes to stderr, the report's refs and headlin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from typing import Annotated
 
+import typer
+
+from dreamframe import commandline
 from dreamframe.config import get_settings
 from dreamframe.errors import DreamFrameError, InvalidArgument
 from dreamframe.logging import configure_logging
 from dreamframe.storage import open_store
 
 from .benchmarks import STYLE_CONSISTENCY
-from .evaluate import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResult, Evaluator, ModelSpec
+from .evaluate import Evaluator
 from .report import HEADLINE
+from .request import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResult, ModelSpec
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 def parse_model(text: str, *, num_frames: int, api_key_env: str) -> ModelSpec:
@@ -55,58 +61,72 @@ def parse_benchmark(text: str, *, max_items: int) -> BenchmarkSpec:
     return BenchmarkSpec(kind, data_prefix=data_prefix, video_prefix=video_prefix, max_items=max_items)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.evaluator.cli", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--name", required=True, help="report name: outputs go to reports/<name>/")
-    parser.add_argument(
-        "--model", action="append", default=[], help="LABEL=SOURCE (repeatable; first = baseline)"
-    )
-    parser.add_argument("--benchmark", action="append", default=[], help="KIND=DATA_PREFIX[@VIDEO_PREFIX]")
-    parser.add_argument("--style", action="append", default=[], help="a story's frames prefix (repeatable)")
-    parser.add_argument("--max-items", type=int, default=0, help="per task (0: all)")
-    parser.add_argument(
-        "--num-frames", type=int, default=0, help="frames per video (0: evaluator.num_frames)"
-    )
-    parser.add_argument("--judge", default="", help="OpenAI-compatible judge: BASE_URL#MODEL")
-    parser.add_argument("--api-key-env", default="", help="environment variable with the endpoints' API key")
-    parser.add_argument("--job", default="", help="job id recorded in the report")
-    parser.add_argument("--ignore-cache", action="store_true", help="recompute every answer and judgment")
-    return parser.parse_args(argv)
-
-
-def build_request(args: argparse.Namespace) -> EvaluateRequest:
-    benchmarks = [parse_benchmark(b, max_items=args.max_items) for b in args.benchmark]
-    if args.style:
-        benchmarks.append(
-            BenchmarkSpec(STYLE_CONSISTENCY, frame_prefixes=tuple(args.style), max_items=args.max_items)
-        )
-    judge = None
-    if args.judge:
-        base_url, _, model = args.judge.partition("#")
-        judge = EndpointSpec(base_url, model, args.api_key_env)
+def build_request(
+    *,
+    name: str,
+    models: list[str],
+    benchmarks: list[str],
+    style: list[str],
+    max_items: int = 0,
+    num_frames: int = 0,
+    judge: str = "",
+    api_key_env: str = "",
+    job: str = "",
+    ignore_cache: bool = False,
+) -> EvaluateRequest:
+    specs = [parse_benchmark(b, max_items=max_items) for b in benchmarks]
+    if style:
+        specs.append(BenchmarkSpec(STYLE_CONSISTENCY, frame_prefixes=tuple(style), max_items=max_items))
+    judge_spec = None
+    if judge:
+        base_url, _, model = judge.partition("#")
+        judge_spec = EndpointSpec(base_url, model, api_key_env)
     return EvaluateRequest(
-        report_name=args.name,
-        models=tuple(
-            parse_model(m, num_frames=args.num_frames, api_key_env=args.api_key_env) for m in args.model
-        ),
-        benchmarks=tuple(benchmarks),
-        job_id=args.job,
-        judge=judge,
-        ignore_cache=args.ignore_cache,
+        report_name=name,
+        models=tuple(parse_model(m, num_frames=num_frames, api_key_env=api_key_env) for m in models),
+        benchmarks=tuple(specs),
+        job_id=job,
+        judge=judge_spec,
+        ignore_cache=ignore_cache,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@app.command(help=__doc__.split("\n")[0])
+def evaluate(
+    name: Annotated[str, typer.Option(help="report name: outputs go to reports/<name>/")],
+    model: Annotated[
+        list[str] | None, typer.Option(help="LABEL=SOURCE (repeatable; first = baseline)")
+    ] = None,
+    benchmark: Annotated[list[str] | None, typer.Option(help="KIND=DATA_PREFIX[@VIDEO_PREFIX]")] = None,
+    style: Annotated[list[str] | None, typer.Option(help="a story's frames prefix (repeatable)")] = None,
+    max_items: Annotated[int, typer.Option(help="per task (0: all)")] = 0,
+    num_frames: Annotated[int, typer.Option(help="frames per video (0: evaluator.num_frames)")] = 0,
+    judge: Annotated[str, typer.Option(help="OpenAI-compatible judge: BASE_URL#MODEL")] = "",
+    api_key_env: Annotated[str, typer.Option(help="environment variable with the endpoints' API key")] = "",
+    job: Annotated[str, typer.Option(help="job id recorded in the report")] = "",
+    ignore_cache: Annotated[
+        bool, typer.Option("--ignore-cache", help="recompute every answer and judgment")
+    ] = False,
+) -> int:
     settings = get_settings()
     configure_logging(settings.log)  # logs to stderr: stdout carries only the JSON summary
     store = open_store(settings.storage)
     result = None
     try:
         evaluator = Evaluator(store, settings.evaluator, model_cache_dir=settings.models.cache_dir)
-        for message in evaluator.evaluate(build_request(args)):
+        request = build_request(
+            name=name,
+            models=model or [],
+            benchmarks=benchmark or [],
+            style=style or [],
+            max_items=max_items,
+            num_frames=num_frames,
+            judge=judge,
+            api_key_env=api_key_env,
+            job=job,
+            ignore_cache=ignore_cache,
+        )
+        for message in evaluator.evaluate(request):
             if isinstance(message, EvaluateResult):
                 result = message
             else:
@@ -119,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     assert result is not None
     headline = {
-        f"{b['name']}/{model}": next((r["score"] for r in rows if r["task"] == HEADLINE.get(b["kind"])), None)
+        f"{b['name']}/{label}": next((r["score"] for r in rows if r["task"] == HEADLINE.get(b["kind"])), None)
         for b in result.report["benchmarks"]
-        for model, rows in b["scores"].items()
+        for label, rows in b["scores"].items()
     }
     summary = {
         "report_json": result.report_json.__dict__,
@@ -131,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); the exit status (a usage error
+    raises ``SystemExit(2)`` as argparse did)."""
+    return commandline.run(app, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ counts a failure. Judgments are cached in storage by judge identity + prompt, so
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ from typing import Any
 
 import openai
 
+from services.evaluator.settings import EvaluatorSettings
+
 from . import prompts
 from .cache import ResultCache
 from .extract import judge_correct, parse_choice, parse_score, tempcompass_caption_rating
+from .request import EndpointSpec
 
 
 @dataclass(frozen=True)
@@ -125,3 +129,28 @@ def make_judge(
         base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=max_retries
     )
     return Judge(client, model, max_attempts=max_attempts, cache=cache, identity=f"openai:{base_url}:{model}")
+
+
+def judge_for(spec: EndpointSpec | None, settings: EvaluatorSettings, cache: ResultCache) -> Judge | None:
+    """The request's judge (its key read from the environment variable it names; its model defaulting
+    to ``judge_model``), else the configured one (``judge_base_url``), else none."""
+    if spec is not None:
+        key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
+        base_url, model = spec.base_url, spec.model or settings.judge_model
+    elif settings.judge_base_url:
+        base_url, model, key = (
+            settings.judge_base_url,
+            settings.judge_model,
+            settings.judge_api_key.get_secret_value(),
+        )
+    else:
+        return None
+    return make_judge(
+        base_url,
+        model,
+        key,
+        max_attempts=settings.judge_max_attempts,
+        timeout=settings.judge_timeout_seconds,
+        cache=cache,
+        max_retries=settings.openai_max_retries,
+    )

@@ -1,9 +1,13 @@
 """The evaluation report: one JSON document (every score, error and count) and a Markdown rendering of
-it, side by side for all models with each model's difference to the first one (the baseline)."""
+it, side by side for all models with each model's difference to the first one (the baseline); and
+writing them with the per-item lines (``reports/<name>/report.json``, ``report.md``, ``items.jsonl``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+from dreamframe.storage.base import ObjectRef, ObjectStore
 
 from .benchmarks.base import ScoreRow
 from .items import ItemError
@@ -255,3 +259,24 @@ def render_markdown(report: dict) -> str:
                 out.append(f"- … and {len(errors) - MAX_ERRORS_IN_MARKDOWN} more (see report.json)")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+@dataclass(frozen=True)
+class ReportRefs:
+    items_jsonl: ObjectRef
+    report_json: ObjectRef
+    report_markdown: ObjectRef
+
+
+def write_report(store: ObjectStore, prefix: str, report: dict, item_lines: list[dict]) -> ReportRefs:
+    """items.jsonl, report.json and report.md under ``prefix`` (in that order), each atomically."""
+    items_ref = store.put_bytes(
+        f"{prefix}items.jsonl",
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in item_lines).encode(),
+        content_type="application/x-ndjson",
+    )
+    json_ref = store.put_json(f"{prefix}report.json", report)
+    md_ref = store.put_bytes(
+        f"{prefix}report.md", render_markdown(report).encode(), content_type="text/markdown"
+    )
+    return ReportRefs(items_ref, json_ref, md_ref)

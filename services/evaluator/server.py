@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
 from dreamframe.enums import enum_name
+from dreamframe.progress import Progress
 from dreamframe.serving import (
     Done,
     Registration,
@@ -31,15 +32,8 @@ from dreamframe.v1 import eval_pb2, eval_pb2_grpc
 from services.evaluator.settings import EvaluatorSettings
 
 from .benchmarks import STYLE_CONSISTENCY
-from .evaluate import (
-    BenchmarkSpec,
-    EndpointSpec,
-    EvaluateRequest,
-    EvaluateResult,
-    Evaluator,
-    ModelSpec,
-    Progress,
-)
+from .evaluate import Evaluator
+from .request import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResult, ModelSpec
 
 SERVICE = "evaluator"
 

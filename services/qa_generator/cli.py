@@ -8,38 +8,40 @@ Storage comes from the usual settings (DREAMFRAME_STORAGE__*); progress goes to 
 
 from __future__ import annotations
 
-import argparse
+import enum
 import json
 import sys
+from typing import Annotated
 
+import typer
+
+from dreamframe import commandline
 from dreamframe.config import get_settings
 from dreamframe.errors import DreamFrameError
+from dreamframe.progress import Progress
 from dreamframe.storage import open_store
 
-from .builder import BuildRequest, Progress, build_dataset
+from .builder import BuildRequest, build_dataset
 from .inputs import sources_from_jobs
 from .options import FORMATS, make_options
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.qa_generator.cli", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--job", action="append", required=True, help="a finished job id (repeatable)")
-    parser.add_argument("--name", default="", help="dataset name (default: the first job id)")
-    parser.add_argument("--format", action="append", default=[], choices=FORMATS, help="repeatable")
-    parser.add_argument("--fps", type=float, default=0.0)
-    parser.add_argument("--validation-fraction", type=float, default=0.0)
-    parser.add_argument("--test-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--subtitles", action="store_true", help="put dialogues in the prompts")
-    parser.add_argument("--num-choices", type=int, default=0)
-    parser.add_argument("--video-size", type=int, default=0)
-    return parser.parse_args(argv)
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+Format = enum.Enum("Format", {f: f for f in FORMATS}, type=str)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@app.command(help=__doc__.split("\n")[0])
+def build(
+    job: Annotated[list[str], typer.Option(help="a finished job id (repeatable)")],
+    name: Annotated[str, typer.Option(help="dataset name (default: the first job id)")] = "",
+    format: Annotated[list[Format] | None, typer.Option(help="repeatable")] = None,  # noqa: A002 - the option
+    fps: float = 0.0,
+    validation_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    subtitles: Annotated[bool, typer.Option("--subtitles", help="put dialogues in the prompts")] = False,
+    num_choices: int = 0,
+    video_size: int = 0,
+) -> int:
     settings = get_settings()
     store = open_store(settings.storage)
 
@@ -48,17 +50,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = make_options(
-            formats=args.format,
-            fps=args.fps,
-            validation_fraction=args.validation_fraction,
-            test_fraction=args.test_fraction,
-            seed=args.seed,
-            include_subtitles=args.subtitles,
-            num_choices=args.num_choices,
-            video_size=args.video_size,
+            formats=[f.value for f in format or []],
+            fps=fps,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            include_subtitles=subtitles,
+            num_choices=num_choices,
+            video_size=video_size,
             settings=settings.qa,
         )
-        request = BuildRequest(args.job[0], args.name, sources_from_jobs(store, args.job), options)
+        request = BuildRequest(job[0], name, sources_from_jobs(store, job), options)
         result = build_dataset(store, request, on_progress=show)
     except DreamFrameError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"manifest": result.manifest.__dict__, "prefix": result.prefix, "counts": result.counts}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); the exit status (a usage error
+    raises ``SystemExit(2)`` as argparse did)."""
+    return commandline.run(app, argv)
 
 
 if __name__ == "__main__":
