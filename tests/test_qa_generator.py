@@ -16,10 +16,11 @@ from PIL import Image
 
 from dreamframe import keys
 from dreamframe.errors import Cancelled, InvalidArgument, NotFound
+from dreamframe.progress import Progress
 from dreamframe.storage import LocalStore
 from dreamframe.story import QA, Character, Story, StoryItem, Substory, TinyStory
 from services.qa_generator import formats
-from services.qa_generator.builder import MANIFEST, BuildRequest, Progress, build_dataset
+from services.qa_generator.builder import MANIFEST, BuildRequest, build_dataset
 from services.qa_generator.dialogue import dialogue_questions
 from services.qa_generator.inputs import StorySource
 from services.qa_generator.options import make_options

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dreamframe import keys
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.progress import Progress, ProgressClock
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story, load_story
 from services.keyframe_renderer.settings import RendererSettings
@@ -58,16 +59,6 @@ class RenderRequest:
 
 
 @dataclass(frozen=True)
-class Progress:
-    done: int
-    total: int
-    current_item: str
-    elapsed_seconds: float
-    eta_seconds: float  # negative: unknown
-    message: str = ""
-
-
-@dataclass(frozen=True)
 class Summary:
     rendered: int
     skipped: int
@@ -86,29 +77,6 @@ class RenderEvent:
     progress: Progress
     frame: StoredFrame | None = None
     summary: Summary | None = None
-
-
-class _Clock:
-    """Progress bookkeeping: ETA from the measured seconds per rendered frame."""
-
-    def __init__(self, total: int) -> None:
-        self.started = time.monotonic()
-        self.total = total
-        self.done = 0
-        self.to_render = 0
-        self.rendered = 0
-        self.render_started: float | None = None
-
-    def progress(self, current: str, message: str = "") -> Progress:
-        elapsed = time.monotonic() - self.started
-        left = self.to_render - self.rendered
-        if left <= 0:
-            eta = 0.0 if self.done >= self.total else -1.0
-        elif self.rendered and self.render_started is not None:
-            eta = left * (time.monotonic() - self.render_started) / self.rendered
-        else:
-            eta = -1.0
-        return Progress(self.done, self.total, current, elapsed, eta, message)
 
 
 class Renderer:
@@ -231,7 +199,8 @@ class Renderer:
     ) -> Iterator[RenderEvent]:
         bucket = request.story.bucket or None
         where = dict(job_id=request.job_id, story_index=request.story_index, bucket=bucket)
-        clock = _Clock(len(recipes))
+        # The ETA comes from the pace of the frames rendered, not of those found already done.
+        clock = ProgressClock(len(recipes), "frames")
         yield RenderEvent(
             clock.progress("checking stored frames", f"{len(recipes)} frames, preset {params.preset}")
         )
@@ -242,10 +211,9 @@ class Renderer:
             if done is None:
                 todo.append(recipe)
                 continue
-            clock.done += 1
+            clock.skip()
             self.frames_skipped += 1
             yield RenderEvent(clock.progress(f"frame {recipe.index} (already done)"), frame=done)
-        clock.to_render = len(todo)
 
         batch_size = 0
         render_seconds = 0.0
@@ -261,7 +229,7 @@ class Renderer:
                     batch_size = params.batch_size or engine.auto_batch_size(
                         params, max_batch=self.settings.max_batch_size, cpu_batch=self.settings.cpu_batch_size
                     )
-                    clock.render_started = time.monotonic()
+                    clock.begin_work()
                     for start in range(0, len(todo), batch_size):
                         if stop():
                             stopped = True
@@ -288,14 +256,14 @@ class Renderer:
                 for future in futures:
                     future.exception()
 
-        seconds = time.monotonic() - clock.started
+        seconds = clock.elapsed
         if stopped and clock.done < clock.total:
             raise Cancelled(f"stopped after {clock.done} of {clock.total} frames")
         summary = Summary(
-            rendered=clock.rendered,
-            skipped=clock.total - clock.to_render,
+            rendered=clock.worked,
+            skipped=clock.total - len(todo),
             seconds=seconds,
-            images_per_second=clock.rendered / seconds if clock.rendered and seconds > 0 else 0.0,
+            images_per_second=clock.worked / seconds if clock.worked and seconds > 0 else 0.0,
             frames_prefix=keys.frames_prefix(request.job_id, request.story_index),
             batch_size=batch_size,
             render_seconds=render_seconds,
@@ -310,10 +278,9 @@ class Renderer:
         )
         yield RenderEvent(clock.progress("done"), summary=summary)
 
-    def _report(self, futures: list[Future[StoredFrame]], clock: _Clock) -> Iterator[RenderEvent]:
+    def _report(self, futures: list[Future[StoredFrame]], clock: ProgressClock) -> Iterator[RenderEvent]:
         for future in futures:
             frame = future.result()
-            clock.done += 1
-            clock.rendered += 1
+            clock.advance()
             self.frames_rendered += 1
             yield RenderEvent(clock.progress(f"frame {frame.index}"), frame=frame)

@@ -78,7 +78,7 @@ def request_from_proto(request: render_pb2.RenderFramesRequest) -> RenderRequest
 
 
 def event_to_proto(event: RenderEvent) -> render_pb2.RenderFramesResponse:
-    response = render_pb2.RenderFramesResponse(progress=progress_to_proto(event.progress, unit="frames"))
+    response = render_pb2.RenderFramesResponse(progress=progress_to_proto(event.progress))
     if event.frame is not None:
         f = event.frame
         response.frame.CopyFrom(

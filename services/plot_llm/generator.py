@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from dreamframe.errors import DreamFrameError, FailedPrecondition
 from dreamframe.keys import reference_story_key, story_key
+from dreamframe.progress import Progress, ProgressClock
 from dreamframe.storage.base import ObjectRef, ObjectStore
 from dreamframe.story import Story
 
@@ -40,19 +40,22 @@ from .validation import MODES, STRICT, check_outline, check_part, check_scenes, 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One step of a generation: sent when a level starts and after every call."""
+UNIT = "llm_calls"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressEvent(Progress):
+    """One step of a generation (``UNIT``s done of the story's total): sent when a level starts and
+    after every call, with the level it belongs to and whether the call's answer came from the cache.
+    The ETA comes from the pace of the calls the LLM answered (cached ones take no time)."""
 
     level: int
-    done: int
-    total: int
-    current_item: str
-    elapsed_seconds: float
-    # Seconds left, from the pace of the calls so far; negative while unknown.
-    eta_seconds: float
-    message: str = ""
     cached: bool = False
+
+    @classmethod
+    def finished(cls, total: int, message: str, *, elapsed_seconds: float = 0.0) -> ProgressEvent:
+        """The last event of a generation: every call done."""
+        return cls(UNIT, total, total, "", elapsed_seconds, 0.0, message, level=3)
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,7 @@ class StoryGenerator:
         existing = await asyncio.to_thread(self._existing, keys, theme, options)
         if existing is not None:
             if on_progress:
-                total = options.total_calls
-                on_progress(ProgressEvent(3, total, total, "", 0.0, 0.0, "story already generated"))
+                on_progress(ProgressEvent.finished(options.total_calls, "story already generated"))
             return existing
         prefix = cache_prefix(job_id, story_index)
         cache = CallCache(self.store, prefix, bucket=self.bucket, enabled=self.config.cache)
@@ -200,12 +202,9 @@ class _Run:
         self.on_progress = on_progress
         self.semaphore = asyncio.Semaphore(options.max_parallel_calls or self.config.max_parallel_calls)
         self.temperature = options.temperature if options.temperature is not None else self.config.temperature
-        self.total = options.total_calls
-        self.done = 0
+        self.clock = ProgressClock(options.total_calls, UNIT)
         self.llm_calls = 0
         self.cached_calls = 0
-        self.fresh_done = 0
-        self.started = time.monotonic()
 
     # --- the three levels ------------------------------------------------------------------------------
     async def story(self, theme: str) -> Story:
@@ -372,7 +371,6 @@ class _Run:
                     await self.cache.put(
                         digest, call=call_id, answer=answer.model_dump(mode="json"), attempts=attempt + 1
                     )
-                    self.fresh_done += 1
                     self._finished(level, item, cached=False)
                     return answer
                 log.info(
@@ -386,19 +384,17 @@ class _Run:
 
     # --- progress ----------------------------------------------------------------------------------------
     def _finished(self, level: int, item: str, *, cached: bool) -> None:
-        self.done += 1
+        if cached:
+            self.clock.skip()
+        else:
+            self.clock.advance()
         self._event(level, item, "from cache" if cached else "done", cached=cached)
 
     def _event(self, level: int, item: str, message: str, *, cached: bool = False) -> None:
         if self.on_progress is None:
             return
-        elapsed = time.monotonic() - self.started
-        eta = -1.0
-        if self.fresh_done:
-            eta = elapsed / self.fresh_done * (self.total - self.done)
-        elif self.done == self.total:
-            eta = 0.0
-        self.on_progress(ProgressEvent(level, self.done, self.total, item, elapsed, eta, message, cached))
+        progress = self.clock.progress(item, message)
+        self.on_progress(ProgressEvent(**vars(progress), level=level, cached=cached))
 
 
 async def _run_all(coros: Any) -> None:

@@ -32,9 +32,7 @@ def options_from_proto(options: plot_pb2.PlotOptions) -> StoryOptions:
 
 
 def progress_to_proto(event: ProgressEvent) -> plot_pb2.GenerateStoryResponse:
-    return plot_pb2.GenerateStoryResponse(
-        level=event.level, progress=common_progress_to_proto(event, unit="llm_calls")
-    )
+    return plot_pb2.GenerateStoryResponse(level=event.level, progress=common_progress_to_proto(event))
 
 
 def result_to_proto(result: StoryResult) -> plot_pb2.GenerateStoryResult:
@@ -77,9 +75,10 @@ class PlotServicer(plot_pb2_grpc.PlotServiceServicer):
             generate, name=f"generate-story-{request.job_id}-{request.story_index}"
         ):
             if isinstance(item, Done):
-                total = options.total_calls
                 message = "story already generated" if item.result.skipped else "story written"
-                final = progress_to_proto(ProgressEvent(3, total, total, "", elapsed, 0.0, message))
+                final = progress_to_proto(
+                    ProgressEvent.finished(options.total_calls, message, elapsed_seconds=elapsed)
+                )
                 final.result.CopyFrom(result_to_proto(item.result))
                 yield final
             else:

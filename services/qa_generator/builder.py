@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from dreamframe import keys
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument
+from dreamframe.progress import Progress, ProgressClock
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 
 from . import formats
@@ -52,17 +52,6 @@ class BuildRequest:
     dataset_name: str
     stories: list[StorySource]
     options: DatasetOptions
-
-
-@dataclass(frozen=True)
-class Progress:
-    unit: str
-    done: int
-    total: int
-    current_item: str = ""
-    elapsed_seconds: float = 0.0
-    eta_seconds: float = -1.0
-    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,16 +153,16 @@ def build_dataset(
                 else:
                     pending.append((plan, VideoJob(key=rel, start=start, end=end)))
         total = len(pending)
-        started = time.monotonic()
+        # The video reports time the encoding itself: elapsed and ETA since it started.
+        clock = ProgressClock(total, "videos")
         report(Progress("videos", 0, total, message=f"{reused} videos reused, {total} to encode"))
 
         def publish(job: VideoJob, path: Path) -> None:
             nonlocal encoded
             video_refs[job.key] = store.put_file(prefix + job.key, path, content_type="video/mp4")
             encoded += 1
-            elapsed = time.monotonic() - started
-            eta = elapsed / encoded * (total - encoded)
-            report(Progress("videos", encoded, total, job.key, elapsed_seconds=elapsed, eta_seconds=eta))
+            clock.advance()
+            report(clock.progress(job.key))
 
         for plan in plans:
             jobs = [job for p, job in pending if p is plan]
@@ -389,15 +378,17 @@ def _dataset_files(
 
 
 class _Reporter:
+    """Passes reports on, giving those without an elapsed time the build's."""
+
     def __init__(self, callback: ProgressFn | None) -> None:
         self.callback = callback
-        self.started = time.monotonic()
+        self.clock = ProgressClock(0)
 
     def __call__(self, progress: Progress) -> None:
         if self.callback is None:
             return
         if not progress.elapsed_seconds:
-            progress = Progress(**{**progress.__dict__, "elapsed_seconds": time.monotonic() - self.started})
+            progress = dataclasses.replace(progress, elapsed_seconds=self.clock.elapsed)
         self.callback(progress)
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
 from dreamframe.enums import enum_name
+from dreamframe.progress import Progress
 from dreamframe.serving import (
     Done,
     Registration,
@@ -29,7 +30,7 @@ from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import common_pb2, qa_pb2, qa_pb2_grpc
 from services.qa_generator.settings import QaSettings
 
-from .builder import BuildRequest, BuildResult, Progress, build_dataset, dataset_name_for
+from .builder import BuildRequest, BuildResult, build_dataset, dataset_name_for
 from .inputs import StorySource
 from .options import FRAME_LIST, LLAVA_JSON, MVBENCH_MC, VIDEO_MP4, make_options
 

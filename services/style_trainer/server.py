@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
 from dreamframe.serving import Done, Registration, ThreadJobs, run_service, serve, stream_from_thread
+from dreamframe.serving import progress_to_proto as common_progress_to_proto
 from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import from_proto, open_store, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
-from dreamframe.v1 import common_pb2, style_pb2, style_pb2_grpc
+from dreamframe.v1 import style_pb2, style_pb2_grpc
 from services.style_trainer.settings import StyleSettings
 
 from .options import ImageOptions, StyleOptions, TrainOptions
@@ -98,17 +99,14 @@ def result_to_proto(result: StyleResult) -> style_pb2.TrainStyleResult:
 
 
 def progress_to_proto(event: StyleProgress) -> style_pb2.TrainStyleResponse:
+    progress = common_progress_to_proto(event)
+    # This stream's common.Progress has always carried the report's text (or the style image just made)
+    # as current_item and the phase's name as message.
+    progress.current_item = event.current_item or event.message
+    progress.message = event.phase.value
     response = style_pb2.TrainStyleResponse(
         phase=PHASES[event.phase],
-        progress=common_pb2.Progress(
-            unit=event.unit,
-            done=event.done,
-            total=event.total,
-            current_item=event.message,
-            elapsed_seconds=event.elapsed,
-            eta_seconds=event.eta,
-            message=event.phase.value,
-        ),
+        progress=progress,
         step=event.step,
         loss=event.loss if not math.isnan(event.loss) else 0.0,
         learning_rate=event.lr,

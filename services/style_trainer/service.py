@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 from dreamframe import keys
 from dreamframe.errors import Cancelled, InvalidArgument
 from dreamframe.models import sdxl
+from dreamframe.progress import Progress, ProgressClock
 from dreamframe.storage.base import ObjectRef, ObjectStore
 from dreamframe.story import Story
 
@@ -121,19 +121,25 @@ class StyleResult:
         )
 
 
-@dataclass(frozen=True)
-class StyleProgress:
-    phase: Phase
+@dataclass(frozen=True, kw_only=True)
+class StyleProgress(Progress):
+    """One report of a training: the common progress (``message`` a line of text, ``current_item`` the
+    style image just made), the phase, and while training the step's loss and learning rate; the last
+    report (DONE) carries the result. Every field has a default: a report names what it knows."""
+
     unit: str = ""
     done: int = 0
     total: int = 0
-    elapsed: float = 0.0
-    eta: float = -1.0  # seconds; negative when unknown
-    message: str = ""
+    phase: Phase
     step: int = 0
     loss: float = float("nan")
     lr: float = 0.0
     result: StyleResult | None = None
+
+    @property
+    def eta(self) -> float:
+        """``eta_seconds``: seconds left, negative when unknown."""
+        return self.eta_seconds
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,7 @@ class StyleTrainer:
         """Stream progress; the last item is DONE with the result. ``should_stop`` (checked between
         steps) saves a checkpoint and raises Cancelled."""
         request = validate_request(request)
-        started = time.perf_counter()
+        watch = ProgressClock(0)  # the training's stopwatch: every report's elapsed_seconds
         preset = request.options.preset or self.default_preset
         out = StyleKeys.of(request.job_id, request.story_index)
         train_options = request.options.train
@@ -261,43 +267,47 @@ class StyleTrainer:
 
         done = self._stored_result(out, fingerprint)
         if done is not None:
-            yield StyleProgress(Phase.DONE, message="already trained; outputs verified", result=done)
+            yield StyleProgress(phase=Phase.DONE, message="already trained; outputs verified", result=done)
             return
 
         with self._run_lock:
             # A duplicate request that waited for the lock finds what the first one stored.
             done = self._stored_result(out, fingerprint)
             if done is not None:
-                yield StyleProgress(Phase.DONE, message="already trained; outputs verified", result=done)
+                yield StyleProgress(
+                    phase=Phase.DONE, message="already trained; outputs verified", result=done
+                )
                 return
-            yield StyleProgress(Phase.LOADING, message=f"loading preset {preset!r}", elapsed=_since(started))
+            yield StyleProgress(
+                phase=Phase.LOADING, message=f"loading preset {preset!r}", elapsed_seconds=watch.elapsed
+            )
             pipes = self.pipelines(preset)
 
             if supplied:
                 images = supplied
             else:
                 images = yield from self._generate(
-                    pipes, prompts, image_options, image_size, images_prefix, started, should_stop
+                    pipes, prompts, image_options, image_size, images_prefix, watch, should_stop
                 )
 
             trainer = TextualInversion(pipes, keyword, train_options)
             yield StyleProgress(
-                Phase.TRAINING,
+                phase=Phase.TRAINING,
                 unit="steps",
                 total=train_options.max_train_steps,
-                elapsed=_since(started),
+                elapsed_seconds=watch.elapsed,
                 message=f"encoding {len(images)} images (× {2 if train_options.mirror else 1}) to latents",
             )
             trainer.encode_images([item.image for item in images])
             resumed = self._resume(trainer, out, fingerprint)
             if resumed:
                 yield StyleProgress(
-                    Phase.TRAINING,
+                    phase=Phase.TRAINING,
                     unit="steps",
                     done=resumed,
                     total=train_options.max_train_steps,
                     step=resumed,
-                    elapsed=_since(started),
+                    elapsed_seconds=watch.elapsed,
                     message=f"resumed from the checkpoint at step {resumed}",
                 )
             passes = 0
@@ -305,12 +315,12 @@ class StyleTrainer:
             for report in trainer.train(should_stop=should_stop):
                 passes = report.passes_computed
                 yield StyleProgress(
-                    Phase.TRAINING,
+                    phase=Phase.TRAINING,
                     unit="steps",
                     done=report.step,
                     total=report.total_steps,
-                    elapsed=_since(started),
-                    eta=report.eta,
+                    elapsed_seconds=watch.elapsed,
+                    eta_seconds=report.eta,
                     step=report.step,
                     loss=report.loss,
                     lr=report.lr,
@@ -328,17 +338,19 @@ class StyleTrainer:
                     self._save_checkpoint(trainer, out, fingerprint)
                 raise Cancelled(f"stopped at step {trainer.step}; checkpoint saved, a rerun resumes from it")
 
-            yield StyleProgress(Phase.SAVING, message="writing the embedding", elapsed=_since(started))
+            yield StyleProgress(
+                phase=Phase.SAVING, message="writing the embedding", elapsed_seconds=watch.elapsed
+            )
             result = self._save_result(trainer, images, out, fingerprint, passes, resumed)
             yield StyleProgress(
-                Phase.DONE,
+                phase=Phase.DONE,
                 unit="steps",
                 done=result.steps,
                 total=result.steps,
                 step=result.steps,
                 loss=result.final_loss,
-                elapsed=_since(started),
-                eta=0.0,
+                elapsed_seconds=watch.elapsed,
+                eta_seconds=0.0,
                 result=result,
             )
 
@@ -350,26 +362,27 @@ class StyleTrainer:
         options: ImageOptions,
         size: int,
         key_prefix: str,
-        started: float,
+        watch: ProgressClock,
         should_stop: Callable[[], bool] | None,
     ) -> Iterator[StyleProgress]:
         total = len(prompts)
-        yield StyleProgress(Phase.GENERATING_IMAGES, unit="images", total=total, elapsed=_since(started))
+        phase = Phase.GENERATING_IMAGES
+        yield StyleProgress(phase=phase, unit="images", total=total, elapsed_seconds=watch.elapsed)
         found: dict[int, StyleImage] = {}
-        phase_started = time.perf_counter()
+        clock = ProgressClock(total, "images")  # the ETA: from the pace of this phase alone
         for index, image in generate_style_images(
             pipes.base, self.store, prompts=prompts, options=options, size=size, key_prefix=key_prefix
         ):
             found[index] = image
-            per_image = _since(phase_started) / len(found)
+            clock.advance()
             yield StyleProgress(
-                Phase.GENERATING_IMAGES,
+                phase=phase,
                 unit="images",
-                done=len(found),
+                done=clock.done,
                 total=total,
-                elapsed=_since(started),
-                eta=per_image * (total - len(found)),
-                message=image.ref.key,
+                current_item=image.ref.key,
+                elapsed_seconds=watch.elapsed,
+                eta_seconds=clock.eta,
             )
             if should_stop is not None and should_stop() and len(found) < total:
                 raise Cancelled(f"stopped after {len(found)} of {total} style images; a rerun makes the rest")
@@ -429,7 +442,3 @@ class StyleTrainer:
 
 def _fingerprint(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()
-
-
-def _since(started: float) -> float:
-    return time.perf_counter() - started
