@@ -69,3 +69,24 @@ def test_register_section_adds_one_and_refuses_a_clash(monkeypatch):
         sections.cache_clear()
         settings_class.cache_clear()
         config.get_settings.cache_clear()
+
+
+def test_sections_of_services_not_installed_are_skipped(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    present = EntryPoint(
+        "renderer", "services.keyframe_renderer.settings:RendererSettings", config.SECTIONS_GROUP
+    )
+    absent = EntryPoint("plot", "services.not_in_this_image.settings:PlotSettings", config.SECTIONS_GROUP)
+    broken = EntryPoint("qa", "services.keyframe_renderer.settings:NoSuchSection", config.SECTIONS_GROUP)
+    monkeypatch.setattr(config, "entry_points", lambda group: [present, absent])
+    sections.cache_clear()
+    try:
+        assert list(sections()) == ["renderer"]  # an image holds only its own service's package
+        monkeypatch.setattr(config, "entry_points", lambda group: [present, broken])
+        sections.cache_clear()
+        with pytest.raises(AttributeError):  # a section that is there but broken is an error
+            sections()
+    finally:
+        sections.cache_clear()
+        settings_class.cache_clear()

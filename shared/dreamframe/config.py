@@ -169,7 +169,14 @@ def register_section(name: str, model: type[BaseModel]) -> None:
 @lru_cache(maxsize=1)
 def sections() -> dict[str, type[BaseModel]]:
     """The services' sections by name: the ``dreamframe.settings`` entry points, then registered ones."""
-    found = {ep.name: ep.load() for ep in entry_points(group=SECTIONS_GROUP)}
+    found = {}
+    for ep in entry_points(group=SECTIONS_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except ModuleNotFoundError as exc:
+            # An image holds only its own service's package: other services' sections are not there.
+            if not (exc.name and f"{ep.module}.".startswith(f"{exc.name}.")):
+                raise
     found.update(_registered)
     for name, model in found.items():
         if name in Settings.model_fields:

@@ -20,7 +20,7 @@ import torch
 
 from dreamframe.errors import FailedPrecondition
 from dreamframe.models import build_once
-from dreamframe.models.sdxl import pick_device
+from dreamframe.models.device import pick_device
 
 TINY = "tiny"
 DEFAULT_REAL = "openai/clip-vit-large-patch14"

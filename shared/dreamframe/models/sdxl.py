@@ -21,6 +21,7 @@ import torch
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.models import build_once
+from dreamframe.models.device import pick_device, pick_dtype  # noqa: F401 - callers import them from here
 from dreamframe.models.sdxl_configs import build_random_sdxl
 
 # The presets, SDXLPipelines, the tokenizer and the pooling live in sdxl_pipelines (sdxl_configs needs
@@ -183,17 +184,6 @@ def resolve_paths(preset: str, model_paths: dict[str, str], cache_dir: Path) -> 
         f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} or a name in model_paths",
         field="options.preset",
     )
-
-
-def pick_device(setting: str = "auto") -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs (the reference's fp16 without its overflow problems in the VAE); fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_sdxl(

@@ -18,7 +18,7 @@ import torch
 
 from dreamframe.errors import FailedPrecondition
 from dreamframe.models import build_once
-from dreamframe.models.sdxl import pick_device, pick_dtype
+from dreamframe.models.device import pick_device, pick_dtype
 
 TINY = "tiny"
 # Bump when the tiny configs or corpus change, so stale caches are rebuilt instead of reused.

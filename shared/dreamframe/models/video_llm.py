@@ -32,7 +32,7 @@ import torch
 
 from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.models import build_once
-from dreamframe.models.sdxl import pick_device
+from dreamframe.models.device import pick_device
 
 TINY = "tiny"
 LLAVA_7B = "llava-1.5-7b"
