@@ -42,3 +42,13 @@ def test_reports_map_onto_the_common_proto():
     proto = progress_to_proto(Progress("steps", 3, 9, "step 3", 1.5, 3.0, "ok"))
     assert (proto.unit, proto.done, proto.total, proto.current_item) == ("steps", 3, 9, "step 3")
     assert (proto.elapsed_seconds, proto.eta_seconds, proto.message) == (1.5, 3.0, "ok")
+
+
+def test_reach_takes_the_count_so_far():
+    now = FakeTime()
+    clock = ProgressClock(0, "stories", now=now)
+    now.t += 8.0
+    clock.reach(2, 10)  # told "2 of 10" rather than each unit
+    assert (clock.done, clock.total, clock.eta) == (2, 10, 32.0)
+    clock.reach(10)
+    assert clock.eta == 0.0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dreamframe import keys
 from dreamframe.errors import FailedPrecondition
+from dreamframe.progress import ProgressClock
+from dreamframe.serving.streaming import progress_to_proto
 from dreamframe.storage import from_proto, to_proto
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import Story, load_story
@@ -35,7 +36,7 @@ class JobContext:
     settings: CoordinatorSettings
     # Called after every change; persist=True for transitions that must reach storage now.
     changed: Callable[[bool], Awaitable[None]]
-    started: dict[int, float] = field(default_factory=dict)
+    clocks: dict[int, ProgressClock] = field(default_factory=dict)
 
     def stage(self, stage: int) -> pb.StageStatus:
         for status in self.job.stages:
@@ -59,15 +60,9 @@ class JobContext:
         status.outputs.add(name=name, ref=ref)
 
     async def progress(self, stage: int, done: int, total: int, unit: str, item: str = "") -> None:
-        status = self.stage(stage)
-        start = self.started.setdefault(stage, time.monotonic())
-        elapsed = time.monotonic() - start
-        eta = elapsed / done * (total - done) if done and total >= done else -1.0
-        status.progress.CopyFrom(
-            common_pb2.Progress(
-                unit=unit, done=done, total=total, current_item=item, elapsed_seconds=elapsed, eta_seconds=eta
-            )
-        )
+        clock = self.clocks.setdefault(stage, ProgressClock(total, unit))
+        clock.reach(done, total)
+        self.stage(stage).progress.CopyFrom(progress_to_proto(clock.progress(item)))
         await self.changed(False)
 
     @property

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ from PIL import Image
 from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.models.attention import sdpa_context
 from dreamframe.models.sdxl import SDXLPipelines
+from dreamframe.progress import ProgressClock
 
 from .checkpoint import ENCODERS, TrainingState
 from .embedding import StyleEmbedding, single_token_ids
@@ -542,8 +542,8 @@ class TextualInversion:
         if batched is None:
             batched = on_gpu
         pending: list[tuple[int, torch.Tensor, float]] = []
-        started = time.perf_counter()
-        first_step = self.step
+        clock = ProgressClock(total, "steps")
+        clock.skip(self.step)  # steps restored from a checkpoint set no pace
         passes = 0
 
         def report(keep: int) -> Iterator[StepReport]:
@@ -552,11 +552,10 @@ class TextualInversion:
             ready = pending[: len(pending) - keep]
             del pending[: len(pending) - keep]
             values = torch.stack([value for _, value, _ in ready]).tolist()  # one host sync for all
-            elapsed = time.perf_counter() - started
-            per_step = elapsed / max(self.step - first_step, 1)
+            clock.reach(self.step)
             for (step, _, lr), value in zip(ready, values, strict=True):
                 self.last_loss = value
-                yield StepReport(step, total, value, lr, passes, elapsed, per_step * (total - self.step))
+                yield StepReport(step, total, value, lr, passes, clock.elapsed, clock.eta)
 
         if options.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

@@ -52,6 +52,13 @@ class ProgressClock:
         self.done += n
         self.worked += n
 
+    def reach(self, done: int, total: int | None = None) -> None:
+        """For callers told the count so far rather than each unit: all of it counts as worked."""
+        if total is not None:
+            self.total = total
+        self.worked += done - self.done
+        self.done = done
+
     @property
     def elapsed(self) -> float:
         return self._now() - self.started
