@@ -46,7 +46,7 @@ from dreamframe.models.attention import sdpa_context
 from services.keyframe_renderer.settings import RendererSettings
 
 from .options import RenderParams
-from .style import StyleEmbedding, StyleSlot
+from .style import StyleEmbedding, StyleSlot, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +365,10 @@ class SDXLEngine:
         return time.perf_counter()
 
     # --- style ----------------------------------------------------------------------------------------
+    def check_style(self, style: StyleEmbedding) -> None:
+        """INVALID_ARGUMENT unless the embedding's rows fit this model's two text encoders."""
+        check_fits(style, self.base)
+
     def set_style(self, style: StyleEmbedding | None) -> None:
         if self.style.apply(style):
             self._negative.clear()  # encoder weights changed

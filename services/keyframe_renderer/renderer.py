@@ -5,7 +5,8 @@
 Order of work: validate everything that can be validated (request, story, frame selection, embedding,
 options against the model) before writing anything; report frames already done (skipped); render the
 rest in batches on the preset's engine (loaded once per process, one render at a time per engine);
-write each frame (PNG, then sidecar) on a writer thread while the GPU renders the next batch.
+write each frame (PNG, its JPEG thumbnail, then the sidecar) on a writer thread while the GPU renders
+the next batch.
 
 Stateless between calls: what is done is read from storage, so the coordinator can split a story over
 any number of replicas and re-send any shard. ``should_stop`` is checked between batches: a cancelled
@@ -41,7 +42,8 @@ from .options import (
     validate_options,
 )
 from .prompts import frame_prompts
-from .style import StyleEmbedding, check_fits, parse_style_embedding
+from .sim import SIM, SimEngine
+from .style import StyleEmbedding, parse_style_embedding
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +96,17 @@ class Renderer:
         self.settings = settings
         self.cache_dir = Path(cache_dir)
         self.engines = engines or EngineCache(self._load, capacity=settings.max_loaded_presets)
-        # PNG encoding and uploads overlap the next batch's GPU work.
+        # PNG and thumbnail encoding and uploads overlap the next batch's GPU work.
         self._writer = ThreadPoolExecutor(
             max_workers=settings.writer_threads, thread_name_prefix="frame-writer"
         )
         self.frames_rendered = 0
         self.frames_skipped = 0
 
-    def _load(self, preset: str) -> SDXLEngine:
+    def _load(self, preset: str) -> SDXLEngine | SimEngine:
         s = self.settings
+        if preset == SIM:
+            return SimEngine(frame_seconds=s.sim_frame_seconds, resolution=s.sim_resolution)
         return load_engine(
             preset,
             model_paths=s.model_paths,
@@ -171,7 +175,7 @@ class Renderer:
             compile_default=self.settings.compile,
         )
         if style is not None:
-            check_fits(style, engine.base)
+            engine.check_style(style)
         engine.step_split(params)  # both stages get steps
         prompts = frame_prompts(story, indices, style.token if style else "")
         recipes = [

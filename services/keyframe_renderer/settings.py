@@ -51,3 +51,7 @@ class RendererSettings(BaseModel):
     max_loaded_presets: int = Field(2, ge=1)
     # Load the default preset at startup, so readiness means "can render now".
     preload: bool = True
+    # The "sim" preset (a simulated GPU for control-plane tests and benchmarks): seconds per frame and
+    # the side of its small deterministic images.
+    sim_frame_seconds: float = Field(0.05, ge=0)
+    sim_resolution: int = Field(32, ge=8, le=1024)
