@@ -35,7 +35,7 @@ ENV ?= gpu
 VALUES ?= deploy/values-$(ENV).yaml
 DRY_RUN ?=
 
-.PHONY: help install lock proto lint test run deploy images push bench bench-render clean
+.PHONY: help install lock proto lint test run deploy images push bench bench-render bench-control-plane clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -85,6 +85,10 @@ BENCH_OUT ?= bench-results
 bench-render: proto  ## the keyframe renderer's benchmark alone (BENCH_ARGS=... passes options)
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m services.keyframe_renderer.bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-control-plane: proto  ## the coordinator over a simulated renderer fleet, 10/50/200 stories (CPU; BENCH_ARGS=...)
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m services.coordinator.bench_control_plane --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench: proto  ## renderer, style-trainer and trainer benchmarks on this machine's GPU (tiny presets on a CPU)
 	mkdir -p $(BENCH_OUT)
