@@ -52,12 +52,10 @@ def test_lint_is_clean():
             "secrets": {"existingSecret": "mine"},
             "networkPolicy": {"enabled": False},
         },
-        {
-            "config": {"coordinator": {"kubernetes": {"enabled": False}}},
-            "services": {"keyframeRenderer": {"autoscaling": {"enabled": True}}},
-        },
+        {"services": {"keyframeRenderer": {"autoscaling": {"mode": "hpa"}}}},
+        {"services": {"keyframeRenderer": {"autoscaling": {"mode": "off"}}}},
     ],
-    ids=["defaults", "tls-vllm", "external-s3", "hpa"],
+    ids=["defaults", "tls-vllm", "external-s3", "hpa", "scaling-off"],
 )
 def test_every_manifest_validates_strictly(values):
     docs = render(values)
@@ -155,16 +153,6 @@ def test_renderer_scales_independently_behind_a_headless_service():
     headless = by_kind(render(), "Service")["dreamframe-keyframe-renderer-headless"]
     assert headless["spec"]["clusterIP"] == "None"
 
-    hpa_docs = render(
-        {
-            "config": {"coordinator": {"kubernetes": {"enabled": False}}},
-            "services": {"keyframeRenderer": {"autoscaling": {"enabled": True, "maxReplicas": 5}}},
-        }
-    )
-    hpa = by_kind(hpa_docs, "HorizontalPodAutoscaler")["dreamframe-keyframe-renderer"]
-    assert hpa["spec"]["maxReplicas"] == 5
-    assert "replicas" not in by_kind(hpa_docs, "Deployment")["dreamframe-keyframe-renderer"]["spec"]
-
 
 def test_coordinator_rbac_only_scales_the_renderer():
     docs = render()
@@ -219,6 +207,7 @@ def test_bundled_minio_and_helm_test_hook():
         ({"surprise": True}, "additional properties 'surprise' not allowed"),
         ({"minio": {"rootPassword": "short"}}, "/minio/rootPassword"),
         ({"ports": {"grpc": 70000}}, "/ports/grpc"),
+        ({"services": {"keyframeRenderer": {"autoscaling": {"mode": "cpu"}}}}, "autoscaling/mode"),
     ],
 )
 def test_schema_rejects_bad_values_with_clear_messages(values, message):
@@ -230,7 +219,22 @@ def test_schema_rejects_bad_values_with_clear_messages(values, message):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"services": {"keyframeRenderer": {"autoscaling": {"enabled": True}}}}, "enable only one"),
+        (
+            {"config": {"coordinator": {"kubernetes": {"enabled": True}}}},
+            "set by the chart from services.keyframeRenderer.autoscaling",
+        ),
+        (
+            {"services": {"keyframeRenderer": {"autoscaling": {"mode": "keda"}}}},
+            "prometheus.serverAddress is required with mode keda",
+        ),
+        (
+            {"services": {"keyframeRenderer": {"autoscaling": {"mode": "hpa", "minReplicas": 0}}}},
+            "minReplicas must be at least 1 with mode hpa",
+        ),
+        (
+            {"services": {"keyframeRenderer": {"autoscaling": {"minReplicas": 4, "maxReplicas": 2}}}},
+            "maxReplicas must be at least minReplicas",
+        ),
         ({"minio": {"enabled": False}}, "config.storage.endpoint is required"),
         ({"tls": {"enabled": True}}, "tls.secretName is required"),
     ],
@@ -283,3 +287,182 @@ def test_deploy_without_a_kube_context_says_so(tmp_path, monkeypatch):
     with pytest.raises(FailedPrecondition) as info:
         deploy("dreamframe", "dev", {}, dry_run=None)
     assert "kubectl config use-context" in str(info.value)
+
+
+# --- renderer autoscaling: on the coordinator's pending frames, never on CPU -------------------------
+RENDERER = "dreamframe-keyframe-renderer"
+PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+# The fields of KEDA's ScaledObject spec (keda.sh/v1alpha1; its CRD is not in kubernetes-validate).
+SCALED_OBJECT_SPEC = {
+    "scaleTargetRef",
+    "pollingInterval",
+    "cooldownPeriod",
+    "initialCooldownPeriod",
+    "idleReplicaCount",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "advanced",
+    "fallback",
+    "triggers",
+}
+
+
+def scaling(mode: str, **autoscaling) -> dict:
+    return {"services": {"keyframeRenderer": {"autoscaling": {"mode": mode, **autoscaling}}}}
+
+
+def coordinator_config(docs: list[dict]):
+    from services.coordinator.settings import CoordinatorSettings
+
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["dreamframe-config"]["data"]["config.yaml"])
+    return CoordinatorSettings.model_validate(config["coordinator"])
+
+
+def scaler_rules(docs: list[dict]) -> list[dict]:
+    """Role rules that let the coordinator change the renderer's scale (whatever Role holds them)."""
+    return [
+        rule
+        for role in by_kind(docs, "Role").values()
+        for rule in role["rules"]
+        if "deployments/scale" in rule.get("resources", [])
+    ]
+
+
+def test_keda_mode_renders_a_scaled_object_on_pending_frames():
+    docs = render(
+        scaling(
+            "keda",
+            minReplicas=0,
+            maxReplicas=16,
+            framesPerReplica=300,
+            cooldownSeconds=600,
+            pollingInterval=15,
+            prometheus={"serverAddress": PROMETHEUS},
+        )
+    )
+    scaled = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert len(scaled) == 1
+    obj = scaled[0]
+    # KEDA's CRD is not in kubernetes-validate's schemas: its structure checked by hand.
+    assert obj["apiVersion"] == "keda.sh/v1alpha1"
+    assert obj["metadata"]["name"] == RENDERER and obj["metadata"]["labels"]["app.kubernetes.io/instance"]
+    spec = obj["spec"]
+    assert set(spec) <= SCALED_OBJECT_SPEC, set(spec) - SCALED_OBJECT_SPEC
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": RENDERER}
+    assert RENDERER in by_kind(docs, "Deployment")
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 16)
+    assert (spec["cooldownPeriod"], spec["pollingInterval"]) == (600, 15)
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata are strings"
+    assert meta["serverAddress"] == PROMETHEUS
+    assert meta["query"] == 'sum(dreamframe_render_frames_pending{namespace="dreamframe"})'
+    assert meta["threshold"] == "300" and meta["activationThreshold"] == "0"
+    # The HPA that KEDA creates gets a scale-down window: its behavior is a real autoscaling/v2 one.
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 600
+    hpa_with_behavior = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "probe"},
+        "spec": {"scaleTargetRef": spec["scaleTargetRef"], "maxReplicas": 1, "behavior": behavior},
+    }
+    kubernetes_validate.validate(hpa_with_behavior, K8S_VERSION, strict=True)
+    # KEDA runs the HPA: the chart renders none, leaves the replicas to KEDA and turns the built-in off.
+    assert not by_kind(docs, "HorizontalPodAutoscaler")
+    assert "replicas" not in by_kind(docs, "Deployment")[RENDERER]["spec"]
+    assert not coordinator_config(docs).kubernetes.enabled and not scaler_rules(docs)
+    # Everything else validates strictly.
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            if doc["kind"] != "ScaledObject":
+                kubernetes_validate.validate(doc, version, strict=True)
+
+    mine = 'sum(dreamframe_render_frames_pending{job="dreamframe-coordinator"})'
+    custom = render(scaling("keda", prometheus={"serverAddress": PROMETHEUS, "query": mine}))
+    [obj] = [d for d in custom if d["kind"] == "ScaledObject"]
+    assert obj["spec"]["triggers"][0]["metadata"]["query"] == mine
+
+
+def test_hpa_mode_scales_on_the_external_pending_frames_metric():
+    selector = {"matchLabels": {"namespace": "dreamframe"}}
+    docs = render(
+        scaling(
+            "hpa",
+            minReplicas=2,
+            maxReplicas=5,
+            framesPerReplica=250,
+            cooldownSeconds=120,
+            externalMetric={"name": "dreamframe_render_frames_pending", "selector": selector},
+        )
+    )
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")[RENDERER]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": RENDERER}
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 5)
+    [metric] = spec["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"] == {"name": "dreamframe_render_frames_pending", "selector": selector}
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "250"}
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
+    assert "replicas" not in by_kind(docs, "Deployment")[RENDERER]["spec"]
+    assert not [d for d in docs if d["kind"] == "ScaledObject"]
+    assert not coordinator_config(docs).kubernetes.enabled and not scaler_rules(docs)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("mode", ["keda", "hpa", "builtin", "off"])
+def test_no_gpu_service_scales_on_cpu_in_any_mode(mode):
+    docs = render(scaling(mode, prometheus={"serverAddress": PROMETHEUS}))
+    for hpa in by_kind(docs, "HorizontalPodAutoscaler").values():
+        assert all(m["type"] == "External" for m in hpa["spec"]["metrics"]), hpa["spec"]["metrics"]
+    for obj in (d for d in docs if d["kind"] == "ScaledObject"):
+        assert [t["type"] for t in obj["spec"]["triggers"]] == ["prometheus"]
+    assert "Utilization" not in yaml.safe_dump(docs)
+    # One scaler at a time: the chart's, KEDA's, or the coordinator's.
+    scalers = (
+        len(by_kind(docs, "HorizontalPodAutoscaler"))
+        + len([d for d in docs if d["kind"] == "ScaledObject"])
+        + coordinator_config(docs).kubernetes.enabled
+    )
+    assert scalers == (0 if mode == "off" else 1)
+
+
+def test_builtin_mode_keeps_the_coordinators_scaler_rbac_and_config():
+    docs = render(scaling("builtin", minReplicas=0, maxReplicas=12, framesPerReplica=150))
+    k8s = coordinator_config(docs).kubernetes
+    assert k8s.enabled and (k8s.min_replicas, k8s.max_replicas, k8s.frames_per_replica) == (0, 12, 150)
+    [rule] = scaler_rules(docs)
+    assert rule["resourceNames"] == [RENDERER] and set(rule["verbs"]) == {"get", "patch", "update"}
+    binding = by_kind(docs, "RoleBinding")["dreamframe-renderer-scaler"]
+    assert binding["subjects"][0]["name"] == "dreamframe-coordinator"
+    assert by_kind(docs, "Deployment")[RENDERER]["spec"]["replicas"] == 2
+    assert not by_kind(docs, "HorizontalPodAutoscaler")
+    assert not [d for d in docs if d["kind"] == "ScaledObject"]
+    # builtin is the default: the chart works on a cluster with neither KEDA nor a metrics adapter.
+    assert coordinator_config(render()).kubernetes.enabled and scaler_rules(render())
+    off = render(scaling("off"))
+    assert not coordinator_config(off).kubernetes.enabled and not scaler_rules(off)
+    assert "dreamframe-renderer-scaler" not in by_kind(off, "RoleBinding")
+
+
+def test_renderer_grace_period_covers_a_batch():
+    def pod(docs: list[dict], name: str) -> dict:
+        return by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]
+
+    def grace_env(docs: list[dict]) -> str:
+        env = {e["name"]: e.get("value") for e in pod(docs, RENDERER)["containers"][0]["env"]}
+        return env["DREAMFRAME_SERVER__GRACE_SECONDS"]
+
+    docs = render()
+    assert pod(docs, RENDERER)["terminationGracePeriodSeconds"] == 600
+    assert grace_env(docs) == "590"  # the server gives up just before the kubelet's SIGKILL
+    assert pod(docs, "dreamframe-coordinator")["terminationGracePeriodSeconds"] == 60
+    assert pod(docs, "dreamframe-trainer")["terminationGracePeriodSeconds"] == 300
+    longer = render({"services": {"keyframeRenderer": {"terminationGracePeriodSeconds": 1200}}})
+    assert pod(longer, RENDERER)["terminationGracePeriodSeconds"] == 1200 and grace_env(longer) == "1190"
+    with pytest.raises(helm.HelmValuesError):
+        render({"services": {"keyframeRenderer": {"terminationGracePeriodSeconds": 5}}})

@@ -4,6 +4,12 @@ The render is blocking GPU work, so it runs in its own thread and hands events t
 queue. When the caller goes away (cancel, deadline, or server shutdown after the grace period) the
 render is asked to stop: it finishes the batch in flight and writes those frames, then ends. Shutdown
 asks every render to stop the same way, so a SIGTERM loses no finished frame.
+
+Scale-down (a SIGTERM from Kubernetes) is a drain: health answers NOT_SERVING at once and the server
+takes no new call (GrpcServer), a RenderFrames that still reaches the servicer gets UNAVAILABLE, and each
+running render finishes its batch in flight, writes and reports those frames, then ends (CANCELLED, with
+the frames it did not reach unreported): the coordinator re-sends those to another replica. The pod's
+termination grace period must cover one batch (the chart's ``terminationGracePeriodSeconds``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dreamframe.config import Settings
+from dreamframe.errors import Unavailable
 from dreamframe.serving import (
     Done,
     GrpcServer,
@@ -142,10 +149,13 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self.renderer = renderer
         self.metrics = metrics or RendererMetrics()
         self._running = ThreadJobs()
+        self.draining = False
 
     async def RenderFrames(  # noqa: N802
         self, request: render_pb2.RenderFramesRequest, context: object
     ) -> AsyncIterator[render_pb2.RenderFramesResponse]:
+        if self.draining:
+            raise Unavailable("this renderer replica is shutting down: send the frames to another one")
         render_request = request_from_proto(request)
 
         def render(emit: Callable[[RenderEvent], None], stop: threading.Event) -> None:
@@ -173,6 +183,14 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         """Wait until no render thread is left (True) or ``timeout`` passes (False)."""
         return await self._running.wait_idle(timeout)
 
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Shutdown: refuse new renders (UNAVAILABLE), ask each running one to stop after its batch in
+        flight (those frames are written and reported), and wait for them up to ``timeout`` (True: all
+        ended)."""
+        self.draining = True
+        self.stop_all()
+        return await self.wait_idle(timeout)
+
 
 def build_servicer(settings: Settings) -> RenderServicer:
     renderer = Renderer(open_store(settings.storage), settings.renderer, cache_dir=settings.models.cache_dir)
@@ -185,8 +203,7 @@ async def amain(settings: Settings) -> None:
     ready = StorageReadiness(servicer.renderer.store, "jobs/")
 
     async def on_shutdown() -> None:
-        servicer.stop_all()
-        await servicer.wait_idle(settings.server.grace_seconds)
+        await servicer.drain(settings.server.grace_seconds)
 
     server = GrpcServer(
         [Registration.of(render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, servicer)],

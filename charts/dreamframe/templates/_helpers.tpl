@@ -87,3 +87,16 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{- required "config.storage.endpoint is required when minio.enabled is false" .Values.config.storage.endpoint -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Renderer autoscaling ------------------------------------------------------------------- */}}
+{{/* keda, hpa, builtin or off: services.keyframeRenderer.autoscaling.mode ("off" without a renderer). */}}
+{{- define "dreamframe.rendererScaling" -}}
+{{- $r := .Values.services.keyframeRenderer -}}
+{{- if $r.enabled -}}{{ $r.autoscaling.mode }}{{- else -}}off{{- end -}}
+{{- end -}}
+
+{{/* The PromQL KEDA scales on: the pending frames of the release namespace's coordinator(s). */}}
+{{- define "dreamframe.pendingFramesQuery" -}}
+{{- $p := .Values.services.keyframeRenderer.autoscaling.prometheus -}}
+{{- default (printf "sum(dreamframe_render_frames_pending{namespace=%q})" .Release.Namespace) $p.query -}}
+{{- end -}}
