@@ -657,3 +657,37 @@ def test_s3_endpoint_may_carry_a_scheme(s3_server: S3Server) -> None:
     assert store.endpoint == s3_server.endpoint
     store.put_bytes("k", b"v")
     assert store.get_bytes("k") == b"v"
+
+
+def test_conditional_writes_are_compare_and_swap(store: ObjectStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dreamframe.errors import Aborted
+
+    first = store.put_if("lease/leader.json", b'{"holder": "a"}', version=None)
+    with pytest.raises(Aborted, match="changed since it was read"):
+        store.put_if("lease/leader.json", b'{"holder": "b"}', version=None)  # exists already
+    data, version = store.get_versioned("lease/leader.json")
+    assert data == b'{"holder": "a"}' and version == first
+    second = store.put_if("lease/leader.json", b'{"holder": "a", "n": 2}', version=version)
+    assert second != first
+    with pytest.raises(Aborted):
+        store.put_if("lease/leader.json", b'{"holder": "late"}', version=first)  # a stale reader
+    assert store.get_bytes("lease/leader.json") == b'{"holder": "a", "n": 2}'
+    assert store.stat("lease/leader.json").sha256 == hashlib.sha256(b'{"holder": "a", "n": 2}').hexdigest()
+
+    # Racing writers from the same version: exactly one wins.
+    def attempt(i: int) -> bool:
+        try:
+            store.put_if("lease/leader.json", f'{{"holder": "w{i}"}}'.encode(), version=second)
+            return True
+        except Aborted:
+            return False
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(attempt, range(4))) == 1
+    with pytest.raises(NotFound):
+        store.get_versioned("lease/missing.json")
+    with pytest.raises(Aborted):
+        store.put_if("lease/missing.json", b"x", version=second)  # it is not there to replace
+    assert [i.key for i in store.list("lease/")] == ["lease/leader.json"]

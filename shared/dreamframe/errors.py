@@ -40,5 +40,9 @@ class ResourceExhausted(DreamFrameError):
     """A limit was hit: too many jobs, message too large (maps to RESOURCE_EXHAUSTED)."""
 
 
+class Aborted(DreamFrameError):
+    """A conditional write lost to a concurrent writer (maps to ABORTED): re-read, then decide again."""
+
+
 class Cancelled(DreamFrameError):
     """The work was cancelled by the caller or by shutdown (maps to CANCELLED)."""

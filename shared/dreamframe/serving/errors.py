@@ -28,6 +28,7 @@ STATUS_BY_ERROR: dict[type[errors.DreamFrameError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Aborted: grpc.StatusCode.ABORTED,
 }
 _ERROR_BY_STATUS = {code: cls for cls, code in STATUS_BY_ERROR.items()}
 

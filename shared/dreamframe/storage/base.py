@@ -272,6 +272,25 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "", *, bucket: str | None = None) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, recursively, sorted by key."""
 
+    # --- conditional writes: leases and fenced state -----------------------------------------------
+    @abstractmethod
+    def get_versioned(self, key: str, *, bucket: str | None = None) -> tuple[bytes, str]:
+        """The object's bytes and an opaque version token for ``put_if``; NotFound if absent."""
+
+    @abstractmethod
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        version: str | None,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> str:
+        """Store ``data`` only if the object is still at ``version`` (``None``: only if there is no object);
+        returns the new version. ``Aborted`` when another writer changed (or made, or deleted) it first:
+        compare-and-swap, so two writers can never both believe they wrote last."""
+
     # --- deletes ----------------------------------------------------------------------------------
     @abstractmethod
     def delete(self, key: str, *, bucket: str | None = None) -> None:

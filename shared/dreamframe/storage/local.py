@@ -14,6 +14,7 @@ object's inode, size and mtime still match it; otherwise ``stat`` hashes the fil
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,13 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from stat import S_ISREG
 
-from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.storage.base import (
     CHUNK_SIZE,
     ChunkStream,
     ObjectInfo,
     ObjectRef,
     ObjectStore,
+    sha256_bytes,
     validate_key,
     validate_prefix,
     write_atomically,
@@ -36,6 +38,8 @@ from dreamframe.storage.base import (
 
 TMP_DIR = ".tmp"
 META_DIR = ".meta"
+# Lock files of conditional writes (processes sharing this directory take them with flock).
+LOCK_DIR = ".locks"
 # Temp files this old were left by a killed writer; no live write takes a day.
 STALE_TMP_SECONDS = 24 * 3600
 
@@ -145,6 +149,39 @@ class LocalStore(ObjectStore):
             raise InvalidArgument("must be positive", field="chunk_size")
         f = self._open(key, bucket)
         return ChunkStream(iter(lambda: f.read(chunk_size), b""), f.close)
+
+    # --- conditional writes: the version is the content's sha256, compared under a per-key flock ------
+    @contextlib.contextmanager
+    def _key_lock(self, key: str, bucket: str | None) -> Iterator[None]:
+        self._path(key, bucket)  # validates the key
+        lock = self.root / LOCK_DIR / self._bucket(bucket) / f"{key}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def get_versioned(self, key: str, *, bucket: str | None = None) -> tuple[bytes, str]:
+        with self._key_lock(key, bucket):
+            data = self.get_bytes(key, bucket=bucket)
+        return data, sha256_bytes(data)
+
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        version: str | None,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> str:
+        with self._key_lock(key, bucket):
+            try:
+                current: str | None = sha256_bytes(self.get_bytes(key, bucket=bucket))
+            except NotFound:
+                current = None
+            if current != version:
+                raise Aborted(f"object {key!r} changed since it was read (another writer)", field="key")
+            return self._write(key, [bytes(data)], bucket).sha256
 
     def exists(self, key: str, *, bucket: str | None = None) -> bool:
         return self._path(key, bucket).is_file()

@@ -22,8 +22,9 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import genheaders
 
-from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from dreamframe.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from dreamframe.storage.base import (
     CHUNK_SIZE,
     ChunkStream,
@@ -235,6 +236,48 @@ class S3Store(ObjectStore):
             response.release_conn()
 
         return ChunkStream(chunks(), release)
+
+    # --- conditional writes: the version is the object's ETag (S3 If-Match / If-None-Match) -----------
+    def get_versioned(self, key: str, *, bucket: str | None = None) -> tuple[bytes, str]:
+        validate_key(key)
+        name = self._bucket(bucket)
+        with self._errors(name, key):
+            response = self._client.get_object(name, key)
+            try:
+                return response.read(), response.headers.get("ETag", "").strip('"')
+            finally:
+                response.close()
+                response.release_conn()
+
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        version: str | None,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> str:
+        validate_key(key)
+        name = self._for_write(bucket)
+        data = bytes(data)
+        headers = genheaders({SHA256_META: sha256_bytes(data)}, None, None, None, False)
+        headers["Content-Type"] = content_type
+        if version is None:
+            headers["If-None-Match"] = "*"
+        else:
+            headers["If-Match"] = f'"{version}"'
+        try:
+            with self._errors(name, key):
+                # minio's public put_object turns unknown headers into user metadata; its single-PUT call
+                # sends them as they are (small objects only: leases and job state).
+                result = self._client._put_object(name, key, data, headers=headers)
+        except (NotFound, S3Error) as exc:
+            code = getattr(exc, "code", "NoSuchKey")
+            if isinstance(exc, NotFound) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise Aborted(f"object {key!r} changed since it was read", field="key") from None
+            raise
+        return (result.etag or "").strip('"')
 
     def exists(self, key: str, *, bucket: str | None = None) -> bool:
         try:
