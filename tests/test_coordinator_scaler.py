@@ -120,11 +120,12 @@ def test_the_coordinator_scales_by_the_frames_its_jobs_have_pending(tmp_path):
                     await asyncio.sleep(0.05)
                 raise AssertionError(f"replicas never became {n}")
 
-            coordinator._pending_frames["job-a"] = 250  # two jobs rendering
-            coordinator._pending_frames["job-b"] = 100
+            # Two renders' frames, as the fan-out counts them (the metrics KEDA or an HPA would read).
+            coordinator.metrics.add(pending=250)
+            coordinator.metrics.add(pending=100)
             await replicas_become(4)
             assert coordinator._replicas() == 4  # what job status reports
-            coordinator._pending_frames.clear()
+            coordinator.metrics.add(pending=-350)
             await replicas_become(1)
             await coordinator.stop()
 

@@ -1,6 +1,7 @@
 """Scale-down loses no work: a renderer that gets SIGTERM (a real signal, to a GrpcServer running the real
 RenderServicer in this process, as ``amain`` wires it) answers NOT_SERVING at once, refuses new
-RenderFrames with UNAVAILABLE, finishes the batch in flight and reports every frame it stored."""
+RenderFrames with UNAVAILABLE, finishes the batch in flight and reports every frame it stored; and the
+coordinator's fan-out gives what it did not reach to another replica."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dreamframe import keys
-from dreamframe.config import ServerSettings
+from dreamframe.config import ClientSettings, ServerSettings
 from dreamframe.errors import Unavailable
-from dreamframe.serving import GrpcServer, Registration
+from dreamframe.serving import GrpcServer, Registration, make_channel
 from dreamframe.storage import LocalStore, to_proto
 from dreamframe.story import Story, StoryItem, Substory, TinyStory
 from dreamframe.v1 import render_pb2, render_pb2_grpc
+from services.coordinator.fanout import Endpoint, render_frames
+from services.coordinator.metrics import CoordinatorMetrics
 from services.keyframe_renderer.engine import EngineCache, load_engine
 from services.keyframe_renderer.renderer import Renderer
 from services.keyframe_renderer.server import RenderServicer
@@ -124,3 +127,63 @@ def test_sigterm_drains_the_batch_in_flight_and_refuses_new_renders(store, servi
     assert sorted(reported) == pngs == list(range(len(pngs)))
     assert all(keys.frame_sidecar_key("drain", 0, i) in stored for i in pngs)
     assert not list(store.list(keys.frames_prefix("late"))), "nothing rendered for the refused call"
+
+
+def test_a_replica_drained_mid_job_loses_no_frame(store, engines):
+    """Two real renderers; one is stopped (the path SIGTERM takes) while it renders a shard: the fan-out
+    stores every frame once, the stopped replica's unreached frames rendered by the other."""
+    request = story_ref(store, "fleet", batch=1)  # "a" stops one frame after the first it reports
+    grace = 60.0
+    servicers = {"a": make_servicer(store, engines), "b": make_servicer(store, engines)}
+
+    async def go():
+        servers = {}
+        for name, servicer in servicers.items():
+            servers[name] = GrpcServer(
+                [Registration.of(render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, servicer)],
+                ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=grace),
+                service_name=f"keyframe-renderer-{name}",
+                shutdown_hooks=[lambda s=servicer: s.drain(grace)],
+            )
+            await servers[name].start()
+        client = ClientSettings(deadline_seconds=10, stream_deadline_seconds=120, max_attempts=1)
+        channels = {name: make_channel(server.address, client) for name, server in servers.items()}
+        endpoints = [Endpoint(n, render_pb2_grpc.RenderServiceStub(c)) for n, c in channels.items()]
+        metrics = CoordinatorMetrics()
+        stopping: list[asyncio.Task] = []
+
+        def on_frame(frame, result) -> None:
+            if result.by_endpoint.get("a") and not stopping:  # "a" is mid-shard: scale it down
+                stopping.append(asyncio.create_task(servers["a"].stop()))
+
+        try:
+            result = await render_frames(
+                endpoints,
+                request,
+                list(range(FRAMES)),
+                shard_size=FRAMES // 2,
+                on_frame=on_frame,
+                backoff_seconds=0.2,
+                meter=metrics,
+            )
+            await asyncio.gather(*stopping)
+        finally:
+            for channel in channels.values():
+                await channel.close()
+            for server in servers.values():
+                await server.stop(0)
+        return result, metrics
+
+    try:
+        result, metrics = asyncio.run(asyncio.wait_for(go(), 240))
+    finally:
+        for servicer in servicers.values():
+            servicer.renderer.close()
+    assert sorted(result.frames) == list(range(FRAMES)), "every frame delivered"
+    assert 0 < result.by_endpoint["a"] < FRAMES // 2 < result.by_endpoint["b"], result.by_endpoint
+    assert result.resent_shards >= 1
+    stored = {info.key for info in store.list(keys.frames_prefix("fleet"))}
+    assert all(keys.frame_key("fleet", 0, i) in stored for i in range(FRAMES))
+    rendered = sum(s.renderer.frames_rendered for s in servicers.values())
+    assert rendered == FRAMES, "no frame rendered twice"
+    assert (metrics.pending, metrics.inflight) == (0, 0)

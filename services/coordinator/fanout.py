@@ -21,6 +21,8 @@ import grpc
 from dreamframe.errors import Unavailable
 from dreamframe.v1 import common_pb2, render_pb2, render_pb2_grpc
 
+from .metrics import RenderMeter
+
 log = logging.getLogger(__name__)
 
 # Codes that mean "this replica could not finish", not "this request is wrong".
@@ -88,11 +90,16 @@ async def render_frames(
     max_attempts: int | None = None,
     backoff_seconds: float = 0.5,
     deadline_seconds: float | None = None,
+    meter: RenderMeter | None = None,
 ) -> FanoutResult:
     """Render ``indices`` of the story in ``template`` over ``endpoints``; returns when every frame is done.
 
     Raises the first non-retryable error (bad request), or Unavailable when a shard failed on
-    ``max_attempts`` replicas in a row."""
+    ``max_attempts`` replicas in a row.
+
+    ``meter`` (the coordinator's metrics) sees the frames move: pending while not done, in flight while
+    sent to a replica; both are given back whatever way this ends."""
+    meter = meter or RenderMeter()
     if not endpoints:
         raise Unavailable("no renderer replicas configured", field="coordinator.renderer_addresses")
     result = FanoutResult()
@@ -111,6 +118,8 @@ async def render_frames(
             result.duplicate_reports += 1  # already counted (re-sent shard)
             return
         pending.discard(frame.index)
+        meter.add(pending=-1)
+        meter.delivered(skipped=frame.skipped)
         result.frames[frame.index] = frame
         result.by_endpoint[endpoint] = result.by_endpoint.get(endpoint, 0) + 1
         if frame.skipped:
@@ -136,11 +145,19 @@ async def render_frames(
             request = render_pb2.RenderFramesRequest()
             request.CopyFrom(template)
             request.frames.CopyFrom(common_pb2.FrameSelection(list=common_pb2.FrameList(indices=todo)))
+            outstanding = set(todo)
+            meter.add(inflight=len(todo))
             try:
-                call = endpoint.stub.RenderFrames(request, timeout=deadline_seconds)
-                async for response in call:
-                    if response.HasField("frame"):
-                        await record(response.frame, endpoint.name)
+                try:
+                    call = endpoint.stub.RenderFrames(request, timeout=deadline_seconds)
+                    async for response in call:
+                        if response.HasField("frame"):
+                            if response.frame.index in outstanding:
+                                outstanding.discard(response.frame.index)
+                                meter.add(inflight=-1)
+                            await record(response.frame, endpoint.name)
+                finally:
+                    meter.add(inflight=-len(outstanding))
                 endpoint.consecutive_failures = 0
                 left = [i for i in todo if i in pending]
                 if left:  # the replica ended the stream without these frames: treat as a failure
@@ -174,11 +191,13 @@ async def render_frames(
                     all_done.set()
                     return
                 result.resent_shards += 1
+                meter.resent()
                 queue.put_nowait(shard)
                 # Step back, longer each time, so a healthy replica picks the shard up first.
                 pause = backoff_seconds * 2 ** (endpoint.consecutive_failures - 1)
                 await asyncio.sleep(min(pause, MAX_BACKOFF_SECONDS))
 
+    meter.add(pending=len(pending))
     tasks = [asyncio.create_task(worker(e)) for e in endpoints for _ in range(max(1, e.workers))]
     try:
         await all_done.wait()
@@ -186,6 +205,7 @@ async def render_frames(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        meter.add(pending=-len(pending))  # frames left undone (a failure, a cancelled job)
     if failure:
         raise failure[0]
     return result

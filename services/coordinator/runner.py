@@ -22,6 +22,7 @@ from services.coordinator.settings import CoordinatorSettings
 from . import stages as st
 from .clients import Clients
 from .jobs import JobStore, is_terminal, new_job_id, now
+from .metrics import CoordinatorMetrics
 from .scaler import RendererScaler
 from .spec import PER_STORY_STAGES, selected_stages, validate_submission
 
@@ -49,7 +50,9 @@ class Coordinator:
         self._changed: dict[str, asyncio.Event] = {}
         self._cancel_requested: set[str] = set()
         self._last_persist: dict[str, float] = {}
-        self._pending_frames: dict[str, int] = {}
+        # Frames pending and in flight, moved by the render fan-out (O(1) per frame); exported on the
+        # server's /metrics (server.py) for KEDA or an HPA, and what the built-in scaler scales on.
+        self.metrics = CoordinatorMetrics()
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._scale_task: asyncio.Task[None] | None = None
 
@@ -162,6 +165,7 @@ class Coordinator:
                     self.clients,
                     self.settings,
                     lambda persist: self._notify(job_id, persist=persist),
+                    meter=self.metrics,
                 )
                 await self._run_stages(ctx)
                 await self._finish(job_id, pb.JOB_STATE_SUCCEEDED, "")
@@ -175,14 +179,12 @@ class Coordinator:
             await self._finish(job_id, pb.JOB_STATE_FAILED, _describe(exc))
         finally:
             self._tasks.pop(job_id, None)
-            self._pending_frames.pop(job_id, None)
 
     async def _run_stages(self, ctx: st.JobContext) -> None:
         chosen = [s.stage for s in ctx.job.stages]
         per_story = [s for s in chosen if s in PER_STORY_STAGES]
         frames_total: dict[int, int] = {}
         frames_done: dict[int, int] = {}
-        self._pending_frames[ctx.job.job_id] = 0
 
         async def one_story(index: int, gate: asyncio.Semaphore) -> None:
             async with gate:
@@ -193,9 +195,6 @@ class Coordinator:
                         await st.style(ctx, index)
                     elif stage == pb.STAGE_RENDER:
                         await st.render(ctx, index, frames_total, frames_done)
-                    self._pending_frames[ctx.job.job_id] = sum(frames_total.values()) - sum(
-                        frames_done.values()
-                    )
 
         if per_story:
             for stage in per_story:
@@ -278,7 +277,7 @@ class Coordinator:
         assert self.scaler is not None
         while True:
             try:
-                await self.scaler.scale_for(sum(self._pending_frames.values()))
+                await self.scaler.scale_for(self.metrics.pending)
             except Exception as exc:  # noqa: BLE001 - scaling trouble must not stop jobs
                 log.warning("renderer scaling failed: %s", exc)
             await asyncio.sleep(self.scale_interval_seconds)

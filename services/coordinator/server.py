@@ -6,7 +6,7 @@ import asyncio
 
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
-from dreamframe.serving import Registration, serve
+from dreamframe.serving import GrpcServer, Registration
 from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store
 from dreamframe.v1 import coordinator_pb2 as pb
@@ -56,7 +56,7 @@ async def amain(settings: Settings) -> None:
     ready = StorageReadiness(coordinator.store, "jobs/")
     await coordinator.start()
     try:
-        await serve(
+        server = GrpcServer(
             [
                 Registration.of(
                     pb,
@@ -69,6 +69,9 @@ async def amain(settings: Settings) -> None:
             readiness=ready,
             shutdown_hooks=[coordinator.stop],
         )
+        # Frames pending and in flight on the server's /metrics: what KEDA or an HPA scales the renderer on.
+        coordinator.metrics.register(server.metrics.registry)
+        await server.run_forever()
     finally:
         await coordinator.stop()
         await coordinator.clients.close()

@@ -26,6 +26,7 @@ from services.coordinator.settings import CoordinatorSettings
 from . import storyboard
 from .clients import Clients
 from .fanout import render_frames
+from .metrics import RenderMeter
 
 
 @dataclass
@@ -37,6 +38,8 @@ class JobContext:
     # Called after every change; persist=True for transitions that must reach storage now.
     changed: Callable[[bool], Awaitable[None]]
     clocks: dict[int, ProgressClock] = field(default_factory=dict)
+    # The coordinator's metrics: render frames pending and in flight (metrics.py).
+    meter: RenderMeter | None = None
 
     def stage(self, stage: int) -> pb.StageStatus:
         for status in self.job.stages:
@@ -228,6 +231,7 @@ async def render(
         list(range(total)),
         shard_size=ctx.settings.render_shard_size,
         on_frame=on_frame,
+        meter=ctx.meter,
     )
     listing = {
         "story_index": index,
