@@ -154,9 +154,28 @@ def test_renderer_scales_independently_behind_a_headless_service():
     assert headless["spec"]["clusterIP"] == "None"
 
 
-def test_coordinator_rbac_only_scales_the_renderer():
+def test_coordinator_rbac_only_scales_the_renderer_and_reads_its_endpoints():
     docs = render()
-    role = by_kind(docs, "Role")["dreamframe-renderer-scaler"]
+    # Discovery: list/watch on endpointslices (read-only), and nothing else, whatever scales the renderer.
+    roles = by_kind(docs, "Role")
+    assert roles["dreamframe-renderer-discovery"]["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+    ]
+    discovery = by_kind(docs, "RoleBinding")["dreamframe-renderer-discovery"]
+    assert discovery["subjects"][0]["name"] == "dreamframe-coordinator"
+    assert discovery["roleRef"]["name"] == "dreamframe-renderer-discovery"
+    others = [r for n, role in roles.items() if n != "dreamframe-renderer-discovery" for r in role["rules"]]
+    assert not [r for r in others if "endpointslices" in r["resources"]], "no other Role reads endpoints"
+    coordinator = by_kind(docs, "Deployment")["dreamframe-coordinator"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in coordinator["containers"][0]["env"]}
+    assert env["DREAMFRAME_COORDINATOR__RENDERER_SERVICE"] == "dreamframe-keyframe-renderer"
+    assert "dreamframe-keyframe-renderer" in by_kind(docs, "Service")
+    # DNS discovery needs no API rights: no Role for it.
+    dns = render({"config": {"coordinator": {"renderer_discovery": "dns"}}})
+    assert "dreamframe-renderer-discovery" not in by_kind(dns, "Role")
+    assert "dreamframe-renderer-discovery" not in by_kind(dns, "RoleBinding")
+
+    role = roles["dreamframe-renderer-scaler"]
     for rule in role["rules"]:
         assert rule["apiGroups"] == ["apps"]
         assert rule["resourceNames"] == ["dreamframe-keyframe-renderer"]

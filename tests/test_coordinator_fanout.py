@@ -198,3 +198,209 @@ def test_a_dead_replica_does_not_use_up_the_attempts_while_a_busy_one_works(tmp_
     assert sorted(result.frames) == list(range(24)) and sorted(slow.rendered) == list(range(24))
     assert result.by_endpoint == {"r0": 24}
     assert result.resent_shards > 2, "the dead replica failed more shards than the attempt cap"
+
+
+# --- following renderer discovery while a story renders -------------------------------------------
+
+NS = "dreamframe"
+SERVICE = "dreamframe-keyframe-renderer"
+
+
+def renderer_slice(name: str, port: int, *, ready: bool = True, terminating: bool = False) -> dict:
+    """The EndpointSlice of one renderer pod (each test server listens on its own port)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": NS, "labels": {"kubernetes.io/service-name": SERVICE}},
+        "addressType": "IPv4",
+        "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["127.0.0.1"], "conditions": {"ready": ready, "terminating": terminating}}
+        ],
+    }
+
+
+def port_of(server: GrpcServer) -> int:
+    return int(server.address.rsplit(":", 1)[1])
+
+
+async def watched_pool(k8s_url: str, **kw):
+    """A RendererPool fed by the EndpointSlice watch over the emulator (the official client)."""
+    from kubernetes import client as k8s_client
+
+    from services.coordinator.discovery import EndpointSliceWatcher, RendererPool
+
+    api = k8s_client.ApiClient(k8s_client.Configuration(host=k8s_url))
+    pool = RendererPool(lambda address: make_channel(address, client()), **kw)
+    pool.follow(EndpointSliceWatcher(api, NS, SERVICE, pool.update, retry_seconds=0.1))
+    return pool, k8s_client.DiscoveryV1Api(api)
+
+
+def test_a_replica_added_mid_story_gets_shards_within_seconds(tmp_path):
+    """The Deployment scales up while a story renders: the new pod's EndpointSlice shows up in the watch
+    and the running fan-out gives it workers (inflight_per_replica of them) at once."""
+    import kmock
+
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        first, added = ScriptedRenderer(store, delay=0.02), ScriptedRenderer(store, delay=0.02)
+        servers = [await start(first), await start(added)]
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as api_server:
+            pool, slices = await watched_pool(str(api_server.url).rstrip("/"), inflight_per_replica=2)
+            await asyncio.to_thread(
+                slices.create_namespaced_endpoint_slice, NS, renderer_slice("r-1", port_of(servers[0]))
+            )
+            for _ in range(250):
+                if len(pool):
+                    break
+                await asyncio.sleep(0.02)
+            loop = asyncio.get_running_loop()
+            timeline: dict[str, float] = {}
+
+            def on_frame(frame, result):
+                if len(result.frames) == 10 and "added" not in timeline:
+                    timeline["added"] = loop.time()
+                    loop.create_task(
+                        asyncio.to_thread(
+                            slices.create_namespaced_endpoint_slice,
+                            NS,
+                            renderer_slice("r-2", port_of(servers[1])),
+                        )
+                    )
+                if added.rendered and "first_shard" not in timeline:
+                    timeline["first_shard"] = loop.time()
+
+            try:
+                result = await render_frames(
+                    pool, template(), list(range(200)), shard_size=4, on_frame=on_frame
+                )
+            finally:
+                await pool.close()
+                for s in servers:
+                    await s.stop(0)
+        return first, added, result, timeline, {f"127.0.0.1:{port_of(s)}" for s in servers}
+
+    first, added, result, timeline, names = asyncio.run(scenario())
+    assert sorted(result.frames) == list(range(200)) and result.duplicate_reports == 0
+    assert sorted(first.rendered + added.rendered) == list(range(200)), "each frame rendered once"
+    assert len(added.rendered) >= 40, "the added replica took a fair share of what was left"
+    assert timeline["first_shard"] - timeline["added"] < 3.0, "its first shard within seconds"
+    assert set(result.by_endpoint) == names
+
+
+def test_a_replica_removed_mid_shard_loses_no_frame(tmp_path):
+    """Scale-down: a pod turns terminating while it renders a shard. It gets no new shard; when it stops
+    answering past the drain time its channel is closed and the frames it had not reported are re-sent
+    to the replica that remains. Every frame arrives exactly once."""
+    import kmock
+
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        stays, leaves = ScriptedRenderer(store, delay=0.01), ScriptedRenderer(store, delay=0.01)
+        servers = [await start(stays), await start(leaves)]
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as api_server:
+            pool, slices = await watched_pool(str(api_server.url).rstrip("/"), drain_seconds=0.3)
+            for name, server in (("r-1", servers[0]), ("r-2", servers[1])):
+                await asyncio.to_thread(
+                    slices.create_namespaced_endpoint_slice, NS, renderer_slice(name, port_of(server))
+                )
+            for _ in range(250):
+                if len(pool) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            loop = asyncio.get_running_loop()
+            leaving = next(e for e in pool.endpoints() if e.name.endswith(f":{port_of(servers[1])}"))
+            seen: list[int] = []
+            marks: dict[str, int] = {}
+
+            async def note_retirement():
+                while leaving.active:
+                    await pool.wait_changed()
+                marks["sent_when_retired"] = leaving.sent  # no shard can be sent to it after this
+
+            retired = asyncio.create_task(note_retirement())
+
+            def on_frame(frame, result):
+                seen.append(frame.index)
+                if len(leaves.rendered) >= 6 and "removed" not in marks:
+                    marks["removed"] = leaves.calls
+                    leaves.delay = 60  # it hangs in the middle of its current shard
+                    loop.create_task(
+                        asyncio.to_thread(
+                            slices.patch_namespaced_endpoint_slice,
+                            "r-2",
+                            NS,
+                            renderer_slice("r-2", port_of(servers[1]), ready=False, terminating=True),
+                        )
+                    )
+
+            try:
+                result = await render_frames(
+                    pool, template(), list(range(80)), shard_size=4, on_frame=on_frame, backoff_seconds=0.05
+                )
+                await asyncio.wait_for(retired, 10)
+            finally:
+                await pool.close()
+                for s in servers:
+                    await s.stop(0)
+        return stays, leaves, result, seen, marks, leaving
+
+    stays, leaves, result, seen, marks, leaving = asyncio.run(scenario())
+    assert sorted(seen) == list(range(80)), "every frame reported exactly once"
+    assert sorted(stays.rendered + leaves.rendered) == list(range(80)), "none lost, none rendered twice"
+    assert leaving.sent == marks["sent_when_retired"], "no new shard after it turned terminating"
+    assert leaves.calls <= marks["removed"] + 2, "at most the shards already on their way (2 in flight)"
+    assert result.resent_shards >= 1 and stays.rendered
+    assert sum(result.by_endpoint.values()) == 80
+
+
+def test_a_render_waits_for_a_first_replica_and_gives_up_after_wait_seconds(tmp_path):
+    """Scale-up from zero: the fan-out waits for the pool's first replica; with none for wait_seconds it
+    fails Unavailable."""
+    from services.coordinator.discovery import RendererPool
+
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        renderer = ScriptedRenderer(store)
+        server = await start(renderer)
+        pool = RendererPool(lambda address: make_channel(address, client()), wait_seconds=30)
+        asyncio.get_running_loop().call_later(0.3, pool.update, {server.address})
+        try:
+            result = await render_frames(pool, template(), list(range(8)), shard_size=2)
+            empty = RendererPool(lambda address: make_channel(address, client()), wait_seconds=0.2)
+            with pytest.raises(Unavailable):
+                await render_frames(empty, template(), [0], shard_size=1)
+        finally:
+            await pool.close()
+            await server.stop(0)
+        return result
+
+    assert sorted(asyncio.run(scenario()).frames) == list(range(8))
+
+
+def test_a_stream_older_than_max_connection_age_is_not_cut(tmp_path):
+    """Servers close connections by age (GOAWAY) so round-robin clients re-resolve; a call still open on
+    the old connection runs to its end (no grace limit by default), and the next call simply reconnects."""
+
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        renderer = ScriptedRenderer(store, delay=0.1)
+        server = GrpcServer(
+            [Registration.of(render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, renderer)],
+            ServerSettings(port=0, metrics_port=-1, grace_seconds=0, max_connection_age_seconds=0.3),
+            service_name="aged-renderer",
+        )
+        renderer.server = server
+        await server.start()
+        channel = make_channel(server.address, client())
+        endpoint = [Endpoint("r", render_pb2_grpc.RenderServiceStub(channel))]
+        try:
+            long = await render_frames(endpoint, template(), list(range(15)), shard_size=15)  # ~1.5 s
+            again = await render_frames(endpoint, template(), [15, 16], shard_size=2)
+        finally:
+            await channel.close()
+            await server.stop(0)
+        return long, again
+
+    long, again = asyncio.run(scenario())
+    assert (long.rendered, long.resent_shards, again.rendered) == (15, 0, 2)

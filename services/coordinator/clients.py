@@ -1,4 +1,5 @@
-"""Stubs for every service the coordinator calls, built from its settings."""
+"""Stubs for every service the coordinator calls, built from its settings; the renderers are a
+``discovery.RendererPool`` that follows the renderer replicas."""
 
 from __future__ import annotations
 
@@ -12,27 +13,30 @@ from dreamframe.v1 import (
     eval_pb2_grpc,
     plot_pb2_grpc,
     qa_pb2_grpc,
-    render_pb2_grpc,
     style_pb2_grpc,
     train_pb2_grpc,
 )
 from services.coordinator.settings import CoordinatorSettings
 
-from .fanout import Endpoint, split_targets
+from .discovery import RendererPool, build_pool, connector
+from .fanout import Endpoint
 
 
 @dataclass
 class Clients:
     plot: plot_pb2_grpc.PlotServiceStub
     style: style_pb2_grpc.StyleServiceStub
-    renderers: list[Endpoint]
+    # A RendererPool (discovery); tests may pass a fixed list.
+    renderers: RendererPool | list[Endpoint]
     qa: qa_pb2_grpc.QaServiceStub
     train: train_pb2_grpc.TrainServiceStub
     eval: eval_pb2_grpc.EvalServiceStub
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     @classmethod
-    def connect(cls, settings: CoordinatorSettings, client: ClientSettings) -> Clients:
+    def connect(cls, settings: CoordinatorSettings, client: ClientSettings, *, api_client=None) -> Clients:
+        """Call from within the event loop: renderer discovery starts here. ``api_client``: the
+        Kubernetes ApiClient to watch EndpointSlices with (default: the one the scaler shares)."""
         channels: list[grpc.aio.Channel] = []
 
         def channel(target: str) -> grpc.aio.Channel:
@@ -40,16 +44,10 @@ class Clients:
             channels.append(ch)
             return ch
 
-        renderers = []
-        for target in split_targets(settings.renderer_addresses):
-            # A dns:/// name stands for every replica behind a headless Service: several workers share
-            # its round-robin channel, so shards spread over the pods.
-            workers = settings.render_parallelism if target.startswith("dns:") else 1
-            renderers.append(Endpoint(target, render_pb2_grpc.RenderServiceStub(channel(target)), workers))
         return cls(
             plot=plot_pb2_grpc.PlotServiceStub(channel(settings.plot_address)),
             style=style_pb2_grpc.StyleServiceStub(channel(settings.style_address)),
-            renderers=renderers,
+            renderers=build_pool(settings, connector(client), api_client=api_client),
             qa=qa_pb2_grpc.QaServiceStub(channel(settings.qa_address)),
             train=train_pb2_grpc.TrainServiceStub(channel(settings.trainer_address)),
             eval=eval_pb2_grpc.EvalServiceStub(channel(settings.evaluator_address)),
@@ -57,5 +55,7 @@ class Clients:
         )
 
     async def close(self) -> None:
+        if isinstance(self.renderers, RendererPool):
+            await self.renderers.close()
         for ch in self.channels:
             await ch.close()

@@ -1,12 +1,14 @@
 """Render fan-out: a story's frames split into shards, sent concurrently to every renderer replica.
 
-Replicas are reached either through one ``dns:///<headless-service>:<port>`` target (gRPC resolves every
-pod address and balances calls round robin) or through an explicit comma-separated address list (one
-channel per replica). Workers pull shards from one queue, so a fast replica takes more of them. When a
-replica dies mid-shard, the frames it had not reported go back on the queue and another worker takes
-them. Frames are counted by index, so a frame reported twice (a re-sent shard whose frame the renderer
-had already written; it reports it as skipped) is still counted once — and because renderers write each
-frame atomically to a key derived from its index, deterministically, no frame ends up in two files.
+The replicas are either a fixed list of endpoints or a ``discovery.RendererPool`` that follows the renderer
+Deployment (EndpointSlices, DNS re-resolution): one channel per ready replica, each with ``workers`` shards
+in flight. Workers pull shards from one queue, so a fast replica takes more of them. The fan-out follows the
+pool while it runs: a replica that appears gets workers at once; one that leaves gets no new shard, and when
+its channel is closed (after the pool's drain time) or it dies mid-shard, the frames it had not reported go
+back on the queue and another worker takes them. Frames are counted by index, so a frame reported twice (a
+re-sent shard whose frame the renderer had already written; it reports it as skipped) is still counted once
+— and because renderers write each frame atomically to a key derived from its index, deterministically, no
+frame ends up in two files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -41,13 +44,42 @@ RETRYABLE = frozenset(
 MAX_BACKOFF_SECONDS = 30.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Endpoint:
     name: str
     stub: render_pb2_grpc.RenderServiceStub
     # Concurrent shards this endpoint takes (a dns:/// target stands for many replicas).
     workers: int = 1
     consecutive_failures: int = 0
+    # False once discovery has seen the replica leave: it takes no new shard.
+    active: bool = True
+    # Shards being sent to it right now, and so far.
+    inflight: int = 0
+    sent: int = 0
+
+
+class EndpointSource(Protocol):
+    """What the fan-out renders over: a fixed list (``FixedEndpoints``) or a ``discovery.RendererPool``."""
+
+    # How long a render with no endpoint at all waits for one (0: fail at once).
+    wait_seconds: float
+
+    def endpoints(self) -> list[Endpoint]: ...
+
+    async def wait_changed(self) -> None: ...
+
+
+class FixedEndpoints:
+    wait_seconds = 0.0
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self._endpoints = list(endpoints)
+
+    def endpoints(self) -> list[Endpoint]:
+        return self._endpoints
+
+    async def wait_changed(self) -> None:
+        await asyncio.Event().wait()  # never
 
 
 @dataclass
@@ -81,7 +113,7 @@ def shards_of(indices: list[int], size: int) -> list[Shard]:
 
 
 async def render_frames(
-    endpoints: list[Endpoint],
+    endpoints: list[Endpoint] | EndpointSource,
     template: render_pb2.RenderFramesRequest,
     indices: list[int],
     *,
@@ -94,23 +126,31 @@ async def render_frames(
 ) -> FanoutResult:
     """Render ``indices`` of the story in ``template`` over ``endpoints``; returns when every frame is done.
 
+    ``endpoints`` may change while this runs (a ``discovery.RendererPool``): new endpoints get workers
+    within moments, retired ones finish or lose their current shard and take no other.
+
     Raises the first non-retryable error (bad request), or Unavailable when a shard failed on
-    ``max_attempts`` replicas in a row.
+    ``max_attempts`` replicas in a row, or when there was no endpoint at all for ``wait_seconds``.
 
     ``meter`` (the coordinator's metrics) sees the frames move: pending while not done, in flight while
     sent to a replica; both are given back whatever way this ends."""
     meter = meter or RenderMeter()
-    if not endpoints:
+    source: EndpointSource = FixedEndpoints(endpoints) if isinstance(endpoints, list) else endpoints
+    if not source.endpoints() and source.wait_seconds <= 0:
         raise Unavailable("no renderer replicas configured", field="coordinator.renderer_addresses")
+    loop = asyncio.get_running_loop()
     result = FanoutResult()
     pending: set[int] = set(indices)
     queue: asyncio.Queue[Shard] = asyncio.Queue()
     for shard in shards_of(sorted(pending), shard_size):
         queue.put_nowait(shard)
-    attempts_cap = max_attempts or 3 + sum(e.workers for e in endpoints)
     failure: list[BaseException] = []
     all_done = asyncio.Event()
     if not pending:
+        all_done.set()
+
+    def fail(exc: BaseException) -> None:
+        failure.append(exc)
         all_done.set()
 
     async def record(frame: render_pb2.RenderedFrame, endpoint: str) -> None:
@@ -133,8 +173,34 @@ async def render_frames(
         if not pending:
             all_done.set()
 
+    async def send(endpoint: Endpoint, todo: list[int]) -> None:
+        request = render_pb2.RenderFramesRequest()
+        request.CopyFrom(template)
+        request.frames.CopyFrom(common_pb2.FrameSelection(list=common_pb2.FrameList(indices=todo)))
+        endpoint.inflight += 1
+        endpoint.sent += 1
+        outstanding = set(todo)
+        meter.add(inflight=len(todo))
+        try:
+            call = endpoint.stub.RenderFrames(request, timeout=deadline_seconds)
+            async for response in call:
+                if response.HasField("frame"):
+                    if response.frame.index in outstanding:
+                        outstanding.discard(response.frame.index)
+                        meter.add(inflight=-1)
+                    await record(response.frame, endpoint.name)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this worker is being stopped
+            # The call was cancelled under us: discovery closed a retired replica's channel.
+            raise _IncompleteShard([i for i in todo if i in pending], drained=True) from None
+        finally:
+            endpoint.inflight -= 1
+            meter.add(inflight=-len(outstanding))
+
     async def worker(endpoint: Endpoint) -> None:
-        while not all_done.is_set() and not failure:
+        while not all_done.is_set() and not failure and endpoint.active:
             try:
                 shard = await asyncio.wait_for(queue.get(), timeout=0.2)
             except TimeoutError:
@@ -142,22 +208,11 @@ async def render_frames(
             todo = [i for i in shard.indices if i in pending]
             if not todo:
                 continue
-            request = render_pb2.RenderFramesRequest()
-            request.CopyFrom(template)
-            request.frames.CopyFrom(common_pb2.FrameSelection(list=common_pb2.FrameList(indices=todo)))
-            outstanding = set(todo)
-            meter.add(inflight=len(todo))
+            if not endpoint.active:  # left while this worker waited for the shard
+                queue.put_nowait(shard)
+                return
             try:
-                try:
-                    call = endpoint.stub.RenderFrames(request, timeout=deadline_seconds)
-                    async for response in call:
-                        if response.HasField("frame"):
-                            if response.frame.index in outstanding:
-                                outstanding.discard(response.frame.index)
-                                meter.add(inflight=-1)
-                            await record(response.frame, endpoint.name)
-                finally:
-                    meter.add(inflight=-len(outstanding))
+                await send(endpoint, todo)
                 endpoint.consecutive_failures = 0
                 left = [i for i in todo if i in pending]
                 if left:  # the replica ended the stream without these frames: treat as a failure
@@ -165,10 +220,18 @@ async def render_frames(
             except (grpc.aio.AioRpcError, _IncompleteShard) as exc:
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.ABORTED
                 if code not in RETRYABLE:
-                    failure.append(exc)
-                    all_done.set()
+                    fail(exc)
                     return
                 left = [i for i in todo if i in pending]
+                if isinstance(exc, _IncompleteShard) and exc.drained or not endpoint.active:
+                    # The replica left (discovery): not the shard's fault and not a failure to back
+                    # off from; the frames go back for the replicas that remain.
+                    log.info("renderer %s left mid-shard; re-sending %d frames", endpoint.name, len(left))
+                    if left:
+                        result.resent_shards += 1
+                        meter.resent()
+                        queue.put_nowait(Shard(left, shard.attempts))
+                    return
                 shard = Shard(left, shard.attempts + 1)
                 endpoint.consecutive_failures += 1
                 log.warning(
@@ -181,14 +244,15 @@ async def render_frames(
                 # Give up on a shard once it has failed often and no replica is known to be healthy
                 # (a dead replica alone must not use up the attempts while a busy one could take it),
                 # or after far too many attempts either way.
-                healthy = any(e.consecutive_failures == 0 for e in endpoints)
+                current = [e for e in source.endpoints() if e.active]
+                attempts_cap = max_attempts or 3 + sum(e.workers for e in current)
+                healthy = any(e.consecutive_failures == 0 for e in current)
                 if shard.attempts >= attempts_cap and (not healthy or shard.attempts >= 4 * attempts_cap):
-                    failure.append(
+                    fail(
                         Unavailable(
                             f"frames {left[:5]}... failed {shard.attempts} times; last error {code.name}"
                         )
                     )
-                    all_done.set()
                     return
                 result.resent_shards += 1
                 meter.resent()
@@ -197,11 +261,47 @@ async def render_frames(
                 pause = backoff_seconds * 2 ** (endpoint.consecutive_failures - 1)
                 await asyncio.sleep(min(pause, MAX_BACKOFF_SECONDS))
 
+    workers: dict[Endpoint, list[asyncio.Task[None]]] = {}
+
+    def staff() -> int:
+        """One worker per ``workers`` slot of every active endpoint; returns the active endpoints."""
+        active = 0
+        for endpoint in source.endpoints():
+            if not endpoint.active:
+                continue
+            active += 1
+            alive = [t for t in workers.get(endpoint, []) if not t.done()]
+            while len(alive) < max(1, endpoint.workers):
+                alive.append(asyncio.create_task(worker(endpoint)))
+            workers[endpoint] = alive
+        return active
+
+    finished = asyncio.create_task(all_done.wait())
+    changed: asyncio.Task[None] | None = None
+    empty_since: float | None = None
     meter.add(pending=len(pending))
-    tasks = [asyncio.create_task(worker(e)) for e in endpoints for _ in range(max(1, e.workers))]
     try:
-        await all_done.wait()
+        while not finished.done():
+            if staff():
+                empty_since = None
+            elif empty_since is None:
+                empty_since = loop.time()
+                log.warning("no renderer replica ready; waiting up to %.0f s", source.wait_seconds)
+            else:
+                busy = any(not t.done() for tasks in workers.values() for t in tasks)
+                if not busy and loop.time() - empty_since >= source.wait_seconds:
+                    fail(
+                        Unavailable(
+                            f"no renderer replica for {source.wait_seconds:.0f} s",
+                            field="coordinator.renderer_addresses",
+                        )
+                    )
+                    break
+            changed = asyncio.create_task(source.wait_changed())
+            await asyncio.wait({finished, changed}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
     finally:
+        tasks = [finished, *([changed] if changed else []), *(t for ts in workers.values() for t in ts)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -212,6 +312,7 @@ async def render_frames(
 
 
 class _IncompleteShard(Exception):
-    def __init__(self, left: list[int]) -> None:
+    def __init__(self, left: list[int], *, drained: bool = False) -> None:
         super().__init__(f"stream ended with {len(left)} frames unreported")
         self.left = left
+        self.drained = drained

@@ -42,12 +42,24 @@ def make_api_client(settings: KubernetesSettings):
     return client.ApiClient()
 
 
+_shared_clients: dict[tuple[str | None, bool], object] = {}
+
+
+def shared_api_client(settings: KubernetesSettings):
+    """One ApiClient per API (host, in-cluster or kubeconfig) for the whole coordinator: the scaler and
+    renderer discovery (discovery.py) share it."""
+    key = (settings.api_host, settings.in_cluster)
+    if key not in _shared_clients:
+        _shared_clients[key] = make_api_client(settings)
+    return _shared_clients[key]
+
+
 class RendererScaler:
     def __init__(self, settings: KubernetesSettings, api_client=None) -> None:
         from kubernetes import client
 
         self.settings = settings
-        self.apps = client.AppsV1Api(api_client or make_api_client(settings))
+        self.apps = client.AppsV1Api(api_client or shared_api_client(settings))
         self.replicas = 0
 
     async def current(self) -> int:

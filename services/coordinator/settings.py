@@ -5,6 +5,8 @@ through the ``dreamframe.settings`` entry point in pyproject.toml."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -24,15 +26,35 @@ class KubernetesSettings(BaseModel):
 class CoordinatorSettings(BaseModel):
     plot_address: str = "127.0.0.1:50061"
     style_address: str = "127.0.0.1:50062"
-    # A `dns:///headless-service:port` target (round robin over replicas) or a comma-separated list.
+    # A `dns:///headless-service:port` target (re-resolved every discovery_interval_seconds, one channel
+    # per address) or a comma-separated list of replica addresses.
     renderer_addresses: str = "127.0.0.1:50063"
+    # How renderer replicas are found (discovery.py): `kubernetes` watches the EndpointSlices of
+    # `renderer_service` (namespace: kubernetes.namespace) through the API; `dns` re-resolves the
+    # dns:/// name of renderer_addresses; `static` uses renderer_addresses as given (a dns:/// target
+    # there is one round-robin channel with render_parallelism shards in flight). `auto`: kubernetes when
+    # renderer_service is set and a Kubernetes API is at hand, else dns for a dns:/// target, else static.
+    renderer_discovery: Literal["auto", "kubernetes", "dns", "static"] = "auto"
+    renderer_service: str = ""
+    # The EndpointSlice port to call (by name; a slice with one port: that one).
+    renderer_port_name: str = "grpc"
+    # DNS re-resolution period; also the pause before the Kubernetes watch reconnects after an error.
+    discovery_interval_seconds: float = Field(5.0, gt=0)
+    # Shards in flight per ready replica (2: the next shard is there when a replica finishes one).
+    renderer_inflight_per_replica: int = Field(2, ge=1)
+    # A replica that leaves (not ready, terminating, gone from DNS) gets no new shard; the shard it is
+    # working on may finish for this long, then its channel is closed and its unreported frames re-sent.
+    renderer_drain_seconds: float = Field(120.0, ge=0)
+    # A render with no replica at all waits this long for one (scale-up from zero) before failing.
+    renderer_wait_seconds: float = Field(1800.0, ge=0)
     qa_address: str = "127.0.0.1:50064"
     trainer_address: str = "127.0.0.1:50065"
     evaluator_address: str = "127.0.0.1:50066"
     max_concurrent_jobs: int = Field(4, ge=1)
     # Frames per render shard sent to one replica.
     render_shard_size: int = Field(16, ge=1)
-    # Concurrent shards in flight over a dns:/// renderer target (about one per replica).
+    # Concurrent shards over a dns:/// renderer target with renderer_discovery `static` only (one
+    # round-robin channel); discovered replicas get renderer_inflight_per_replica each.
     render_parallelism: int = Field(2, ge=1)
     # Stories of one job worked on at once (plot, style, render per story).
     story_parallelism: int = Field(4, ge=1)

@@ -62,6 +62,12 @@ class ServerSettings(BaseModel):
     grace_seconds: float = Field(30.0, ge=0)
     max_workers: int = Field(16, ge=1)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # A client connection is asked to go (HTTP/2 GOAWAY) after this long (gRPC adds ±10 % jitter), so a
+    # round-robin client over a headless Service resolves again and reaches replicas added since; 0: never.
+    max_connection_age_seconds: float = Field(300.0, ge=0)
+    # How long calls still open on such a connection may go on; unset: until they end (hours-long streams
+    # such as training must not be cut).
+    max_connection_age_grace_seconds: float | None = Field(None, ge=0)
     # Bearer tokens accepted from callers; empty disables auth.
     auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     tls_cert_file: Path | None = None

@@ -80,7 +80,14 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = []
+    if settings.max_connection_age_seconds > 0:
+        # GOAWAY after this age: round-robin clients re-resolve DNS and find replicas added by scaling.
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)))
+        if settings.max_connection_age_grace_seconds is not None:
+            grace_ms = int(settings.max_connection_age_grace_seconds * 1000)
+            options.append(("grpc.max_connection_age_grace_ms", grace_ms))
+    return options + [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Notice dead peers on hours-long streams; accept the client keepalive of client.py (60 s).
