@@ -1,12 +1,14 @@
 """Job records: the Job proto, persisted as JSON in object storage after every transition.
 
-The store is the coordinator's only state, so a restarted coordinator reloads every job from it and
-resumes the unfinished ones (``JobStore.unfinished``).
+The store is the coordinator's only state, so a restarted coordinator (or the replica that takes over
+the lead) reloads the unfinished jobs from it and resumes them (``JobStore.unfinished``, from an index of
+one object per job: nothing lists the keys inside jobs).
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 
@@ -36,33 +38,124 @@ def is_terminal(state: int) -> bool:
     return state in TERMINAL
 
 
+# One small object per job, so finding jobs never lists the keys inside jobs (frames: millions).
+INDEX_PREFIX = "jobs-index/"
+ACTIVE_PREFIX = f"{INDEX_PREFIX}active/"  # jobs not finished yet: what a (new) leader resumes
+ALL_PREFIX = f"{INDEX_PREFIX}all/"  # every job, newest first by submit time
+INDEX_BUILT_KEY = f"{INDEX_PREFIX}built"  # the index covers every job (stores from before it existed)
+_NEWEST_FIRST = 10**13  # milliseconds; inverted so the lexical order of keys is newest first
+
+
+def _all_key(job: pb.Job) -> str:
+    millis = job.created_at.seconds * 1000 + job.created_at.nanos // 1_000_000
+    return f"{ALL_PREFIX}{_NEWEST_FIRST - millis:013d}-{job.job_id}"
+
+
 class JobStore:
-    """Jobs as ``jobs/<id>/job.json``. Every ``save`` is one atomic object write."""
+    """Jobs as ``jobs/<id>/job.json``, plus an index of one small object per job.
+
+    Every ``save`` is one compare-and-swap write against the version this store last read or wrote for
+    that job (``put_if``): a coordinator that lost its leadership — whose job state another replica has
+    since written — gets ``Aborted`` instead of overwriting it (fencing by storage, not by clocks).
+    """
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        self._versions: dict[str, str] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._indexed = False
+
+    def _lock(self, job_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(job_id, threading.Lock())
 
     def save(self, job: pb.Job) -> None:
+        """Write the job (creating it when this store has not seen it); ``Aborted`` if another writer
+        changed it since. Keeps the index in step: active until terminal, listed from creation."""
         job.updated_at.CopyFrom(now())
         data = json_format.MessageToJson(job, preserving_proto_field_name=True).encode()
-        self.store.put_bytes(keys.job_state_key(job.job_id), data, content_type="application/json")
+        key = keys.job_state_key(job.job_id)
+        with self._lock(job.job_id):
+            created = job.job_id not in self._versions
+            version = self.store.put_if(
+                key, data, version=self._versions.get(job.job_id), content_type="application/json"
+            )
+            self._versions[job.job_id] = version
+        if created:
+            self.store.put_bytes(_all_key(job), b"")
+        if is_terminal(job.state):
+            self.store.delete(ACTIVE_PREFIX + job.job_id)
+        elif created:
+            self.store.put_bytes(ACTIVE_PREFIX + job.job_id, b"")
 
-    def load(self, job_id: str) -> pb.Job:
+    def load(self, job_id: str, *, track: bool = False) -> pb.Job:
+        """The stored job; ``track``: later saves from this store build on the version read now (a job
+        this coordinator takes over)."""
         key = keys.job_state_key(job_id)
-        if not self.store.exists(key):
-            raise NotFound(f"no job {job_id!r}", field="job_id")
+        try:
+            data, version = self.store.get_versioned(key)
+        except NotFound:
+            raise NotFound(f"no job {job_id!r}", field="job_id") from None
         job = pb.Job()
-        json_format.Parse(self.store.get_bytes(key), job, ignore_unknown_fields=True)
+        json_format.Parse(data, job, ignore_unknown_fields=True)
+        if track:
+            with self._lock(job_id):
+                self._versions[job_id] = version
         return job
+
+    def forget(self, job_id: str) -> None:
+        """Drop what this store remembers of a job it no longer works on (memory bounded by active jobs)."""
+        with self._guard:
+            self._versions.pop(job_id, None)
+            self._locks.pop(job_id, None)
 
     def exists(self, job_id: str) -> bool:
         return self.store.exists(keys.job_state_key(job_id))
 
-    def all(self) -> Iterator[pb.Job]:
+    def ensure_index(self) -> None:
+        """Index the jobs of a store written before the index existed (once: one listing of jobs/)."""
+        if self._indexed or self.store.exists(INDEX_BUILT_KEY):
+            self._indexed = True
+            return
         for info in self.store.list("jobs/"):
             parts = info.key.split("/")
             if len(parts) == 3 and parts[2] == "job.json":
-                yield self.load(parts[1])
+                job = self.load(parts[1])
+                self.store.put_bytes(_all_key(job), b"")
+                if not is_terminal(job.state):
+                    self.store.put_bytes(ACTIVE_PREFIX + job.job_id, b"")
+        self.store.put_bytes(INDEX_BUILT_KEY, b"")
+        self._indexed = True
 
-    def unfinished(self) -> list[pb.Job]:
-        return [job for job in self.all() if not is_terminal(job.state)]
+    def ids(self) -> Iterator[str]:
+        """Every job id, newest submitted first (one index object per job)."""
+        self.ensure_index()
+        for info in self.store.list(ALL_PREFIX):
+            yield info.key[len(ALL_PREFIX) :].split("-", 1)[1]
+
+    def all(self) -> Iterator[pb.Job]:
+        for job_id in self.ids():
+            try:
+                yield self.load(job_id)
+            except NotFound:
+                continue  # indexed, then deleted
+
+    def active_ids(self) -> list[str]:
+        self.ensure_index()
+        return [info.key[len(ACTIVE_PREFIX) :] for info in self.store.list(ACTIVE_PREFIX)]
+
+    def unfinished(self, *, track: bool = True) -> list[pb.Job]:
+        """Jobs not finished yet (from the active index), tracked for saving by default."""
+        jobs = []
+        for job_id in self.active_ids():
+            try:
+                job = self.load(job_id, track=track)
+            except NotFound:
+                self.store.delete(ACTIVE_PREFIX + job_id)
+                continue
+            if is_terminal(job.state):
+                self.store.delete(ACTIVE_PREFIX + job_id)  # finished, index not yet updated
+                continue
+            jobs.append(job)
+        return jobs

@@ -1,0 +1,74 @@
+"""Job records in storage: an index instead of listing job folders, and writes fenced by compare-and-swap
+so a coordinator that lost the lead cannot overwrite the new leader's state."""
+
+from __future__ import annotations
+
+import pytest
+
+from dreamframe import keys
+from dreamframe.errors import Aborted
+from dreamframe.storage import LocalStore
+from dreamframe.v1 import coordinator_pb2 as pb
+from services.coordinator.jobs import ACTIVE_PREFIX, INDEX_BUILT_KEY, JobStore, now
+
+
+def job(job_id: str, state=pb.JOB_STATE_RUNNING, seconds: int = 0) -> pb.Job:
+    j = pb.Job(job_id=job_id, state=state)
+    j.created_at.CopyFrom(now())
+    if seconds:
+        j.created_at.seconds = seconds
+    return j
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "store", "dreamframe")
+
+
+def test_index_lists_jobs_newest_first_and_the_unfinished_ones(store):
+    jobs = JobStore(store)
+    jobs.save(job("old", seconds=1_700_000_000))
+    jobs.save(job("new", seconds=1_800_000_000))
+    jobs.save(job("done", pb.JOB_STATE_SUCCEEDED, seconds=1_750_000_000))
+    store.put_bytes(keys.frames_prefix("new", 0) + "000000.png", b"x")  # job contents are never listed
+    assert list(jobs.ids()) == ["new", "done", "old"]
+    assert sorted(j.job_id for j in JobStore(store).unfinished()) == ["new", "old"]
+    finished = jobs.load("old", track=True)
+    finished.state = pb.JOB_STATE_FAILED
+    jobs.save(finished)
+    assert [j.job_id for j in JobStore(store).unfinished()] == ["new"]
+    assert [i.key for i in store.list(ACTIVE_PREFIX)] == [ACTIVE_PREFIX + "new"]
+
+
+def test_a_store_from_before_the_index_is_indexed_once(store):
+    JobStore(store).save(job("a", seconds=1_700_000_000))
+    JobStore(store).save(job("b", pb.JOB_STATE_CANCELLED, seconds=1_800_000_000))
+    store.delete_prefix("jobs-index/")  # as written by a coordinator that had no index
+    jobs = JobStore(store)
+    assert [j.job_id for j in jobs.unfinished()] == ["a"]
+    assert list(jobs.ids()) == ["b", "a"] and store.exists(INDEX_BUILT_KEY)
+
+
+def test_a_deposed_leaders_late_write_is_refused(store):
+    old_leader = JobStore(store)
+    j = job("j")
+    old_leader.save(j)
+    new_leader = JobStore(store)
+    (taken,) = new_leader.unfinished()  # the new leader resumes the job: reads it with its version
+    taken.error = "resumed by the new leader"
+    new_leader.save(taken)
+    j.error = "a late progress write"
+    with pytest.raises(Aborted):
+        old_leader.save(j)
+    assert JobStore(store).load("j").error == "resumed by the new leader"
+    new_leader.save(taken)  # the leader goes on writing
+    with pytest.raises(Aborted):
+        JobStore(store).save(job("j"))  # creating an existing job is refused too
+
+
+def test_forget_bounds_memory(store):
+    jobs = JobStore(store)
+    for i in range(5):
+        jobs.save(job(f"j{i}", pb.JOB_STATE_SUCCEEDED))
+        jobs.forget(f"j{i}")
+    assert jobs._versions == {} and jobs._locks == {}
