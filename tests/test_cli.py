@@ -83,3 +83,32 @@ def test_unknown_preset_is_refused(local_store):
     result = runner.invoke(cli.app, ["up", "--preset", "sd15"])
     assert result.exit_code == 2
     assert "unknown preset" in result.output
+
+
+def test_stage_times_are_shown_from_the_jobs_timestamps():
+    from dreamframe.v1 import coordinator_pb2 as pb
+
+    status = pb.StageStatus(stage=pb.STAGE_RENDER, state=pb.JOB_STATE_QUEUED)
+    assert cli.stage_duration(status) == "-"
+    status.started_at.FromSeconds(1_000)
+    assert cli.stage_duration(status, now=1_004.25) == "4.2s so far"
+    status.finished_at.FromSeconds(1_000 + 187)
+    assert cli.stage_duration(status, now=5_000) == "3m07s"
+    status.finished_at.FromSeconds(1_000 + 2 * 3600 + 5 * 60)
+    assert cli.stage_duration(status) == "2h05m"
+    assert cli.stage_times(status) == (1_000.0, 1_000.0 + 7500)
+
+
+def test_the_progress_bar_time_column_ticks_while_a_stage_runs():
+    import time
+
+    from rich.progress import Progress
+
+    progress = Progress()
+    running = progress.add_task("render", started=time.time() - 75, finished=None)
+    finished = progress.add_task("plot", started=100.0, finished=112.5)
+    waiting = progress.add_task("train", started=None)
+    column = cli._StageTime()
+    assert column.render(progress.tasks[running]).plain in ("1m15s", "1m16s")
+    assert column.render(progress.tasks[finished]).plain == "12.5s"
+    assert column.render(progress.tasks[waiting]).plain == "-"

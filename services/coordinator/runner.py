@@ -115,14 +115,15 @@ class Coordinator:
     async def list(self, states: list[int], page_size: int, page_token: str) -> tuple[list[pb.Job], str]:
         jobs = {j.job_id: j for j in await asyncio.to_thread(lambda: list(self.jobs_store.all()))}
         jobs.update({k: _copy(v) for k, v in self._jobs.items()})
-        ordered = sorted(jobs.values(), key=lambda j: j.job_id, reverse=True)  # newest first
+        ordered = sorted(jobs.values(), key=_submitted, reverse=True)  # newest first, by submit time
         if states:
             ordered = [j for j in ordered if j.state in states]
         if page_token:
-            ordered = [j for j in ordered if j.job_id < page_token]
+            after = _parse_page_token(page_token)
+            ordered = [j for j in ordered if _submitted(j) < after]
         size = page_size if page_size > 0 else 100
         page = ordered[:size]
-        token = page[-1].job_id if len(ordered) > size else ""
+        token = _page_token(page[-1]) if len(ordered) > size else ""
         return page, token
 
     async def watch(self, job_id: str) -> AsyncIterator[pb.Job]:
@@ -185,16 +186,22 @@ class Coordinator:
         per_story = [s for s in chosen if s in PER_STORY_STAGES]
         frames_total: dict[int, int] = {}
         frames_done: dict[int, int] = {}
+        stories_done = dict.fromkeys(per_story, 0)
 
         async def one_story(index: int, gate: asyncio.Semaphore) -> None:
             async with gate:
                 for stage in per_story:
+                    # A per-story stage's time: from the first story entering it to the last one leaving it.
+                    _stamp_started(ctx.stage(stage))
                     if stage == pb.STAGE_PLOT:
                         await st.plot(ctx, index)
                     elif stage == pb.STAGE_STYLE:
                         await st.style(ctx, index)
                     elif stage == pb.STAGE_RENDER:
                         await st.render(ctx, index, frames_total, frames_done)
+                    stories_done[stage] += 1
+                    if stories_done[stage] == ctx.stories:
+                        ctx.stage(stage).finished_at.CopyFrom(now())
 
         if per_story:
             for stage in per_story:
@@ -227,6 +234,12 @@ class Coordinator:
         status.state = state
         if error:
             status.error = error
+        if state == pb.JOB_STATE_RUNNING:
+            status.ClearField("finished_at")  # running again (a resumed job): it ends anew
+            if stage not in PER_STORY_STAGES:  # those start when their first story enters them
+                _stamp_started(status)
+        elif is_terminal(state):
+            _stamp_finished(status)
         log.info("job %s stage %s → %s", ctx.job.job_id, stage_name(stage), pb.JobState.Name(state))
         await self._notify(ctx.job.job_id, persist=True)
 
@@ -241,6 +254,8 @@ class Coordinator:
                 status.state = pb.JOB_STATE_CANCELLED  # every stage not yet done stops
             elif state == pb.JOB_STATE_FAILED and status.state == pb.JOB_STATE_RUNNING:
                 status.state = pb.JOB_STATE_FAILED  # the stages that were running failed with the job
+            if is_terminal(status.state):
+                _stamp_finished(status)
         self._cancel_requested.discard(job_id)
         await self._notify(job_id, persist=True)
 
@@ -297,6 +312,35 @@ async def _run_all(ctx: st.JobContext, coros, stages: list[int], owner: Coordina
                 if ctx.stage(stage).state == pb.JOB_STATE_RUNNING:
                     await owner._stage_state(ctx, stage, pb.JOB_STATE_FAILED, _describe(exc))
         raise
+
+
+def _stamp_started(status: pb.StageStatus) -> None:
+    """The first time a stage begins work (a resumed job keeps the original start)."""
+    if not status.HasField("started_at"):
+        status.started_at.CopyFrom(now())
+
+
+def _stamp_finished(status: pb.StageStatus) -> None:
+    """When a stage that began ends; one that never started (cancelled while queued) gets no time."""
+    if status.HasField("started_at") and not status.HasField("finished_at"):
+        status.finished_at.CopyFrom(now())
+
+
+def _submitted(job: pb.Job) -> tuple[int, int, str]:
+    """ListJobs' order: submit time, then id (caller-chosen ids need not sort by time)."""
+    return (job.created_at.seconds, job.created_at.nanos, job.job_id)
+
+
+def _page_token(job: pb.Job) -> str:
+    return f"{job.created_at.seconds}.{job.created_at.nanos:09d}.{job.job_id}"
+
+
+def _parse_page_token(token: str) -> tuple[int, int, str]:
+    try:
+        seconds, nanos, job_id = token.split(".", 2)
+        return (int(seconds), int(nanos), job_id)
+    except ValueError:
+        raise InvalidArgument(f"{token!r} is not a page token of ListJobs", field="page_token") from None
 
 
 def _describe(exc: BaseException) -> str:

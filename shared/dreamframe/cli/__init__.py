@@ -1,6 +1,7 @@
 """``dreamframe``: the command line for local runs and for any DreamFrame coordinator.
 
-dreamframe up / down                start / stop every service as local processes
+dreamframe up / down                start what is not running / stop every local service process
+dreamframe restart SERVICE          stop one local service and start it again on its port
 dreamframe submit --theme "..."     submit a job (``--watch`` to follow it)
 dreamframe watch JOB                a progress bar per stage
 dreamframe status JOB | ls | cancel JOB

@@ -15,8 +15,9 @@ import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from dreamframe import keys
 from dreamframe.cli import local
@@ -77,6 +78,11 @@ def _state(value: int) -> str:
     return pb.JobState.Name(value).removeprefix("JOB_STATE_").lower()
 
 
+def _when(ts) -> str:
+    """A timestamp in this machine's local time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_seconds(ts))) if ts.seconds else "-"
+
+
 # --- local services ------------------------------------------------------------------------------
 
 
@@ -101,32 +107,100 @@ def _local_env(settings: Settings, preset: str) -> dict[str, str]:
     return env
 
 
-@app.command()
+UP_DEFAULTS: dict[str, object] = {"preset": "tiny", "renderers": 1, "gpus": 0, "base_port": None}
+
+
+UP_HELP = (
+    "Start the local services that are not running (local store, the given model preset).\n\n"
+    "Idempotent: services already running are left alone (same processes, same ports); a recorded one that "
+    "is not running (it crashed or was killed) starts again on its port with its environment. Options left "
+    "out mean what the recorded stack was started with. Asking running services for another setup "
+    "(preset, renderers, gpus, base port) is refused and stops nothing: `dreamframe down` first. To restart "
+    "one running service: `dreamframe restart SERVICE`."
+)
+RESTART_HELP = (
+    "Restart one local service: stop it as `down` does, start it again on its port.\n\n"
+    "SIGTERM, up to --grace seconds to finish its work, then SIGKILL; then the same module on the same port "
+    "with the environment `up` gave it, and wait until it is healthy. The other services keep running (the "
+    "coordinator reconnects by itself). SERVICE is a name `dreamframe up` lists: plot-llm, style-trainer, "
+    "keyframe-renderer, keyframe-renderer-1, ..., qa-generator, trainer, evaluator, coordinator."
+)
+
+
+@app.command(help=UP_HELP)
 def up(
-    preset: Annotated[str, typer.Option(help="Model preset for every service: tiny or sdxl.")] = "tiny",
-    renderers: Annotated[int, typer.Option(min=1, help="keyframe-renderer replicas.")] = 1,
-    gpus: Annotated[int, typer.Option(min=0, help="Pin renderer replica r to GPU r mod N.")] = 0,
+    preset: Annotated[
+        str | None, typer.Option(help="Model preset for every service: tiny or sdxl.", show_default="tiny")
+    ] = None,
+    renderers: Annotated[
+        int | None, typer.Option(min=1, help="keyframe-renderer replicas.", show_default="1")
+    ] = None,
+    gpus: Annotated[
+        int | None, typer.Option(min=0, help="Pin renderer replica r to GPU r mod N.", show_default="0")
+    ] = None,
+    base_port: Annotated[
+        int | None, typer.Option(help="Coordinator port; the others follow it.", show_default="50060")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every service to be healthy.")] = 600,
-) -> None:
-    """Start every service as a local process (local store, the given model preset)."""
+) -> list[str]:
+    # Help: UP_HELP.
     settings = _settings()
-    env = _local_env(settings, preset)  # a bad preset ends here, before anything starts
+    state_dir = settings.cli.state_dir
+    recorded = local.read_stack(state_dir).setup
+    asked = {"preset": preset, "renderers": renderers, "gpus": gpus, "base_port": base_port}
+    setup = {k: v if v is not None else recorded.get(k, UP_DEFAULTS[k]) for k, v in asked.items()}
+    env = _local_env(settings, str(setup["preset"]))  # a bad preset ends here, before anything starts
     try:
-        procs = local.start_services(settings.cli.state_dir, env=env, renderers=renderers, gpus=gpus)
-        with console.status("waiting for the services to load their models..."):
+        procs, started = local.ensure_services(
+            state_dir,
+            env=env,
+            renderers=int(setup["renderers"]),
+            gpus=int(setup["gpus"]),
+            base_port=setup["base_port"],
+            setup=setup,
+        )
+    except local.SetupMismatch as exc:
+        raise _fail(str(exc)) from None
+    try:
+        with console.status(f"waiting for {len(started)} services to load their models..."):
             local.wait_healthy(procs, timeout=timeout)
     except (RuntimeError, TimeoutError) as exc:
-        local.stop_services(settings.cli.state_dir, grace=5)
-        raise _fail(str(exc)) from None
-    table = Table("service", "address", "pid", "log")
+        # Only what this call started is stopped; services that were running stay up.
+        local.stop_processes([p for p in procs if p.name in started], grace=5)
+        raise _fail(f"{exc}; `dreamframe up` again starts what is not running") from None
+    table = Table("service", "address", "pid", "", "log")
     for p in procs:
-        table.add_row(p.name, f"{local.HOST}:{p.port}", str(p.pid), relative(Path(p.log)))
+        note = "started" if p.name in started else "[dim]was running"
+        table.add_row(p.name, f"{local.HOST}:{p.port}", str(p.pid), note, relative(Path(p.log)))
     console.print(table)
+    return started
+
+
+@app.command(help=RESTART_HELP)
+def restart(
+    service: Annotated[
+        str, typer.Argument(help="A service `dreamframe up` started, e.g. keyframe-renderer-1.")
+    ],
+    grace: Annotated[float, typer.Option(help="Seconds the service gets to finish.")] = 30,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it to be healthy again.")] = 600,
+) -> None:
+    # Help: RESTART_HELP.
+    state_dir = _settings().cli.state_dir
+    try:
+        proc = local.restart_service(state_dir, service, grace=grace)
+    except LookupError as exc:
+        raise _fail(str(exc.args[0]), 2) from None
+    try:
+        with console.status(f"waiting for {service} to load its models..."):
+            local.wait_healthy([proc], timeout=timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"restarted {service} on {local.HOST}:{proc.port} (pid {proc.pid})")
 
 
 @app.command()
 def down(grace: Annotated[float, typer.Option(help="Seconds each service gets to finish.")] = 30) -> None:
-    """Stop the local services started by `up`."""
+    """Stop the local services started by `up` (SIGTERM, then SIGKILL after --grace)."""
     stopped = local.stop_services(_settings().cli.state_dir, grace=grace)
     console.print(f"stopped {len(stopped)} services" if stopped else "nothing was running")
 
@@ -205,6 +279,58 @@ def _call(fn):
         ) from None
 
 
+def _seconds(ts) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _duration(seconds: float) -> str:
+    """4.2s, 3m07s, 2h05m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def stage_times(status: pb.StageStatus) -> tuple[float | None, float | None]:
+    """The stage's started_at/finished_at (the coordinator's clock) as epoch seconds, None where unset."""
+    started = _seconds(status.started_at) if status.HasField("started_at") else None
+    finished = _seconds(status.finished_at) if status.HasField("finished_at") else None
+    return started, finished
+
+
+def stage_duration(status: pb.StageStatus, now: float | None = None) -> str:
+    """How long the stage ran (so far, while it runs); "-" for one that has not started."""
+    started, finished = stage_times(status)
+    if started is None:
+        return "-"
+    end = finished if finished is not None else (time.time() if now is None else now)
+    return _duration(max(0.0, end - started)) + ("" if finished is not None else " so far")
+
+
+class _StageTime(ProgressColumn):
+    """A stage's own time from the coordinator's started_at/finished_at; it ticks while the stage runs."""
+
+    def render(self, task: Task) -> Text:
+        started, finished = task.fields.get("started"), task.fields.get("finished")
+        if started is None:
+            return Text("-", style="progress.elapsed")
+        end = finished if finished is not None else time.time()
+        return Text(_duration(max(0.0, end - started)), style="progress.elapsed")
+
+
+class _StageEta(ProgressColumn):
+    """The service's estimate of the time left (counting down between updates); blank when unknown."""
+
+    def render(self, task: Task) -> Text:
+        eta_at = task.fields.get("eta_at")
+        if eta_at is None:
+            return Text("")
+        return Text(f"eta {_duration(max(0.0, eta_at - time.time()))}", style="progress.remaining")
+
+
 def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> pb.Job:
     stub = _stub(settings, coordinator)
     job = None
@@ -213,7 +339,8 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
         BarColumn(bar_width=24),
         MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=9)),
         TextColumn("{task.fields[unit]:<7}", table_column=Column(no_wrap=True, min_width=7)),
-        TimeRemainingColumn(),
+        _StageTime(table_column=Column(no_wrap=True, min_width=6, justify="right")),
+        _StageEta(table_column=Column(no_wrap=True, min_width=10)),
         TextColumn("[dim]{task.fields[item]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
     )
     with Progress(*columns, console=console, transient=False) as progress:
@@ -226,7 +353,7 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
                 for status in job.stages:
                     if status.stage not in tasks:
                         tasks[status.stage] = progress.add_task(
-                            stage_name(status.stage), total=None, unit="", item=""
+                            stage_name(status.stage), total=None, unit="", item="", started=None
                         )
                     p = status.progress
                     total = p.total if p.total > 0 else None
@@ -237,8 +364,18 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
                     item = p.current_item if status.state == pb.JOB_STATE_RUNNING else _state(status.state)
                     if status.error:
                         item = f"[red]{status.error}"
+                    started, finished = stage_times(status)
+                    running = status.state == pb.JOB_STATE_RUNNING and finished is None
+                    eta_at = time.time() + p.eta_seconds if running and p.eta_seconds > 0 else None
                     progress.update(
-                        tasks[status.stage], completed=done, total=total, unit=p.unit, item=item[:80]
+                        tasks[status.stage],
+                        completed=done,
+                        total=total,
+                        unit=p.unit,
+                        item=item[:80],
+                        started=started,
+                        finished=finished,
+                        eta_at=eta_at,
                     )
         except grpc.RpcError as exc:
             raise _fail(f"{exc.code().name}: {exc.details()}") from None
@@ -263,16 +400,19 @@ def status(job_id: str, coordinator: Annotated[str | None, typer.Option()] = Non
     """A job's stages, progress and outputs."""
     job = _call(lambda: _stub(_settings(), coordinator).GetJob(pb.GetJobRequest(job_id=job_id))).job
     console.print(
-        f"job [bold]{job.job_id}[/] {_state(job.state)} · renderer replicas {job.renderer_replicas}"
+        f"job [bold]{job.job_id}[/] {_state(job.state)} · submitted {_when(job.created_at)}"
+        f" · renderer replicas {job.renderer_replicas}"
     )
     if job.error:
         console.print(f"[red]{job.error}")
-    table = Table("stage", "state", "progress", "outputs", "error")
+    table = Table("stage", "state", "progress", "started", "time", "outputs", "error")
     for s in job.stages:
         table.add_row(
             stage_name(s.stage),
             _state(s.state),
             f"{s.progress.done}/{s.progress.total} {s.progress.unit}",
+            _when(s.started_at) if s.HasField("started_at") else "-",
+            stage_duration(s),
             str(len(s.outputs)),
             s.error,
         )
@@ -283,13 +423,14 @@ def status(job_id: str, coordinator: Annotated[str | None, typer.Option()] = Non
 
 @app.command("ls")
 def list_jobs(coordinator: Annotated[str | None, typer.Option()] = None) -> None:
-    """Jobs, newest first."""
+    """Jobs, newest first (by submit time)."""
     reply = _call(lambda: _stub(_settings(), coordinator).ListJobs(pb.ListJobsRequest(page_size=50)))
-    table = Table("job", "state", "stories", "stages", "name")
+    table = Table("job", "state", "submitted", "stories", "stages", "name")
     for job in reply.jobs:
         table.add_row(
             job.job_id,
             _state(job.state),
+            _when(job.created_at),
             str(len(job.spec.stories)),
             ",".join(stage_name(s.stage) for s in job.stages),
             job.spec.name,
@@ -407,19 +548,28 @@ def run(
     spec: Annotated[
         Path | None, typer.Option(help="JobSpec JSON (default: deploy/local/tiny-job.json).")
     ] = None,
-    renderers: Annotated[int, typer.Option(min=1)] = 1,
+    renderers: Annotated[
+        int | None,
+        typer.Option(min=1, help="keyframe-renderer replicas.", show_default="1, or the running stack's"),
+    ] = None,
     keep_running: Annotated[bool, typer.Option(help="Leave the services up afterwards.")] = False,
 ) -> None:
-    """Start the services, run one job through every stage, export the results, stop the services."""
+    """Start the services, run one job through every stage, export the results, stop the services.
+
+    Services that were already running (an earlier `dreamframe up`) are used and left running."""
     settings = _settings()
     spec = spec or (TINY_JOB if preset == "tiny" else None)
     started = time.monotonic()
-    up(preset=preset, renderers=renderers, gpus=0, timeout=900)
+    was_running = bool(local.running_services(settings.cli.state_dir))
+    keep_running = keep_running or was_running
+    up(preset=preset, renderers=renderers, gpus=None, base_port=None, timeout=900)
+    coordinator = next(p for p in local.read_state(settings.cli.state_dir) if p.name == "coordinator")
+    address = f"{local.HOST}:{coordinator.port}"
     try:
         request = pb.SubmitJobRequest(spec=_build_spec(settings, [theme], [], None, spec, "make run"))
-        job = _call(lambda: _stub(settings).SubmitJob(request)).job
+        job = _call(lambda: _stub(settings, address).SubmitJob(request)).job
         console.print(f"job [bold]{job.job_id}[/]: {theme!r}")
-        job = _watch(settings, job.job_id)
+        job = _watch(settings, job.job_id, address)
         if job is None or job.state != pb.JOB_STATE_SUCCEEDED:
             raise _fail(
                 f"job ended {_state(job.state) if job else 'unknown'}; logs in {settings.cli.state_dir}/logs"

@@ -1,8 +1,11 @@
-"""Running every service as a local process (``dreamframe up`` / ``down``), the embedded default.
+"""Running every service as a local process (``dreamframe up`` / ``restart`` / ``down``), the embedded
+default.
 
 Each service is ``python -m services.<name>`` with its port in the environment; all share the
-local-directory store and the model cache. Pids, ports and log files are recorded in
-``<state_dir>/local.json`` so ``down`` (or a later ``up``) finds them.
+local-directory store and the model cache. Pids, ports, modules, environments and log files are recorded
+in ``<state_dir>/local.json`` with what ``up`` was asked for, so ``down`` stops them, ``restart`` starts one
+again as it was, and a later ``up`` starts only what is not running (a crashed service) and leaves the
+running ones alone.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -40,21 +43,73 @@ class Process:
     pid: int
     port: int
     log: str
+    # How it was started, so it can be started again the same way: ``python -m <module>`` with ``env``
+    # (what was added to the caller's environment; the server host/port variables come from ``port``).
+    module: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Stack:
+    """What ``local.json`` holds: the services and what ``up`` was asked for (preset, renderers, ...)."""
+
+    processes: list[Process] = field(default_factory=list)
+    setup: dict[str, object] = field(default_factory=dict)
 
 
 def state_file(state_dir: Path) -> Path:
     return state_dir / "local.json"
 
 
-def write_state(state_dir: Path, processes: list[Process]) -> None:
-    state_file(state_dir).write_text(json.dumps([asdict(p) for p in processes], indent=2))
+def write_state(state_dir: Path, processes: list[Process], setup: dict[str, object] | None = None) -> None:
+    """Record ``processes`` (and ``setup``; None keeps the recorded one). Owner-only: envs may hold keys."""
+    if setup is None:
+        setup = read_stack(state_dir).setup
+    path = state_file(state_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"setup": setup, "processes": [asdict(p) for p in processes]}, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def read_stack(state_dir: Path) -> Stack:
+    path = state_file(state_dir)
+    if not path.exists():
+        return Stack()
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # the older format: the process list alone
+        data = {"processes": data}
+    return Stack([Process(**p) for p in data.get("processes", [])], dict(data.get("setup") or {}))
 
 
 def read_state(state_dir: Path) -> list[Process]:
-    path = state_file(state_dir)
-    if not path.exists():
-        return []
-    return [Process(**p) for p in json.loads(path.read_text())]
+    return read_stack(state_dir).processes
+
+
+def is_running(proc: Process) -> bool:
+    """The recorded process is alive and is still that service (not an exited child, a zombie, or a
+    reused pid now running something else)."""
+    if not pid_alive(proc.pid) or _exited(proc.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS) or not ours to read: trust the pid
+    if not cmdline:
+        return False  # a zombie
+    return not proc.module or proc.module.encode() in cmdline.split(b"\0")
+
+
+def running_services(state_dir: Path) -> list[Process]:
+    return [p for p in read_state(state_dir) if is_running(p)]
+
+
+def module_for(name: str) -> str:
+    """The module of a service name (``keyframe-renderer-2`` is a renderer replica)."""
+    base = "keyframe-renderer" if name.startswith("keyframe-renderer") else name
+    if base not in SERVICES:
+        raise KeyError(name)
+    return SERVICES[base][0]
 
 
 @dataclass(frozen=True)
@@ -112,7 +167,64 @@ def spawn(planned: Planned, env: dict[str, str], log_path: Path) -> Process:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # ^C in the terminal reaches the CLI, not every service
         )
-    return Process(planned.name, proc.pid, planned.port, str(log_path))
+    recorded_env = {**env, **planned.env}
+    return Process(planned.name, proc.pid, planned.port, str(log_path), planned.module, recorded_env)
+
+
+class SetupMismatch(RuntimeError):
+    """``up`` asked for a different stack than the one running; nothing was started or stopped."""
+
+
+def ensure_services(
+    state_dir: Path,
+    *,
+    env: dict[str, str],
+    renderers: int = 1,
+    base_port: int | None = None,
+    gpus: int = 0,
+    setup: dict[str, object] | None = None,
+) -> tuple[list[Process], list[str]]:
+    """Start every service that is not running; leave the running ones alone (same pids, same ports).
+
+    Returns every service's record and the names of those started now. A service recorded but dead (it
+    crashed, or was killed) starts again on its recorded port with its recorded environment. With no
+    service running, the whole stack starts afresh from the plan (``renderers`` keyframe-renderer
+    replicas; with ``gpus`` > 0 replica r sees GPU r mod gpus). ``setup`` is what the caller asked for
+    (recorded; a running stack with a different recorded setup raises SetupMismatch, touching nothing)."""
+    stack = read_stack(state_dir)
+    alive = {p.name: p for p in stack.processes if is_running(p)}
+    if alive and setup is not None and stack.setup and setup != stack.setup:
+        differ = ", ".join(
+            f"{k}: {stack.setup.get(k)!r} running, {setup.get(k)!r} asked"
+            for k in sorted(set(setup) | set(stack.setup))
+            if setup.get(k) != stack.setup.get(k)
+        )
+        raise SetupMismatch(
+            f"services are running with another setup ({differ}); run `dreamframe down` first, or "
+            "`dreamframe up` without options to start what is missing of the running stack"
+        )
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    plan, addresses = service_plan(renderers=renderers, base_port=base_port, gpus=gpus)
+    recorded = {p.name: p for p in stack.processes} if alive else {}
+    processes: list[Process] = []
+    started: list[str] = []
+    for planned in plan:
+        if planned.name in alive:
+            processes.append(alive[planned.name])
+            continue
+        before = recorded.get(planned.name)
+        if before is not None and before.env:  # as it was started: its port, its environment
+            again = Planned(before.name, before.module or planned.module, before.port, {})
+            proc = spawn(again, before.env, Path(before.log))
+        else:
+            proc = spawn(planned, {**env, **addresses}, logs / f"{planned.name}.log")
+        processes.append(proc)
+        started.append(proc.name)
+    planned_names = {p.name for p in plan}
+    processes += [p for p in alive.values() if p.name not in planned_names]  # left alone, still recorded
+    write_state(state_dir, processes, setup if setup is not None else stack.setup)
+    return processes, started
 
 
 def start_services(
@@ -122,21 +234,34 @@ def start_services(
     renderers: int = 1,
     base_port: int | None = None,
     gpus: int = 0,
+    setup: dict[str, object] | None = None,
 ) -> list[Process]:
-    """Start all services (``renderers`` keyframe-renderer replicas) and return their records.
-
-    With ``gpus`` > 0 each renderer replica sees one GPU (replica r gets GPU r mod gpus), so N replicas
-    on an N-GPU machine render in parallel instead of sharing the first card."""
-    running = [p for p in read_state(state_dir) if pid_alive(p.pid)]
-    if running:
-        names = ", ".join(p.name for p in running)
-        raise RuntimeError(f"services already running ({names}); run `dreamframe down` first")
-    logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    plan, addresses = service_plan(renderers=renderers, base_port=base_port, gpus=gpus)
-    processes = [spawn(planned, {**env, **addresses}, logs / f"{planned.name}.log") for planned in plan]
-    write_state(state_dir, processes)
+    """``ensure_services``, returning every service's record (the running ones and those started now)."""
+    processes, _ = ensure_services(
+        state_dir, env=env, renderers=renderers, base_port=base_port, gpus=gpus, setup=setup
+    )
     return processes
+
+
+def restart_service(state_dir: Path, name: str, *, grace: float = 30.0) -> Process:
+    """Stop one recorded service the way ``down`` does (SIGTERM, ``grace`` seconds, SIGKILL) and start it
+    again on its recorded port with its recorded environment; the others are left alone."""
+    processes = read_state(state_dir)
+    if not processes:
+        raise LookupError("no local services are recorded; start them with `dreamframe up`")
+    old = next((p for p in processes if p.name == name), None)
+    if old is None:
+        known = ", ".join(p.name for p in processes)
+        raise LookupError(f"no local service named {name!r}; the recorded ones: {known}")
+    if is_running(old):
+        stop_processes([old], grace=grace)
+    if old.env:
+        planned, env = Planned(old.name, old.module or module_for(old.name), old.port, {}), old.env
+    else:  # recorded by an older version, without its environment: plan it again on its port
+        planned, env = Planned(old.name, module_for(old.name), old.port, {}), {}
+    new = spawn(planned, env, Path(old.log))
+    write_state(state_dir, [new if p.name == name else p for p in read_state(state_dir)])
+    return new
 
 
 def wait_healthy(processes: list[Process], timeout: float = 300.0) -> None:
@@ -176,16 +301,15 @@ def stop_services(state_dir: Path, *, grace: float = 30.0) -> list[str]:
 
 
 def stop_processes(processes: list[Process], *, grace: float = 30.0) -> list[str]:
-    """SIGTERM ``processes``, wait up to ``grace`` seconds, then SIGKILL what is left; their names."""
-    for proc in processes:
-        if pid_alive(proc.pid):
-            os.kill(proc.pid, signal.SIGTERM)
+    """SIGTERM ``processes``, wait up to ``grace`` seconds, then SIGKILL what is left; the names of those
+    that were running. A record whose process is gone (or whose pid runs something else) gets no signal."""
+    ours = [p for p in processes if is_running(p)]
+    for proc in ours:
+        os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    stopped = []
-    for proc in processes:
+    for proc in ours:
         while pid_alive(proc.pid) and not _exited(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid_alive(proc.pid) and not _exited(proc.pid):
             os.kill(proc.pid, signal.SIGKILL)
-        stopped.append(proc.name)
-    return stopped
+    return [p.name for p in ours]
