@@ -181,6 +181,10 @@ def test_whole_job_survives_a_dead_renderer_and_a_coordinator_restart(cluster):
         "storyboard",
     } <= outputs
     assert store.exists(f"{keys.job_prefix(job.job_id)}storyboard/index.html")
+    # The story's page and first contact sheet, from the thumbnail the renderer wrote beside each frame.
+    for name in ("story_000.html", "contact_sheet_000_00.jpg"):
+        assert store.exists(f"{keys.job_prefix(job.job_id)}storyboard/{name}"), name
+    assert store.exists(keys.frame_thumb_key(job.job_id, 0, 0))
     report = json.loads(
         store.get_bytes(
             next(n.ref.key for n in stage(done, pb.STAGE_EVAL).outputs if n.name == "report_json")

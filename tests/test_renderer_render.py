@@ -472,3 +472,33 @@ def test_fp8_frames_carry_it_in_their_recipe_and_replace_bf16_ones(store, render
         fp8_renderer.close()
     recipe = json.loads(frames.read_png_text(store.get_bytes(keys.frame_key("job", 0, 0)))["dreamframe"])
     assert recipe["settings"]["fp8_linears"] is True
+
+
+def test_each_frame_gets_a_small_thumbnail_and_a_rerun_writes_none(store, renderer):
+    ref = put_story(store, "thumbs", make_story(3))
+    run(renderer, request("thumbs", ref))
+    for i in range(3):
+        data = store.get_bytes(keys.frame_thumb_key("thumbs", 0, i))
+        with Image.open(io.BytesIO(data)) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) <= 192
+            small = np.asarray(thumb.convert("RGB"), dtype=np.int16)
+        # The frame's picture (64×64 frames are not scaled up): the same over 8×8 blocks, JPEG aside.
+        frame = pixels(store, "thumbs", i)
+        assert small.shape == frame.shape
+
+        def blocks(a: np.ndarray) -> np.ndarray:
+            return a.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
+
+        assert np.abs(blocks(small) - blocks(frame)).mean() < 4
+        sidecar = json.loads(store.get_bytes(keys.frame_sidecar_key("thumbs", 0, i)))
+        assert sidecar["thumbnail"]["sha256"] == sha256_bytes(data)
+    # Thumbnails live beside the frames folder: a listing of frames/ is PNGs and sidecars only.
+    assert all(i.key.endswith((".png", ".json")) for i in store.list(keys.frames_prefix("thumbs")))
+
+    written: list[str] = []
+    put_bytes = store.put_bytes
+    store.put_bytes = lambda key, *a, **kw: written.append(key) or put_bytes(key, *a, **kw)
+    store.delete(keys.frame_sidecar_key("thumbs", 0, 2))  # frame 2 is not done: rendered again
+    events = run(renderer, request("thumbs", ref))
+    assert [f.index for f in frame_events(events) if not f.skipped] == [2]
+    assert [k for k in written if k.endswith(".jpg")] == [keys.frame_thumb_key("thumbs", 0, 2)]

@@ -202,6 +202,10 @@ class Coordinator:
                     stories_done[stage] += 1
                     if stories_done[stage] == ctx.stories:
                         ctx.stage(stage).finished_at.CopyFrom(now())
+            if pb.STAGE_RENDER in per_story:
+                # The story's storyboard as soon as its frames are rendered, outside the gate (the next
+                # story starts meanwhile); the job page linking them all comes after the last story.
+                await st.story_storyboard(ctx, index)
 
         if per_story:
             for stage in per_story:

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dreamframe import keys
-from dreamframe.errors import FailedPrecondition
+from dreamframe.errors import FailedPrecondition, NotFound
 from dreamframe.progress import ProgressClock
 from dreamframe.serving.streaming import progress_to_proto
 from dreamframe.storage import from_proto, to_proto
-from dreamframe.storage.base import ObjectStore
+from dreamframe.storage.base import ObjectStore, sha256_bytes
 from dreamframe.story import Story, load_story
 from dreamframe.v1 import common_pb2, eval_pb2, plot_pb2, qa_pb2, render_pb2, style_pb2, train_pb2
 from dreamframe.v1 import coordinator_pb2 as pb
@@ -27,6 +27,8 @@ from . import storyboard
 from .clients import Clients
 from .fanout import render_frames
 from .metrics import RenderMeter
+
+STORYBOARD_PARALLELISM = 2
 
 
 @dataclass
@@ -38,6 +40,10 @@ class JobContext:
     # Called after every change; persist=True for transitions that must reach storage now.
     changed: Callable[[bool], Awaitable[None]]
     clocks: dict[int, ProgressClock] = field(default_factory=dict)
+    # Stories whose storyboard is being built at once (each on a worker thread, off the event loop).
+    storyboard_slots: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(STORYBOARD_PARALLELISM)
+    )
     # The coordinator's metrics: render frames pending and in flight (metrics.py).
     meter: RenderMeter | None = None
 
@@ -243,9 +249,60 @@ async def render(
         "duplicate_reports": result.duplicate_reports,
         "by_replica": result.by_endpoint,
     }
-    ref = ctx.store.put_json(f"{keys.story_prefix(ctx.job.job_id, index)}frames.json", listing)
+    ref = ctx.store.put_json(frames_listing_key(ctx.job.job_id, index), listing)
     ctx.record(pb.STAGE_RENDER, name, to_proto(ref))
     frames_done[index] = total
+
+
+def frames_listing_key(job_id: str, index: int) -> str:
+    return f"{keys.story_prefix(job_id, index)}frames.json"
+
+
+async def story_storyboard(ctx: JobContext, index: int) -> None:
+    """The story's storyboard page and contact sheets, made as soon as its frames are rendered, from the
+    renderer's thumbnails, on a worker thread (STORYBOARD_PARALLELISM stories at a time); a board already
+    stored from the same story and frames is kept. Recorded as the render stage's ``storyboard/<sss>``."""
+    job_id = ctx.job.job_id
+    story = _recorded(ctx, pb.STAGE_PLOT, story_name("story", index))
+    story_key, story_bucket = (
+        (story.key, story.bucket or None) if story else (keys.story_key(job_id, index), None)
+    )
+    frames = _recorded(ctx, pb.STAGE_RENDER, story_name("frames", index))
+    frames_key, frames_bucket = (
+        (frames.key, frames.bucket or None) if frames else (frames_listing_key(job_id, index), None)
+    )
+
+    def build() -> storyboard.StoryBoard:
+        data = ctx.store.get_bytes(story_key, bucket=story_bucket)
+        try:
+            listing = json.loads(ctx.store.get_bytes(frames_key, bucket=frames_bucket))
+        except (NotFound, ValueError):
+            listing = None
+        versions = dict(story_sha256=sha256_bytes(data), frames_sha256=storyboard.frames_digest(listing))
+        board = storyboard.existing_story_board(ctx.store, job_id, index, **versions)
+        if board is None:
+            board = storyboard.build_story_board(ctx.store, job_id, index, load_story(data), **versions)
+        return board
+
+    async with ctx.storyboard_slots:
+        board = await asyncio.to_thread(build)
+    ctx.record(pb.STAGE_RENDER, story_name("storyboard", index), to_proto(board.page))
+    await ctx.changed(False)
+
+
+def _recorded(ctx: JobContext, stage: int, name: str) -> common_pb2.ObjectRef | None:
+    """A copy of an output's recorded ref (not verified: no storage call), None when not recorded."""
+    for status in ctx.job.stages:
+        if status.stage == stage:
+            for named in status.outputs:
+                if named.name == name:
+                    return common_pb2.ObjectRef(
+                        bucket=named.ref.bucket,
+                        key=named.ref.key,
+                        size=named.ref.size,
+                        sha256=named.ref.sha256,
+                    )
+    return None
 
 
 # --- whole-job stages ----------------------------------------------------------------------------
@@ -348,30 +405,10 @@ async def evaluate(ctx: JobContext) -> None:
 
 
 async def write_storyboard(ctx: JobContext) -> list[common_pb2.NamedRef]:
-    """The HTML page and one contact sheet per story, from whatever frames exist."""
-    job_id = ctx.job.job_id
-    stories = [load_job_story(ctx, i) for i in range(ctx.stories)]
-
-    def build() -> list[tuple[str, common_pb2.ObjectRef]]:
-        refs = []
-        for i, story in enumerate(stories):
-
-            def frame(n: int, i: int = i) -> bytes | None:
-                key = keys.frame_key(job_id, i, n)
-                return ctx.store.get_bytes(key) if ctx.store.exists(key) else None
-
-            sheet = storyboard.contact_sheet(story.frame_count, frame)
-            ref = ctx.store.put_bytes(
-                storyboard.contact_sheet_key(job_id, i), sheet, content_type="image/png"
-            )
-            refs.append((story_name("contact_sheet", i), to_proto(ref)))
-        page = storyboard.render_html(job_id, stories).encode()
-        ref = ctx.store.put_bytes(storyboard.storyboard_key(job_id), page, content_type="text/html")
-        refs.append(("storyboard", to_proto(ref)))
-        return refs
-
-    refs = await asyncio.to_thread(build)
-    return [common_pb2.NamedRef(name=n, ref=r) for n, r in refs]
+    """The job page (``storyboard/index.html``) linking every story's page, from the stories' board
+    manifests (a few hundred bytes each; the stories' boards were built as each render finished)."""
+    ref = await asyncio.to_thread(storyboard.write_index, ctx.store, ctx.job.job_id, ctx.stories)
+    return [common_pb2.NamedRef(name="storyboard", ref=to_proto(ref))]
 
 
 def _phase(phase: int) -> str:

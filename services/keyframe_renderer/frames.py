@@ -1,9 +1,11 @@
 """A frame in storage: the PNG (prompt, seed, model and settings in its text chunks) and a JSON sidecar.
 
-Write order makes "done" checkable: the PNG first, the sidecar last. A frame is done when its sidecar
-exists, records the same *recipe* (prompt, seed, model, image settings, style embedding) and the PNG
-verifies against the size and sha256 the sidecar recorded. A renderer killed between the two writes
-leaves a PNG without sidecar, which the next run simply renders again (to the same bytes).
+Write order makes "done" checkable: the PNG first, then its thumbnail (a small JPEG beside the frames
+folder, ``keys.frame_thumb_key``, which the storyboard reads instead of the PNG), the sidecar last. A frame
+is done when its sidecar exists, records the same *recipe* (prompt, seed, model, image settings, style
+embedding) and the PNG verifies against the size and sha256 the sidecar recorded. A renderer killed
+before the sidecar leaves a PNG (and maybe a thumbnail) without sidecar, which the next run simply
+renders again (to the same bytes); a done frame is skipped with its thumbnail, which is not written again.
 
 Encoding is deterministic (fixed zlib level, no timestamps, text chunks in a fixed order), so the same
 frame rendered twice is the same file.
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dreamframe import keys
+from dreamframe import keys, thumbnails
 from dreamframe.errors import NotFound
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 
@@ -97,14 +99,23 @@ def read_png_text(data: bytes) -> dict[str, str]:
         return dict(image.text)
 
 
-def sidecar_document(recipe: FrameRecipe, image: ObjectRef, extra: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _ref_dict(ref: ObjectRef) -> dict[str, Any]:
+    return {"bucket": ref.bucket, "key": ref.key, "size": ref.size, "sha256": ref.sha256}
+
+
+def sidecar_document(
+    recipe: FrameRecipe, image: ObjectRef, extra: dict[str, Any], thumbnail: ObjectRef | None = None
+) -> dict[str, Any]:
+    document = {
         "schema": SIDECAR_SCHEMA,
         "recipe": recipe.as_dict(),
-        "image": {"bucket": image.bucket, "key": image.key, "size": image.size, "sha256": image.sha256},
+        "image": _ref_dict(image),
         # How it was rendered (informational: not part of the recipe, so another GPU type still skips).
         "rendered_with": extra,
     }
+    if thumbnail is not None:
+        document["thumbnail"] = _ref_dict(thumbnail)
+    return document
 
 
 def write_frame(
@@ -117,12 +128,18 @@ def write_frame(
     bucket: str | None,
     extra: dict[str, Any],
 ) -> StoredFrame:
-    """PNG first, sidecar last (the sidecar's presence means the frame is complete)."""
+    """PNG first, then its thumbnail, sidecar last (the sidecar's presence means the frame is complete)."""
     png = encode_png(pixels, png_text(recipe))
     image = store.put_bytes(
         keys.frame_key(job_id, story_index, recipe.index), png, content_type="image/png", bucket=bucket
     )
-    document = sidecar_document(recipe, image, extra)
+    thumbnail = store.put_bytes(
+        keys.frame_thumb_key(job_id, story_index, recipe.index),
+        thumbnails.thumbnail_from_pixels(pixels),
+        content_type=thumbnails.CONTENT_TYPE,
+        bucket=bucket,
+    )
+    document = sidecar_document(recipe, image, extra, thumbnail)
     data = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False).encode()
     sidecar = store.put_bytes(
         keys.frame_sidecar_key(job_id, story_index, recipe.index),

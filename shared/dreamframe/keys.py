@@ -6,6 +6,8 @@ idempotent: a rerun finds what is already there under the same key and skips it.
     jobs/<job>/stories/<sss>/reference_story.json     the same in the reference format
     jobs/<job>/stories/<sss>/style/...                style images, embedding, checkpoints
     jobs/<job>/stories/<sss>/frames/<ffffff>.png      keyframes (+ .json sidecars)
+    jobs/<job>/stories/<sss>/thumbs/<ffffff>.jpg      a small JPEG of each keyframe (storyboard)
+    jobs/<job>/storyboard/...                         the job's storyboard pages and contact sheets
     datasets/<name>/...                               qa-generator output
     runs/<run>/...                                    trainer checkpoints and final model
     reports/<name>/...                                evaluator reports
@@ -66,6 +68,16 @@ def frame_key(job_id: str, story_index: int, frame_index: int) -> str:
 
 def frame_sidecar_key(job_id: str, story_index: int, frame_index: int) -> str:
     return f"{frames_prefix(job_id, story_index)}{frame_index:06d}.json"
+
+
+def thumbs_prefix(job_id: str, story_index: int = 0) -> str:
+    """Thumbnails sit beside ``frames/``, not in it: whatever reads a frames folder as "the keyframes"
+    (the evaluator's style consistency, the qa-generator) sees only the PNGs."""
+    return f"{story_prefix(job_id, story_index)}thumbs/"
+
+
+def frame_thumb_key(job_id: str, story_index: int, frame_index: int) -> str:
+    return f"{thumbs_prefix(job_id, story_index)}{frame_index:06d}.jpg"
 
 
 def dataset_prefix(name: str) -> str:
