@@ -1,6 +1,12 @@
 """The coordinator's core: accepts jobs, runs each through its stages, persists every transition,
 resumes unfinished jobs after a restart, and lets callers watch and cancel.
 
+With several replicas (``leadership``: leader.py) only the leader runs jobs. Any replica accepts
+submissions (stored QUEUED; the leader picks them up within ``pickup_interval_seconds``), answers reads
+from stored state, and takes cancel requests (a marker the leader acts on). Job state is written with
+compare-and-swap (jobs.py): a replica whose write is refused — another one changed the job since, as a new
+leader does — stops working on that job at once.
+
 Transport-free: server.py adapts it to gRPC; tests drive it directly too.
 """
 
@@ -12,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 
 from dreamframe import keys
-from dreamframe.errors import InvalidArgument
+from dreamframe.errors import Aborted, InvalidArgument
 from dreamframe.stages import stage_name
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
@@ -22,6 +28,7 @@ from services.coordinator.settings import CoordinatorSettings
 from . import stages as st
 from .clients import Clients
 from .jobs import JobStore, is_terminal, new_job_id, now
+from .leader import Leadership
 from .metrics import CoordinatorMetrics
 from .scaler import RendererScaler
 from .spec import PER_STORY_STAGES, selected_stages, validate_submission
@@ -38,6 +45,7 @@ class Coordinator:
         *,
         scaler: RendererScaler | None = None,
         scale_interval_seconds: float = 10.0,
+        leadership: Leadership | None = None,
     ) -> None:
         self.store = store
         self.jobs_store = JobStore(store)
@@ -55,29 +63,103 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._scale_task: asyncio.Task[None] | None = None
+        # None: this coordinator is the only one and always leads.
+        self.leadership = leadership
+        self._pickup_task: asyncio.Task[None] | None = None
+
+    @property
+    def leads(self) -> bool:
+        return self.leadership is None or self.leadership.is_leader
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> int:
-        """Pick up every unfinished job from storage; returns how many were resumed."""
-        unfinished = await asyncio.to_thread(self.jobs_store.unfinished)
-        for job in unfinished:
-            log.info("resuming job %s", job.job_id)
-            self._jobs[job.job_id] = job
-            self._schedule(job.job_id)
+        """Pick up every unfinished job from storage (when leading); returns how many were resumed."""
         if self.scaler is not None:
             self._scale_task = asyncio.create_task(self._scale_loop())
-        return len(unfinished)
+        if self.leadership is None:
+            return await self._resume()
+        self.leadership.on_elected = self._elected
+        self.leadership.on_deposed = self._deposed
+        await self.leadership.step()  # the first round now: a sole replica leads at once
+        self.leadership.start()
+        return len(self._tasks)
+
+    async def _resume(self) -> int:
+        """Schedule the stored unfinished jobs not running here yet (the active index, no job listing)."""
+        resumed = 0
+        for job_id in await asyncio.to_thread(self.jobs_store.active_ids):
+            if job_id in self._tasks:
+                continue
+            try:
+                job = await asyncio.to_thread(lambda j=job_id: self.jobs_store.load(j, track=True))
+            except Exception as exc:  # noqa: BLE001 - one bad record must not stop the others
+                log.warning("cannot resume job %s: %s", job_id, exc)
+                continue
+            if is_terminal(job.state):
+                continue
+            log.info("resuming job %s", job_id)
+            self._jobs[job_id] = job
+            self._schedule(job_id)
+            resumed += 1
+        return resumed
+
+    async def _elected(self, generation: int) -> None:
+        log.info("leading (generation %d): resuming unfinished jobs", generation)
+        await self._resume()
+        self._pickup_task = asyncio.create_task(self._pickup_loop(), name="job-pickup")
+
+    async def _deposed(self) -> None:
+        """Another replica leads now: stop every job here (they stay RUNNING in storage for it)."""
+        if self._pickup_task is not None:
+            self._pickup_task.cancel()
+        await self._stop_tasks()
+        for job_id in list(self._jobs):
+            self._drop(job_id)
+
+    async def _pickup_loop(self) -> None:
+        """The leader's rounds: jobs submitted through other replicas, and cancel requests they took."""
+        while True:
+            await asyncio.sleep(self.settings.pickup_interval_seconds)
+            if not self.leads:
+                continue  # the term lapsed (the campaign will say whether it comes back)
+            try:
+                await self._resume()
+                for job_id in list(self._tasks):
+                    if await asyncio.to_thread(self.store.exists, _cancel_key(job_id)):
+                        self._cancel_requested.add(job_id)
+                        self._tasks[job_id].cancel()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("job pickup failed: %s", exc)
+
+    async def _stop_tasks(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _drop(self, job_id: str) -> None:
+        """Forget a job here (finished, or taken over elsewhere): memory holds only jobs in flight."""
+        self._jobs.pop(job_id, None)
+        self._last_persist.pop(job_id, None)
+        self.jobs_store.forget(job_id)
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()  # watchers read the stored state from now on
 
     async def stop(self) -> None:
         """Shutdown: stop working but leave jobs RUNNING in storage, so the next start resumes them."""
         if self._scale_task:
             self._scale_task.cancel()
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for job in self._jobs.values():
-            await asyncio.to_thread(self.jobs_store.save, job)
+        if self._pickup_task is not None:
+            self._pickup_task.cancel()
+        await self._stop_tasks()
+        for job in list(self._jobs.values()):
+            try:
+                await asyncio.to_thread(self.jobs_store.save, job)
+            except Aborted:
+                log.warning("job %s was changed by another coordinator; not saved here", job.job_id)
+        if self.leadership is not None:
+            await self.leadership.stop()  # hand the lease over at once
 
     # --- API -----------------------------------------------------------------------------------
     async def submit(self, request: pb.SubmitJobRequest) -> pb.Job:
@@ -94,6 +176,10 @@ class Coordinator:
         for stage in selected_stages(request.spec):
             job.stages.add(stage=stage, state=pb.JOB_STATE_QUEUED)
         job.renderer_replicas = self._replicas()
+        if not self.leads:  # stored; the leader picks it up
+            await asyncio.to_thread(self.jobs_store.save, job)
+            self.jobs_store.forget(job_id)
+            return _copy(job)
         self._jobs[job_id] = job
         await asyncio.to_thread(self.jobs_store.save, job)
         self._schedule(job_id)
@@ -134,20 +220,33 @@ class Coordinator:
             yield job
             if is_terminal(job.state):
                 return
-            await event.wait()
+            if job_id in self._jobs:
+                await event.wait()
+            else:  # run by another replica (or not resumed yet): follow the stored state
+                self._changed.pop(job_id, None)
+                await asyncio.sleep(self.settings.pickup_interval_seconds)
 
     async def cancel(self, job_id: str) -> pb.Job:
         job = await self.get(job_id)
         if is_terminal(job.state):
             return job
-        self._cancel_requested.add(job_id)
         task = self._tasks.get(job_id)
         if task is not None:
+            self._cancel_requested.add(job_id)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        else:  # known only from storage (another coordinator's or not yet resumed)
-            self._jobs[job_id] = job
-            await self._finish(job_id, pb.JOB_STATE_CANCELLED, "cancelled by the caller")
+        elif self.leads:  # known only from storage (not resumed yet): cancel it there
+            self._cancel_requested.add(job_id)
+            self._jobs[job_id] = await asyncio.to_thread(lambda: self.jobs_store.load(job_id, track=True))
+            try:
+                await self._finish(job_id, pb.JOB_STATE_CANCELLED, "cancelled by the caller")
+            except Aborted:
+                pass  # changed meanwhile; the marker below still reaches whoever runs it
+            finally:
+                self._drop(job_id)
+            await asyncio.to_thread(self.store.put_bytes, _cancel_key(job_id), b"")
+        else:  # another replica runs it: it acts on the request within pickup_interval_seconds
+            await asyncio.to_thread(self.store.put_bytes, _cancel_key(job_id), b"")
         return await self.get(job_id)
 
     # --- running -------------------------------------------------------------------------------
@@ -175,11 +274,24 @@ class Coordinator:
                 await self._cancel_train_run(job)
                 await self._finish(job_id, pb.JOB_STATE_CANCELLED, "cancelled by the caller")
             # else: coordinator shutdown — the job stays RUNNING in storage and resumes on restart
+        except Aborted:
+            self._taken_over(job_id)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
             log.exception("job %s failed", job_id)
-            await self._finish(job_id, pb.JOB_STATE_FAILED, _describe(exc))
+            try:
+                await self._finish(job_id, pb.JOB_STATE_FAILED, _describe(exc))
+            except Aborted:
+                self._taken_over(job_id)
         finally:
             self._tasks.pop(job_id, None)
+            if is_terminal(job.state):
+                self._drop(job_id)
+
+    def _taken_over(self, job_id: str) -> None:
+        who = self.leadership.identity if self.leadership else "this coordinator"
+        log.warning("job %s was changed by another coordinator (a new leader?): %s stopped it", job_id, who)
+        self._cancel_requested.discard(job_id)
+        self._drop(job_id)
 
     async def _run_stages(self, ctx: st.JobContext) -> None:
         chosen = [s.stage for s in ctx.job.stages]
@@ -296,7 +408,8 @@ class Coordinator:
         assert self.scaler is not None
         while True:
             try:
-                await self.scaler.scale_for(self.metrics.pending)
+                if self.leads:  # a follower's fan-out is idle: its count says nothing
+                    await self.scaler.scale_for(self.metrics.pending)
             except Exception as exc:  # noqa: BLE001 - scaling trouble must not stop jobs
                 log.warning("renderer scaling failed: %s", exc)
             await asyncio.sleep(self.scale_interval_seconds)
@@ -359,3 +472,8 @@ def _copy(job: pb.Job) -> pb.Job:
     out = pb.Job()
     out.CopyFrom(job)
     return out
+
+
+def _cancel_key(job_id: str) -> str:
+    """A cancel request taken by a replica that does not run the job; the leader acts on it."""
+    return f"{keys.job_prefix(job_id)}cancel-requested"

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
 from dreamframe.serving import GrpcServer, Registration
 from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store
+from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
 
 from .clients import Clients
+from .leader import KubernetesLease, Leadership, Lease, StorageLease
 from .runner import Coordinator
-from .scaler import RendererScaler
+from .scaler import RendererScaler, shared_api_client
 
 SERVICE = "coordinator"
 
@@ -46,7 +49,23 @@ def build(settings: Settings) -> Coordinator:
     clients = Clients.connect(settings.coordinator, settings.client)
     k8s = settings.coordinator.kubernetes
     scaler = RendererScaler(k8s) if k8s.enabled else None
-    return Coordinator(store, clients, settings.coordinator, scaler=scaler)
+    return Coordinator(
+        store, clients, settings.coordinator, scaler=scaler, leadership=build_leadership(settings, store)
+    )
+
+
+def build_leadership(settings: Settings, store: ObjectStore) -> Leadership | None:
+    c = settings.coordinator
+    if c.leader_election == "off":
+        return None
+    if c.leader_election == "kubernetes":
+        lease: Lease = KubernetesLease(
+            shared_api_client(c.kubernetes), c.kubernetes.namespace, c.leader_lease_name
+        )
+    else:
+        lease = StorageLease(store)
+    identity = c.identity or f"{socket.gethostname()}:{settings.server.port}"
+    return Leadership(lease, identity, duration=c.leader_lease_seconds)
 
 
 async def amain(settings: Settings) -> None:

@@ -62,4 +62,16 @@ class CoordinatorSettings(BaseModel):
     train_base_model: str = "tiny"
     # How often job progress is written to storage while a stage runs (transitions always are).
     persist_interval_seconds: float = Field(2.0, ge=0)
+    # One active coordinator among replicas (leader.py): "storage" (a lease object in storage, written
+    # with compare-and-swap), "kubernetes" (a coordination.k8s.io Lease named leader_lease_name in
+    # kubernetes.namespace), "off" (this replica always leads: only for a single coordinator).
+    leader_election: Literal["storage", "kubernetes", "off"] = "storage"
+    leader_lease_name: str = "dreamframe-coordinator"
+    # Another replica takes over this long after the leader's last renewal (it renews every third of it).
+    leader_lease_seconds: float = Field(15.0, ge=1)
+    # This replica's name in the lease (default: host name and server port; a restarted process with
+    # the same name takes its lease back at once).
+    identity: str = ""
+    # How often the leader looks for jobs submitted through other replicas and for cancel requests.
+    pickup_interval_seconds: float = Field(2.0, gt=0)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
