@@ -222,6 +222,9 @@ class Coordinator:
                 return
             if job_id in self._jobs:
                 await event.wait()
+                # Coalesced: a watcher gets at most one update per watch_interval_seconds, the latest state
+                # then, however many frames changed it in between (a whole Job per frame would not scale).
+                await asyncio.sleep(self.settings.watch_interval_seconds)
             else:  # run by another replica (or not resumed yet): follow the stored state
                 self._changed.pop(job_id, None)
                 await asyncio.sleep(self.settings.pickup_interval_seconds)
@@ -296,8 +299,7 @@ class Coordinator:
     async def _run_stages(self, ctx: st.JobContext) -> None:
         chosen = [s.stage for s in ctx.job.stages]
         per_story = [s for s in chosen if s in PER_STORY_STAGES]
-        frames_total: dict[int, int] = {}
-        frames_done: dict[int, int] = {}
+        tally = st.FrameTally()
         stories_done = dict.fromkeys(per_story, 0)
 
         async def one_story(index: int, gate: asyncio.Semaphore) -> None:
@@ -310,7 +312,7 @@ class Coordinator:
                     elif stage == pb.STAGE_STYLE:
                         await st.style(ctx, index)
                     elif stage == pb.STAGE_RENDER:
-                        await st.render(ctx, index, frames_total, frames_done)
+                        await st.render(ctx, index, tally)
                     stories_done[stage] += 1
                     if stories_done[stage] == ctx.stories:
                         ctx.stage(stage).finished_at.CopyFrom(now())

@@ -72,6 +72,8 @@ class CoordinatorSettings(BaseModel):
     # This replica's name in the lease (default: host name and server port; a restarted process with
     # the same name takes its lease back at once).
     identity: str = ""
+    # WatchJob sends at most one update per this many seconds per watcher (the latest state then).
+    watch_interval_seconds: float = Field(0.25, ge=0)
     # How often the leader looks for jobs submitted through other replicas and for cancel requests.
     pickup_interval_seconds: float = Field(2.0, gt=0)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)

@@ -200,9 +200,23 @@ def style_of(ctx: JobContext, index: int) -> tuple[common_pb2.ObjectRef | None, 
     return common_pb2.ObjectRef(**info["embedding"]), info["token"]
 
 
-async def render(
-    ctx: JobContext, index: int, frames_total: dict[int, int], frames_done: dict[int, int]
-) -> None:
+@dataclass
+class FrameTally:
+    """A job's frames, kept as running sums: each reported frame costs O(1), not a sum over stories."""
+
+    total: int = 0
+    done: int = 0
+    by_story: dict[int, int] = field(default_factory=dict)
+
+    def add_story(self, total: int) -> None:
+        self.total += total
+
+    def story_done(self, index: int, done: int) -> None:
+        self.done += done - self.by_story.get(index, 0)
+        self.by_story[index] = done
+
+
+async def render(ctx: JobContext, index: int, tally: FrameTally) -> None:
     """Every keyframe of the story, sharded over the renderer replicas."""
     name = story_name("frames", index)
     if ctx.output(pb.STAGE_RENDER, name) is not None:
@@ -219,16 +233,12 @@ async def render(
     if embedding is not None:
         template.style_embedding.CopyFrom(embedding)
     total = story.frame_count
-    frames_total[index] = total
+    tally.add_story(total)
 
     async def on_frame(frame: render_pb2.RenderedFrame, result) -> None:
-        frames_done[index] = len(result.frames)
+        tally.story_done(index, len(result.frames))
         await ctx.progress(
-            pb.STAGE_RENDER,
-            sum(frames_done.values()),
-            sum(frames_total.values()),
-            "frames",
-            f"story {index} frame {frame.index}",
+            pb.STAGE_RENDER, tally.done, tally.total, "frames", f"story {index} frame {frame.index}"
         )
 
     result = await render_frames(
@@ -251,7 +261,7 @@ async def render(
     }
     ref = ctx.store.put_json(frames_listing_key(ctx.job.job_id, index), listing)
     ctx.record(pb.STAGE_RENDER, name, to_proto(ref))
-    frames_done[index] = total
+    tally.story_done(index, total)
 
 
 def frames_listing_key(job_id: str, index: int) -> str:

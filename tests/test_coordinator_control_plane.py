@@ -1,0 +1,62 @@
+"""Control-plane costs per frame stay O(1): running frame sums, coalesced WatchJob updates."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dreamframe.storage import LocalStore
+from dreamframe.v1 import coordinator_pb2 as pb
+from services.coordinator import stages as st
+from services.coordinator.clients import Clients
+from services.coordinator.runner import Coordinator
+from services.coordinator.settings import CoordinatorSettings
+
+
+def test_frame_tally_is_a_running_sum():
+    tally = st.FrameTally()
+    tally.add_story(10)
+    tally.add_story(5)
+    tally.story_done(0, 3)
+    tally.story_done(1, 5)
+    tally.story_done(0, 4)  # a story's count only moves forward by what changed
+    assert (tally.done, tally.total) == (9, 15)
+
+
+def test_a_watcher_gets_coalesced_updates_not_one_per_frame(tmp_path, monkeypatch):
+    frames = 400
+
+    async def render(ctx, index, tally):
+        tally.add_story(frames)
+        for done in range(1, frames + 1):
+            tally.story_done(index, done)
+            await ctx.progress(pb.STAGE_RENDER, tally.done, tally.total, "frames", f"frame {done}")
+            await asyncio.sleep(0.002)
+
+    async def nothing(*args, **kwargs):
+        return []
+
+    for name in ("plot", "style"):
+        monkeypatch.setattr(st, name, nothing)
+    monkeypatch.setattr(st, "render", render)
+    monkeypatch.setattr(st, "write_storyboard", nothing)
+    monkeypatch.setattr(st, "story_storyboard", nothing)
+
+    async def scenario() -> tuple[int, pb.Job]:
+        clients = Clients(plot=None, style=None, renderers=[], qa=None, train=None, eval=None)
+        settings = CoordinatorSettings(watch_interval_seconds=0.1)
+        c = Coordinator(LocalStore(tmp_path / "s", "dreamframe"), clients, settings)
+        await c.start()
+        spec = pb.JobSpec(stories=[pb.StoryInput(theme="t")], stages=[pb.STAGE_PLOT, pb.STAGE_RENDER])
+        await c.submit(pb.SubmitJobRequest(spec=spec, job_id="many-frames"))
+        updates = 0
+        last = None
+        async for last in c.watch("many-frames"):  # noqa: B007 - the last update is the finished job
+            updates += 1
+        await c.stop()
+        return updates, last
+
+    updates, last = asyncio.run(scenario())
+    assert last.state == pb.JOB_STATE_SUCCEEDED
+    render = next(s for s in last.stages if s.stage == pb.STAGE_RENDER)
+    assert (render.progress.done, render.progress.total) == (frames, frames)
+    assert updates < frames / 10, updates  # ~0.8 s of frames at 10 updates/s, not 400 updates
