@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from dreamframe.storage import LocalStore
 from dreamframe.v1 import coordinator_pb2 as pb
 from services.coordinator import stages as st
@@ -60,3 +62,43 @@ def test_a_watcher_gets_coalesced_updates_not_one_per_frame(tmp_path, monkeypatc
     render = next(s for s in last.stages if s.stage == pb.STAGE_RENDER)
     assert (render.progress.done, render.progress.total) == (frames, frames)
     assert updates < frames / 10, updates  # ~0.8 s of frames at 10 updates/s, not 400 updates
+
+
+def test_list_jobs_pages_small_summaries_from_the_index(tmp_path):
+    from dreamframe.errors import InvalidArgument
+    from services.coordinator.jobs import JobStore, now
+
+    store = LocalStore(tmp_path / "s", "dreamframe")
+    jobs = JobStore(store)
+    for i in range(5):
+        job = pb.Job(job_id=f"big-{i}", state=pb.JOB_STATE_SUCCEEDED if i % 2 else pb.JOB_STATE_RUNNING)
+        job.created_at.CopyFrom(now())
+        job.created_at.seconds += i
+        job.spec.stories.extend(pb.StoryInput(theme=f"a long theme number {n}") for n in range(2000))
+        status = job.stages.add(stage=pb.STAGE_RENDER, state=job.state)
+        for n in range(2000):
+            status.outputs.add(name=f"frames/{n:03d}").ref.key = f"jobs/big-{i}/stories/{n:03d}/frames.json"
+        jobs.save(job)
+    assert len(job.SerializeToString()) > 100_000  # a whole job is large
+
+    async def scenario():
+        clients = Clients(plot=None, style=None, renderers=[], qa=None, train=None, eval=None)
+        c = Coordinator(store, clients, CoordinatorSettings())
+        pages, token = [], ""
+        while True:
+            page, token = await c.list([], 2, token)
+            pages.append(page)
+            if not token:
+                break
+        done, _ = await c.list([pb.JOB_STATE_SUCCEEDED], 0, "")
+        with pytest.raises(InvalidArgument):
+            await c.list([], 2, "../../etc")
+        return pages, done
+
+    pages, done = asyncio.run(scenario())
+    assert [len(p) for p in pages] == [2, 2, 1]
+    listed = [j for p in pages for j in p]
+    assert [j.job_id for j in listed] == [f"big-{i}" for i in (4, 3, 2, 1, 0)]  # newest first
+    for j in listed:
+        assert j.story_count == 2000 and len(j.SerializeToString()) < 500
+    assert [j.job_id for j in done] == ["big-3", "big-1"]

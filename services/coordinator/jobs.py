@@ -128,11 +128,17 @@ class JobStore:
         self.store.put_bytes(INDEX_BUILT_KEY, b"")
         self._indexed = True
 
-    def ids(self) -> Iterator[str]:
-        """Every job id, newest submitted first (one index object per job)."""
+    def entries(self) -> Iterator[tuple[str, str]]:
+        """(index entry, job id) for every job, newest submitted first; an entry is a stable page token."""
         self.ensure_index()
         for info in self.store.list(ALL_PREFIX):
-            yield info.key[len(ALL_PREFIX) :].split("-", 1)[1]
+            entry = info.key[len(ALL_PREFIX) :]
+            yield entry, entry.split("-", 1)[1]
+
+    def ids(self) -> Iterator[str]:
+        """Every job id, newest submitted first (one index object per job)."""
+        for _, job_id in self.entries():
+            yield job_id
 
     def all(self) -> Iterator[pb.Job]:
         for job_id in self.ids():

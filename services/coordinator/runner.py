@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
 from dreamframe import keys
-from dreamframe.errors import Aborted, InvalidArgument
+from dreamframe.errors import Aborted, InvalidArgument, NotFound
 from dreamframe.stages import stage_name
 from dreamframe.storage.base import ObjectStore
 from dreamframe.story import load_story
@@ -173,6 +174,7 @@ class Coordinator:
         job = pb.Job(job_id=job_id, state=pb.JOB_STATE_QUEUED, prefix=keys.job_prefix(job_id))
         job.spec.CopyFrom(request.spec)
         job.created_at.CopyFrom(now())
+        job.story_count = len(request.spec.stories)
         for stage in selected_stages(request.spec):
             job.stages.add(stage=stage, state=pb.JOB_STATE_QUEUED)
         job.renderer_replicas = self._replicas()
@@ -199,18 +201,32 @@ class Coordinator:
         return await asyncio.to_thread(self.jobs_store.load, job_id)
 
     async def list(self, states: list[int], page_size: int, page_token: str) -> tuple[list[pb.Job], str]:
-        jobs = {j.job_id: j for j in await asyncio.to_thread(lambda: list(self.jobs_store.all()))}
-        jobs.update({k: _copy(v) for k, v in self._jobs.items()})
-        ordered = sorted(jobs.values(), key=_submitted, reverse=True)  # newest first, by submit time
-        if states:
-            ordered = [j for j in ordered if j.state in states]
-        if page_token:
-            after = _parse_page_token(page_token)
-            ordered = [j for j in ordered if _submitted(j) < after]
+        """Job summaries (``summary``), newest submitted first, from the job index: a page reads only its
+        own jobs (and those its state filter skips), never every job."""
+        if page_token and not _PAGE_TOKEN.fullmatch(page_token):
+            raise InvalidArgument(f"{page_token[:40]!r} is not a page token of ListJobs", field="page_token")
         size = page_size if page_size > 0 else 100
-        page = ordered[:size]
-        token = _page_token(page[-1]) if len(ordered) > size else ""
-        return page, token
+        live = {job_id: _copy(job) for job_id, job in self._jobs.items()}  # fresher than storage
+
+        def one_page() -> tuple[list[pb.Job], str]:
+            page: list[pb.Job] = []
+            last = ""
+            for entry, job_id in self.jobs_store.entries():
+                if page_token and entry <= page_token:
+                    continue
+                try:
+                    job = live.get(job_id) or self.jobs_store.load(job_id)
+                except NotFound:
+                    continue  # indexed, then deleted
+                if states and job.state not in states:
+                    continue
+                if len(page) == size:
+                    return page, last  # more follow
+                page.append(summary(job))
+                last = entry
+            return page, ""
+
+        return await asyncio.to_thread(one_page)
 
     async def watch(self, job_id: str) -> AsyncIterator[pb.Job]:
         while True:
@@ -445,21 +461,21 @@ def _stamp_finished(status: pb.StageStatus) -> None:
         status.finished_at.CopyFrom(now())
 
 
-def _submitted(job: pb.Job) -> tuple[int, int, str]:
-    """ListJobs' order: submit time, then id (caller-chosen ids need not sort by time)."""
-    return (job.created_at.seconds, job.created_at.nanos, job.job_id)
+# A ListJobs page token: the job index entry of the page's last job (jobs.py: inverted time, then id).
+_PAGE_TOKEN = re.compile(r"[0-9]{13}-[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def _page_token(job: pb.Job) -> str:
-    return f"{job.created_at.seconds}.{job.created_at.nanos:09d}.{job.job_id}"
-
-
-def _parse_page_token(token: str) -> tuple[int, int, str]:
-    try:
-        seconds, nanos, job_id = token.split(".", 2)
-        return (int(seconds), int(nanos), job_id)
-    except ValueError:
-        raise InvalidArgument(f"{token!r} is not a page token of ListJobs", field="page_token") from None
+def summary(job: pb.Job) -> pb.Job:
+    """A job without what grows with its size (the stories of its spec, stage and job outputs): what
+    ListJobs returns, so a page of large jobs stays small. GetJob has the whole job."""
+    small = pb.Job()
+    small.CopyFrom(job)
+    small.story_count = len(job.spec.stories)
+    small.spec.ClearField("stories")
+    small.ClearField("outputs")
+    for status in small.stages:
+        status.ClearField("outputs")
+    return small
 
 
 def _describe(exc: BaseException) -> str:

@@ -431,7 +431,7 @@ def list_jobs(coordinator: Annotated[str | None, typer.Option()] = None) -> None
             job.job_id,
             _state(job.state),
             _when(job.created_at),
-            str(len(job.spec.stories)),
+            str(job.story_count or len(job.spec.stories)),
             ",".join(stage_name(s.stage) for s in job.stages),
             job.spec.name,
         )
