@@ -36,17 +36,21 @@ def test_ready_follows_storage_loads_and_check(tmp_path):
     asyncio.run(scenario())
 
 
-def test_an_async_check_and_a_storage_outage(tmp_path):
-    class DownStore(LocalStore):
+def test_an_async_check_and_a_storage_outage_without_listing(tmp_path):
+    class NoListing(LocalStore):
         def list(self, prefix="", *, bucket=None):
+            raise AssertionError("readiness must not list: a store may hold millions of keys")
+
+    class Down(NoListing):
+        def exists(self, key, *, bucket=None):
             raise ConnectionError("storage down")
 
     async def check() -> bool:
         return True
 
     async def scenario() -> None:
-        assert await StorageReadiness(LocalStore(tmp_path / "s", "bkt"), "runs/", check)() is True
+        assert await StorageReadiness(NoListing(tmp_path / "s", "bkt"), "runs/", check)() is True
         with pytest.raises(ConnectionError):
-            await StorageReadiness(DownStore(tmp_path / "s", "bkt"), "runs/")()
+            await StorageReadiness(Down(tmp_path / "s", "bkt"), "runs/")()
 
     asyncio.run(scenario())

@@ -14,9 +14,14 @@ from dreamframe.storage import ObjectStore
 Check = Callable[[], Awaitable[bool] | bool]
 
 
+# The key whose existence the probe asks about: one HEAD (or stat), O(1) whatever the store holds.
+PROBE_KEY = "readiness-probe"
+
+
 class StorageReadiness:
-    """Ready when ``store`` lists (at most one key under ``probe_prefix``), every tracked load task has
-    finished without error, and ``check`` (if any) returns true.
+    """Ready when ``store`` answers (one existence check under ``probe_prefix``: never a listing, which
+    would walk every frame of a local store), every tracked load task has finished without error, and
+    ``check`` (if any) returns true.
 
     ``track`` hands it a task started after the readiness was built (a model preload): until the task
     is done the service is not ready, and a failed load keeps it NOT_SERVING with the error logged.
@@ -33,8 +38,8 @@ class StorageReadiness:
         return load
 
     async def __call__(self) -> bool:
-        # One listing call that stops at the first key: storage must answer, whatever it holds.
-        await asyncio.to_thread(lambda: next(iter(self.store.list(self.probe_prefix)), None))
+        # Storage must answer (the answer itself does not matter).
+        await asyncio.to_thread(self.store.exists, f"{self.probe_prefix}{PROBE_KEY}")
         for load in self._loads:
             if not load.done():
                 return False
