@@ -279,14 +279,19 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     return commandline.run(app, argv)
 
 
+def publish(report: dict, summary: str, out: Path | None, filename: str) -> dict:
+    """Print a bench's summary and, with ``out``, write its report there as JSON."""
+    print(summary, flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / filename).write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    print(summarize(report), flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fanout-bench.json").write_text(json.dumps(report, indent=2))
-    return report
+    return publish(report, summarize(report), args.out, "fanout-bench.json")
 
 
 if __name__ == "__main__":

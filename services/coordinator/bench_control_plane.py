@@ -23,7 +23,6 @@ the figures.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -42,7 +41,7 @@ from dreamframe.storage import open_store
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
 
-from .bench import RENDERER, free_port, put_story, start_coordinator
+from .bench import RENDERER, free_port, publish, put_story, start_coordinator
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -263,11 +262,7 @@ def bench(
 def main(argv: list[str] | None = None) -> dict:
     args = commandline.run(app, argv)
     report = run(args)
-    print(summarize(report), flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "control-plane-bench.json").write_text(json.dumps(report, indent=2))
-    return report
+    return publish(report, summarize(report), args.out, "control-plane-bench.json")
 
 
 if __name__ == "__main__":
