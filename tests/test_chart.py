@@ -54,8 +54,13 @@ def test_lint_is_clean():
         },
         {"services": {"keyframeRenderer": {"autoscaling": {"mode": "hpa"}}}},
         {"services": {"keyframeRenderer": {"autoscaling": {"mode": "off"}}}},
+        {"config": {"coordinator": {"leader_election": "off"}}, "services": {"coordinator": {"replicas": 1}}},
+        {
+            "config": {"coordinator": {"leader_election": "storage"}},
+            "services": {"coordinator": {"replicas": 3}},
+        },
     ],
-    ids=["defaults", "tls-vllm", "external-s3", "hpa", "scaling-off"],
+    ids=["defaults", "tls-vllm", "external-s3", "hpa", "scaling-off", "one-coordinator", "storage-lease"],
 )
 def test_every_manifest_validates_strictly(values):
     docs = render(values)
@@ -227,6 +232,14 @@ def test_bundled_minio_and_helm_test_hook():
         ({"minio": {"rootPassword": "short"}}, "/minio/rootPassword"),
         ({"ports": {"grpc": 70000}}, "/ports/grpc"),
         ({"services": {"keyframeRenderer": {"autoscaling": {"mode": "cpu"}}}}, "autoscaling/mode"),
+        (
+            {"config": {"coordinator": {"leader_election": "zookeeper"}}},
+            "/config/coordinator/leader_election",
+        ),
+        (
+            {"config": {"coordinator": {"leader_lease_name": "Not A Name"}}},
+            "/config/coordinator/leader_lease_name",
+        ),
     ],
 )
 def test_schema_rejects_bad_values_with_clear_messages(values, message):
@@ -256,6 +269,11 @@ def test_schema_rejects_bad_values_with_clear_messages(values, message):
         ),
         ({"minio": {"enabled": False}}, "config.storage.endpoint is required"),
         ({"tls": {"enabled": True}}, "tls.secretName is required"),
+        (
+            {"config": {"coordinator": {"leader_election": "off"}}},
+            "leader_election off with services.coordinator.replicas > 1",
+        ),
+        ({"config": {"coordinator": {"identity": "coordinator-0"}}}, "config.coordinator.identity"),
     ],
 )
 def test_inconsistent_values_fail_rendering(values, message):
@@ -485,3 +503,138 @@ def test_renderer_grace_period_covers_a_batch():
     assert pod(longer, RENDERER)["terminationGracePeriodSeconds"] == 1200 and grace_env(longer) == "1190"
     with pytest.raises(helm.HelmValuesError):
         render({"services": {"keyframeRenderer": {"terminationGracePeriodSeconds": 5}}})
+
+
+# --- high availability: two coordinators, one leader (a coordination.k8s.io Lease) -------------------
+COORDINATOR = "dreamframe-coordinator"
+
+
+def test_coordinator_leader_election_gets_exactly_its_lease():
+    docs = render(namespace="render-ns")
+    config = coordinator_config(docs)
+    assert config.leader_election == "kubernetes"
+    assert config.leader_lease_name == COORDINATOR
+    pod = by_kind(docs, "Deployment")[COORDINATOR]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    # The Lease lives in the release namespace, where the Role below grants it.
+    assert env["DREAMFRAME_COORDINATOR__KUBERNETES__NAMESPACE"] == "render-ns"
+    assert env["DREAMFRAME_COORDINATOR__KUBERNETES__IN_CLUSTER"] == "true"
+    assert "DREAMFRAME_COORDINATOR__IDENTITY" not in env and not config.identity  # each pod its own name
+    roles = by_kind(docs, "Role")
+    # create cannot be limited by resourceNames; get and patch only on the one Lease; nothing else.
+    assert roles["dreamframe-leader-election"]["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [COORDINATOR],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    binding = by_kind(docs, "RoleBinding")["dreamframe-leader-election"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "dreamframe-leader-election",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": COORDINATOR, "namespace": "render-ns"}]
+    assert pod["serviceAccountName"] == COORDINATOR and pod["automountServiceAccountToken"]
+    # The other Roles are as they were, and none of them touches leases.
+    assert set(roles) == {
+        "dreamframe-leader-election",
+        "dreamframe-renderer-scaler",
+        "dreamframe-renderer-discovery",
+    }
+    others = [r for n, role in roles.items() if n != "dreamframe-leader-election" for r in role["rules"]]
+    assert not [r for r in others if "leases" in r["resources"]]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    # A lease name of one's own: the config and the Role's resourceNames follow it.
+    named = render({"config": {"coordinator": {"leader_lease_name": "df-leader"}}})
+    assert coordinator_config(named).leader_lease_name == "df-leader"
+    assert by_kind(named, "Role")["dreamframe-leader-election"]["rules"][1]["resourceNames"] == ["df-leader"]
+    # A lease in storage (or none) needs no API rights.
+    for election in ("storage", "off"):
+        other = render(
+            {
+                "config": {"coordinator": {"leader_election": election}},
+                "services": {"coordinator": {"replicas": 1}},
+            }
+        )
+        assert coordinator_config(other).leader_election == election
+        assert "dreamframe-leader-election" not in by_kind(other, "Role")
+        assert "dreamframe-leader-election" not in by_kind(other, "RoleBinding")
+
+
+def test_two_coordinator_replicas_roll_and_drain_safely():
+    docs = render()
+    dep = by_kind(docs, "Deployment")[COORDINATOR]["spec"]
+    assert dep["replicas"] == 2
+    # The new pod (a follower) is up before an old one goes: the API never stops, the lease moves over.
+    assert dep["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    selector = {"app.kubernetes.io/name": "coordinator", "app.kubernetes.io/instance": "dreamframe"}
+    pdb = by_kind(docs, "PodDisruptionBudget")[COORDINATOR]["spec"]
+    assert pdb == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    anti = dep["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti == {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": selector},
+                },
+            }
+        ]
+    }
+    # The Service routes to every replica (followers answer reads and take submissions): plain selector.
+    service = by_kind(docs, "Service")[COORDINATOR]["spec"]
+    assert service["selector"] == selector and service.get("clusterIP") != "None"
+    # KEDA's default query sums the coordinators' pending frames (followers report 0), never averages.
+    keda = render(scaling("keda", prometheus={"serverAddress": PROMETHEUS}))
+    [obj] = [d for d in keda if d["kind"] == "ScaledObject"]
+    assert obj["spec"]["triggers"][0]["metadata"]["query"].startswith("sum(")
+
+    # One replica: no PDB (it would block every drain) and no anti-affinity, still no-downtime rollouts.
+    one = render({"services": {"coordinator": {"replicas": 1}}})
+    dep1 = by_kind(one, "Deployment")[COORDINATOR]["spec"]
+    assert dep1["replicas"] == 1 and dep1["strategy"] == dep["strategy"]
+    assert (
+        COORDINATOR not in by_kind(one, "PodDisruptionBudget") and "affinity" not in dep1["template"]["spec"]
+    )
+    # Without leader election two coordinators would run the same jobs: Recreate, never a surge.
+    off = render(
+        {"config": {"coordinator": {"leader_election": "off"}}, "services": {"coordinator": {"replicas": 1}}}
+    )
+    assert by_kind(off, "Deployment")[COORDINATOR]["spec"]["strategy"] == {"type": "Recreate"}
+    # An affinity of one's own with a podAntiAffinity replaces the chart's; other affinity is kept beside it.
+    mine = {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ]
+        }
+    }
+    own = by_kind(render({"services": {"coordinator": {"affinity": mine}}}), "Deployment")[COORDINATOR]
+    assert own["spec"]["template"]["spec"]["affinity"] == mine
+    zone = {
+        "nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 1,
+                    "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                }
+            ]
+        }
+    }
+    zoned = render({"services": {"coordinator": {"affinity": zone}}})
+    both = by_kind(zoned, "Deployment")[COORDINATOR]
+    assert set(both["spec"]["template"]["spec"]["affinity"]) == {"nodeAffinity", "podAntiAffinity"}
+    # Other services keep their strategy and PDB rules.
+    renderer = by_kind(docs, "Deployment")[RENDERER]["spec"]
+    assert renderer["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert by_kind(docs, "PodDisruptionBudget")[RENDERER]["spec"]["maxUnavailable"] == 1
+    for variant in (one, off, zoned):
+        for doc in variant:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

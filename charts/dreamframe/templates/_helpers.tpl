@@ -95,8 +95,21 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{- if $r.enabled -}}{{ $r.autoscaling.mode }}{{- else -}}off{{- end -}}
 {{- end -}}
 
-{{/* The PromQL KEDA scales on: the pending frames of the release namespace's coordinator(s). */}}
+{{/* The PromQL KEDA scales on: the pending frames of the release namespace's coordinator(s), summed
+(followers report 0: the sum is the leader's count whatever services.coordinator.replicas). */}}
 {{- define "dreamframe.pendingFramesQuery" -}}
 {{- $p := .Values.services.keyframeRenderer.autoscaling.prometheus -}}
 {{- default (printf "sum(dreamframe_render_frames_pending{namespace=%q})" .Release.Namespace) $p.query -}}
+{{- end -}}
+
+{{/* Coordinator leader election ----------------------------------------------------------- */}}
+{{/* storage, kubernetes or off: config.coordinator.leader_election (DreamFrame's default: storage). */}}
+{{- define "dreamframe.leaderElection" -}}
+{{- (default dict .Values.config.coordinator).leader_election | default "storage" -}}
+{{- end -}}
+
+{{/* The coordination.k8s.io Lease the coordinators campaign for: config.coordinator.leader_lease_name,
+or <fullname>-coordinator so that two releases in one namespace never share a leader. */}}
+{{- define "dreamframe.leaderLeaseName" -}}
+{{- (default dict .Values.config.coordinator).leader_lease_name | default (printf "%s-coordinator" (include "dreamframe.fullname" .)) -}}
 {{- end -}}
