@@ -48,6 +48,7 @@ class LocalStore(ObjectStore):
     def __init__(self, root: str | Path, default_bucket: str) -> None:
         super().__init__(default_bucket)
         self.root = Path(root).absolute()
+        self._real_buckets: dict[Path, str] = {}
         self._tmp = self.root / TMP_DIR
         self._tmp.mkdir(parents=True, exist_ok=True)
         (self.root / self.default_bucket).mkdir(exist_ok=True)
@@ -65,8 +66,11 @@ class LocalStore(ObjectStore):
         validate_key(key)
         bucket_dir = self._bucket_dir(bucket)
         path = bucket_dir / key
+        real_bucket = self._real_buckets.get(bucket_dir)
+        if real_bucket is None:  # the bucket directory itself is the operator's: resolved once
+            real_bucket = self._real_buckets[bucket_dir] = os.path.realpath(bucket_dir) + os.sep
         try:
-            inside = path.resolve().is_relative_to(bucket_dir.resolve())
+            inside = os.path.realpath(path).startswith(real_bucket)
         except (OSError, RuntimeError):  # symlink loop
             inside = False
         if not inside:
