@@ -102,3 +102,35 @@ def test_list_jobs_pages_small_summaries_from_the_index(tmp_path):
     for j in listed:
         assert j.story_count == 2000 and len(j.SerializeToString()) < 500
     assert [j.job_id for j in done] == ["big-3", "big-1"]
+
+
+def test_storyboards_can_be_switched_off(tmp_path, monkeypatch):
+    called: list[str] = []
+
+    async def nothing(*args, **kwargs):
+        return []
+
+    async def board(*args, **kwargs):
+        called.append("board")
+        return []
+
+    for name in ("plot", "style", "render"):
+        monkeypatch.setattr(st, name, nothing)
+    monkeypatch.setattr(st, "write_storyboard", board)
+    monkeypatch.setattr(st, "story_storyboard", board)
+
+    async def scenario(storyboard: bool) -> None:
+        clients = Clients(plot=None, style=None, renderers=[], qa=None, train=None, eval=None)
+        settings = CoordinatorSettings(storyboard=storyboard, watch_interval_seconds=0)
+        c = Coordinator(LocalStore(tmp_path / f"s{storyboard}", "dreamframe"), clients, settings)
+        await c.start()
+        spec = pb.JobSpec(stories=[pb.StoryInput(theme="t")], stages=[pb.STAGE_PLOT, pb.STAGE_RENDER])
+        await c.submit(pb.SubmitJobRequest(spec=spec, job_id="j"))
+        async for _ in c.watch("j"):
+            pass
+        await c.stop()
+
+    asyncio.run(scenario(False))
+    assert called == []
+    asyncio.run(scenario(True))
+    assert called == ["board", "board"]  # the story's page, then the job's

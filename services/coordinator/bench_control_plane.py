@@ -173,6 +173,7 @@ def run(args: BenchArgs) -> dict:
         "DREAMFRAME_COORDINATOR__RENDER_SHARD_SIZE": str(args.shard_size),
         "DREAMFRAME_COORDINATOR__STORY_PARALLELISM": str(args.story_parallelism),
         "DREAMFRAME_LOG__LEVEL": "WARNING",
+        "DREAMFRAME_COORDINATOR__STORYBOARD": "true" if args.storyboard else "false",
     }
     store = open_store(StorageSettings(backend="local", root=work / "store"))
     renderers = [
@@ -187,6 +188,7 @@ def run(args: BenchArgs) -> dict:
     finally:
         local.stop_processes(renderers)
     return {
+        "storyboard": args.storyboard,
         "fleet": f"{args.replicas} sim renderer processes (simulated GPUs: {args.frame_seconds} s/frame), "
         f"on this machine's {os.cpu_count()} CPU cores with the coordinator",
         "frames_per_story": args.frames,
@@ -199,7 +201,8 @@ def run(args: BenchArgs) -> dict:
 def summarize(report: dict) -> str:
     lines = [
         f"control plane — {report['fleet']}; {report['frames_per_story']} frames per story, "
-        f"batch {report['batch_size']}, shards of {report['shard_size']}",
+        f"batch {report['batch_size']}, shards of {report['shard_size']}, "
+        f"storyboard {'on' if report['storyboard'] else 'off'}",
         "| stories | frames | state | seconds | frames/s | coordinator CPU s / 1,000 frames | peak RSS MiB "
         "| job state bytes | WatchJob bytes/s | lost | duplicated |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -224,6 +227,7 @@ class BenchArgs:
     batch_size: int
     shard_size: int
     story_parallelism: int
+    storyboard: bool
     timeout: float
     work_dir: Path | None
     out: Path | None
@@ -241,6 +245,9 @@ def bench(
     batch_size: Annotated[int, typer.Option()] = 16,
     shard_size: Annotated[int, typer.Option()] = 64,
     story_parallelism: Annotated[int, typer.Option(help="stories worked on at once")] = 8,
+    storyboard: Annotated[
+        bool, typer.Option(help="build the storyboard pages (coordinator.storyboard)")
+    ] = True,
     timeout: Annotated[float, typer.Option(help="seconds per scenario")] = 3600,
     work_dir: Annotated[Path | None, typer.Option(help="store and logs (default: a temp dir)")] = None,
     out: Annotated[Path | None, typer.Option(help="write control-plane-bench.json here")] = None,
@@ -253,6 +260,7 @@ def bench(
         batch_size,
         shard_size,
         story_parallelism,
+        storyboard,
         timeout,
         work_dir,
         out,

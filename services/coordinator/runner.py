@@ -332,7 +332,7 @@ class Coordinator:
                     stories_done[stage] += 1
                     if stories_done[stage] == ctx.stories:
                         ctx.stage(stage).finished_at.CopyFrom(now())
-            if pb.STAGE_RENDER in per_story:
+            if pb.STAGE_RENDER in per_story and self.settings.storyboard:
                 # The story's storyboard as soon as its frames are rendered, outside the gate (the next
                 # story starts meanwhile); the job page linking them all comes after the last story.
                 await st.story_storyboard(ctx, index)
@@ -344,7 +344,7 @@ class Coordinator:
             await _run_all(ctx, [one_story(i, gate) for i in range(ctx.stories)], per_story, self)
             for stage in per_story:
                 await self._stage_state(ctx, stage, pb.JOB_STATE_SUCCEEDED)
-        if pb.STAGE_RENDER in chosen:
+        if pb.STAGE_RENDER in chosen and self.settings.storyboard:
             ctx.job.ClearField("outputs")
             ctx.job.outputs.extend(await st.write_storyboard(ctx))
         for stage, fn in (
