@@ -92,10 +92,23 @@ def frames_listing(store, job: pb.Job) -> dict:
     return store.get_json(ref.key)
 
 
-def stored_frame_indices(store, job_id: str) -> list[int]:
-    return sorted(
-        int(Path(i.key).stem) for i in store.list(keys.frames_prefix(job_id, 0)) if i.key.endswith(".png")
-    )
+def stored_frame_indices(store, job_id: str, story_index: int = 0) -> list[int]:
+    listed = store.list(keys.frames_prefix(job_id, story_index))
+    return sorted(int(Path(i.key).stem) for i in listed if i.key.endswith(".png"))
+
+
+def local_work(work_dir: Path | None, prefix: str) -> tuple[Path, Path, dict[str, str]]:
+    """A bench's folder (a temp dir by default), its logs folder, and the environment that puts every
+    process it starts on one local store there."""
+    work = Path(work_dir or tempfile.mkdtemp(prefix=prefix))
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {
+        "DREAMFRAME_STORAGE__BACKEND": "local",
+        "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
+        "DREAMFRAME_MODELS__CACHE_DIR": str(work / "models"),
+    }
+    return work, logs, env
 
 
 def start_coordinator(addresses: list[str], env: dict[str, str], logs: Path, name: str) -> local.Process:
@@ -144,13 +157,8 @@ def phase(n: int, renderers: list[local.Process], env, store, logs: Path, args) 
 
 
 def run(args: BenchArgs) -> dict:
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="fanout-bench-"))
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {
-        "DREAMFRAME_STORAGE__BACKEND": "local",
-        "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
-        "DREAMFRAME_MODELS__CACHE_DIR": str(work / "models"),
+    work, logs, env = local_work(args.work_dir, "fanout-bench-")
+    env |= {
         "DREAMFRAME_RENDERER__PRESET": args.preset,
         "DREAMFRAME_RENDERER__BATCH_SIZE": str(args.batch_size),
         "DREAMFRAME_RENDERER__COMPILE": "true" if args.compile else "false",

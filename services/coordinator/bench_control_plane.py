@@ -24,7 +24,6 @@ the figures.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +40,15 @@ from dreamframe.storage import open_store
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
 
-from .bench import RENDERER, free_port, publish, put_story, start_coordinator
+from .bench import (
+    RENDERER,
+    free_port,
+    local_work,
+    publish,
+    put_story,
+    start_coordinator,
+    stored_frame_indices,
+)
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -86,9 +93,7 @@ def count_frames(store, job_id: str, stories: int, frames: int) -> tuple[int, in
     """(frames missing, extra files) over every story: one PNG per frame index, nothing else."""
     missing = extra = 0
     for s in range(stories):
-        indices = sorted(
-            int(Path(i.key).stem) for i in store.list(keys.frames_prefix(job_id, s)) if i.key.endswith(".png")
-        )
+        indices = stored_frame_indices(store, job_id, s)
         missing += len(set(range(frames)) - set(indices))
         extra += len(indices) - len(set(indices)) + len(set(indices) - set(range(frames)))
     return missing, extra
@@ -160,13 +165,8 @@ def run_scenario(stories: int, args: BenchArgs, renderers: list[local.Process], 
 
 
 def run(args: BenchArgs) -> dict:
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="control-plane-bench-"))
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {
-        "DREAMFRAME_STORAGE__BACKEND": "local",
-        "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
-        "DREAMFRAME_MODELS__CACHE_DIR": str(work / "models"),
+    work, logs, env = local_work(args.work_dir, "control-plane-bench-")
+    env |= {
         "DREAMFRAME_RENDERER__PRESET": "sim",
         "DREAMFRAME_RENDERER__SIM_FRAME_SECONDS": str(args.frame_seconds),
         "DREAMFRAME_RENDERER__BATCH_SIZE": str(args.batch_size),
