@@ -55,9 +55,9 @@ class ScriptedRenderer(render_pb2_grpc.RenderServiceServicer):
                 ref = self.store.put_bytes(key, buf.getvalue())
                 self.rendered.append(index)
             yield render_pb2.RenderFramesResponse(
-                frame=render_pb2.RenderedFrame(
-                    index=index, image=to_proto(ref), seed=20 + index, skipped=skipped
-                )
+                frames=[
+                    render_pb2.RenderedFrame(index=index, image=to_proto(ref), seed=20 + index, skipped=skipped)
+                ]
             )
 
 
@@ -100,7 +100,7 @@ def test_a_replica_dying_mid_shard_loses_no_frame_and_duplicates_none(tmp_path):
                 template(),
                 list(range(40)),
                 shard_size=4,
-                on_frame=lambda frame, _: seen.append(frame.index),
+                on_frames=lambda frames, _: seen.extend(f.index for f in frames),
                 backoff_seconds=0.05,
             )
         finally:
@@ -257,8 +257,8 @@ def test_a_replica_added_mid_story_gets_shards_within_seconds(tmp_path):
             loop = asyncio.get_running_loop()
             timeline: dict[str, float] = {}
 
-            def on_frame(frame, result):
-                if len(result.frames) == 10 and "added" not in timeline:
+            def on_frames(frames, result):
+                if len(result.frames) >= 10 and "added" not in timeline:
                     timeline["added"] = loop.time()
                     loop.create_task(
                         asyncio.to_thread(
@@ -272,7 +272,7 @@ def test_a_replica_added_mid_story_gets_shards_within_seconds(tmp_path):
 
             try:
                 result = await render_frames(
-                    pool, template(), list(range(200)), shard_size=4, on_frame=on_frame
+                    pool, template(), list(range(200)), shard_size=4, on_frames=on_frames
                 )
             finally:
                 await pool.close()
@@ -320,8 +320,8 @@ def test_a_replica_removed_mid_shard_loses_no_frame(tmp_path):
 
             retired = asyncio.create_task(note_retirement())
 
-            def on_frame(frame, result):
-                seen.append(frame.index)
+            def on_frames(frames, result):
+                seen.extend(f.index for f in frames)
                 if len(leaves.rendered) >= 6 and "removed" not in marks:
                     marks["removed"] = leaves.calls
                     leaves.delay = 60  # it hangs in the middle of its current shard
@@ -336,7 +336,7 @@ def test_a_replica_removed_mid_shard_loses_no_frame(tmp_path):
 
             try:
                 result = await render_frames(
-                    pool, template(), list(range(80)), shard_size=4, on_frame=on_frame, backoff_seconds=0.05
+                    pool, template(), list(range(80)), shard_size=4, on_frames=on_frames, backoff_seconds=0.05
                 )
                 await asyncio.wait_for(retired, 10)
             finally:

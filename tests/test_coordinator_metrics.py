@@ -36,7 +36,7 @@ class Replica(render_pb2_grpc.RenderServiceServicer):
                 await asyncio.sleep(10)
             await asyncio.sleep(self.delay)
             self.reported += 1
-            yield render_pb2.RenderFramesResponse(frame=render_pb2.RenderedFrame(index=index))
+            yield render_pb2.RenderFramesResponse(frames=[render_pb2.RenderedFrame(index=index)])
 
 
 async def serve(replica: Replica) -> GrpcServer:
@@ -62,7 +62,7 @@ async def fan_out(replicas: list[Replica], metrics: CoordinatorMetrics, samples:
             render_pb2.RenderFramesRequest(job_id="metrics"),
             list(range(FRAMES)),
             shard_size=SHARD,
-            on_frame=lambda frame, result: samples.append(
+            on_frames=lambda frames, result: samples.append(
                 (len(result.frames), metrics.pending, metrics.inflight)
             ),
             backoff_seconds=0.05,

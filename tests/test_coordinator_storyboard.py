@@ -218,7 +218,7 @@ class FakeRenderFrames:
         self.hold: dict[int, asyncio.Event] = {}
         self.calls: list[int] = []
 
-    async def __call__(self, renderers, template, indices, *, on_frame=None, **_) -> FanoutResult:
+    async def __call__(self, renderers, template, indices, *, on_frames=None, **_) -> FanoutResult:
         job, index = template.job_id, template.story_index
         self.calls.append(index)
         if index in self.hold:
@@ -235,8 +235,8 @@ class FakeRenderFrames:
             frame = render_pb2.RenderedFrame(index=i, image=to_proto(image))
             result.frames[i] = frame
             result.rendered += 1
-            if on_frame is not None:
-                await on_frame(frame, result)
+            if on_frames is not None:
+                await on_frames([frame], result)
         return result
 
 

@@ -90,9 +90,9 @@ def test_sigterm_drains_the_batch_in_flight_and_refuses_new_renders(store, servi
             stub = render_pb2_grpc.RenderServiceStub(channel)
             call = stub.RenderFrames(request)
             reported: list[int] = []
-            while not (message := await call.read()).HasField("frame"):
+            while not (message := await call.read()).frames:
                 pass
-            reported.append(message.frame.index)
+            reported.extend(f.index for f in message.frames)
 
             os.kill(os.getpid(), signal.SIGTERM)
             # NOT_SERVING at once (the render is still running).
@@ -109,8 +109,7 @@ def test_sigterm_drains_the_batch_in_flight_and_refuses_new_renders(store, servi
             # The running render finishes its batch in flight and reports it before ending.
             try:
                 while (message := await call.read()) is not grpc.aio.EOF:
-                    if message.HasField("frame"):
-                        reported.append(message.frame.index)
+                    reported.extend(f.index for f in message.frames)
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -152,7 +151,7 @@ def test_a_replica_drained_mid_job_loses_no_frame(store, engines):
         metrics = CoordinatorMetrics()
         stopping: list[asyncio.Task] = []
 
-        def on_frame(frame, result) -> None:
+        def on_frames(frames, result) -> None:
             if result.by_endpoint.get("a") and not stopping:  # "a" is mid-shard: scale it down
                 stopping.append(asyncio.create_task(servers["a"].stop()))
 
@@ -162,7 +161,7 @@ def test_a_replica_drained_mid_job_loses_no_frame(store, engines):
                 request,
                 list(range(FRAMES)),
                 shard_size=FRAMES // 2,
-                on_frame=on_frame,
+                on_frames=on_frames,
                 backoff_seconds=0.2,
                 meter=metrics,
             )

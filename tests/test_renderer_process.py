@@ -87,7 +87,7 @@ def test_process_renders_and_stops_cleanly_on_sigterm(tmp_path):
                         job_id="proc", story=ref, options=render_pb2.RenderOptions(steps=40, batch_size=1)
                     )
                 )
-                while not (await call.read()).HasField("frame"):
+                while not (await call.read()).frames:
                     pass
                 proc.send_signal(signal.SIGTERM)
                 try:

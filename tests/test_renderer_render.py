@@ -89,7 +89,7 @@ def pixels(store: LocalStore, job: str, index: int) -> np.ndarray:
 
 
 def frame_events(events: list[RenderEvent]):
-    return [e.frame for e in events if e.frame is not None]
+    return [f for e in events for f in e.frames]
 
 
 def test_renders_every_frame_with_metadata_and_sidecar(store, renderer):
@@ -99,8 +99,9 @@ def test_renders_every_frame_with_metadata_and_sidecar(store, renderer):
 
     done = frame_events(events)
     assert sorted(f.index for f in done) == list(range(6)) and not any(f.skipped for f in done)
-    assert [e.progress.done for e in events if e.frame] == list(range(1, 7))
-    assert events[0].frame is None and events[0].progress.total == 6
+    # One event per batch of 4 (6 frames: 4 + 2), its progress counting the whole batch.
+    assert [(len(e.frames), e.progress.done) for e in events if e.frames] == [(4, 4), (2, 6)]
+    assert not events[0].frames and events[0].progress.total == 6
     summary = events[-1].summary
     assert summary is not None and (summary.rendered, summary.skipped, summary.batch_size) == (6, 0, 4)
     assert summary.images_per_second > 0 and summary.frames_prefix == keys.frames_prefix("job1")
@@ -362,8 +363,7 @@ def test_stop_finishes_the_batch_in_flight_then_resumes(store, renderer):
     seen: list[int] = []
     with pytest.raises(Cancelled):
         for event in renderer.render(req, should_stop=lambda: bool(seen)):
-            if event.frame is not None:
-                seen.append(event.frame.index)
+            seen.extend(f.index for f in event.frames)
     # The first frames are reported once the next batch is on its way; that batch still completes.
     assert seen == [0, 1, 2, 3]
     stored = sorted(info.key for info in store.list(keys.frames_prefix("stop")))

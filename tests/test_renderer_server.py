@@ -75,19 +75,22 @@ def test_stream_reports_every_frame_once_with_a_summary(store, servicer):
             return first, again
 
     first, again = run(go())
-    indices = [m.frame.index for m in first if m.HasField("frame")]
+    indices = [f.index for m in first for f in m.frames]
     assert sorted(indices) == [0, 1, 2, 3, 4] and len(indices) == 5
+    # One message per batch of 2 (the last batch holds one frame), not one per frame.
+    assert [len(m.frames) for m in first if m.frames] == [2, 2, 1]
+    assert not any(m.HasField("frame") for m in first), "the deprecated single-frame field stays unset"
     assert all(m.progress.total == 5 and m.progress.unit == "frames" for m in first)
     assert first[-1].HasField("summary") and not any(m.HasField("summary") for m in first[:-1])
     assert (first[-1].summary.rendered, first[-1].summary.skipped) == (5, 0)
-    for m in first:
-        if m.HasField("frame"):
-            assert m.frame.seed == 20 + m.frame.index and not m.frame.skipped
-            assert m.frame.image.key == keys.frame_key("grpc", 0, m.frame.index)
-            assert store.stat(m.frame.image.key).sha256 == m.frame.image.sha256
-            assert m.frame.sidecar.key == keys.frame_sidecar_key("grpc", 0, m.frame.index)
-    # Second call: everything skipped, each frame still reported exactly once.
-    skipped = [m.frame for m in again if m.HasField("frame")]
+    for f in (f for m in first for f in m.frames):
+        assert f.seed == 20 + f.index and not f.skipped
+        assert f.image.key == keys.frame_key("grpc", 0, f.index)
+        assert store.stat(f.image.key).sha256 == f.image.sha256
+        assert f.sidecar.key == keys.frame_sidecar_key("grpc", 0, f.index)
+    # Second call: everything skipped, each frame still reported exactly once (in one message).
+    assert [len(m.frames) for m in again if m.frames] == [5]
+    skipped = [f for m in again for f in m.frames]
     assert sorted(f.index for f in skipped) == [0, 1, 2, 3, 4] and all(f.skipped for f in skipped)
     assert again[-1].summary.rendered == 0
     assert servicer.renderer.engines.loads == 1, "weights loaded once per process"
@@ -131,7 +134,7 @@ def test_cancelling_the_call_stops_after_the_batch_in_flight(store, servicer):
                 job_id="cancel", story=ref, options=render_pb2.RenderOptions(steps=20, batch_size=1)
             )
             call = stub.RenderFrames(request)
-            while not (await call.read()).HasField("frame"):
+            while not (await call.read()).frames:
                 pass
             call.cancel()
             assert await servicer.wait_idle(30)

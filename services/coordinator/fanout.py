@@ -118,7 +118,7 @@ async def render_frames(
     indices: list[int],
     *,
     shard_size: int,
-    on_frame: Callable[[render_pb2.RenderedFrame, FanoutResult], Awaitable[None] | None] | None = None,
+    on_frames: Callable[[list[render_pb2.RenderedFrame], FanoutResult], Awaitable[None] | None] | None = None,
     max_attempts: int | None = None,
     backoff_seconds: float = 0.5,
     deadline_seconds: float | None = None,
@@ -131,6 +131,10 @@ async def render_frames(
 
     Raises the first non-retryable error (bad request), or Unavailable when a shard failed on
     ``max_attempts`` replicas in a row, or when there was no endpoint at all for ``wait_seconds``.
+
+    ``on_frames`` is called once per stream message that brings new frames (a renderer batch), with the
+    frames counted for the first time: per-message work, not per-frame, is what the coordinator's CPU
+    goes to at 1.3 M frames.
 
     ``meter`` (the coordinator's metrics) sees the frames move: pending while not done, in flight while
     sent to a replica; both are given back whatever way this ends."""
@@ -153,21 +157,25 @@ async def render_frames(
         failure.append(exc)
         all_done.set()
 
-    async def record(frame: render_pb2.RenderedFrame, endpoint: str) -> None:
-        if frame.index not in pending:
-            result.duplicate_reports += 1  # already counted (re-sent shard)
+    async def record(frames: list[render_pb2.RenderedFrame], endpoint: str) -> None:
+        new: list[render_pb2.RenderedFrame] = []
+        for frame in frames:
+            if frame.index not in pending:
+                result.duplicate_reports += 1  # already counted (re-sent shard)
+                continue
+            pending.discard(frame.index)
+            result.frames[frame.index] = frame
+            new.append(frame)
+        if not new:
             return
-        pending.discard(frame.index)
-        meter.add(pending=-1)
-        meter.delivered(skipped=frame.skipped)
-        result.frames[frame.index] = frame
-        result.by_endpoint[endpoint] = result.by_endpoint.get(endpoint, 0) + 1
-        if frame.skipped:
-            result.skipped += 1
-        else:
-            result.rendered += 1
-        if on_frame is not None:
-            maybe = on_frame(frame, result)
+        skipped = sum(1 for frame in new if frame.skipped)
+        meter.add(pending=-len(new))
+        meter.delivered(rendered=len(new) - skipped, skipped=skipped)
+        result.by_endpoint[endpoint] = result.by_endpoint.get(endpoint, 0) + len(new)
+        result.skipped += skipped
+        result.rendered += len(new) - skipped
+        if on_frames is not None:
+            maybe = on_frames(new, result)
             if asyncio.iscoroutine(maybe):
                 await maybe
         if not pending:
@@ -184,11 +192,11 @@ async def render_frames(
         try:
             call = endpoint.stub.RenderFrames(request, timeout=deadline_seconds)
             async for response in call:
-                if response.HasField("frame"):
-                    if response.frame.index in outstanding:
-                        outstanding.discard(response.frame.index)
-                        meter.add(inflight=-1)
-                    await record(response.frame, endpoint.name)
+                if response.frames:
+                    reported = len(outstanding)
+                    outstanding.difference_update(frame.index for frame in response.frames)
+                    meter.add(inflight=len(outstanding) - reported)
+                    await record(list(response.frames), endpoint.name)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

@@ -24,8 +24,8 @@ class RenderMeter:
     def add(self, *, pending: int = 0, inflight: int = 0) -> None:
         """Frames entering (+) or leaving (-) the pending and in-flight counts."""
 
-    def delivered(self, *, skipped: bool) -> None:
-        """A frame reported for the first time (rendered now, or found already stored)."""
+    def delivered(self, *, rendered: int = 0, skipped: int = 0) -> None:
+        """Frames reported for the first time (rendered now, or found already stored)."""
 
     def resent(self) -> None:
         """A shard went back on the queue because its replica could not finish it."""
@@ -72,8 +72,11 @@ class CoordinatorMetrics(RenderMeter):
             self.inflight += inflight
             self.inflight_gauge.set(self.inflight)
 
-    def delivered(self, *, skipped: bool) -> None:
-        self.frames.labels("skipped" if skipped else "rendered").inc()
+    def delivered(self, *, rendered: int = 0, skipped: int = 0) -> None:
+        if rendered:
+            self.frames.labels("rendered").inc(rendered)
+        if skipped:
+            self.frames.labels("skipped").inc(skipped)
 
     def resent(self) -> None:
         self.shards_resent.inc()

@@ -235,10 +235,10 @@ async def render(ctx: JobContext, index: int, tally: FrameTally) -> None:
     total = story.frame_count
     tally.add_story(total)
 
-    async def on_frame(frame: render_pb2.RenderedFrame, result) -> None:
+    async def on_frames(frames: list[render_pb2.RenderedFrame], result) -> None:
         tally.story_done(index, len(result.frames))
         await ctx.progress(
-            pb.STAGE_RENDER, tally.done, tally.total, "frames", f"story {index} frame {frame.index}"
+            pb.STAGE_RENDER, tally.done, tally.total, "frames", f"story {index} frame {frames[-1].index}"
         )
 
     result = await render_frames(
@@ -246,7 +246,7 @@ async def render(ctx: JobContext, index: int, tally: FrameTally) -> None:
         template,
         list(range(total)),
         shard_size=ctx.settings.render_shard_size,
-        on_frame=on_frame,
+        on_frames=on_frames,
         meter=ctx.meter,
     )
     listing = {

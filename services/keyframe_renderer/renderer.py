@@ -74,11 +74,17 @@ class Summary:
 
 @dataclass(frozen=True)
 class RenderEvent:
-    """One stream message: progress always; a frame when one finished; the summary at the end."""
+    """One stream message: progress always; the frames written since the last event (one batch, or a
+    group found already done); the summary at the end."""
 
     progress: Progress
-    frame: StoredFrame | None = None
+    frames: tuple[StoredFrame, ...] = ()
     summary: Summary | None = None
+
+
+# Frames found already done are reported in groups of this many: one stream message each, not one per
+# frame (a restarted 1,331-frame story is then 21 messages).
+SKIPPED_PER_EVENT = 64
 
 
 class Renderer:
@@ -210,6 +216,7 @@ class Renderer:
         )
 
         todo: list[FrameRecipe] = []
+        found: list[StoredFrame] = []
         for recipe in recipes:
             done = None if params.overwrite else find_done(self.store, recipe=recipe, **where)
             if done is None:
@@ -217,7 +224,12 @@ class Renderer:
                 continue
             clock.skip()
             self.frames_skipped += 1
-            yield RenderEvent(clock.progress(f"frame {recipe.index} (already done)"), frame=done)
+            found.append(done)
+            if len(found) == SKIPPED_PER_EVENT:
+                yield RenderEvent(clock.progress(f"frame {done.index} (already done)"), frames=tuple(found))
+                found = []
+        if found:
+            yield RenderEvent(clock.progress(f"frame {found[-1].index} (already done)"), frames=tuple(found))
 
         batch_size = 0
         render_seconds = 0.0
@@ -252,9 +264,9 @@ class Renderer:
                         )
                         # The previous batch's writes ran during this batch's GPU work: report them now.
                         while len(pending) > 1:
-                            yield from self._report(pending.popleft(), clock)
+                            yield self._report(pending.popleft(), clock)
             while pending:
-                yield from self._report(pending.popleft(), clock)
+                yield self._report(pending.popleft(), clock)
         finally:
             for futures in pending:  # closed early: still finish the writes of rendered frames
                 for future in futures:
@@ -282,9 +294,9 @@ class Renderer:
         )
         yield RenderEvent(clock.progress("done"), summary=summary)
 
-    def _report(self, futures: list[Future[StoredFrame]], clock: ProgressClock) -> Iterator[RenderEvent]:
-        for future in futures:
-            frame = future.result()
-            clock.advance()
-            self.frames_rendered += 1
-            yield RenderEvent(clock.progress(f"frame {frame.index}"), frame=frame)
+    def _report(self, futures: list[Future[StoredFrame]], clock: ProgressClock) -> RenderEvent:
+        """One event for a whole batch, once all its frames are written."""
+        frames = tuple(future.result() for future in futures)
+        clock.advance(len(frames))
+        self.frames_rendered += len(frames)
+        return RenderEvent(clock.progress(f"frame {frames[-1].index}"), frames=frames)

@@ -1,4 +1,5 @@
-"""RenderService over gRPC: request → ``Renderer.render`` (in a worker thread) → one message per event.
+"""RenderService over gRPC: request → ``Renderer.render`` (in a worker thread) → one message per event
+(a batch of frames, progress, the summary).
 
 The render is blocking GPU work, so it runs in its own thread and hands events to the RPC through a
 queue. When the caller goes away (cancel, deadline, or server shutdown after the grace period) the
@@ -86,9 +87,8 @@ def request_from_proto(request: render_pb2.RenderFramesRequest) -> RenderRequest
 
 def event_to_proto(event: RenderEvent) -> render_pb2.RenderFramesResponse:
     response = render_pb2.RenderFramesResponse(progress=progress_to_proto(event.progress))
-    if event.frame is not None:
-        f = event.frame
-        response.frame.CopyFrom(
+    for f in event.frames:
+        response.frames.append(
             render_pb2.RenderedFrame(
                 index=f.index,
                 image=to_proto(f.image),
@@ -135,8 +135,8 @@ class RendererMetrics:
             registry.register(collector)
 
     def observe(self, event: RenderEvent) -> None:
-        if event.frame is not None:
-            self.frames.labels("skipped" if event.frame.skipped else "rendered").inc()
+        for frame in event.frames:
+            self.frames.labels("skipped" if frame.skipped else "rendered").inc()
         if event.summary is not None:
             self.render_seconds.inc(event.summary.render_seconds)
             if event.summary.rendered:
