@@ -9,11 +9,11 @@ from dreamframe import keys
 from dreamframe.errors import Aborted
 from dreamframe.storage import LocalStore
 from dreamframe.v1 import coordinator_pb2 as pb
-from services.coordinator.jobs import ACTIVE_PREFIX, INDEX_BUILT_KEY, JobStore, now
+from services.coordinator.jobs import ACTIVE_PREFIX, ALL_PREFIX, INDEX_BUILT_KEY, TEAM_PREFIX, JobStore, now
 
 
-def job(job_id: str, state=pb.JOB_STATE_RUNNING, seconds: int = 0) -> pb.Job:
-    j = pb.Job(job_id=job_id, state=state)
+def job(job_id: str, state=pb.JOB_STATE_RUNNING, seconds: int = 0, team: str = "") -> pb.Job:
+    j = pb.Job(job_id=job_id, state=state, team=team, submitted_by=f"{team}-bot" if team else "")
     j.created_at.CopyFrom(now())
     if seconds:
         j.created_at.seconds = seconds
@@ -72,3 +72,32 @@ def test_forget_bounds_memory(store):
         jobs.save(job(f"j{i}", pb.JOB_STATE_SUCCEEDED))
         jobs.forget(f"j{i}")
     assert jobs._versions == {} and jobs._locks == {}
+
+
+def test_a_teams_listing_reads_only_that_teams_index(store, monkeypatch):
+    jobs = JobStore(store)
+    jobs.save(job("red-old", seconds=1_700_000_000, team="red"))
+    jobs.save(job("blue", seconds=1_750_000_000, team="blue"))
+    jobs.save(job("red-new", pb.JOB_STATE_SUCCEEDED, seconds=1_800_000_000, team="red"))
+    jobs.save(job("no-team", seconds=1_760_000_000))  # auth off: admins' listing only
+    assert [i for _, i in jobs.entries("red")] == ["red-new", "red-old"]
+    assert [i for _, i in jobs.entries("blue")] == ["blue"]
+    assert list(jobs.ids()) == ["red-new", "no-team", "blue", "red-old"]
+    # Page tokens are the same entries in both indexes.
+    assert [e for e, _ in jobs.entries("red")] == [e for e, i in jobs.entries() if i.startswith("red")]
+    assert JobStore(store).load("red-old").submitted_by == "red-bot"
+
+    listed: list[str] = []
+    real_list = store.list
+    monkeypatch.setattr(store, "list", lambda prefix, **kw: listed.append(prefix) or real_list(prefix, **kw))
+    list(jobs.entries("blue"))
+    assert listed == [TEAM_PREFIX + "blue/"]  # never the all/ index, never jobs/
+
+
+def test_an_old_store_gets_its_team_index_too(store):
+    JobStore(store).save(job("a", seconds=1_700_000_000, team="red"))
+    JobStore(store).save(job("b", seconds=1_800_000_000))
+    store.delete_prefix("jobs-index/")
+    jobs = JobStore(store)
+    assert [i for _, i in jobs.entries("red")] == ["a"]
+    assert [i.key.removeprefix(ALL_PREFIX) for i in store.list(ALL_PREFIX)] == [e for e, _ in jobs.entries()]

@@ -42,13 +42,32 @@ def is_terminal(state: int) -> bool:
 INDEX_PREFIX = "jobs-index/"
 ACTIVE_PREFIX = f"{INDEX_PREFIX}active/"  # jobs not finished yet: what a (new) leader resumes
 ALL_PREFIX = f"{INDEX_PREFIX}all/"  # every job, newest first by submit time
+# A team's jobs, same entries as all/: a team's listing never reads another team's jobs. Jobs without
+# a team (submitted while auth was off, or before jobs had owners) are in all/ only: admins see them.
+TEAM_PREFIX = f"{INDEX_PREFIX}team/"
 INDEX_BUILT_KEY = f"{INDEX_PREFIX}built"  # the index covers every job (stores from before it existed)
 _NEWEST_FIRST = 10**13  # milliseconds; inverted so the lexical order of keys is newest first
 
 
-def _all_key(job: pb.Job) -> str:
+def _entry(job: pb.Job) -> str:
     millis = job.created_at.seconds * 1000 + job.created_at.nanos // 1_000_000
-    return f"{ALL_PREFIX}{_NEWEST_FIRST - millis:013d}-{job.job_id}"
+    return f"{_NEWEST_FIRST - millis:013d}-{job.job_id}"
+
+
+def _all_key(job: pb.Job) -> str:
+    return ALL_PREFIX + _entry(job)
+
+
+def _team_prefix(team: str) -> str:
+    # Teams come from the server's caller configuration (key-safe names); checked again all the same.
+    return f"{TEAM_PREFIX}{keys.validate_id(team, field='team')}/"
+
+
+def _index(store: ObjectStore, job: pb.Job) -> None:
+    """The job's listing entries (team first: a job listed for admins is listed for its team too)."""
+    if job.team:
+        store.put_bytes(_team_prefix(job.team) + _entry(job), b"")
+    store.put_bytes(_all_key(job), b"")
 
 
 class JobStore:
@@ -83,7 +102,7 @@ class JobStore:
             )
             self._versions[job.job_id] = version
         if created:
-            self.store.put_bytes(_all_key(job), b"")
+            _index(self.store, job)
         if is_terminal(job.state):
             self.store.delete(ACTIVE_PREFIX + job.job_id)
         elif created:
@@ -122,17 +141,19 @@ class JobStore:
             parts = info.key.split("/")
             if len(parts) == 3 and parts[2] == "job.json":
                 job = self.load(parts[1])
-                self.store.put_bytes(_all_key(job), b"")
+                _index(self.store, job)
                 if not is_terminal(job.state):
                     self.store.put_bytes(ACTIVE_PREFIX + job.job_id, b"")
         self.store.put_bytes(INDEX_BUILT_KEY, b"")
         self._indexed = True
 
-    def entries(self) -> Iterator[tuple[str, str]]:
-        """(index entry, job id) for every job, newest submitted first; an entry is a stable page token."""
+    def entries(self, team: str | None = None) -> Iterator[tuple[str, str]]:
+        """(index entry, job id) for every job (``team``: that team's only), newest submitted first; an
+        entry is a stable page token."""
         self.ensure_index()
-        for info in self.store.list(ALL_PREFIX):
-            entry = info.key[len(ALL_PREFIX) :]
+        prefix = ALL_PREFIX if team is None else _team_prefix(team)
+        for info in self.store.list(prefix):
+            entry = info.key[len(prefix) :]
             yield entry, entry.split("-", 1)[1]
 
     def ids(self) -> Iterator[str]:

@@ -163,7 +163,8 @@ class Coordinator:
             await self.leadership.stop()  # hand the lease over at once
 
     # --- API -----------------------------------------------------------------------------------
-    async def submit(self, request: pb.SubmitJobRequest) -> pb.Job:
+    async def submit(self, request: pb.SubmitJobRequest, *, submitted_by: str = "", team: str = "") -> pb.Job:
+        """``submitted_by``/``team``: the caller, recorded in the job (who may see it: access.py)."""
         validate_submission(request)
         job_id = request.job_id or new_job_id()
         if job_id in self._jobs or await asyncio.to_thread(self.jobs_store.exists, job_id):
@@ -175,6 +176,7 @@ class Coordinator:
         job.spec.CopyFrom(request.spec)
         job.created_at.CopyFrom(now())
         job.story_count = len(request.spec.stories)
+        job.submitted_by, job.team = submitted_by, team
         for stage in selected_stages(request.spec):
             job.stages.add(stage=stage, state=pb.JOB_STATE_QUEUED)
         job.renderer_replicas = self._replicas()
@@ -200,9 +202,11 @@ class Coordinator:
         keys.validate_id(job_id, field="job_id")
         return await asyncio.to_thread(self.jobs_store.load, job_id)
 
-    async def list(self, states: list[int], page_size: int, page_token: str) -> tuple[list[pb.Job], str]:
+    async def list(
+        self, states: list[int], page_size: int, page_token: str, *, team: str | None = None
+    ) -> tuple[list[pb.Job], str]:
         """Job summaries (``summary``), newest submitted first, from the job index: a page reads only its
-        own jobs (and those its state filter skips), never every job."""
+        own jobs (and those its state filter skips), never every job; ``team``: that team's index only."""
         if page_token and not _PAGE_TOKEN.fullmatch(page_token):
             raise InvalidArgument(f"{page_token[:40]!r} is not a page token of ListJobs", field="page_token")
         size = page_size if page_size > 0 else 100
@@ -211,7 +215,7 @@ class Coordinator:
         def one_page() -> tuple[list[pb.Job], str]:
             page: list[pb.Job] = []
             last = ""
-            for entry, job_id in self.jobs_store.entries():
+            for entry, job_id in self.jobs_store.entries(team):
                 if page_token and entry <= page_token:
                     continue
                 try:

@@ -7,13 +7,14 @@ import socket
 
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
-from dreamframe.serving import GrpcServer, Registration
+from dreamframe.serving import GrpcServer, Registration, current_caller
 from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store
 from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
 
+from . import access
 from .clients import Clients
 from .leader import KubernetesLease, Leadership, Lease, StorageLease
 from .runner import Coordinator
@@ -23,24 +24,36 @@ SERVICE = "coordinator"
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    """Jobs belong to the submitting caller's team (access.py); the roles per RPC are checked before
+    any of this runs (dreamframe.serving.auth)."""
+
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
 
     async def SubmitJob(self, request, context):
-        return pb.SubmitJobResponse(job=await self.coordinator.submit(request))
+        caller = current_caller()
+        job = await self.coordinator.submit(request, **access.owner(caller))
+        return pb.SubmitJobResponse(job=access.submitted(caller, job))
 
     async def GetJob(self, request, context):
-        return pb.GetJobResponse(job=await self.coordinator.get(request.job_id))
+        job = await self.coordinator.get(request.job_id)
+        return pb.GetJobResponse(job=access.visible(current_caller(), job))
 
     async def ListJobs(self, request, context):
-        jobs, token = await self.coordinator.list(list(request.states), request.page_size, request.page_token)
+        team = access.listing_team(current_caller(), request.team)
+        jobs, token = await self.coordinator.list(
+            list(request.states), request.page_size, request.page_token, team=team
+        )
         return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def WatchJob(self, request, context):
+        caller = current_caller()
         async for job in self.coordinator.watch(request.job_id):
-            yield pb.WatchJobResponse(job=job)
+            yield pb.WatchJobResponse(job=access.visible(caller, job))
 
     async def CancelJob(self, request, context):
+        # Checked before cancelling: another team's job is left alone (and reported as unknown).
+        access.visible(current_caller(), await self.coordinator.get(request.job_id))
         return pb.CancelJobResponse(job=await self.coordinator.cancel(request.job_id))
 
 

@@ -20,7 +20,16 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -51,6 +60,35 @@ class StorageSettings(BaseModel):
     create_bucket: bool = True
 
 
+# Names and teams go into logs, metrics labels and storage keys (the per-team job index).
+CALLER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+CALLER_ROLES = ("read", "submit", "admin")  # ordered: each role may do what the ones before it may
+MIN_TOKEN_CHARS = 16
+# Callers made from the old server.auth_tokens list: admins of this team.
+LEGACY_TOKEN_TEAM = "default"
+
+
+class CallerConfigError(Exception):
+    """A caller entry is unusable. Not a ValueError on purpose: pydantic would print the raw input
+    (the token) into its ValidationError."""
+
+
+class CallerSettings(BaseModel):
+    """One caller of the services: who (``name``), which ``team`` its jobs belong to, what it may do."""
+
+    name: str = Field(pattern=CALLER_NAME_PATTERN)
+    team: str = Field(pattern=CALLER_NAME_PATTERN)
+    role: Literal["read", "submit", "admin"] = "read"
+    token: SecretStr
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+            raise CallerConfigError(f"a caller's token must have at least {MIN_TOKEN_CHARS} characters")
+        return value
+
+
 class ServerSettings(BaseModel):
     """How a service listens (the same for all seven)."""
 
@@ -68,12 +106,19 @@ class ServerSettings(BaseModel):
     # How long calls still open on such a connection may go on; unset: until they end (hours-long streams
     # such as training must not be cut).
     max_connection_age_grace_seconds: float | None = Field(None, ge=0)
-    # Bearer tokens accepted from callers; empty disables auth.
+    # Who may call: {name, team, role, token} entries (DREAMFRAME_SERVER__CALLERS as a JSON list, or the
+    # config file), plus those of callers_file (a mounted Secret: a YAML/JSON list of the same entries).
+    # No caller and no auth_tokens: auth is off (local runs on 127.0.0.1).
+    callers: list[CallerSettings] = Field(default_factory=list)
+    callers_file: Path | None = None
+    # Deprecated: bare bearer tokens; each becomes an admin caller "token-<n>" of team "default".
     auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # Require client certificates signed by this CA (mutual TLS).
     tls_client_ca_file: Path | None = None
+
+    _all_callers: list[CallerSettings] = PrivateAttr(default_factory=list)
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -86,6 +131,64 @@ class ServerSettings(BaseModel):
                 return json.loads(value)
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _gather_callers(self) -> ServerSettings:
+        found = list(self.callers)
+        if self.callers_file is not None:
+            found += _read_callers_file(self.callers_file)
+        found += [
+            CallerSettings.model_construct(
+                name=f"token-{i}", team=LEGACY_TOKEN_TEAM, role="admin", token=token
+            )
+            for i, token in enumerate((t for t in self.auth_tokens if t.get_secret_value()), start=1)
+        ]
+        names, tokens = set(), set()
+        for caller in found:
+            if caller.name in names:
+                raise CallerConfigError(f"server.callers: the name {caller.name!r} is used twice")
+            token = caller.token.get_secret_value().strip()
+            if token in tokens:
+                raise CallerConfigError(f"server.callers: {caller.name!r} has the token of another caller")
+            names.add(caller.name)
+            tokens.add(token)
+        self._all_callers = found
+        return self
+
+    @property
+    def all_callers(self) -> list[CallerSettings]:
+        """Every caller: ``callers``, then ``callers_file``'s, then the legacy ``auth_tokens``."""
+        return list(self._all_callers)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self._all_callers)
+
+
+def _read_callers_file(path: Path) -> list[CallerSettings]:
+    import yaml
+
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CallerConfigError(f"server.callers_file: cannot read {str(path)!r} ({exc.strerror})") from None
+    except yaml.YAMLError:
+        raise CallerConfigError(f"server.callers_file: {str(path)!r} is not YAML/JSON") from None
+    if isinstance(entries, dict):  # also accept {callers: [...]}
+        entries = entries.get("callers")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise CallerConfigError(f"server.callers_file: {str(path)!r} must hold a list of callers")
+    callers = []
+    for i, entry in enumerate(entries):
+        try:
+            callers.append(CallerSettings.model_validate(entry))
+        except ValidationError as exc:
+            # Names the entry and the fields, never the values (the file holds tokens).
+            problems = ", ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise CallerConfigError(f"server.callers_file: entry {i}: {problems}") from None
+        except CallerConfigError as exc:
+            raise CallerConfigError(f"server.callers_file: entry {i}: {exc}") from None
+    return callers
 
 
 class ClientSettings(BaseModel):

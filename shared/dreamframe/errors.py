@@ -28,6 +28,10 @@ class AlreadyExists(DreamFrameError):
     """Creating something that exists and may not be replaced (maps to ALREADY_EXISTS)."""
 
 
+class PermissionDenied(DreamFrameError):
+    """The caller is known but its role does not allow this (maps to PERMISSION_DENIED)."""
+
+
 class FailedPrecondition(DreamFrameError):
     """The request is well-formed but the system is not in a state to do it (FAILED_PRECONDITION)."""
 

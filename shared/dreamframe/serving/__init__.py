@@ -1,7 +1,7 @@
 """Serving for every DreamFrame service: one gRPC server setup, one client channel setup.
 
 Server side: ``GrpcServer``/``serve`` with health (real readiness), reflection, exception mapping,
-bearer-token auth, Prometheus metrics, access logs, TLS and graceful shutdown.
+callers' bearer tokens with roles (auth.py), Prometheus metrics, access logs, TLS and graceful shutdown.
 Client side: ``make_channel`` with retries, round-robin, default deadlines, token and TLS;
 ``error_detail_from``/``domain_error_from`` to read a failed call's google.rpc.Status details.
 Streaming: ``stream_from_thread``/``stream_from_task`` run a long RPC's work and stream its progress.
@@ -9,7 +9,7 @@ Streaming: ``stream_from_thread``/``stream_from_task`` run a long RPC's work and
 
 from __future__ import annotations
 
-from dreamframe.serving.auth import BearerTokenAuthInterceptor, bearer
+from dreamframe.serving.auth import METHOD_ROLES, CallerAuthInterceptor, bearer
 from dreamframe.serving.client import make_channel, make_sync_channel, service_config
 from dreamframe.serving.errors import (
     STATUS_BY_ERROR,
@@ -22,9 +22,11 @@ from dreamframe.serving.errors import (
 from dreamframe.serving.health import HealthServicer
 from dreamframe.serving.interceptors import (
     AccessLogInterceptor,
+    Caller,
     ExceptionInterceptor,
     ObservingInterceptor,
     StreamWritingInterceptor,
+    current_caller,
 )
 from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
 from dreamframe.serving.server import GrpcServer, Registration, run_service, serve
@@ -37,9 +39,11 @@ from dreamframe.serving.streaming import (
 )
 
 __all__ = [
+    "METHOD_ROLES",
     "STATUS_BY_ERROR",
     "AccessLogInterceptor",
-    "BearerTokenAuthInterceptor",
+    "Caller",
+    "CallerAuthInterceptor",
     "Done",
     "ExceptionInterceptor",
     "GrpcServer",
@@ -52,6 +56,7 @@ __all__ = [
     "StreamWritingInterceptor",
     "ThreadJobs",
     "bearer",
+    "current_caller",
     "domain_error_from",
     "error_detail_from",
     "make_channel",

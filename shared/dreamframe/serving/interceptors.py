@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +29,7 @@ from grpc_interceptor.exception_to_status import AsyncExceptionToStatusIntercept
 from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
+from dreamframe.config import CALLER_ROLES
 from dreamframe.errors import DreamFrameError
 from dreamframe.logging import get_logger
 from dreamframe.serving.errors import rich_status, status_code_for
@@ -61,6 +63,42 @@ class RpcInfo:
         service, _, name = method.lstrip("/").partition("/")
         kind = _TYPES[(hasattr(request, "__aiter__"), hasattr(response, "__aiter__"))]
         return cls(method=method, service=service, name=name, type=kind)
+
+
+_RANK = {role: rank for rank, role in enumerate(CALLER_ROLES)}
+ANONYMOUS = "anonymous"  # logs and metrics: no caller known (auth off, or rejected before it was known)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling (auth.py finds it from the token). ``name`` and ``team`` come from the
+    configuration: bounded and key-safe, fit for logs, metrics labels and storage keys."""
+
+    name: str
+    team: str
+    role: str
+
+    def may(self, role: str) -> bool:
+        """Whether this caller's role includes ``role`` (read ⊂ submit ⊂ admin)."""
+        return _RANK[self.role] >= _RANK[role]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# Set by the auth interceptor; grpc.aio runs each RPC in a task of its own, so it never leaks between
+# RPCs, and the outer interceptors (logs, metrics) read it in the same task once the RPC ends.
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("dreamframe_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    """The caller of the RPC being handled; None when auth is off (or outside an RPC)."""
+    return _CALLER.get()
+
+
+def set_current_caller(caller: Caller | None) -> None:
+    _CALLER.set(caller)
 
 
 def outcome_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
@@ -168,7 +206,8 @@ class ExceptionInterceptor(AsyncExceptionToStatusInterceptor):
 
 
 class AccessLogInterceptor(ObservingInterceptor):
-    """One structured log line per RPC: method, code, duration, peer.
+    """One structured log line per RPC: method, code, duration, peer, and the caller (name, team, role;
+    ``anonymous`` when none is known).
 
     The method is bound into structlog's context vars while the handler runs, so the handler's own
     log lines carry it too. Health checks and reflection log at DEBUG (probes call every few seconds).
@@ -199,10 +238,14 @@ class AccessLogInterceptor(ObservingInterceptor):
                     log = self._log.debug
                 else:
                     log = self._log.info
+                caller = current_caller()
                 log(
                     "rpc finished",
                     method=rpc.method,
                     code=code.name,
                     duration_ms=round((time.perf_counter() - start) * 1000, 3),
                     peer=context.peer(),
+                    caller=caller.name if caller else ANONYMOUS,
+                    team=caller.team if caller else ANONYMOUS,
+                    role=caller.role if caller else ANONYMOUS,
                 )

@@ -25,7 +25,13 @@ from prometheus_client import (
 )
 
 from dreamframe import __version__
-from dreamframe.serving.interceptors import ObservingInterceptor, RpcInfo, outcome_code
+from dreamframe.serving.interceptors import (
+    ANONYMOUS,
+    ObservingInterceptor,
+    RpcInfo,
+    current_caller,
+    outcome_code,
+)
 
 # RPCs range from a health check (ms) to a story render or a training run (hours).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
@@ -46,6 +52,14 @@ class ServerMetrics:
         self.in_flight = Gauge("grpc_server_in_flight", "RPCs being handled now.", _LABELS, registry=r)
         self.msg_sent = Counter(
             "grpc_server_msg_sent", "Stream messages sent to callers.", _LABELS, registry=r
+        )
+        # Who called: by team and role only (both from the configuration, so a bounded set; never a
+        # token, never a caller-supplied string). "anonymous": auth off, or refused before it was known.
+        self.handled_by_caller = Counter(
+            "dreamframe_rpc_handled",
+            "RPCs completed, by status code and the caller's team and role.",
+            ("grpc_service", "grpc_method", "grpc_code", "team", "role"),
+            registry=r,
         )
         self.ready = Gauge("dreamframe_ready", "1 while the service's readiness check passes.", registry=r)
         info = Gauge(
@@ -115,4 +129,8 @@ class MetricsInterceptor(ObservingInterceptor):
         finally:
             in_flight.dec()
             m.handling_seconds.labels(*labels).observe(time.perf_counter() - start)
-            m.handled.labels(*labels, outcome_code(context, exc).name).inc()
+            code = outcome_code(context, exc).name
+            m.handled.labels(*labels, code).inc()
+            caller = current_caller()
+            team, role = (caller.team, caller.role) if caller else (ANONYMOUS, ANONYMOUS)
+            m.handled_by_caller.labels(rpc.service, rpc.name, code, team, role).inc()

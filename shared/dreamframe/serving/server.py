@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dreamframe.config import ServerSettings, Settings, get_settings
 from dreamframe.logging import configure_logging, get_logger
-from dreamframe.serving.auth import BearerTokenAuthInterceptor
+from dreamframe.serving.auth import CallerAuthInterceptor
 from dreamframe.serving.health import HEALTH_SERVICE_NAME, NOT_SERVING, SERVING, HealthServicer
 from dreamframe.serving.interceptors import (
     AccessLogInterceptor,
@@ -160,7 +160,7 @@ class GrpcServer:
         s = self.settings
         creds = server_credentials(s)  # before creating the server: bad TLS settings fail fast
         # Outermost first: metrics and logs see every outcome, including auth rejections.
-        auth = BearerTokenAuthInterceptor(s.auth_tokens)
+        auth = CallerAuthInterceptor(s.all_callers)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             MetricsInterceptor(self.metrics),
             AccessLogInterceptor(self.service_name),
@@ -198,7 +198,8 @@ class GrpcServer:
             address=self.address,
             tls=creds is not None,
             mtls=s.tls_client_ca_file is not None,
-            auth=bool(s.auth_tokens),
+            auth=auth.enabled,
+            callers=len(s.all_callers),
             metrics_port=self.metrics_port,
             services=self.service_names,
         )

@@ -1,0 +1,51 @@
+"""Who may see which job: a job belongs to the team of the caller that submitted it.
+
+A caller sees, watches and cancels its own team's jobs; admins see every team's. Another team's job
+answers exactly like a job that does not exist (NOT_FOUND, the same message), so a caller cannot even
+learn that it exists. ``caller`` None means auth is off (a local run): everything is visible.
+"""
+
+from __future__ import annotations
+
+from dreamframe.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from dreamframe.keys import validate_id
+from dreamframe.serving import Caller
+from dreamframe.v1 import coordinator_pb2 as pb
+
+
+def may_see(caller: Caller | None, job: pb.Job) -> bool:
+    return caller is None or caller.is_admin or job.team == caller.team
+
+
+def visible(caller: Caller | None, job: pb.Job) -> pb.Job:
+    """``job`` if the caller may see it; otherwise NotFound as for an unknown id (jobs.JobStore.load)."""
+    if not may_see(caller, job):
+        raise NotFound(f"no job {job.job_id!r}", field="job_id")
+    return job
+
+
+def owner(caller: Caller | None) -> dict[str, str]:
+    """What a new job records of its submitter (``Coordinator.submit``'s keywords)."""
+    return {"submitted_by": caller.name, "team": caller.team} if caller else {}
+
+
+def submitted(caller: Caller | None, job: pb.Job) -> pb.Job:
+    """What SubmitJob answers. A new job is the caller's own; a job_id that exists gives that job back
+    to its team (idempotent resubmission), while to anyone else the id is taken and nothing of the job
+    is shown (caller-chosen ids are global, so that much is unavoidable)."""
+    if not may_see(caller, job):
+        raise AlreadyExists("is taken; choose another job id (or none)", field="job_id")
+    return job
+
+
+def listing_team(caller: Caller | None, requested: str) -> str | None:
+    """The team whose index ListJobs reads (None: every job). Only admins may name another team."""
+    if len(requested) > 128:  # validate_id would echo all of it
+        raise InvalidArgument(f"{requested[:40]!r}... is longer than 128 characters", field="team")
+    if requested:
+        validate_id(requested, field="team")
+    if caller is None or caller.is_admin:
+        return requested or None
+    if requested and requested != caller.team:
+        raise PermissionDenied("listing another team's jobs needs the role 'admin'", field="team")
+    return caller.team
