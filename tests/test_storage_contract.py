@@ -34,12 +34,34 @@ def s3_store(server: S3Server, bucket: str | None = None, **kwargs: object) -> S
 
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    """A store whose allow-list holds, besides its default bucket, one more bucket that exists ("o-…", made
+    by the operator, here the test) and one that does not ("m-…")."""
+    other, missing = f"o-{uuid.uuid4().hex[:24]}", f"m-{uuid.uuid4().hex[:24]}"
     if request.param == "local":
-        made: ObjectStore = LocalStore(tmp_path / "store", "dreamframe")
+        (tmp_path / "store" / other).mkdir(parents=True)
+        made: ObjectStore = LocalStore(tmp_path / "store", "dreamframe", allowed_buckets=[other, missing])
     else:
-        made = s3_store(request.getfixturevalue("s3_server"))
+        server = request.getfixturevalue("s3_server")
+        raw_client(server).make_bucket(other)
+        made = s3_store(server, allowed_buckets=[other, missing])
     yield made
     made.close()
+
+
+def other_bucket(store: ObjectStore) -> str:
+    """The allowed, existing bucket besides the default one."""
+    return next(b for b in store.allowed_buckets if b.startswith("o-"))
+
+
+def missing_bucket(store: ObjectStore) -> str:
+    """The allowed bucket that nobody made."""
+    return next(b for b in store.allowed_buckets if b.startswith("m-"))
+
+
+def bucket_exists(store: ObjectStore, bucket: str, s3_server: S3Server | None = None) -> bool:
+    if isinstance(store, S3Store):
+        return raw_client(s3_server).bucket_exists(bucket)
+    return (store.root / bucket).exists()
 
 
 def keys(store: ObjectStore, prefix: str = "", bucket: str | None = None) -> list[str]:
@@ -227,7 +249,7 @@ def test_verify(store: ObjectStore) -> None:
     assert not store.verify(ref)
     store.delete("v")
     assert not store.verify(ref)
-    assert not store.verify(ObjectRef(fresh_bucket(), "v", ref.size, ref.sha256))  # missing bucket
+    assert not store.verify(ObjectRef(missing_bucket(store), "v", ref.size, ref.sha256))
 
 
 @pytest.mark.parametrize("call", ["get_bytes", "stat", "get_file", "open_stream"])
@@ -241,7 +263,7 @@ def test_missing_key_is_not_found_naming_the_key(store: ObjectStore, tmp_path: P
 
 
 def test_missing_bucket(store: ObjectStore) -> None:
-    other = fresh_bucket()
+    other = missing_bucket(store)
     with pytest.raises(NotFound) as err:
         store.get_bytes("k", bucket=other)
     assert err.value.field in ("bucket", "key")
@@ -331,7 +353,7 @@ def test_key_freed_by_delete_can_be_reused_as_directory(store: ObjectStore) -> N
 
 
 def test_multiple_buckets(store: ObjectStore) -> None:
-    other = fresh_bucket()
+    other = other_bucket(store)
     a = store.put_bytes("same/key", b"default bucket")
     b = store.put_bytes("same/key", b"other bucket", bucket=other)
     assert (a.bucket, b.bucket) == (store.default_bucket, other)
@@ -346,6 +368,104 @@ def test_multiple_buckets(store: ObjectStore) -> None:
     store.delete("same/key", bucket=other)
     assert keys(store, bucket=other) == []
     assert store.get_bytes("same/key") == b"default bucket"
+
+
+# --- the bucket allow-list -----------------------------------------------------------------------------
+
+# Every ObjectStore method that takes bucket=, with a harmless call.
+BUCKET_CALLS = {
+    "put_bytes": lambda s, b, p: s.put_bytes("k", b"x", bucket=b),
+    "put_file": lambda s, b, p: s.put_file("k", p, bucket=b),
+    "put_json": lambda s, b, p: s.put_json("k.json", [1], bucket=b),
+    "put_if": lambda s, b, p: s.put_if("k", b"x", version=None, bucket=b),
+    "get_bytes": lambda s, b, p: s.get_bytes("k", bucket=b),
+    "get_json": lambda s, b, p: s.get_json("k.json", bucket=b),
+    "get_file": lambda s, b, p: s.get_file("k", p.parent / "out", bucket=b),
+    "get_versioned": lambda s, b, p: s.get_versioned("k", bucket=b),
+    "open_stream": lambda s, b, p: s.open_stream("k", bucket=b),
+    "exists": lambda s, b, p: s.exists("k", bucket=b),
+    "stat": lambda s, b, p: s.stat("k", bucket=b),
+    "sha256": lambda s, b, p: s.sha256("k", bucket=b),
+    "verify": lambda s, b, p: s.verify(ObjectRef(b, "k", 1, sha(b"x"))),
+    "list": lambda s, b, p: list(s.list("", bucket=b)),
+    "delete": lambda s, b, p: s.delete("k", bucket=b),
+    "delete_prefix": lambda s, b, p: s.delete_prefix("k", bucket=b),
+}
+
+
+@pytest.mark.parametrize("call", sorted(BUCKET_CALLS))
+def test_buckets_off_the_allow_list_are_refused(
+    store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest, call: str
+) -> None:
+    s3 = request.getfixturevalue("s3_server") if isinstance(store, S3Store) else None
+    outsider = fresh_bucket()
+    if s3 is not None:
+        # It exists and the store's credentials reach it: only the allow-list stands in the way.
+        raw_client(s3).make_bucket(outsider)
+        raw_client(s3).put_object(outsider, "k", io.BytesIO(b"x"), 1)
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    with pytest.raises(InvalidArgument) as err:
+        BUCKET_CALLS[call](store, outsider, src)
+    assert err.value.field == "bucket"
+    assert "not allowed" in err.value.message
+    if s3 is not None:
+        assert [o.object_name for o in raw_client(s3).list_objects(outsider)] == ["k"]
+        assert raw_client(s3).get_object(outsider, "k").read() == b"x"
+    else:
+        assert not (store.root / outsider).exists()
+        assert not any(outsider in str(p) for p in store.root.rglob("*"))  # no .meta/.locks trees either
+
+
+def test_the_default_bucket_is_always_allowed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, "dreamframe", allowed_buckets=["other-team"])
+    assert store.allowed_buckets == {"dreamframe", "other-team"}
+    assert LocalStore(tmp_path, "dreamframe").allowed_buckets == {"dreamframe"}
+    with pytest.raises(InvalidArgument) as err:
+        LocalStore(tmp_path, "dreamframe", allowed_buckets=["Bad_Name"])
+    assert err.value.field == "storage.allowed_buckets"
+
+
+@pytest.mark.parametrize("call", ["put_bytes", "put_file", "put_json", "put_if"])
+def test_no_write_creates_a_bucket(
+    store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest, call: str
+) -> None:
+    """An allowed bucket that nobody made stays unmade: writes to it fail NOT_FOUND naming the bucket."""
+    s3 = request.getfixturevalue("s3_server") if isinstance(store, S3Store) else None
+    missing = missing_bucket(store)
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    with pytest.raises(NotFound) as err:
+        BUCKET_CALLS[call](store, missing, src)
+    assert err.value.field == "bucket"
+    assert not bucket_exists(store, missing, s3)
+
+
+def test_storage_settings_allowed_buckets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dreamframe.config import load_settings
+
+    (tmp_path / "team-b").mkdir()
+    monkeypatch.setenv("DREAMFRAME_STORAGE__ALLOWED_BUCKETS", " team-b, team-c ")
+    monkeypatch.setenv("DREAMFRAME_STORAGE__ROOT", str(tmp_path))
+    settings = load_settings().storage
+    assert settings.allowed_buckets == ["team-b", "team-c"]
+    store = open_store(settings)
+    assert store.allowed_buckets == {"dreamframe", "team-b", "team-c"}
+    store.put_bytes("k", b"b", bucket="team-b")
+    monkeypatch.setenv("DREAMFRAME_STORAGE__ALLOWED_BUCKETS", '["team-b"]')
+    assert load_settings().storage.allowed_buckets == ["team-b"]
+    monkeypatch.delenv("DREAMFRAME_STORAGE__ALLOWED_BUCKETS")
+    assert open_store(load_settings().storage).allowed_buckets == {"dreamframe"}
+
+
+def test_s3_create_bucket_makes_only_the_default_bucket(s3_server: S3Server) -> None:
+    default, other = fresh_bucket(), fresh_bucket()
+    store = s3_store(s3_server, default, allowed_buckets=[other])
+    assert raw_client(s3_server).bucket_exists(default)
+    assert not raw_client(s3_server).bucket_exists(other)
+    with pytest.raises(NotFound):
+        store.put_bytes("k", b"x", bucket=other)
+    assert not raw_client(s3_server).bucket_exists(other)
 
 
 # --- atomicity ----------------------------------------------------------------------------------------

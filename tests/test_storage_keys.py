@@ -114,6 +114,29 @@ def test_bad_buckets(bucket: str) -> None:
     assert "3-63 chars" in err.value.message
 
 
+def test_bucket_allow_list() -> None:
+    assert validate_bucket("team-a", allowed={"team-a", "dreamframe"}) == "team-a"
+    with pytest.raises(InvalidArgument) as err:
+        validate_bucket("team-b", field="story.bucket", allowed={"team-a", "dreamframe"})
+    assert err.value.field == "story.bucket"
+    assert "not allowed" in err.value.message
+    assert "team-a" not in err.value.message and "dreamframe" not in err.value.message  # the list is not told
+
+
+def test_a_bad_bucket_name_is_shown_only_in_part() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_bucket("X" * 5000, field="story.bucket")
+    assert len(err.value.message) < 200
+
+
+def test_from_proto_checks_the_allow_list() -> None:
+    pb = common_pb2.ObjectRef(bucket="team-b", key="a")
+    assert from_proto(pb, field="story").bucket == "team-b"  # no list given: names only
+    with pytest.raises(InvalidArgument) as err:
+        from_proto(pb, field="story", allowed=frozenset({"dreamframe"}))
+    assert err.value.field == "story.bucket"
+
+
 def test_proto_round_trip() -> None:
     ref = ObjectRef("dreamframe", "jobs/j1/story.json", 123, SHA)
     pb = to_proto(ref)

@@ -80,7 +80,7 @@ def load_story_source(store: ObjectStore, index: int, source: StorySource) -> Lo
     field = f"stories.{index}"
     validate_key(source.key, field=f"{field}.story.key")
     bucket = (
-        validate_bucket(source.bucket, field=f"{field}.story.bucket")
+        validate_bucket(source.bucket, field=f"{field}.story.bucket", allowed=store.allowed_buckets)
         if source.bucket
         else store.default_bucket
     )

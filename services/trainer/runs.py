@@ -24,7 +24,7 @@ from pathlib import Path
 from dreamframe.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from dreamframe.logging import get_logger
 from dreamframe.processes import pid_alive
-from dreamframe.storage.base import ObjectRef, ObjectStore
+from dreamframe.storage.base import ObjectRef, ObjectStore, validate_bucket
 
 from .contract import Runtime
 from .run_store import RunRecord, RunState, RunStore
@@ -159,6 +159,10 @@ class RunManager:
             )
         for i, source in enumerate(spec.datasets):
             bucket = source.bucket or None
+            if bucket:
+                validate_bucket(
+                    bucket, field=f"datasets[{i}].dataset.bucket", allowed=self.store.allowed_buckets
+                )
             if not self.store.exists(source.key, bucket=bucket):
                 raise NotFound(f"no dataset object {source.key!r}", field=f"datasets[{i}].dataset.key")
             if source.sha256 and self.store.sha256(source.key, bucket=bucket) != source.sha256:

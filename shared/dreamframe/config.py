@@ -57,7 +57,22 @@ class StorageSettings(BaseModel):
     secret_key: SecretStr = SecretStr("")
     secure: bool = False
     region: str | None = None
+    # Make `bucket` at start-up if it is missing (never any other bucket, never on a request).
     create_bucket: bool = True
+    # Buckets a request may name besides `bucket` (always allowed); they must exist already.
+    # DREAMFRAME_STORAGE__ALLOWED_BUCKETS=a,b or a JSON list.
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                import json
+
+                return json.loads(value)
+            return [b.strip() for b in value.split(",") if b.strip()]
+        return value
 
 
 # Names and teams go into logs, metrics labels and storage keys (the per-team job index).

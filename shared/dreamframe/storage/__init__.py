@@ -11,6 +11,7 @@ Usage::
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from dreamframe.config import StorageSettings
 from dreamframe.errors import InvalidArgument
@@ -48,7 +49,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 def open_store(settings: StorageSettings) -> ObjectStore:
     """The store the settings describe (``backend: local`` or ``s3``)."""
     if settings.backend == "local":
-        return LocalStore(settings.root, settings.bucket)
+        return LocalStore(settings.root, settings.bucket, allowed_buckets=settings.allowed_buckets)
     if settings.backend == "s3":
         return S3Store(
             settings.endpoint,
@@ -58,6 +59,7 @@ def open_store(settings: StorageSettings) -> ObjectStore:
             secure=settings.secure,
             region=settings.region,
             create_bucket=settings.create_bucket,
+            allowed_buckets=settings.allowed_buckets,
         )
     raise InvalidArgument(f"unknown storage backend {settings.backend!r}", field="storage.backend")
 
@@ -66,11 +68,15 @@ def to_proto(ref: ObjectRef) -> common_pb2.ObjectRef:
     return common_pb2.ObjectRef(bucket=ref.bucket, key=ref.key, size=ref.size, sha256=ref.sha256)
 
 
-def from_proto(pb: common_pb2.ObjectRef, field: str = "ref") -> ObjectRef:
-    """A request's ObjectRef, checked; errors name the field (``story.key``) so callers know what to fix."""
+def from_proto(
+    pb: common_pb2.ObjectRef, field: str = "ref", *, allowed: Collection[str] | None = None
+) -> ObjectRef:
+    """A request's ObjectRef, checked; errors name the field (``story.key``) so callers know what to fix.
+    ``allowed`` (the store's ``allowed_buckets``) refuses other buckets here, naming ``<field>.bucket``;
+    the store refuses them anyway, naming just ``bucket``."""
     if not pb.bucket and not pb.key:
         raise InvalidArgument("an object reference (bucket and key) is required", field=field)
-    bucket = validate_bucket(pb.bucket, field=f"{field}.bucket")
+    bucket = validate_bucket(pb.bucket, field=f"{field}.bucket", allowed=allowed)
     key = validate_key(pb.key, field=f"{field}.key")
     if pb.size < 0:
         raise InvalidArgument(f"size must not be negative, got {pb.size}", field=f"{field}.size")

@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from dreamframe.errors import InvalidArgument, NotFound
 CHUNK_SIZE = 1 << 20
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# How much of a bad value an error message shows (requests are hostile: never echo all of one).
+_SHOWN = 64
 # C0 and C1 control characters and backslash (a path separator on some systems).
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
@@ -92,12 +94,23 @@ def validate_prefix(prefix: str, *, field: str = "prefix") -> str:
     return prefix
 
 
-def validate_bucket(bucket: str, *, field: str = "bucket") -> str:
+def _shown(value: object) -> str:
+    """A bad value for an error message: its repr, cut to a short prefix."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 1] + "…"
+
+
+def validate_bucket(bucket: str, *, field: str = "bucket", allowed: Collection[str] | None = None) -> str:
+    """``bucket`` if it is a valid name and, when ``allowed`` is given (a store's ``allowed_buckets``),
+    on that allow-list; else InvalidArgument naming ``field``."""
     if not isinstance(bucket, str) or not _BUCKET_RE.match(bucket) or ".." in bucket:
         raise InvalidArgument(
-            f"bucket name {bucket!r} must be 3-63 chars of lower-case letters, digits, '.' and '-'",
+            f"bucket name {_shown(bucket)} must be 3-63 chars of lower-case letters, digits, '.' and '-'",
             field=field,
         )
+    if allowed is not None and bucket not in allowed:
+        # Which buckets are allowed is the operator's business, not the caller's: not listed here.
+        raise InvalidArgument(f"bucket {bucket!r} is not allowed (storage.allowed_buckets)", field=field)
     return bucket
 
 
@@ -209,13 +222,22 @@ def write_atomically(
 
 
 class ObjectStore(ABC):
-    """One bucket-aware object store. ``bucket=None`` everywhere means the store's default bucket."""
+    """One bucket-aware object store. ``bucket=None`` everywhere means the store's default bucket.
 
-    def __init__(self, default_bucket: str) -> None:
-        self.default_bucket = validate_bucket(default_bucket)
+    Every method that takes ``bucket=`` accepts only the default bucket and ``allowed_buckets``
+    (InvalidArgument naming ``bucket`` otherwise), and no method creates a bucket: requests name buckets,
+    so a request could otherwise reach, or make, any bucket the store's credentials can.
+    """
+
+    def __init__(self, default_bucket: str, allowed_buckets: Iterable[str] = ()) -> None:
+        self.default_bucket = validate_bucket(default_bucket, field="storage.bucket")
+        extra = {validate_bucket(b, field="storage.allowed_buckets") for b in allowed_buckets}
+        self.allowed_buckets: frozenset[str] = frozenset({self.default_bucket, *extra})
 
     def _bucket(self, bucket: str | None) -> str:
-        return self.default_bucket if bucket is None else validate_bucket(bucket)
+        if bucket is None:
+            return self.default_bucket
+        return validate_bucket(bucket, allowed=self.allowed_buckets)
 
     # --- writes -----------------------------------------------------------------------------------
     @abstractmethod

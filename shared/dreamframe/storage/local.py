@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from stat import S_ISREG
 
@@ -45,8 +45,10 @@ STALE_TMP_SECONDS = 24 * 3600
 
 
 class LocalStore(ObjectStore):
-    def __init__(self, root: str | Path, default_bucket: str) -> None:
-        super().__init__(default_bucket)
+    def __init__(self, root: str | Path, default_bucket: str, *, allowed_buckets: Iterable[str] = ()) -> None:
+        """The default bucket's directory is made here; other allowed buckets' directories must exist
+        (the operator's, like S3 buckets): a write never makes one."""
+        super().__init__(default_bucket, allowed_buckets)
         self.root = Path(root).absolute()
         self._real_buckets: dict[Path, str] = {}
         self._tmp = self.root / TMP_DIR
@@ -118,6 +120,8 @@ class LocalStore(ObjectStore):
 
     def _write(self, key: str, chunks: Iterator[bytes] | list[bytes], bucket: str | None) -> ObjectRef:
         dest = self._path(key, bucket)
+        if not self._bucket_dir(bucket).is_dir():  # write_atomically would make it
+            raise NotFound(f"bucket {self._bucket(bucket)!r} does not exist", field="bucket")
         meta = self._meta_path(key, bucket)
 
         def record_sha(size: int, sha256: str, st: os.stat_result) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,13 +72,15 @@ class S3Store(ObjectStore):
         region: str | None = None,
         create_bucket: bool = True,
         *,
+        allowed_buckets: Iterable[str] = (),
         part_size: int = 0,
         timeout_seconds: float = 60.0,
         max_retries: int = 3,
     ) -> None:
         """``part_size`` 0 lets the client choose (5 MiB parts, more for huge files): anything larger
-        than one part goes up as a multipart upload, so memory stays bounded whatever the file size."""
-        super().__init__(default_bucket)
+        than one part goes up as a multipart upload, so memory stays bounded whatever the file size.
+        ``create_bucket`` makes the default bucket here if it is missing; no other bucket is ever made."""
+        super().__init__(default_bucket, allowed_buckets)
         # Accept "http://host:port" too; the minio client wants host:port and a secure flag.
         for scheme, is_secure in (("http://", False), ("https://", True)):
             if endpoint.startswith(scheme):
@@ -103,9 +105,8 @@ class S3Store(ObjectStore):
         except ValueError as exc:
             raise InvalidArgument(f"bad S3 endpoint {endpoint!r}: {exc}", field="storage.endpoint") from None
         self._region = region
-        self._known_buckets: set[str] = set()
         if create_bucket:
-            self._ensure_bucket(self.default_bucket)
+            self._make_default_bucket()
 
     def __repr__(self) -> str:
         return f"S3Store({self.endpoint!r}, bucket={self.default_bucket!r})"
@@ -138,10 +139,10 @@ class S3Store(ObjectStore):
         except urllib3.exceptions.HTTPError as exc:
             raise Unavailable(f"{where} is unreachable: {exc}") from exc
 
-    def _ensure_bucket(self, bucket: str) -> None:
-        """Make ``bucket`` exist (once per process per bucket); writes auto-create like the local store."""
-        if bucket in self._known_buckets:
-            return
+    def _make_default_bucket(self) -> None:
+        """Make the configured bucket if it is missing (start-up only: a write to a missing bucket fails
+        NOT_FOUND rather than making one, so no request can create a bucket)."""
+        bucket = self.default_bucket
         with self._errors(bucket):
             if not self._client.bucket_exists(bucket):
                 try:
@@ -149,13 +150,6 @@ class S3Store(ObjectStore):
                 except S3Error as exc:  # another process made it first
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
-        self._known_buckets.add(bucket)
-
-    def _for_write(self, bucket: str | None) -> str:
-        name = self._bucket(bucket)
-        if self.create_bucket:
-            self._ensure_bucket(name)
-        return name
 
     # --- writes -----------------------------------------------------------------------------------
     def put_bytes(
@@ -167,7 +161,7 @@ class S3Store(ObjectStore):
         bucket: str | None = None,
     ) -> ObjectRef:
         validate_key(key)
-        name = self._for_write(bucket)
+        name = self._bucket(bucket)
         data = bytes(data)
         sha256 = sha256_bytes(data)
         with self._errors(name, key):
@@ -191,7 +185,7 @@ class S3Store(ObjectStore):
         bucket: str | None = None,
     ) -> ObjectRef:
         validate_key(key)
-        name = self._for_write(bucket)
+        name = self._bucket(bucket)
         # The hash goes in the request headers, so it must be known before the first byte is sent.
         digest, size = hashlib.sha256(), 0
         with open(path, "rb") as f:
@@ -259,7 +253,7 @@ class S3Store(ObjectStore):
         bucket: str | None = None,
     ) -> str:
         validate_key(key)
-        name = self._for_write(bucket)
+        name = self._bucket(bucket)
         data = bytes(data)
         headers = genheaders({SHA256_META: sha256_bytes(data)}, None, None, None, False)
         headers["Content-Type"] = content_type
@@ -273,6 +267,8 @@ class S3Store(ObjectStore):
                 # sends them as they are (small objects only: leases and job state).
                 result = self._client._put_object(name, key, data, headers=headers)
         except (NotFound, S3Error) as exc:
+            if isinstance(exc, NotFound) and exc.field == "bucket":
+                raise  # no bucket: not a lost race
             code = getattr(exc, "code", "NoSuchKey")
             if isinstance(exc, NotFound) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise Aborted(f"object {key!r} changed since it was read", field="key") from None
