@@ -540,6 +540,7 @@ def test_one_access_log_line_per_rpc(json_logs):
     assert line["code"] == "NOT_FOUND"
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
     assert line["peer"].startswith("ipv4:127.0.0.1:")
+    assert (line["caller"], line["team"], line["role"]) == ("anonymous",) * 3  # auth off: no caller
     assert line["level"] == "info" and "timestamp" in line
     # The handler's own log lines carry the RPC they belong to.
     (lookup,) = [e for e in events if e["event"] == "looking up run"]
