@@ -87,8 +87,11 @@ def test_each_service_has_deployment_service_and_grpc_probes():
         assert f"dreamframe-{name}" in services
         pod = dep["spec"]["template"]["spec"]
         container = pod["containers"][0]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == 50051
+        # The kubelet's gRPC probes cannot do TLS: they ask the plaintext health port; liveness its own
+        # health service (never storage), startup and readiness "" (storage and models).
+        for probe in ("startupProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": 50052}
+        assert container["livenessProbe"]["grpc"] == {"port": 50052, "service": "liveness"}
         security = container["securityContext"]
         assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
         assert security["capabilities"]["drop"] == ["ALL"]
@@ -268,7 +271,6 @@ def test_schema_rejects_bad_values_with_clear_messages(values, message):
             "maxReplicas must be at least minReplicas",
         ),
         ({"minio": {"enabled": False}}, "config.storage.endpoint is required"),
-        ({"tls": {"enabled": True}}, "tls.secretName is required"),
         (
             {"config": {"coordinator": {"leader_election": "off"}}},
             "leader_election off with services.coordinator.replicas > 1",

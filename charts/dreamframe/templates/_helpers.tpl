@@ -113,3 +113,85 @@ or <fullname>-coordinator so that two releases in one namespace never share a le
 {{- define "dreamframe.leaderLeaseName" -}}
 {{- (default dict .Values.config.coordinator).leader_lease_name | default (printf "%s-coordinator" (include "dreamframe.fullname" .)) -}}
 {{- end -}}
+
+{{/* TLS --------------------------------------------------------------------------------------- */}}
+{{/* cert-manager or helm: where the release's certificate comes from (tls.provider auto: cert-manager when
+the cluster serves its API). */}}
+{{- define "dreamframe.tlsProvider" -}}
+{{- $p := .Values.tls.provider | default "auto" -}}
+{{- if eq $p "auto" -}}
+{{- if .Capabilities.APIVersions.Has "cert-manager.io/v1" }}cert-manager{{ else }}helm{{ end -}}
+{{- else -}}
+{{- $p -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dreamframe.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "dreamframe.fullname" .)) .Values.tls.secretName -}}
+{{- end -}}
+
+{{/* Every name a service is dialled by (short, namespaced, .svc, FQDN; the renderer's headless Service
+too), as a JSON list: the certificate's SANs. */}}
+{{- define "dreamframe.tlsDnsNames" -}}
+{{- $root := . -}}
+{{- $names := list -}}
+{{- range $key, $svc := .Values.services -}}
+{{- if $svc.enabled -}}
+{{- $base := include "dreamframe.componentFullname" (dict "root" $root "key" $key) -}}
+{{- $hosts := list $base -}}
+{{- if eq $key "keyframeRenderer" }}{{ $hosts = append $hosts (printf "%s-headless" $base) }}{{ end -}}
+{{- range $hosts -}}
+{{- $names = concat $names (list . (printf "%s.%s" . $root.Release.Namespace) (printf "%s.%s.svc" . $root.Release.Namespace) (printf "%s.%s.svc.cluster.local" . $root.Release.Namespace)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{/* The renderer's Service FQDN: the name the coordinator checks the certificate against when it dials
+renderer pods by IP (discovery). The one certificate names every Service, so any of them would do. */}}
+{{- define "dreamframe.tlsServerName" -}}
+{{- printf "%s.%s.svc.cluster.local" (include "dreamframe.componentFullname" (dict "root" . "key" "keyframeRenderer")) .Release.Namespace -}}
+{{- end -}}
+
+{{/* Storage credentials ------------------------------------------------------------------------ */}}
+{{- define "dreamframe.minioSecretName" -}}
+{{- printf "%s-minio" (include "dreamframe.fullname" .) -}}
+{{- end -}}
+
+{{/* The Secret holding one service's S3 credentials (keys access-key, secret-key), or "" where the
+service falls back to the shared secrets (external S3 without storage.credentials.<key>.existingSecret).
+call with (dict "root" $ "key" "keyframeRenderer") */}}
+{{- define "dreamframe.storageSecretName" -}}
+{{- if .root.Values.minio.enabled -}}
+{{- printf "%s-storage" (include "dreamframe.componentFullname" .) -}}
+{{- else -}}
+{{- (index (default dict .root.Values.storage.credentials) .key | default dict).existingSecret | default "" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled MinIO user of a service: its Kubernetes name. */}}
+{{- define "dreamframe.storageUser" -}}
+{{- include "dreamframe.componentName" . -}}
+{{- end -}}
+
+{{/* One service's S3 policy (JSON) from storage.access.<key>: list key names, read under its read patterns,
+write (put, delete, multipart) under its write patterns, nothing else. call with (dict "root" $ "key" ...) */}}
+{{- define "dreamframe.storagePolicy" -}}
+{{- $bucket := .root.Values.config.storage.bucket -}}
+{{- $access := index .root.Values.storage.access .key -}}
+{{- $read := list -}}
+{{- range $access.read }}{{ $read = append $read (printf "arn:aws:s3:::%s/%s" $bucket .) }}{{ end -}}
+{{- $write := list -}}
+{{- range $access.write }}{{ $write = append $write (printf "arn:aws:s3:::%s/%s" $bucket .) }}{{ end -}}
+{{- /* Key names bucket-wide: without s3:ListBucket, S3 and MinIO answer a missing key with 403, not 404
+(readiness and skip-what-exists need the 404). Contents stay limited to the read patterns. */ -}}
+{{- $statements := list (dict "Sid" "Bucket" "Effect" "Allow" "Action" (list "s3:GetBucketLocation" "s3:ListBucket") "Resource" (list (printf "arn:aws:s3:::%s" $bucket))) -}}
+{{- if $read -}}
+{{- $statements = append $statements (dict "Sid" "Read" "Effect" "Allow" "Action" (list "s3:GetObject") "Resource" $read) -}}
+{{- end -}}
+{{- if $write -}}
+{{- $statements = append $statements (dict "Sid" "Write" "Effect" "Allow" "Action" (list "s3:PutObject" "s3:DeleteObject" "s3:AbortMultipartUpload" "s3:ListMultipartUploadParts") "Resource" $write) -}}
+{{- end -}}
+{{- dict "Version" "2012-10-17" "Statement" $statements | toJson -}}
+{{- end -}}
