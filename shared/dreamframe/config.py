@@ -111,6 +111,9 @@ class ServerSettings(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     # Prometheus /metrics over HTTP; 0 picks a free port, -1 disables.
     metrics_port: int = Field(0, ge=-1, le=65535)
+    # A plaintext port with grpc.health.v1 alone (-1: none; health is on `port` as always). Kubernetes'
+    # built-in gRPC probes cannot do TLS: with TLS on `port` the chart points them here.
+    health_port: int = Field(-1, ge=-1, le=65535)
     # SIGTERM: stop accepting, let in-flight RPCs finish for this long, then cancel them.
     grace_seconds: float = Field(30.0, ge=0)
     max_workers: int = Field(16, ge=1)
@@ -216,6 +219,12 @@ class ClientSettings(BaseModel):
     token: SecretStr = SecretStr("")
     tls_ca_file: Path | None = None
     tls: bool = False
+    # Mutual TLS: the certificate and key this process presents to the services it calls.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # The name the server's certificate is checked against instead of the target's host: needed where
+    # the target is a pod IP (renderer discovery) or a port-forward to 127.0.0.1.
+    tls_server_name: str = ""
 
 
 class LogSettings(BaseModel):

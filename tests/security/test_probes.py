@@ -53,7 +53,12 @@ def test_storage_down_is_unready_but_alive():
     async def body() -> None:
         # MinIO gone: a real S3 client, nothing listening, no retries.
         down = S3Store(
-            f"127.0.0.1:{closed_port()}", "ak", "sk", "dreamframe", create_bucket=False, max_retries=0,
+            f"127.0.0.1:{closed_port()}",
+            "ak",
+            "sk",
+            "dreamframe",
+            create_bucket=False,
+            max_retries=0,
             timeout_seconds=1.0,
         )
         ready = StorageReadiness(down, "jobs/")
@@ -78,7 +83,10 @@ def test_liveness_ignores_readiness_changes_and_ends_at_shutdown(tmp_path):
     async def body() -> None:
         store = Flaky(tmp_path / "store", "dreamframe")
         server = GrpcServer(
-            [], settings(), service_name="probe", readiness=StorageReadiness(store, "jobs/"),
+            [],
+            settings(),
+            service_name="probe",
+            readiness=StorageReadiness(store, "jobs/"),
             readiness_interval=0.05,
         )
         async with server:

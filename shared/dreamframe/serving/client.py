@@ -81,7 +81,8 @@ def channel_credentials(
     certificate_chain: bytes | None = None,
     private_key: bytes | None = None,
 ) -> grpc.ChannelCredentials | None:
-    """TLS credentials, or None for plaintext. TLS is on when asked, or when a CA is configured."""
+    """TLS credentials, or None for plaintext. TLS is on when asked, or when a CA is configured; the
+    settings' certificate and key are presented (mutual TLS) unless the caller passes its own."""
     ca_file: Path | None = settings.tls_ca_file
     use_tls = (
         tls if tls is not None else (settings.tls or ca_file is not None or root_certificates is not None)
@@ -90,6 +91,12 @@ def channel_credentials(
         return None
     if root_certificates is None and ca_file is not None:
         root_certificates = ca_file.read_bytes()
+    if certificate_chain is None and private_key is None:
+        if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+            raise ValueError("client.tls_cert_file and client.tls_key_file must be set together")
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            certificate_chain = settings.tls_cert_file.read_bytes()
+            private_key = settings.tls_key_file.read_bytes()
     # root_certificates None: the system's trust store.
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
@@ -198,6 +205,8 @@ def _channel_setup(
         certificate_chain=certificate_chain,
         private_key=private_key,
     )
+    if creds is not None and settings.tls_server_name:
+        opts.append(("grpc.ssl_target_name_override", settings.tls_server_name))
     return opts, creds
 
 

@@ -25,7 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from dreamframe.config import ServerSettings, Settings, get_settings
 from dreamframe.logging import configure_logging, get_logger
 from dreamframe.serving.auth import CallerAuthInterceptor
-from dreamframe.serving.health import HEALTH_SERVICE_NAME, NOT_SERVING, SERVING, HealthServicer
+from dreamframe.serving.health import (
+    HEALTH_SERVICE_NAME,
+    NOT_SERVING,
+    SERVING,
+    HealthServicer,
+    start_health_server,
+)
 from dreamframe.serving.interceptors import (
     AccessLogInterceptor,
     ExceptionInterceptor,
@@ -136,6 +142,8 @@ class GrpcServer:
         self.metrics = ServerMetrics(service_name)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._server: grpc.aio.Server | None = None
         self._readiness_task: asyncio.Task[None] | None = None
         self._ready: bool | None = None
@@ -186,7 +194,13 @@ class GrpcServer:
             await server.start()
             if s.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+            if s.health_port >= 0:  # plaintext health alone, for Kubernetes' probes (they lack TLS)
+                health_address = _host_port(s.host, s.health_port)
+                self._health_server, self.health_port = await start_health_server(self.health, health_address)
         except BaseException:
+            if self._health_server is not None:
+                await self._health_server.stop(None)
+                self._health_server = None
             # An aio server left unstopped crashes the process when collected after its loop closed; and
             # the traceback of the error we re-raise must not keep this one alive past its loop either.
             await server.stop(None)
@@ -262,6 +276,8 @@ class GrpcServer:
         if self._shutdown_hooks:
             await self._run_hooks(timeout=max(grace, 1.0))
         await drain
+        if self._health_server is not None:  # probes saw NOT_SERVING until the drain ended
+            await self._health_server.stop(None)
         await self.metrics.close()
         self._log.info("server stopped", seconds=round(time.monotonic() - started, 3))
 
