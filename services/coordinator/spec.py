@@ -1,16 +1,21 @@
-"""Checking a submitted job before anything runs: every problem names the request field."""
+"""Checking a submitted job before anything runs: every problem names the request field.
+
+Every text field of the request is bounded and free of control characters (the ``limits`` settings);
+the story files it names are checked by ``dreamframe.story.load_story`` before the job is stored.
+"""
 
 from __future__ import annotations
 
+from dreamframe.config import LimitsSettings
 from dreamframe.errors import InvalidArgument
 from dreamframe.keys import validate_id
+from dreamframe.limits import check_message_strings, check_text, current_limits
 from dreamframe.stages import ALL_STAGES
 from dreamframe.v1 import coordinator_pb2 as pb
 
 # Per-story stages run for each story; the rest once over all stories.
 PER_STORY_STAGES = (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER)
 MAX_STORIES = 10_000
-MAX_THEME_CHARS = 2_000
 
 
 # Stages that read the job's copy of each story.
@@ -28,10 +33,14 @@ def selected_stages(spec: pb.JobSpec) -> list[int]:
     return [s for s in ALL_STAGES if s in chosen]
 
 
-def validate_submission(request: pb.SubmitJobRequest) -> None:
+def validate_submission(request: pb.SubmitJobRequest, limits: LimitsSettings | None = None) -> None:
+    limits = limits or current_limits()
     if request.job_id:
         validate_id(request.job_id, field="job_id")
     spec = request.spec
+    # Themes have their own limit (below); every other string of the spec gets the generic one.
+    themes = frozenset(f"spec.stories.{i}.theme" for i in range(len(spec.stories)))
+    check_message_strings(spec, max_chars=limits.request_string_chars, prefix="spec.", skip=themes)
     if not spec.stories:
         raise InvalidArgument(
             "at least one story (a theme or a story file) is required", field="spec.stories"
@@ -50,8 +59,7 @@ def validate_submission(request: pb.SubmitJobRequest) -> None:
         if source == "theme":
             if not story.theme.strip():
                 raise InvalidArgument("must not be empty", field=f"{field}.theme")
-            if len(story.theme) > MAX_THEME_CHARS:
-                raise InvalidArgument(f"longer than {MAX_THEME_CHARS} characters", field=f"{field}.theme")
+            check_text(story.theme, max_chars=limits.theme_chars, field=f"{field}.theme")
             if pb.STAGE_PLOT not in stages:
                 raise InvalidArgument(
                     "a theme needs the plot stage; add it or give a story file", field=f"{field}.theme"

@@ -5,7 +5,7 @@ Nested sections use ``__``: ``DREAMFRAME_STORAGE__BACKEND=s3``, ``DREAMFRAME_SER
 the same keys as nested mappings (``storage: {backend: s3}``); environment variables win over the file.
 The Helm chart's ``config:`` values use exactly these names.
 
-This module holds the sections every process shares (storage, server, client, log, models, cli). Each
+This module holds the sections every process shares (storage, server, client, log, models, cli, limits). Each
 service owns its own section in ``services/<name>/settings.py`` and registers it with this loader through
 the ``dreamframe.settings`` entry point group in pyproject.toml,
 so the shared library does not change with every service. ``get_settings()`` returns one object with every
@@ -251,6 +251,37 @@ class CliSettings(BaseModel):
     runs_dir: Path = Path("runs")
 
 
+class LimitsSettings(BaseModel):
+    """How much a story file or a request may hold (hostile input: a clear error, a bounded cost).
+
+    Enforced where a story enters (``dreamframe import-story``/``submit --story``, SubmitJob, every
+    service that loads a story) and on SubmitJob's text fields. Defaults sit far above the paper's reference
+    story (DreamFrame-code json/story_info_0.json); its largest values are in the comments.
+    """
+
+    story_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # the whole story file; reference: 445,855 bytes
+    json_depth: int = Field(32, ge=8)  # nested objects/arrays; reference file 3, native story 7
+    json_containers: int = Field(200_000, ge=100)  # objects and arrays in all; reference: 2,129
+    theme_chars: int = Field(500, ge=1)  # the plot service's own theme limit
+    overview_chars: int = Field(20_000, ge=1)  # reference: 429
+    frame_text_chars: int = Field(2_000, ge=1)  # a frame's text or prompt; reference: 341
+    dialogue_chars: int = Field(2_000, ge=1)  # reference: 106
+    qa_chars: int = Field(4_000, ge=1)  # a question or an answer; reference: 103 / 429
+    # Character names, locations, title, style keyword, QA kind; reference names: 11.
+    name_chars: int = Field(200, ge=1)
+    # Appearances, style description, scene and contents; reference appearances: 48.
+    description_chars: int = Field(2_000, ge=1)
+    frames: int = Field(20_000, ge=1)  # per story (at least 1 always); reference: 1,331
+    dialogues: int = Field(20_000, ge=0)  # reference: 650
+    qa_pairs: int = Field(20_000, ge=0)  # all levels together; reference: 144
+    substories: int = Field(1_000, ge=1)  # the paper's plot: 11 (an imported reference file is 1)
+    tiny_stories: int = Field(10_000, ge=1)  # all substories together; the paper's plot: 121
+    characters: int = Field(1_000, ge=0)  # reference: 3
+    locations: int = Field(1_000, ge=0)  # the paper asks for at least 12
+    # Any other text field of a request (names, option strings, a negative prompt).
+    request_string_chars: int = Field(10_000, ge=1)
+
+
 class Settings(BaseSettings):
     """DreamFrame's configuration: the common sections here, the services' own sections added by
     ``settings_class`` (use ``load_settings``/``get_settings`` to read it)."""
@@ -268,6 +299,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     cli: CliSettings = Field(default_factory=CliSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @classmethod
     def settings_customise_sources(

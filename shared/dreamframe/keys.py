@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 from dreamframe.errors import InvalidArgument
+from dreamframe.limits import short_repr
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -26,7 +27,8 @@ def validate_id(value: str, *, field: str) -> str:
     """Ids become key segments: letters, digits, '.', '_', '-' (not leading), at most 128."""
     if not _ID_RE.match(value or "") or ".." in value:
         raise InvalidArgument(
-            f"{value!r} is not a valid id (1-128 of letters, digits, '.', '_', '-'; starting alphanumeric)",
+            f"{short_repr(value)} is not a valid id "
+            "(1-128 of letters, digits, '.', '_', '-'; starting alphanumeric)",
             field=field,
         )
     return value

@@ -12,11 +12,14 @@ Frames are numbered 0..N-1 in story order across the whole story; that index nam
 
 The reference's interchange format (``{"overview", "character", "img_diag", "QA"}``) is imported and
 exported exactly by ``from_reference`` / ``to_reference``: ``to_reference(from_reference(x)) == x``.
+
+Every story read from JSON is checked against the ``limits`` settings (``dreamframe.limits``): file size,
+nesting depth, the length of every text field, counts (at least one frame), no control characters;
+errors name the path inside the file as written (``story.img_diag.12.1``, ``story.substories.0.title``).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +27,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dreamframe.config import LimitsSettings
 from dreamframe.errors import InvalidArgument
+from dreamframe.limits import (
+    check_count,
+    check_text,
+    current_limits,
+    json_depth,
+    load_json_object,
+    short_repr,
+)
 
 SCHEMA_VERSION = 1
 FRAME_PREFIX_RE = re.compile(r"^\s*generate an image in (?P<keyword>.+?) style\s*:\s*", re.IGNORECASE)
@@ -115,7 +127,7 @@ class Story(_Model):
         seen: set[str] = set()
         for character in value:
             if character.name in seen:
-                raise ValueError(f"character {character.name!r} appears twice")
+                raise ValueError(f"character {short_repr(character.name)} appears twice")
             seen.add(character.name)
         return value
 
@@ -169,10 +181,18 @@ class Story(_Model):
         }
 
     @classmethod
-    def from_reference(cls, data: dict[str, Any] | str | bytes) -> Story:
+    def from_reference(
+        cls, data: dict[str, Any] | str | bytes, *, limits: LimitsSettings | None = None
+    ) -> Story:
         """Read a reference story file. Its flat frame/dialogue list becomes one substory with one
         tiny story, and its QA the story's QA, so exporting gives back the same file."""
-        ref = _validated(ReferenceStory, _load_json(data, "story"), "story")
+        limits = limits or current_limits()
+        return cls._from_reference_object(_load_json(data, "story", limits), limits)
+
+    @classmethod
+    def _from_reference_object(cls, obj: dict[str, Any], limits: LimitsSettings) -> Story:
+        ref = _validated(ReferenceStory, obj, "story")
+        ref.check_limits(limits, "story")
         items = [
             StoryItem(kind=kind, text=text, prompt=text if kind == "frame" else None)
             for kind, text in ref.img_diag
@@ -196,8 +216,57 @@ class Story(_Model):
         return self.model_dump_json(indent=2, exclude_none=True)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | str | bytes) -> Story:
-        return _validated(cls, _load_json(data, "story"), "story")
+    def from_json(cls, data: dict[str, Any] | str | bytes, *, limits: LimitsSettings | None = None) -> Story:
+        limits = limits or current_limits()
+        return cls._from_native_object(_load_json(data, "story", limits), limits)
+
+    @classmethod
+    def _from_native_object(cls, obj: dict[str, Any], limits: LimitsSettings) -> Story:
+        story = _validated(cls, obj, "story")
+        story.check_limits(limits, "story")
+        return story
+
+    # --- limits --------------------------------------------------------------------------------
+    def check_limits(self, limits: LimitsSettings, field: str = "story") -> None:
+        """Every text field and count within ``limits`` (see dreamframe.limits); errors name the path."""
+        lim = limits
+
+        def text(value: str, max_chars: int, path: str) -> None:
+            check_text(value, max_chars=max_chars, field=f"{field}.{path}")
+
+        def count(items: list[Any], maximum: int, path: str, what: str) -> None:
+            check_count(len(items), maximum=maximum, field=f"{field}.{path}", what=what)
+
+        text(self.title, lim.name_chars, "title")
+        text(self.style_keyword, lim.name_chars, "style_keyword")
+        text(self.theme, lim.theme_chars, "theme")
+        text(self.overview, lim.overview_chars, "overview")
+        text(self.style_description, lim.description_chars, "style_description")
+        count(self.locations, lim.locations, "locations", "locations")
+        for i, location in enumerate(self.locations):
+            text(location, lim.name_chars, f"locations.{i}")
+        count(self.characters, lim.characters, "characters", "characters")
+        for i, character in enumerate(self.characters):
+            text(character.name, lim.name_chars, f"characters.{i}.name")
+            text(character.appearance, lim.description_chars, f"characters.{i}.appearance")
+        count(self.substories, lim.substories, "substories", "substories")
+        tiny_stories = [tiny for sub in self.substories for tiny in sub.tiny_stories]
+        count(tiny_stories, lim.tiny_stories, "substories", "tiny stories")
+        counts = _ItemCounts(lim, field)
+        counts.qa(self.qa, f"{field}.qa")
+        for s, sub in enumerate(self.substories):
+            text(sub.scene, lim.description_chars, f"substories.{s}.scene")
+            text(sub.content, lim.description_chars, f"substories.{s}.content")
+            counts.qa(sub.qa, f"{field}.substories.{s}.qa")
+            for t, tiny in enumerate(sub.tiny_stories):
+                at = f"substories.{s}.tiny_stories.{t}"
+                text(tiny.content, lim.description_chars, f"{at}.content")
+                counts.qa(tiny.qa, f"{field}.{at}.qa")
+                for i, item in enumerate(tiny.items):
+                    counts.item(item.kind, item.text, f"{field}.{at}.items.{i}.text")
+                    if item.prompt is not None:
+                        text(item.prompt, lim.frame_text_chars, f"{at}.items.{i}.prompt")
+        counts.done()
 
 
 @dataclass(frozen=True)
@@ -223,6 +292,61 @@ class ReferenceStory(BaseModel):
     img_diag: list[tuple[Literal["frame", "dialogue"], str]]
     QA: list[ReferenceQA]
 
+    def check_limits(self, limits: LimitsSettings, field: str = "story") -> None:
+        """The same limits as ``Story.check_limits``, with the reference file's own paths."""
+        check_text(self.overview, max_chars=limits.overview_chars, field=f"{field}.overview")
+        check_count(
+            len(self.character), maximum=limits.characters, field=f"{field}.character", what="characters"
+        )
+        for name, appearance in self.character.items():
+            check_text(name, max_chars=limits.name_chars, field=f"{field}.character")
+            check_text(appearance, max_chars=limits.description_chars, field=f"{field}.character.{name}")
+        counts = _ItemCounts(limits, field)
+        for i, (kind, text) in enumerate(self.img_diag):
+            counts.item(kind, text, f"{field}.img_diag.{i}.1")
+        counts.qa_pairs(((q.Question, q.Answer) for q in self.QA), f"{field}.QA", ("Question", "Answer"))
+        counts.done(frames_field=f"{field}.img_diag")
+
+
+class _ItemCounts:
+    """Checks frames, dialogues and QA one by one and counts them across the whole story, so an
+    over-long list is refused as soon as the count passes its limit."""
+
+    def __init__(self, limits: LimitsSettings, field: str) -> None:
+        self.limits, self.field = limits, field
+        self.frames = self.dialogues = self.qa_count = 0
+
+    def item(self, kind: str, text: str, field: str) -> None:
+        lim = self.limits
+        if kind == "frame":
+            self.frames += 1
+            check_count(self.frames, maximum=lim.frames, field=field, what="frames in the story")
+            check_text(text, max_chars=lim.frame_text_chars, field=field)
+        else:
+            self.dialogues += 1
+            check_count(self.dialogues, maximum=lim.dialogues, field=field, what="dialogues in the story")
+            check_text(text, max_chars=lim.dialogue_chars, field=field)
+
+    def qa(self, pairs: list[QA], field: str) -> None:
+        texts = ((qa.question, qa.answer, qa.kind) for qa in pairs)
+        self.qa_pairs(texts, field, ("question", "answer", "kind"))
+
+    def qa_pairs(self, pairs: Any, field: str, names: tuple[str, ...]) -> None:
+        lim = self.limits
+        for i, texts in enumerate(pairs):
+            self.qa_count += 1
+            what = "QA pairs in the story"
+            check_count(self.qa_count, maximum=lim.qa_pairs, field=f"{field}.{i}", what=what)
+            for name, text in zip(names, texts, strict=True):
+                limit = lim.name_chars if name == "kind" else lim.qa_chars
+                check_text(text, max_chars=limit, field=f"{field}.{i}.{name}")
+
+    def done(self, frames_field: str | None = None) -> None:
+        # A story without frames renders nothing and trains on nothing: refuse it where it enters.
+        if self.frames == 0:
+            message = "has no frames; a story needs at least one"
+            raise InvalidArgument(message, field=frames_field or self.field)
+
 
 def resolve_frame_text(text: str, characters: list[Character], style_keyword: str) -> str:
     """Frame text → render prompt: each character name becomes its appearance (longest names first, whole
@@ -244,32 +368,28 @@ def detect_format(data: dict[str, Any]) -> Literal["native", "reference"]:
     return "reference" if "img_diag" in data else "native"
 
 
-def load_story(data: dict[str, Any] | str | bytes, *, field: str = "story") -> Story:
-    """Parse a story in either format; errors name ``field`` and the bad path inside it."""
-    obj = _load_json(data, field)
+def load_story(
+    data: dict[str, Any] | str | bytes, *, field: str = "story", limits: LimitsSettings | None = None
+) -> Story:
+    """Parse a story in either format within ``limits`` (default: the ``limits`` settings); errors name
+    ``field`` and the bad path inside it."""
+    limits = limits or current_limits()
+    obj = _load_json(data, field, limits)
     try:
         if detect_format(obj) == "reference":
-            return Story.from_reference(obj)
-        return Story.from_json(obj)
+            return Story._from_reference_object(obj, limits)
+        return Story._from_native_object(obj, limits)
     except InvalidArgument as exc:
         inner = exc.field.removeprefix("story") if exc.field else ""
         raise InvalidArgument(exc.message, field=f"{field}{inner}") from None
 
 
-def _load_json(data: dict[str, Any] | str | bytes, field: str) -> dict[str, Any]:
+def _load_json(data: dict[str, Any] | str | bytes, field: str, limits: LimitsSettings) -> dict[str, Any]:
     if isinstance(data, dict):
+        if json_depth(data) > limits.json_depth:
+            raise InvalidArgument(f"nested more than {limits.json_depth} levels deep", field=field)
         return data
-    try:
-        obj = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", field=field
-        ) from None
-    except UnicodeDecodeError:
-        raise InvalidArgument("not UTF-8 text", field=field) from None
-    if not isinstance(obj, dict):
-        raise InvalidArgument(f"must be a JSON object, got {type(obj).__name__}", field=field)
-    return obj
+    return load_json_object(data, field=field, limits=limits, what="a story file")
 
 
 def _validated(model: type[BaseModel], obj: dict[str, Any], field: str) -> Any:

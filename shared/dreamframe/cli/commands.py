@@ -24,12 +24,14 @@ from dreamframe.cli import local
 from dreamframe.cli.export import export_job, relative
 from dreamframe.config import Settings, get_settings
 from dreamframe.errors import DreamFrameError, InvalidArgument
+from dreamframe.limits import load_json_object, truncate
 from dreamframe.serving.client import make_sync_channel
 from dreamframe.stages import parse_stage, stage_name
 from dreamframe.storage import open_store, to_proto
-from dreamframe.story import load_story
+from dreamframe.story import Story, load_story
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
+from dreamframe.v1.common_pb2 import ObjectRef
 
 app = typer.Typer(
     help="DreamFrame: video-understanding training data, made automatically.", no_args_is_help=True
@@ -218,14 +220,18 @@ def _build_spec(
 ) -> pb.JobSpec:
     spec = pb.JobSpec()
     if spec_file is not None:
+        data = _read_bounded(settings, spec_file, "--spec")
         try:
-            json_format.Parse(spec_file.read_text(), spec)
-        except (OSError, json_format.ParseError) as exc:
-            raise InvalidArgument(f"cannot read job spec: {exc}", field="--spec") from None
+            # Size and nesting checked before parsing (a deeply nested file is an error, not a crash).
+            obj = load_json_object(data, field="--spec", limits=settings.limits, what="a job spec")
+            json_format.ParseDict(obj, spec)
+        except json_format.ParseError as exc:
+            message = f"cannot read job spec: {truncate(str(exc), 200)}"
+            raise InvalidArgument(message, field="--spec") from None
     for theme in themes:
         spec.stories.add(theme=theme)
     for path in stories:
-        spec.stories.add(story=_upload_story(settings, path))
+        spec.stories.add(story=_upload_story(settings, path)[0])
     if stages:
         del spec.stages[:]
         spec.stages.extend(parse_stage(s) for s in stages.split(",") if s.strip())
@@ -234,15 +240,26 @@ def _build_spec(
     return spec
 
 
-def _upload_story(settings: Settings, path: Path):
-    """Validate a story file (either format) and put it in storage under uploads/<sha256>.json."""
+def _read_bounded(settings: Settings, path: Path, field: str) -> bytes:
+    """A file's bytes, refused before reading when it is larger than ``limits.story_bytes``."""
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        limit = settings.limits.story_bytes
+        if size > limit:
+            message = f"{path} has {size} bytes; at most {limit} allowed (limits.story_bytes)"
+            raise InvalidArgument(message, field=field)
+        return path.read_bytes()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field="story") from None
-    load_story(data, field=str(path))
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=field) from None
+
+
+def _upload_story(settings: Settings, path: Path) -> tuple[ObjectRef, Story]:
+    """Validate a story file (either format, within the ``limits`` settings) and put it in storage
+    under uploads/<sha256>.json; nothing is uploaded when it is refused."""
+    data = _read_bounded(settings, path, "story")
+    story = load_story(data, field=str(path), limits=settings.limits)
     store = open_store(settings.storage)
-    return to_proto(store.put_bytes(f"uploads/{hashlib.sha256(data).hexdigest()}.json", data))
+    return to_proto(store.put_bytes(f"uploads/{hashlib.sha256(data).hexdigest()}.json", data)), story
 
 
 @app.command()
@@ -453,10 +470,9 @@ def import_story(path: Path) -> None:
     """Check a story file (reference or native format) and upload it; prints its storage key."""
     settings = _settings()
     try:
-        ref = _upload_story(settings, path)
+        ref, story = _upload_story(settings, path)
     except DreamFrameError as exc:
         raise _fail(str(exc), 2) from None
-    story = load_story(path.read_bytes())
     console.print(f"{path}: {story.frame_count} frames, {len(story.all_qa())} QA → {ref.bucket}/{ref.key}")
     console.print(f"use it with: dreamframe submit --story {path}")
 

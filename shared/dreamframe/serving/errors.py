@@ -5,6 +5,10 @@ Every error status carries the standard rich error model, a ``google.rpc.Status`
 reason is the canonical code name, and a ``BadRequest`` field violation when the error names a field.
 Any gRPC client reads it with ``grpc_status.rpc_status.from_call``; ``error_detail_from`` does that
 for our own callers and ``domain_error_from`` rebuilds the domain exception.
+
+Messages, field names and descriptions are capped here (``MAX_MESSAGE_CHARS``), for every status any
+service sends: an error about a huge bad value stays a short error, and its trailers stay far below
+gRPC's 8 KiB metadata limit (over it, the caller would see RESOURCE_EXHAUSTED instead of the status).
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from dreamframe import errors
+from dreamframe.limits import truncate
 
 # ErrorInfo.domain: who defines the reasons (the API package).
 ERROR_DOMAIN = "dreamframe.v1"
+# The message and the field violation's description; dotted field paths get less.
+MAX_MESSAGE_CHARS = 300
+MAX_FIELD_CHARS = 120
 
 STATUS_BY_ERROR: dict[type[errors.DreamFrameError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,12 +58,14 @@ def rich_status(
     code: grpc.StatusCode, message: str, *, field: str | None = None, description: str | None = None
 ) -> status_pb2.Status:
     """The google.rpc.Status of a failed call. ``description`` is the field violation's text (the
-    message without the field's name); it defaults to ``message``."""
+    message without the field's name); it defaults to ``message``. Each is capped (see the module doc)."""
+    message = truncate(message, MAX_MESSAGE_CHARS)
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=code.name, domain=ERROR_DOMAIN))
     if field:
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=field, description=description or message
+            field=truncate(field, MAX_FIELD_CHARS),
+            description=truncate(description or message, MAX_MESSAGE_CHARS),
         )
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return status

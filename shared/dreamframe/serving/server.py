@@ -9,6 +9,7 @@ A service supplies only its servicers, a readiness check and shutdown hooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import signal
 import time
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dreamframe.config import ServerSettings, Settings, get_settings
+from dreamframe.errors import InvalidArgument
 from dreamframe.logging import configure_logging, get_logger
 from dreamframe.serving.auth import CallerAuthInterceptor
 from dreamframe.serving.health import (
@@ -67,6 +69,100 @@ def _host_port(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
     return f"{host}:{port}"
+
+
+class UndecodableRequest:
+    """Stands in for a request message whose bytes did not parse (see ``DecodeGuardInterceptor``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<undecodable request>"
+
+
+UNDECODABLE = UndecodableRequest()
+
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse → INVALID_ARGUMENT on every method (grpc.aio answers UNKNOWN).
+
+    grpc.aio parses a request with the chosen handler's ``request_deserializer`` before any behaviour
+    runs, so a DecodeError never reaches ExceptionInterceptor. Last in the list, this wraps the
+    registered handler of every method (health and reflection too): its deserializer returns
+    ``UNDECODABLE`` instead of raising (the outer interceptors pass it on as the request), and its
+    behaviour raises InvalidArgument for it, which ExceptionInterceptor maps like any domain error.
+    Streaming requests are checked message by message.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        attr, factory = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        return factory(
+            _guarded(getattr(handler, attr), method, handler.request_streaming),
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError; also a message nested past protobuf's recursion limit
+            return UNDECODABLE
+
+    return safe
+
+
+def _refusal(method: str) -> InvalidArgument:
+    return InvalidArgument(f"the request bytes do not parse as the request message of {method}")
+
+
+def _guarded(behavior: Callable[..., Any], method: str, request_streaming: bool) -> Callable[..., Any]:
+    """``behavior`` of the same kind (coroutine or async generator) that refuses ``UNDECODABLE``."""
+
+    def check(request: Any) -> Any:
+        if request is UNDECODABLE:
+            raise _refusal(method)
+        if request_streaming:
+            return _checked_stream(request, method)
+        return request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_stream(request: Any, context: Any) -> Any:
+            async with contextlib.aclosing(behavior(check(request), context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return guarded_stream
+
+    async def guarded(request: Any, context: Any) -> Any:
+        return await behavior(check(request), context)
+
+    return guarded
+
+
+async def _checked_stream(requests: Any, method: str) -> Any:
+    async for request in requests:
+        if request is UNDECODABLE:
+            raise _refusal(method)
+        yield request
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -175,7 +271,8 @@ class GrpcServer:
             *([auth] if auth.enabled else []),  # no tokens configured: no per-RPC layer for nothing
             *self._extra_interceptors,
             ExceptionInterceptor(),
-            StreamWritingInterceptor(),  # innermost: see its docstring
+            StreamWritingInterceptor(),  # innermost of the wrappers that see results: see its docstring
+            DecodeGuardInterceptor(),  # sets the deserializer grpc uses; refuses inside ExceptionInterceptor
         ]
         server = grpc.aio.server(
             interceptors=interceptors, options=[*server_options(s), *self._extra_options]
