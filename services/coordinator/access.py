@@ -10,30 +10,22 @@ from __future__ import annotations
 from dreamframe.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from dreamframe.keys import validate_id
 from dreamframe.serving import Caller
+from dreamframe.serving.auth import may_see
 from dreamframe.v1 import coordinator_pb2 as pb
-
-
-def may_see(caller: Caller | None, job: pb.Job) -> bool:
-    return caller is None or caller.is_admin or job.team == caller.team
 
 
 def visible(caller: Caller | None, job: pb.Job) -> pb.Job:
     """``job`` if the caller may see it; otherwise NotFound as for an unknown id (jobs.JobStore.load)."""
-    if not may_see(caller, job):
+    if not may_see(caller, job.team):
         raise NotFound(f"no job {job.job_id!r}", field="job_id")
     return job
-
-
-def owner(caller: Caller | None) -> dict[str, str]:
-    """What a new job records of its submitter (``Coordinator.submit``'s keywords)."""
-    return {"submitted_by": caller.name, "team": caller.team} if caller else {}
 
 
 def submitted(caller: Caller | None, job: pb.Job) -> pb.Job:
     """What SubmitJob answers. A new job is the caller's own; a job_id that exists gives that job back
     to its team (idempotent resubmission), while to anyone else the id is taken and nothing of the job
     is shown (caller-chosen ids are global, so that much is unavoidable)."""
-    if not may_see(caller, job):
+    if not may_see(caller, job.team):
         raise AlreadyExists("is taken; choose another job id (or none)", field="job_id")
     return job
 

@@ -8,6 +8,7 @@ import socket
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
 from dreamframe.serving import GrpcServer, Registration, current_caller
+from dreamframe.serving.auth import owner
 from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store
 from dreamframe.storage.base import ObjectStore
@@ -32,7 +33,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def SubmitJob(self, request, context):
         caller = current_caller()
-        job = await self.coordinator.submit(request, **access.owner(caller))
+        job = await self.coordinator.submit(request, **owner(caller))
         return pb.SubmitJobResponse(job=access.submitted(caller, job))
 
     async def GetJob(self, request, context):

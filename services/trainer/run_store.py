@@ -57,6 +57,10 @@ class RunRecord:
     error: str = ""
     # Worker launches so far (a crash relaunches from the last checkpoint until a limit).
     attempts: int = 0
+    # Who started the run (a server.callers name; empty while auth is off) and its team: only that team
+    # and admins see, watch and cancel it (server.py).
+    submitted_by: str = ""
+    team: str = ""
 
     @property
     def run_id(self) -> str:

@@ -120,9 +120,9 @@ class RunManager:
 
     # --- API ---------------------------------------------------------------------------------------
 
-    async def start_run(self, spec: RunSpec) -> RunRecord:
+    async def start_run(self, spec: RunSpec, *, submitted_by: str = "", team: str = "") -> RunRecord:
         """Persist and queue a new run; the same run id again returns the existing run (if its spec is
-        the same: AlreadyExists otherwise)."""
+        the same: AlreadyExists otherwise). ``submitted_by``/``team``: the caller, kept in the record."""
         if not self.ready:
             raise Unavailable("the trainer is not accepting runs (starting or shutting down)")
         async with self._lock:
@@ -137,7 +137,7 @@ class RunManager:
                     )
                 return existing
             await asyncio.to_thread(self._check_request, spec)
-            record = RunRecord(spec=spec)
+            record = RunRecord(spec=spec, submitted_by=submitted_by, team=team)
             await asyncio.to_thread(self.runs.save, record)
             self._records[spec.run_id] = record
             self._queue.append(spec.run_id)

@@ -11,8 +11,9 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dreamframe.config import Settings
-from dreamframe.errors import InvalidArgument
-from dreamframe.serving import Registration, run_service, serve
+from dreamframe.errors import AlreadyExists, InvalidArgument, NotFound
+from dreamframe.serving import Registration, current_caller, run_service, serve
+from dreamframe.serving.auth import may_see, owner
 from dreamframe.serving.readiness import StorageReadiness
 from dreamframe.storage import open_store, to_proto
 from dreamframe.v1 import train_pb2 as pb
@@ -117,28 +118,45 @@ def status_to_proto(record: RunRecord) -> pb.RunStatus:
 # --- servicer --------------------------------------------------------------------------------------
 
 
+def _visible(record: RunRecord) -> RunRecord:
+    """The run if the caller's team owns it (or the caller is an admin); otherwise exactly what an
+    unknown run id gets (run_store.RunStore.load), so another team cannot learn that it exists."""
+    if not may_see(current_caller(), record.team):
+        raise NotFound(f"no run {record.run_id!r}", field="run_id")
+    return record
+
+
 class TrainServicer(train_pb2_grpc.TrainServiceServicer):
+    """Runs belong to the team of the caller that started them (the coordinator's own identity for the
+    runs of its jobs); the role each RPC needs is checked before (dreamframe.serving.auth)."""
+
     def __init__(self, manager: RunManager, default_base_model: str = "tiny") -> None:
         self.manager = manager
         self.default_base_model = default_base_model
 
     async def StartRun(self, request, context):
         spec = spec_from_request(request, self.default_base_model)
-        record = await self.manager.start_run(spec)
+        caller = current_caller()
+        record = await self.manager.start_run(spec, **owner(caller))
+        if not may_see(caller, record.team):  # another team's run id: taken, nothing more
+            raise AlreadyExists("is taken; choose another run id (or none)", field="run_id")
         return pb.StartRunResponse(run_id=record.run_id)
 
     async def GetRun(self, request, context):
-        record = await asyncio.to_thread(self.manager.get, request.run_id)
+        record = _visible(await asyncio.to_thread(self.manager.get, request.run_id))
         return pb.GetRunResponse(run=status_to_proto(record))
 
     async def ListRuns(self, request, context):
-        return pb.ListRunsResponse(runs=[status_to_proto(r) for r in self.manager.list(request.job_id)])
+        caller = current_caller()
+        records = [r for r in self.manager.list(request.job_id) if may_see(caller, r.team)]
+        return pb.ListRunsResponse(runs=[status_to_proto(r) for r in records])
 
     async def WatchRun(self, request, context):
         async for record in self.manager.watch(request.run_id):
-            yield pb.WatchRunResponse(run=status_to_proto(record))
+            yield pb.WatchRunResponse(run=status_to_proto(_visible(record)))
 
     async def CancelRun(self, request, context):
+        _visible(await asyncio.to_thread(self.manager.get, request.run_id))  # before cancelling anything
         record = await self.manager.cancel(request.run_id)
         return pb.CancelRunResponse(run=status_to_proto(record))
 

@@ -262,6 +262,75 @@ def test_a_submit_role_caller_cannot_do_an_admin_action(tmp_path, slow_stages):
     run(scenario())
 
 
+# --- trainer runs: the same ownership ----------------------------------------------------------------
+
+
+def test_a_team_cannot_get_watch_cancel_or_list_another_teams_training_run(tmp_path):
+    """Runs stay queued (no worker slot), so nothing trains; the manager and its store are real."""
+    from services.trainer.contract import Runtime
+    from services.trainer.runs import RunManager
+    from services.trainer.server import TrainServicer
+
+    store = LocalStore(tmp_path / "store", "dreamframe")
+    store.put_bytes("datasets/toy/conversations/train.json", b"[]")
+
+    def start(run_id: str) -> train_pb2.StartRunRequest:
+        dataset = train_pb2.DatasetMix(dataset={"key": "datasets/toy/conversations/train.json"}, weight=1)
+        return train_pb2.StartRunRequest(run_id=run_id, job_id="job-1", datasets=[dataset], base_model="tiny")
+
+    async def scenario():
+        manager = RunManager(store, Runtime(work_dir=tmp_path / "work", device="cpu"), max_concurrent_runs=0)
+        await manager.start()
+        registration = Registration.of(
+            train_pb2, train_pb2_grpc.add_TrainServiceServicer_to_server, TrainServicer(manager)
+        )
+        try:
+            async with (
+                GrpcServer([registration], server_settings(), service_name="trainer") as server,
+                grpc.aio.insecure_channel(server.address) as ch,
+            ):
+                train = train_pb2_grpc.TrainServiceStub(ch)
+                await train.StartRun(start("red-run"), metadata=as_("red-bot"))
+                await train.StartRun(start("blue-run"), metadata=as_("blue-bot"))
+
+                unknown = await rpc_error(
+                    train.GetRun(train_pb2.GetRunRequest(run_id="nope"), metadata=as_("blue-bot"))
+                )
+                for call in (
+                    train.GetRun(train_pb2.GetRunRequest(run_id="red-run"), metadata=as_("blue-bot")),
+                    train.CancelRun(train_pb2.CancelRunRequest(run_id="red-run"), metadata=as_("blue-bot")),
+                ):
+                    error = await rpc_error(call)
+                    assert error.code() == Code.NOT_FOUND
+                    assert error.details() == unknown.details().replace("nope", "red-run")
+                error = await stream_error(
+                    train.WatchRun(train_pb2.WatchRunRequest(run_id="red-run"), metadata=as_("blue-bot"))
+                )
+                assert error.code() == Code.NOT_FOUND
+                listed = await train.ListRuns(
+                    train_pb2.ListRunsRequest(job_id="job-1"), metadata=as_("blue-bot")
+                )
+                assert [r.run_id for r in listed.runs] == ["blue-run"]
+                error = await rpc_error(train.StartRun(start("red-run"), metadata=as_("blue-bot")))
+                assert error.code() == Code.ALREADY_EXISTS
+
+                red = await train.GetRun(
+                    train_pb2.GetRunRequest(run_id="red-run"), metadata=as_("red-viewer")
+                )
+                assert red.run.state == train_pb2.RUN_STATE_QUEUED  # the refused cancel changed nothing
+                listed = await train.ListRuns(train_pb2.ListRunsRequest(), metadata=as_("ops"))
+                assert sorted(r.run_id for r in listed.runs) == ["blue-run", "red-run"]
+                cancelled = await train.CancelRun(
+                    train_pb2.CancelRunRequest(run_id="red-run"), metadata=as_("ops")
+                )
+                assert cancelled.run.state == train_pb2.RUN_STATE_CANCELLED
+        finally:
+            await manager.shutdown(grace_seconds=1.0)
+        assert store.get_json("runs/red-run/run.json")["team"] == "red"  # stored with the run
+
+    run(scenario(), timeout=60.0)
+
+
 # --- every service: no token, a wrong token ---------------------------------------------------------
 
 SERVICES = [

@@ -34,6 +34,8 @@ __all__ = [
     "CallerAuthInterceptor",
     "bearer",
     "current_caller",
+    "may_see",
+    "owner",
     "required_role",
 ]
 
@@ -73,6 +75,17 @@ METHOD_ROLES: Mapping[str, str] = {
 
 def required_role(method_name: str) -> str:
     return METHOD_ROLES.get(method_name, ADMIN)
+
+
+def may_see(caller: Caller | None, team: str) -> bool:
+    """Whether ``caller`` may see (watch, cancel) what belongs to ``team``: its own team's things;
+    admins everything; everyone everything while auth is off (``caller`` None)."""
+    return caller is None or caller.is_admin or team == caller.team
+
+
+def owner(caller: Caller | None) -> dict[str, str]:
+    """What a new job or run records of the caller creating it: ``submitted_by`` and ``team``."""
+    return {"submitted_by": caller.name, "team": caller.team} if caller else {}
 
 
 def bearer(token: str | SecretStr) -> str:
