@@ -60,3 +60,21 @@ def test_cli_reports_bad_arguments(env, capsys) -> None:
     assert "LABEL=checkpoint:PREFIX" in capsys.readouterr().err
     assert cli.main(["--name", "x", "--model", "m=preset:tiny", "--benchmark", "nope=bench"]) == 2
     assert "unknown benchmark format" in capsys.readouterr().err
+
+
+def test_cli_names_a_configured_endpoint(env, monkeypatch, capsys) -> None:
+    data = write_mvbench(env)["data_prefix"]
+    with FakeOpenAI() as fake:
+        monkeypatch.setenv("DREAMFRAME_EVALUATOR__ENDPOINTS__VISION__BASE_URL", fake.base_url)
+        monkeypatch.setenv("DREAMFRAME_EVALUATOR__ENDPOINTS__VISION__MODEL", "vision")
+        get_settings.cache_clear()
+        argv = ["--name", "named", "--benchmark", f"mvbench={data}", "--max-items", "1"]
+        code = cli.main([*argv, "--model", "api=endpoint:vision"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert json.loads(out.out)["headline"]["mvbench/api"] == 100.0
+        assert len(fake.vision_requests()) == 2  # one item per task file
+        assert cli.main([*argv, "--model", "api=endpoint:nope"]) == 2
+        assert (
+            "models[0].endpoint.name: unknown endpoint 'nope'; configured: vision" in capsys.readouterr().err
+        )

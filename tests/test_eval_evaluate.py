@@ -22,7 +22,7 @@ from dreamframe.errors import Cancelled, InvalidArgument
 from dreamframe.progress import Progress
 from services.evaluator.evaluate import Evaluator
 from services.evaluator.request import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResult, ModelSpec
-from services.evaluator.settings import EvaluatorSettings
+from services.evaluator.settings import EndpointEntry, EvaluatorSettings
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,15 @@ def fake():
         yield server
 
 
-def evaluator(store, tmp_path, model_cache, **overrides) -> Evaluator:
+def evaluator(store, tmp_path, model_cache, fake=None, **overrides) -> Evaluator:
+    if fake is not None:  # the scripted server as the configured endpoint and judge "fake"
+        overrides["endpoints"] = {
+            "fake": EndpointEntry(base_url=fake.base_url, model="vision"),
+            "down": EndpointEntry(base_url="http://127.0.0.1:9/v1", model="vision"),
+        }
+        overrides["judges"] = {
+            "fake": EndpointEntry(base_url=fake.base_url, model="judge", models=["j", "j1", "j2"])
+        }
     settings = EvaluatorSettings(work_dir=tmp_path / "work", num_frames=4, max_new_tokens=6, **overrides)
     return Evaluator(store, settings, model_cache_dir=model_cache)
 
@@ -83,12 +91,12 @@ def test_two_models_every_format_one_report(store, tmp_path, model_cache, fake) 
         job_id="job-1",
         models=(
             ModelSpec(name="tiny", preset="tiny"),
-            ModelSpec(name="api", endpoint=EndpointSpec(fake.base_url, "vision"), num_frames=3),
+            ModelSpec(name="api", endpoint=EndpointSpec(name="fake"), num_frames=3),
         ),
         benchmarks=all_benchmarks(store),
-        judge=EndpointSpec(fake.base_url, "judge"),
+        judge=EndpointSpec(name="fake"),
     )
-    result, progress = run(evaluator(store, tmp_path, model_cache), request)
+    result, progress = run(evaluator(store, tmp_path, model_cache, fake), request)
     report = result.report
 
     # Progress streamed item by item up to the total (19 items x 2 models + 2 stories).
@@ -171,19 +179,23 @@ def test_cache_spares_the_models_and_a_new_judge_only_rejudges(store, tmp_path, 
     benchmarks = all_benchmarks(store)[:4]
     models = (
         ModelSpec(name="tiny", preset="tiny"),
-        ModelSpec(name="api", endpoint=EndpointSpec(fake.base_url, "vision")),
+        ModelSpec(name="api", endpoint=EndpointSpec(name="fake")),
     )
-    ev = evaluator(store, tmp_path, model_cache)
+    ev = evaluator(store, tmp_path, model_cache, fake)
     first, _ = run(
         ev,
-        EvaluateRequest("r1", models=models, benchmarks=benchmarks, judge=EndpointSpec(fake.base_url, "j1")),
+        EvaluateRequest(
+            "r1", models=models, benchmarks=benchmarks, judge=EndpointSpec(name="fake", model="j1")
+        ),
     )
     assert [m["model_calls"] for m in first.report["models"]] == [18, 18]  # 17 items, one asks twice
     vision, judged = len(fake.vision_requests()), len(fake.judge_requests())
 
     again, _ = run(
         ev,
-        EvaluateRequest("r2", models=models, benchmarks=benchmarks, judge=EndpointSpec(fake.base_url, "j1")),
+        EvaluateRequest(
+            "r2", models=models, benchmarks=benchmarks, judge=EndpointSpec(name="fake", model="j1")
+        ),
     )
     assert [m["model_calls"] for m in again.report["models"]] == [0, 0]
     assert [m["answers_cached"] for m in again.report["models"]] == [17, 17]
@@ -195,7 +207,9 @@ def test_cache_spares_the_models_and_a_new_judge_only_rejudges(store, tmp_path, 
     # A new judge: the models are not asked again, only the judge is.
     new_judge, _ = run(
         ev,
-        EvaluateRequest("r3", models=models, benchmarks=benchmarks, judge=EndpointSpec(fake.base_url, "j2")),
+        EvaluateRequest(
+            "r3", models=models, benchmarks=benchmarks, judge=EndpointSpec(name="fake", model="j2")
+        ),
     )
     assert [m["model_calls"] for m in new_judge.report["models"]] == [0, 0]
     assert len(fake.vision_requests()) == vision
@@ -208,7 +222,7 @@ def test_cache_spares_the_models_and_a_new_judge_only_rejudges(store, tmp_path, 
             "r4",
             models=models[1:],
             benchmarks=benchmarks[:1],
-            judge=EndpointSpec(fake.base_url, "j1"),
+            judge=EndpointSpec(name="fake", model="j1"),
             ignore_cache=True,
         ),
     )
@@ -227,9 +241,9 @@ def test_predictions_are_judged_without_a_model(store, tmp_path, model_cache, fa
         "preds",
         models=(ModelSpec(name="shipped"),),
         benchmarks=(BenchmarkSpec("video_chatgpt", data_prefix="bench/preds"),),
-        judge=EndpointSpec(fake.base_url, "j"),
+        judge=EndpointSpec(name="fake", model="j"),
     )
-    result, _ = run(evaluator(store, tmp_path, model_cache), request)
+    result, _ = run(evaluator(store, tmp_path, model_cache, fake), request)
     assert rows(result.report, "video_chatgpt", "shipped")["correctness"]["score"] == 3.0
     assert fake.vision_requests() == []
 
@@ -241,13 +255,14 @@ def test_a_model_that_fails_is_reported_and_the_rest_runs(store, tmp_path, model
         "failures",
         models=(
             ModelSpec(name="broken", checkpoint_prefix="runs/bad/final"),
-            ModelSpec(name="down", endpoint=EndpointSpec("http://127.0.0.1:9/v1", "vision")),
-            ModelSpec(name="api", endpoint=EndpointSpec(fake.base_url, "vision")),
+            ModelSpec(name="down", endpoint=EndpointSpec(name="down")),
+            ModelSpec(name="api", endpoint=EndpointSpec(name="fake")),
         ),
         benchmarks=(BenchmarkSpec("mvbench", data_prefix=data),),
     )
     result, _ = run(
-        evaluator(store, tmp_path, model_cache, endpoint_timeout_seconds=2, openai_max_retries=0), request
+        evaluator(store, tmp_path, model_cache, fake, endpoint_timeout_seconds=2, openai_max_retries=0),
+        request,
     )
     models = {m["name"]: m for m in result.report["models"]}
     assert models["broken"]["error"].startswith("could not load")
@@ -263,12 +278,12 @@ def test_cancellation_stops_before_the_report(store, tmp_path, model_cache, fake
     data = write_mvbench(store)["data_prefix"]
     request = EvaluateRequest(
         "cancelled",
-        models=(ModelSpec(name="api", endpoint=EndpointSpec(fake.base_url, "vision")),),
+        models=(ModelSpec(name="api", endpoint=EndpointSpec(name="fake")),),
         benchmarks=(BenchmarkSpec("mvbench", data_prefix=data),),
     )
     calls = iter(range(100))
     with pytest.raises(Cancelled):
-        run(evaluator(store, tmp_path, model_cache), request, should_stop=lambda: next(calls) >= 2)
+        run(evaluator(store, tmp_path, model_cache, fake), request, should_stop=lambda: next(calls) >= 2)
     assert not store.exists("reports/cancelled/report.json")
     assert len(fake.vision_requests()) == 2  # and those two answers are cached for the rerun
 
@@ -305,6 +320,31 @@ def test_cancellation_stops_before_the_report(store, tmp_path, model_cache, fake
         (
             EvaluateRequest("r", benchmarks=(BenchmarkSpec("style_consistency"),)),
             "benchmarks[0].frame_prefixes",
+        ),
+        (
+            EvaluateRequest(
+                "r",
+                models=(ModelSpec(name="m", endpoint=EndpointSpec(name="nope")),),
+                benchmarks=(BenchmarkSpec("mvbench", data_prefix="x"),),
+            ),
+            "models[0].endpoint.name",
+        ),
+        (
+            EvaluateRequest(
+                "r",
+                models=(ModelSpec(endpoint=EndpointSpec(base_url="http://127.0.0.1:9/v1", model="m")),),
+                benchmarks=(BenchmarkSpec("mvbench", data_prefix="x"),),
+            ),
+            "models[0].endpoint.base_url",
+        ),
+        (
+            EvaluateRequest(
+                "r",
+                models=(ModelSpec(preset="tiny"),),
+                benchmarks=(BenchmarkSpec("mvbench", data_prefix="x"),),
+                judge=EndpointSpec(name="nope"),
+            ),
+            "judge.name",
         ),
         (
             EvaluateRequest(

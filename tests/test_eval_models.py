@@ -11,6 +11,7 @@ from test_eval_support import BLUE, RED, FakeOpenAI, make_store, png_bytes
 
 from dreamframe.models import video_llm
 from services.evaluator.cache import ResultCache
+from services.evaluator.endpoints import Endpoint
 from services.evaluator.judge import make_judge
 from services.evaluator.models import checkpoint_identity, load_checkpoint_model, make_endpoint_model
 from services.evaluator.prompts import MVBENCH_ANSWER_PREFIX, mvbench_user_prompt
@@ -73,7 +74,7 @@ def test_checkpoint_identity_follows_the_files(tmp_path) -> None:
 
 def test_endpoint_model_sends_frames_as_images() -> None:
     with FakeOpenAI() as fake:
-        model = make_endpoint_model(fake.base_url, "vision", "", timeout=10)
+        model = make_endpoint_model(Endpoint(fake.base_url, "vision", ""), timeout=10)
         candidates = ["green", "blue", "red"]
         choice = model.choose(
             frames(BLUE, 4), mvbench_user_prompt("Colour?", candidates), candidates, prefix="Best option:("
@@ -98,7 +99,9 @@ def test_judge_retries_malformed_answers_then_counts_a_failure(tmp_path) -> None
 
     store = make_store(tmp_path)
     with FakeOpenAI(reply) as fake:
-        judge = make_judge(fake.base_url, "j", "", max_attempts=3, timeout=10, cache=ResultCache(store))
+        judge = make_judge(
+            Endpoint(fake.base_url, "j", ""), max_attempts=3, timeout=10, cache=ResultCache(store)
+        )
         flaky = judge.score("correctness", {"Q": "Q [flaky]", "A": "a", "pred": "p"})
         assert (flaky.value, flaky.attempts) == (3.0, 2)
         broken = judge.score("temporal_understanding", {"Q": "Q", "A": "a", "pred": "p"})
@@ -113,7 +116,7 @@ def test_judge_retries_malformed_answers_then_counts_a_failure(tmp_path) -> None
 
 def test_judge_sees_the_benchmark_prompts(tmp_path) -> None:
     with FakeOpenAI() as fake:
-        judge = make_judge(fake.base_url, "j", "", max_attempts=2, timeout=10, cache=None)
+        judge = make_judge(Endpoint(fake.base_url, "j", ""), max_attempts=2, timeout=10, cache=None)
         verdict = judge.score(
             "consistency", {"Q1": "one?", "Q2": "two?", "A": "red", "pred1": "red", "pred2": "red"}
         )

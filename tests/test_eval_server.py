@@ -23,6 +23,7 @@ from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.v1 import eval_pb2, eval_pb2_grpc
 from services.evaluator.evaluate import Evaluator
+from services.evaluator.request import EndpointSpec
 from services.evaluator.server import EvalServicer, request_from_proto
 from services.evaluator.settings import EvaluatorSettings
 
@@ -30,8 +31,8 @@ E = eval_pb2
 
 
 @contextlib.asynccontextmanager
-async def serving(store, tmp_path):
-    settings = EvaluatorSettings(work_dir=tmp_path / "work", num_frames=3, max_new_tokens=6)
+async def serving(store, tmp_path, **overrides):
+    settings = EvaluatorSettings(work_dir=tmp_path / "work", num_frames=3, max_new_tokens=6, **overrides)
     servicer = EvalServicer(Evaluator(store, settings, model_cache_dir=tmp_path / "models"), settings)
     registration = Registration.of(eval_pb2, eval_pb2_grpc.add_EvalServiceServicer_to_server, servicer)
     server = GrpcServer(
@@ -57,9 +58,7 @@ def test_evaluate_over_grpc(tmp_path) -> None:
         request = E.EvaluateRequest(
             job_id="job-7",
             report_name="grpc-report",
-            models=[
-                E.ModelSpec(name="api", endpoint=E.OpenAIEndpoint(base_url=fake.base_url, model="vision"))
-            ],
+            models=[E.ModelSpec(name="api", endpoint=E.OpenAIEndpoint(name="fake"))],
             benchmarks=[
                 E.BenchmarkSpec(kind=E.BENCHMARK_KIND_MVBENCH, data_prefix=mvbench),
                 E.BenchmarkSpec(kind=E.BENCHMARK_KIND_VIDEO_CHATGPT, name="vcgpt", data_prefix=vcgpt),
@@ -67,11 +66,15 @@ def test_evaluate_over_grpc(tmp_path) -> None:
                     kind=E.BENCHMARK_KIND_STYLE_CONSISTENCY, name="style", frame_prefixes=[red, blue]
                 ),
             ],
-            judge=E.OpenAIEndpoint(base_url=fake.base_url, model="judge"),
+            judge=E.OpenAIEndpoint(name="fake-judge"),
         )
+        entries = {
+            "endpoints": {"fake": {"base_url": fake.base_url, "model": "vision"}},
+            "judges": {"fake-judge": {"base_url": fake.base_url, "model": "judge"}},
+        }
 
         async def go():
-            async with serving(store, tmp_path) as stub:
+            async with serving(store, tmp_path, **entries) as stub:
                 return await collect(stub, request)
 
         responses = asyncio.run(go())
@@ -132,7 +135,7 @@ def test_request_conversion_keeps_every_field() -> None:
             ignore_cache=True,
             models=[
                 E.ModelSpec(name="ckpt", checkpoint_prefix="runs/r/final", num_frames=16),
-                E.ModelSpec(endpoint=E.OpenAIEndpoint(base_url="http://h/v1", model="m", api_key_env="KEY")),
+                E.ModelSpec(endpoint=E.OpenAIEndpoint(name="api", model="m")),
                 E.ModelSpec(name="shipped"),
             ],
             benchmarks=[
@@ -148,7 +151,8 @@ def test_request_conversion_keeps_every_field() -> None:
     )
     ckpt, endpoint, shipped = request.models
     assert (ckpt.checkpoint_prefix, ckpt.num_frames, ckpt.endpoint) == ("runs/r/final", 16, None)
-    assert endpoint.endpoint.api_key_env == "KEY" and endpoint.checkpoint_prefix == ""
+    assert endpoint.endpoint == EndpointSpec(name="api", model="m", base_url="")
+    assert endpoint.checkpoint_prefix == ""
     assert (shipped.checkpoint_prefix, shipped.preset, shipped.endpoint) == ("", "", None)
     bench = request.benchmarks[0]
     assert (bench.kind, bench.name, bench.data_prefix, bench.video_prefix, bench.max_items) == (

@@ -4,8 +4,12 @@
         --model ours=checkpoint:runs/run-1/final/ --model base=preset:llava-1.5-7b \
         --benchmark mvbench=bench/mvbench/json --max-items 50
 
-Models: ``LABEL=checkpoint:PREFIX``, ``LABEL=preset:NAME``, ``LABEL=endpoint:BASE_URL#MODEL`` (key from
-``--api-key-env``) or ``LABEL=predictions`` (the answers shipped in Video-ChatGPT files). Benchmarks:
+Models: ``LABEL=checkpoint:PREFIX``, ``LABEL=preset:NAME``, ``LABEL=endpoint:NAME[#MODEL]`` (an entry of
+``evaluator.endpoints``), ``LABEL=endpoint:BASE_URL#MODEL`` or ``LABEL=predictions`` (the answers shipped
+in Video-ChatGPT files). ``--judge`` takes ``NAME[#MODEL]`` (an entry of ``evaluator.judges``) or
+``BASE_URL#MODEL``. The command runs in-process as the operator, so a ``BASE_URL`` becomes an endpoint
+entry of this run only (named after the model's label, or ``cli-judge``), its key read from the
+environment variable ``--api-key-env`` names. Benchmarks:
 ``KIND=DATA_PREFIX`` or ``KIND=DATA_PREFIX@VIDEO_PREFIX`` (KIND: mvbench, tempcompass, video_bench,
 video_chatgpt, dreamframe_mc); ``--style FRAMES_PREFIX`` (repeatable, one per story) adds keyframe style
 consistency. Storage and defaults come from the usual settings (DREAMFRAME_STORAGE__*,
@@ -19,12 +23,14 @@ import sys
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from dreamframe import commandline
 from dreamframe.config import get_settings
 from dreamframe.errors import DreamFrameError, InvalidArgument
 from dreamframe.logging import configure_logging
 from dreamframe.storage import open_store
+from services.evaluator.settings import EndpointEntry, EvaluatorSettings
 
 from .benchmarks import STYLE_CONSISTENCY
 from .evaluate import Evaluator
@@ -34,7 +40,26 @@ from .request import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResul
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
-def parse_model(text: str, *, num_frames: int, api_key_env: str) -> ModelSpec:
+CLI_JUDGE = "cli-judge"
+
+
+def parse_endpoint(
+    text: str, *, entry_name: str, api_key_env: str, entries: dict[str, EndpointEntry]
+) -> EndpointSpec:
+    """``NAME[#MODEL]`` picks a configured entry; ``BASE_URL#MODEL`` adds one to ``entries``."""
+    target, _, model = text.partition("#")
+    if "://" not in target:
+        return EndpointSpec(name=target, model=model)
+    try:
+        entries[entry_name] = EndpointEntry(base_url=target, model=model, api_key_env=api_key_env)
+    except ValidationError as exc:
+        raise InvalidArgument(f"{text!r}: use BASE_URL#MODEL ({exc.errors()[0]['msg']})") from None
+    return EndpointSpec(name=entry_name)
+
+
+def parse_model(
+    text: str, *, num_frames: int, api_key_env: str, entries: dict[str, EndpointEntry]
+) -> ModelSpec:
     label, _, source = text.partition("=")
     kind, _, value = source.partition(":")
     if kind == "checkpoint":
@@ -42,15 +67,13 @@ def parse_model(text: str, *, num_frames: int, api_key_env: str) -> ModelSpec:
     if kind == "preset":
         return ModelSpec(name=label, preset=value, num_frames=num_frames)
     if kind == "endpoint":
-        base_url, _, model = value.partition("#")
-        return ModelSpec(
-            name=label, endpoint=EndpointSpec(base_url, model, api_key_env), num_frames=num_frames
-        )
+        endpoint = parse_endpoint(value, entry_name=label, api_key_env=api_key_env, entries=entries)
+        return ModelSpec(name=label, endpoint=endpoint, num_frames=num_frames)
     if source == "predictions":
         return ModelSpec(name=label)
     raise InvalidArgument(
-        f"{text!r}: use LABEL=checkpoint:PREFIX, LABEL=preset:NAME, LABEL=endpoint:URL#MODEL "
-        "or LABEL=predictions",
+        f"{text!r}: use LABEL=checkpoint:PREFIX, LABEL=preset:NAME, LABEL=endpoint:NAME[#MODEL], "
+        "LABEL=endpoint:URL#MODEL or LABEL=predictions",
         field="--model",
     )
 
@@ -62,6 +85,7 @@ def parse_benchmark(text: str, *, max_items: int) -> BenchmarkSpec:
 
 
 def build_request(
+    settings: EvaluatorSettings,
     *,
     name: str,
     models: list[str],
@@ -73,22 +97,27 @@ def build_request(
     api_key_env: str = "",
     job: str = "",
     ignore_cache: bool = False,
-) -> EvaluateRequest:
+) -> tuple[EvaluateRequest, EvaluatorSettings]:
+    """The request and the settings it runs with (the configured ones plus the entries the flags add)."""
     specs = [parse_benchmark(b, max_items=max_items) for b in benchmarks]
     if style:
         specs.append(BenchmarkSpec(STYLE_CONSISTENCY, frame_prefixes=tuple(style), max_items=max_items))
+    endpoints, judges = dict(settings.endpoints), dict(settings.judges)
+    model_specs = tuple(
+        parse_model(m, num_frames=num_frames, api_key_env=api_key_env, entries=endpoints) for m in models
+    )
     judge_spec = None
     if judge:
-        base_url, _, model = judge.partition("#")
-        judge_spec = EndpointSpec(base_url, model, api_key_env)
-    return EvaluateRequest(
+        judge_spec = parse_endpoint(judge, entry_name=CLI_JUDGE, api_key_env=api_key_env, entries=judges)
+    request = EvaluateRequest(
         report_name=name,
-        models=tuple(parse_model(m, num_frames=num_frames, api_key_env=api_key_env) for m in models),
+        models=model_specs,
         benchmarks=tuple(specs),
         job_id=job,
         judge=judge_spec,
         ignore_cache=ignore_cache,
     )
+    return request, settings.model_copy(update={"endpoints": endpoints, "judges": judges})
 
 
 @app.command(help=__doc__.split("\n")[0])
@@ -101,8 +130,10 @@ def evaluate(
     style: Annotated[list[str] | None, typer.Option(help="a story's frames prefix (repeatable)")] = None,
     max_items: Annotated[int, typer.Option(help="per task (0: all)")] = 0,
     num_frames: Annotated[int, typer.Option(help="frames per video (0: evaluator.num_frames)")] = 0,
-    judge: Annotated[str, typer.Option(help="OpenAI-compatible judge: BASE_URL#MODEL")] = "",
-    api_key_env: Annotated[str, typer.Option(help="environment variable with the endpoints' API key")] = "",
+    judge: Annotated[str, typer.Option(help="judge: a configured NAME[#MODEL] or BASE_URL#MODEL")] = "",
+    api_key_env: Annotated[
+        str, typer.Option(help="environment variable with the API key of the BASE_URL endpoints given here")
+    ] = "",
     job: Annotated[str, typer.Option(help="job id recorded in the report")] = "",
     ignore_cache: Annotated[
         bool, typer.Option("--ignore-cache", help="recompute every answer and judgment")
@@ -113,8 +144,8 @@ def evaluate(
     store = open_store(settings.storage)
     result = None
     try:
-        evaluator = Evaluator(store, settings.evaluator, model_cache_dir=settings.models.cache_dir)
-        request = build_request(
+        request, evaluator_settings = build_request(
+            settings.evaluator,
             name=name,
             models=model or [],
             benchmarks=benchmark or [],
@@ -126,6 +157,7 @@ def evaluate(
             job=job,
             ignore_cache=ignore_cache,
         )
+        evaluator = Evaluator(store, evaluator_settings, model_cache_dir=settings.models.cache_dir)
         for message in evaluator.evaluate(request):
             if isinstance(message, EvaluateResult):
                 result = message

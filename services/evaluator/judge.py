@@ -1,4 +1,4 @@
-"""The LLM judge: any OpenAI-compatible chat endpoint, through the ``openai`` package.
+"""The LLM judge: an OpenAI-compatible chat endpoint (a configured one, ``endpoints``), through ``openai``.
 
 Prompts are the benchmarks' own (Video-ChatGPT's five criteria, TempCompass's correctness and caption
 prompts, Video-Bench's answer selection). A judgment that cannot be parsed is asked again, up to
@@ -8,7 +8,6 @@ counts a failure. Judgments are cached in storage by judge identity + prompt, so
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from services.evaluator.settings import EvaluatorSettings
 
 from . import prompts
 from .cache import ResultCache
+from .endpoints import Endpoint, openai_client, resolve_judge
 from .extract import judge_correct, parse_choice, parse_score, tempcompass_caption_rating
 from .request import EndpointSpec
 
@@ -115,40 +115,25 @@ class Judge:
 
 
 def make_judge(
-    base_url: str,
-    model: str,
-    api_key: str,
+    endpoint: Endpoint,
     *,
     max_attempts: int,
     timeout: float,
     cache: ResultCache | None,
     max_retries: int = 2,
 ) -> Judge:
-    # A local judge needs no key, but the client insists on one.
-    client = openai.OpenAI(
-        base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=max_retries
-    )
-    return Judge(client, model, max_attempts=max_attempts, cache=cache, identity=f"openai:{base_url}:{model}")
+    client = openai_client(endpoint, timeout=timeout, max_retries=max_retries)
+    return Judge(client, endpoint.model, max_attempts=max_attempts, cache=cache, identity=endpoint.identity)
 
 
 def judge_for(spec: EndpointSpec | None, settings: EvaluatorSettings, cache: ResultCache) -> Judge | None:
-    """The request's judge (its key read from the environment variable it names; its model defaulting
-    to ``judge_model``), else the configured one (``judge_base_url``), else none."""
-    if spec is not None:
-        key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
-        base_url, model = spec.base_url, spec.model or settings.judge_model
-    elif settings.judge_base_url:
-        base_url, model, key = (
-            settings.judge_base_url,
-            settings.judge_model,
-            settings.judge_api_key.get_secret_value(),
-        )
-    else:
+    """The request's judge (a configured entry, or a caller's URL where allowed), else the server's
+    default judge, else none (``endpoints.resolve_judge``)."""
+    endpoint = resolve_judge(spec, settings)
+    if endpoint is None:
         return None
     return make_judge(
-        base_url,
-        model,
-        key,
+        endpoint,
         max_attempts=settings.judge_max_attempts,
         timeout=settings.judge_timeout_seconds,
         cache=cache,

@@ -27,10 +27,11 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.errors import FailedPrecondition, NotFound
 from dreamframe.models import build_once
 from dreamframe.storage.base import ObjectStore
 
+from .endpoints import Endpoint, openai_client
 from .extract import mvbench_letter, option_letters
 
 
@@ -237,19 +238,10 @@ class EndpointModel:
         self.client.close()
 
 
-def make_endpoint_model(
-    base_url: str, model: str, api_key: str, *, timeout: float, max_retries: int = 2
-) -> EndpointModel:
-    import openai
-
-    if not base_url:
-        raise InvalidArgument("an endpoint needs a base_url", field="models.endpoint.base_url")
-    if not model:
-        raise InvalidArgument("an endpoint needs a model name", field="models.endpoint.model")
-    client = openai.OpenAI(
-        base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=max_retries
-    )
-    return EndpointModel(client, model, f"openai:{base_url}:{model}")
+def make_endpoint_model(endpoint: Endpoint, *, timeout: float, max_retries: int = 2) -> EndpointModel:
+    """A model behind a resolved endpoint (``endpoints.resolve_model_endpoint``: the key is the server's)."""
+    client = openai_client(endpoint, timeout=timeout, max_retries=max_retries)
+    return EndpointModel(client, endpoint.model, endpoint.identity)
 
 
 # --- answers shipped with the benchmark -------------------------------------------------------------------

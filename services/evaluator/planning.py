@@ -4,7 +4,6 @@ that is not there or a benchmark without files is refused here, naming the field
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from services.evaluator.settings import EvaluatorSettings
 
 from .benchmarks import BENCHMARKS, STYLE_CONSISTENCY
 from .benchmarks.base import Benchmark, Location
+from .endpoints import endpoint_label, resolve_model_endpoint
 from .items import LoadedBenchmark
 from .models import (
     PredictionsModel,
@@ -52,9 +52,7 @@ def plan_model(
     i: int, spec: ModelSpec, store: ObjectStore, settings: EvaluatorSettings, *, model_cache_dir: Path
 ) -> PlannedModel:
     """``models[i]``: its report entry and the factory that loads it when its turn comes."""
-    name = (
-        spec.name or spec.checkpoint_prefix or spec.preset or (spec.endpoint.model if spec.endpoint else "")
-    )
+    name = spec.name or spec.checkpoint_prefix or spec.preset or endpoint_label(spec.endpoint)
     frames = spec.num_frames or settings.num_frames
     device = settings.device
     if spec.checkpoint_prefix:
@@ -84,18 +82,13 @@ def plan_model(
             return load_checkpoint_model(path, identity, device=device)
 
     elif spec.endpoint is not None:
-        endpoint = spec.endpoint
-        identity = f"openai:{endpoint.base_url}:{endpoint.model}"
-        source = {"endpoint": {"base_url": endpoint.base_url, "model": endpoint.model}}
+        endpoint = resolve_model_endpoint(spec.endpoint, settings, field=f"models[{i}].endpoint")
+        identity = endpoint.identity
+        source = {"endpoint": endpoint.describe()}
 
         def open_model() -> VideoQAModel:
-            key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
             return make_endpoint_model(
-                endpoint.base_url,
-                endpoint.model,
-                key,
-                timeout=settings.endpoint_timeout_seconds,
-                max_retries=settings.openai_max_retries,
+                endpoint, timeout=settings.endpoint_timeout_seconds, max_retries=settings.openai_max_retries
             )
 
     else:

@@ -10,9 +10,12 @@ from dreamframe.storage.base import ObjectRef
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    base_url: str
-    model: str
-    api_key_env: str = ""
+    """An endpoint as a request picks it: a configured entry's ``name`` (and optionally one of its models),
+    or a caller's own ``base_url`` + ``model`` where the server allows those (``endpoints``)."""
+
+    name: str = ""
+    model: str = ""
+    base_url: str = ""
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ KIND_NAMES = {
 
 
 def _endpoint(message: eval_pb2.OpenAIEndpoint) -> EndpointSpec:
-    return EndpointSpec(message.base_url, message.model, message.api_key_env)
+    return EndpointSpec(name=message.name, model=message.model, base_url=message.base_url)
 
 
 def request_from_proto(request: eval_pb2.EvaluateRequest) -> EvaluateRequest:

@@ -7,12 +7,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+# The judge a request gets when it names none: evaluator.judges["default"], else judge_base_url.
+DEFAULT_JUDGE = "default"
+
+
+class EndpointEntry(BaseModel):
+    """One OpenAI-compatible server a request may pick by name (``evaluator.endpoints.<name>`` for models
+    under test, ``evaluator.judges.<name>`` for judges). Everything here is the operator's: a request only
+    names the entry and, optionally, one of its models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(min_length=1)
+    # The model a request gets when it names none, and the others it may name.
+    model: str = Field(min_length=1)
+    models: list[str] = Field(default_factory=list)
+    # Where the API key is, on the server: an environment variable's name or a mounted secret file (a
+    # Kubernetes Secret key). Neither: no key (a local vLLM).
+    api_key_env: str = ""
+    api_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> EndpointEntry:
+        if self.api_key_env and self.api_key_file is not None:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+    @property
+    def allowed_models(self) -> list[str]:
+        return [self.model, *(m for m in self.models if m != self.model)]
 
 
 class EvaluatorSettings(BaseModel):
     device: str = "auto"
-    # Default LLM judge (open answers, free-form answer mapping); a request's `judge` overrides it.
+    # Named model endpoints and judges a request may pick (EvaluateRequest models[i].endpoint.name,
+    # judge.name); see EndpointEntry.
+    endpoints: dict[str, EndpointEntry] = Field(default_factory=dict)
+    judges: dict[str, EndpointEntry] = Field(default_factory=dict)
+    # Whether a request may give its own base_url instead of a name. Such calls never carry a credential of
+    # the server's (no API key, no Authorization header, nothing from the environment).
+    allow_caller_endpoints: bool = False
+    # The "default" judge when evaluator.judges has none of that name (kept for existing deployments).
     judge_base_url: str | None = None
     judge_model: str = "gpt-4o-mini"
     judge_api_key: SecretStr = SecretStr("")

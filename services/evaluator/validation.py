@@ -3,13 +3,12 @@ everything item-level (a missing video, a model error) is reported in the report
 
 from __future__ import annotations
 
-import os
-
 from dreamframe import keys
-from dreamframe.errors import FailedPrecondition, InvalidArgument
+from dreamframe.errors import InvalidArgument
 from services.evaluator.settings import EvaluatorSettings
 
 from .benchmarks import BENCHMARKS, STYLE_CONSISTENCY
+from .endpoints import endpoint_label, resolve_judge, resolve_model_endpoint
 from .request import EvaluateRequest
 
 
@@ -50,7 +49,7 @@ def validate(request: EvaluateRequest, settings: EvaluatorSettings) -> None:
         sources = [bool(m.checkpoint_prefix), m.endpoint is not None, bool(m.preset)]
         if sum(sources) > 1:
             raise InvalidArgument("give one of checkpoint_prefix, endpoint, preset", field=where)
-        name = m.name or m.checkpoint_prefix or m.preset or (m.endpoint.model if m.endpoint else "")
+        name = m.name or m.checkpoint_prefix or m.preset or endpoint_label(m.endpoint)
         if not name:
             raise InvalidArgument(
                 "a model without a source (shipped predictions) needs a name", field=f"{where}.name"
@@ -61,15 +60,7 @@ def validate(request: EvaluateRequest, settings: EvaluatorSettings) -> None:
         if not 0 <= m.num_frames <= 256:
             raise InvalidArgument("must be between 0 (default) and 256", field=f"{where}.num_frames")
         if m.endpoint is not None:
-            if not m.endpoint.base_url:
-                raise InvalidArgument("required", field=f"{where}.endpoint.base_url")
-            if not m.endpoint.model:
-                raise InvalidArgument("required", field=f"{where}.endpoint.model")
-            if m.endpoint.api_key_env and m.endpoint.api_key_env not in os.environ:
-                raise FailedPrecondition(
-                    f"environment variable {m.endpoint.api_key_env!r} is not set",
-                    field=f"{where}.endpoint.api_key_env",
-                )
+            resolve_model_endpoint(m.endpoint, settings, field=f"{where}.endpoint")
         if not any(sources):
             bad = [b.name or b.kind for b in qa if b.kind != "video_chatgpt"]
             if bad:
@@ -77,15 +68,11 @@ def validate(request: EvaluateRequest, settings: EvaluatorSettings) -> None:
                     f"a model without a source only has Video-ChatGPT predictions to judge, not {bad[0]!r}",
                     field=where,
                 )
-    if any(BENCHMARKS[b.kind].requires_judge for b in qa) and not (request.judge or settings.judge_base_url):
+    needs_judge = any(BENCHMARKS[b.kind].requires_judge for b in qa)
+    # A judge the request names is checked even when no benchmark needs it: it is a bad request either way.
+    judge = resolve_judge(request.judge, settings) if request.judge is not None or needs_judge else None
+    if needs_judge and judge is None:
         raise InvalidArgument(
-            "judge-scored open answers need a judge (request.judge or evaluator.judge_base_url)",
+            "judge-scored open answers need a judge (request.judge, or a default judge on the server)",
             field="judge",
         )
-    if request.judge is not None:
-        if not request.judge.base_url:
-            raise InvalidArgument("required", field="judge.base_url")
-        if request.judge.api_key_env and request.judge.api_key_env not in os.environ:
-            raise FailedPrecondition(
-                f"environment variable {request.judge.api_key_env!r} is not set", field="judge.api_key_env"
-            )

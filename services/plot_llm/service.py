@@ -43,8 +43,10 @@ class PlotService:
         allowed = [self.settings.model, *self.settings.models]
         model = requested.strip() or self.settings.model
         if model not in allowed:
+            # The endpoint, its key and its models are the server's; a caller's value is quoted short.
+            shown = model if len(model) <= 40 else model[:40] + "…"
             raise InvalidArgument(
-                f"unknown model {model!r}; this service serves {', '.join(allowed)}", field="options.model"
+                f"unknown model {shown!r}; this service serves {', '.join(allowed)}", field="options.model"
             )
         return model
 
