@@ -216,6 +216,8 @@ class ClientSettings(BaseModel):
     # Long streaming RPCs (rendering a story, training) get this deadline instead.
     stream_deadline_seconds: float = Field(24 * 3600.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=5)
+    # This process's own bearer token: the services it calls know it as one caller of their server.callers
+    # (the coordinator: e.g. {name: coordinator, role: submit}), so they see this service, not its callers.
     token: SecretStr = SecretStr("")
     tls_ca_file: Path | None = None
     tls: bool = False
