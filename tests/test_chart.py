@@ -125,6 +125,7 @@ def test_secrets_never_land_in_config_maps():
         {
             "minio": {"enabled": False},
             "config": {"storage": {"endpoint": "s3.example.com:443"}},
+            "networkPolicy": {"egress": {"storage": {"cidrs": ["203.0.113.0/24"]}}},
             "secrets": secret_values,
         }
     )
