@@ -9,12 +9,15 @@ import pytest
 import torch
 from test_eval_support import BLUE, RED, FakeOpenAI, make_store, png_bytes
 
+from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.models import video_llm
 from services.evaluator.cache import ResultCache
-from services.evaluator.endpoints import Endpoint
+from services.evaluator.endpoints import Endpoint, resolve_judge, resolve_model_endpoint
 from services.evaluator.judge import make_judge
 from services.evaluator.models import checkpoint_identity, load_checkpoint_model, make_endpoint_model
 from services.evaluator.prompts import MVBENCH_ANSWER_PREFIX, mvbench_user_prompt
+from services.evaluator.request import EndpointSpec
+from services.evaluator.settings import EvaluatorSettings
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +129,45 @@ def test_judge_sees_the_benchmark_prompts(tmp_path) -> None:
         assert judge.map_choice("Which? A.red B.blue", "it was blue", ["A", "B"]).value == "B"
         assert judge.is_correct("yes_no", "Is it red?", "yes", "it's red for sure").value is False
         assert judge.answer_from_caption("A blue video.", "Colour?\nA. red\nB. blue", "B. blue").value == 1
+
+
+def test_endpoints_resolve_from_the_server_settings_only(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("DF_TEST_ABSENT_KEY", raising=False)
+    settings = EvaluatorSettings(
+        allow_caller_endpoints=True,
+        endpoints={"keyless": {"base_url": "http://e/v1", "model": "m", "api_key_env": "DF_TEST_ABSENT_KEY"}},
+        judges={
+            "j": {
+                "base_url": "http://j/v1",
+                "model": "a",
+                "models": ["b"],
+                "api_key_file": str(tmp_path / "k"),
+            }
+        },
+        judge_base_url="http://default/v1",
+        judge_api_key="default-key",
+    )
+    (tmp_path / "k").write_text("judge-key\n")
+    assert resolve_judge(EndpointSpec(name="j", model="b"), settings) == Endpoint(
+        "http://j/v1", "b", "judge-key", "j"
+    )
+    assert resolve_judge(None, settings) == Endpoint(
+        "http://default/v1", "gpt-4o-mini", "default-key", "default"
+    )
+    caller = resolve_judge(EndpointSpec(base_url="http://mine/v1"), settings)
+    assert caller.api_key is None and caller.model == "gpt-4o-mini"
+    bad = [
+        (EndpointSpec(name="j", base_url="http://mine/v1"), "judge"),
+        (EndpointSpec(), "judge.name"),
+        (EndpointSpec(base_url="file:///etc/passwd", model="m"), "judge.base_url"),
+        (EndpointSpec(base_url="http://[::1/v1", model="m"), "judge.base_url"),
+        (EndpointSpec(name="j", model="c"), "judge.model"),
+    ]
+    for spec, field in bad:
+        with pytest.raises(InvalidArgument) as info:
+            resolve_judge(spec, settings)
+        assert info.value.field == field, spec
+    # A configured key missing on the server: the caller is not told where it was looked for.
+    with pytest.raises(FailedPrecondition) as info:
+        resolve_model_endpoint(EndpointSpec(name="keyless"), settings, field="models[0].endpoint")
+    assert "DF_TEST_ABSENT_KEY" not in str(info.value) and "keyless" in str(info.value)
