@@ -37,7 +37,9 @@ def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
     assert metrics["schedule"]["world_size"] == 2
     assert [s["samples"] for s in metrics["steps"]] == [2, 2, 2, 2]  # one sample per process per step
     assert record.step == 4 and record.checkpoint is not None and load_latest(store, "ddp").step == 4
-    assert store.exists("runs/ddp/checkpoints/step-00000002/state/.metadata")
+    step2 = "runs/ddp/checkpoints/step-00000002/"
+    assert store.exists(step2 + "state/.metadata.json") and not store.exists(step2 + "state/.metadata")
+    assert len(store.get_json(step2 + "rng.json")["ranks"]) == 2  # every rank's RNG state, as JSON
     assert store.exists("runs/ddp/checkpoints/step-00000002/state/__1_0.distcp")  # rank 1 wrote its shards
     assert (
         store.exists("runs/ddp/final/model.safetensors")
