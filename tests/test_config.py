@@ -26,7 +26,15 @@ def test_each_service_section_lives_in_its_own_package():
     for name, module in SERVICE_SECTIONS.items():
         assert found[name].__module__ == module, name
     # The shared library keeps only the common sections.
-    assert set(config.Settings.model_fields) == {"storage", "server", "client", "log", "models", "cli"}
+    assert set(config.Settings.model_fields) == {
+        "storage",
+        "server",
+        "client",
+        "log",
+        "models",
+        "cli",
+        "limits",
+    }
 
 
 def test_service_sections_read_the_same_names_from_env_and_file(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dreamframe.config import LimitsSettings, get_settings
 from dreamframe.errors import InvalidArgument
 from dreamframe.story import (
     QA,
@@ -17,6 +18,7 @@ from dreamframe.story import (
     load_story,
     resolve_frame_text,
 )
+from services.keyframe_renderer.prompts import MAX_PROMPT_WORDS, clip_prompt, frame_prompts
 
 TOM = Character(name="Tom", appearance="a man looks like Tom Hanks in blue")
 TOMMY = Character(name="Tommy", appearance="a boy looks like Tom Holland in red")
@@ -200,3 +202,167 @@ def test_error_field_prefix_is_the_callers():
 def test_non_utf8_is_rejected():
     with pytest.raises(InvalidArgument, match="UTF-8|JSON"):
         load_story(b"\xff\xfe{")
+
+
+# --- limits (issue 19: hostile story files) -------------------------------------------------------
+
+
+def _with(**changes) -> dict:
+    return {**reference_file(), **changes}
+
+
+@pytest.mark.parametrize(
+    ("story", "field", "words"),
+    [
+        (_with(overview="o" * 20_001), "story.overview", "longer than 20000 characters"),
+        (_with(img_diag=[["frame", "f" * 2_001]]), "story.img_diag.0.1", "longer than 2000"),
+        (
+            _with(img_diag=[["frame", "f"], ["dialogue", "d" * 2_001]]),
+            "story.img_diag.1.1",
+            "longer than 2000",
+        ),
+        (_with(QA=[{"Question": "q", "Answer": "a" * 4_001}]), "story.QA.0.Answer", "longer than 4000"),
+        (_with(character={"n" * 201: "a man"}), "story.character", "longer than 200"),
+        (_with(character={"Tom": "a" * 2_001}), "story.character.Tom", "longer than 2000"),
+        (_with(img_diag=[["dialogue", "Tom: hi"]]), "story.img_diag", "no frames"),
+        (_with(img_diag=[]), "story.img_diag", "no frames"),
+        (_with(overview="line one\nline\ttwo\x00"), "story.overview", "U+0000 at position 17"),
+        (_with(QA=[{"Question": "\x1b[2J", "Answer": "a"}]), "story.QA.0.Question", "U+001B"),
+        (_with(img_diag=[["frame", "at sea\r"]]), "story.img_diag.0.1", "U+000D"),
+    ],
+    ids=[
+        "overview",
+        "frame",
+        "dialogue",
+        "answer",
+        "name",
+        "appearance",
+        "only dialogues",
+        "empty",
+        "NUL",
+        "escape",
+        "carriage return",
+    ],
+)
+def test_reference_files_over_the_limits_name_the_field(story, field, words):
+    with pytest.raises(InvalidArgument) as info:
+        load_story(json.dumps(story))
+    assert info.value.field == field
+    assert words in info.value.message
+
+
+def native_dict() -> dict:
+    return json.loads(native_story().to_json())
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("title",), "t" * 201, "story.title"),
+        (("theme",), "t" * 501, "story.theme"),
+        (("style_description",), "s\x00", "story.style_description"),
+        (("locations", 1), "l" * 201, "story.locations.1"),
+        (("characters", 0, "appearance"), "a" * 2_001, "story.characters.0.appearance"),
+        (("substories", 1, "content"), "c" * 2_001, "story.substories.1.content"),
+        (("substories", 0, "qa", 0, "kind"), "k" * 201, "story.substories.0.qa.0.kind"),
+        (
+            ("substories", 0, "tiny_stories", 1, "items", 2, "text"),
+            "f" * 2_001,
+            "story.substories.0.tiny_stories.1.items.2.text",
+        ),
+        (
+            ("substories", 0, "tiny_stories", 0, "items", 0, "prompt"),
+            "p\x07",
+            "story.substories.0.tiny_stories.0.items.0.prompt",
+        ),
+    ],
+)
+def test_native_stories_over_the_limits_name_the_field(path, value, field):
+    story = native_dict()
+    target = story
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    with pytest.raises(InvalidArgument) as info:
+        load_story(json.dumps(story))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("limit", "field", "words"),
+    [
+        ({"frames": 5}, "story.substories.1.tiny_stories.0.items.2.text", "6 frames in the story"),
+        ({"dialogues": 2}, "story.substories.1.tiny_stories.0.items.1.text", "3 dialogues"),
+        ({"qa_pairs": 4}, "story.substories.1.tiny_stories.0.qa.0", "5 QA pairs"),
+        ({"substories": 1}, "story.substories", "2 substories"),
+        ({"tiny_stories": 2}, "story.substories", "3 tiny stories"),
+        ({"characters": 1}, "story.characters", "2 characters"),
+        ({"locations": 1}, "story.locations", "2 locations"),
+    ],
+)
+def test_counts_are_limited_across_the_whole_story(limit, field, words):
+    limits = LimitsSettings(**limit)
+    with pytest.raises(InvalidArgument) as info:
+        load_story(native_story().to_json(), limits=limits)
+    assert info.value.field == field
+    assert words in info.value.message
+    load_story(native_story().to_json())  # the defaults take it
+
+
+def test_deep_nesting_is_an_error_not_a_recursion_error():
+    for data in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"overview": ' + b"[" * 100_000,  # unbalanced too
+        b'{"a": ' * 33 + b"1" + b"}" * 33,
+        "[" * 100_000,
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            load_story(data, field="upload")
+        assert info.value.field == "upload"
+        assert "nested more than 32 levels deep" in info.value.message
+    # Brackets inside strings are text, not nesting.
+    story = _with(overview="[" * 5_000 + "{" * 5_000)
+    assert load_story(json.dumps(story)).overview == story["overview"]
+    # Already-parsed input is held to the same depth.
+    nested: list = []
+    for _ in range(40):
+        nested = [nested]
+    with pytest.raises(InvalidArgument):
+        load_story({**reference_file(), "QA": nested})
+
+
+def test_size_and_container_count_are_checked_before_parsing():
+    small = LimitsSettings(story_bytes=2_000, json_containers=100)
+    with pytest.raises(InvalidArgument) as info:
+        load_story(json.dumps(_with(overview="o" * 3_000)), limits=small)
+    assert info.value.field == "story" and "3" in info.value.message and "at most 2000" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        load_story("[" + "[]," * 200 + "[]]", limits=small)
+    assert "more than 100 JSON arrays and objects" in info.value.message
+
+
+def test_limits_come_from_the_settings(monkeypatch):
+    monkeypatch.setenv("DREAMFRAME_LIMITS__OVERVIEW_CHARS", "10")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidArgument) as info:
+            load_story(json.dumps(reference_file()))
+        assert info.value.field == "story.overview"
+    finally:
+        get_settings.cache_clear()
+
+
+def test_long_prompts_are_cut_to_what_the_text_encoders_read():
+    long_text = "at the harbour, " + " ".join(f"word{i}" for i in range(200))
+    story = Story(
+        overview="o",
+        style_keyword="Noir",
+        substories=[Substory(tiny_stories=[TinyStory(items=[StoryItem(kind="frame", text=long_text)])])],
+    )
+    prompt = frame_prompts(story, [0], "<noir-style>")[0]
+    words = prompt.split()
+    assert len(words) == MAX_PROMPT_WORDS == 75
+    assert prompt.startswith("generate an image in <noir-style> style: at the harbour, word0 word1")
+    assert clip_prompt(prompt) == prompt  # stable
+    short = "generate an image in Noir style: a  man\tstands"
+    assert clip_prompt(short) == short  # at most 75 words: untouched, spacing kept

@@ -13,9 +13,10 @@ Frames are numbered 0..N-1 in story order across the whole story; that index nam
 The reference's interchange format (``{"overview", "character", "img_diag", "QA"}``) is imported and
 exported exactly by ``from_reference`` / ``to_reference``: ``to_reference(from_reference(x)) == x``.
 
-Every story read from JSON is checked against the ``limits`` settings (``dreamframe.limits``): file size,
-nesting depth, the length of every text field, counts (at least one frame), no control characters;
-errors name the path inside the file as written (``story.img_diag.12.1``, ``story.substories.0.title``).
+``load_story``, the entry point for story files from callers and storage, checks them against the
+``limits`` settings (``dreamframe.limits``): file size, nesting depth, the length of every text field,
+counts (at least one frame), no control characters; errors name the path inside the file as written
+(``story.img_diag.12.1``, ``story.substories.0.title``).
 """
 
 from __future__ import annotations
@@ -181,18 +182,17 @@ class Story(_Model):
         }
 
     @classmethod
-    def from_reference(
-        cls, data: dict[str, Any] | str | bytes, *, limits: LimitsSettings | None = None
-    ) -> Story:
+    def from_reference(cls, data: dict[str, Any] | str | bytes) -> Story:
         """Read a reference story file. Its flat frame/dialogue list becomes one substory with one
-        tiny story, and its QA the story's QA, so exporting gives back the same file."""
-        limits = limits or current_limits()
-        return cls._from_reference_object(_load_json(data, "story", limits), limits)
+        tiny story, and its QA the story's QA, so exporting gives back the same file. Only the JSON's
+        size and depth are limited here; ``load_story`` is the checked entry point for story files."""
+        return cls._from_reference_object(_load_json(data, "story", current_limits()), None)
 
     @classmethod
-    def _from_reference_object(cls, obj: dict[str, Any], limits: LimitsSettings) -> Story:
+    def _from_reference_object(cls, obj: dict[str, Any], limits: LimitsSettings | None) -> Story:
         ref = _validated(ReferenceStory, obj, "story")
-        ref.check_limits(limits, "story")
+        if limits is not None:
+            ref.check_limits(limits, "story")
         items = [
             StoryItem(kind=kind, text=text, prompt=text if kind == "frame" else None)
             for kind, text in ref.img_diag
@@ -216,14 +216,15 @@ class Story(_Model):
         return self.model_dump_json(indent=2, exclude_none=True)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | str | bytes, *, limits: LimitsSettings | None = None) -> Story:
-        limits = limits or current_limits()
-        return cls._from_native_object(_load_json(data, "story", limits), limits)
+    def from_json(cls, data: dict[str, Any] | str | bytes) -> Story:
+        """Read the native format (size and depth limited; ``load_story`` checks the content too)."""
+        return cls._from_native_object(_load_json(data, "story", current_limits()), None)
 
     @classmethod
-    def _from_native_object(cls, obj: dict[str, Any], limits: LimitsSettings) -> Story:
+    def _from_native_object(cls, obj: dict[str, Any], limits: LimitsSettings | None) -> Story:
         story = _validated(cls, obj, "story")
-        story.check_limits(limits, "story")
+        if limits is not None:
+            story.check_limits(limits, "story")
         return story
 
     # --- limits --------------------------------------------------------------------------------
