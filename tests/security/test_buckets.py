@@ -169,3 +169,44 @@ def test_qa_generator_will_not_read_another_teams_bucket(buckets: Buckets) -> No
     assert "not allowed" in error.details()
     assert [i.key for i in buckets.service.list("")] == []  # no dataset written
     assert buckets.list_buckets() == buckets_before
+
+
+def test_trainer_will_not_train_on_another_teams_dataset(buckets: Buckets, tmp_path: Path) -> None:
+    """StartRun reads the datasets a request names (and the trainer writes runs/ into its own bucket)."""
+    from test_trainer_support import make_dataset, runtime
+
+    from dreamframe.v1 import train_pb2, train_pb2_grpc
+    from services.trainer.runs import RunManager
+    from services.trainer.server import TrainServicer
+
+    dataset = make_dataset(buckets.victim, n=2)
+    buckets_before = buckets.list_buckets()
+    request = train_pb2.StartRunRequest(
+        run_id="stolen",
+        datasets=[
+            train_pb2.DatasetMix(
+                dataset=common_pb2.ObjectRef(bucket=buckets.victim.default_bucket, key=dataset.key), weight=1
+            )
+        ],
+        base_model="tiny",
+    )
+
+    async def go() -> grpc.aio.AioRpcError:
+        manager = RunManager(buckets.service, runtime(tmp_path), poll_seconds=0.1, worker_env={})
+        await manager.start()
+        try:
+            registration = Registration.of(
+                train_pb2, train_pb2_grpc.add_TrainServiceServicer_to_server, TrainServicer(manager)
+            )
+            async with serve(registration) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await train_pb2_grpc.TrainServiceStub(channel).StartRun(request, timeout=60)
+                return err.value
+        finally:
+            await manager.shutdown()
+
+    error = asyncio.run(go())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "datasets[0].dataset.bucket"
+    assert [i.key for i in buckets.service.list("runs/")] == []
+    assert buckets.list_buckets() == buckets_before
