@@ -90,6 +90,8 @@ class FakeTrain(train_pb2_grpc.TrainServiceServicer):
             raise getattr(errors, run_id.removeprefix("raise:"))("no such thing", field="run_id")
         if run_id == "boom":
             raise RuntimeError("connect failed: password=hunter2")
+        if run_id.startswith("huge:"):  # a message that echoes a huge bad value, under a huge field path
+            raise errors.InvalidArgument(f"{run_id!r} is not a run", field="runs." + "x" * 10_000)
         return train_pb2.GetRunResponse(
             run=train_pb2.RunStatus(run_id=run_id, state=train_pb2.RUN_STATE_RUNNING)
         )
@@ -384,6 +386,51 @@ def test_errors_are_a_standard_google_rpc_status_any_grpc_client_reads():
                 assert (violation.field, violation.description) == ("theme", "must not be empty")
 
     run(body())
+
+
+def test_statuses_are_capped_so_a_huge_bad_value_stays_a_short_invalid_argument():
+    async def body():
+        async with running() as server, channel(server) as ch:
+            train = train_pb2_grpc.TrainServiceStub(ch)
+            error = await rpc_error(train.GetRun(train_pb2.GetRunRequest(run_id="huge:" + "v" * 100_000)))
+            # Uncapped, the trailers pass gRPC's 8 KiB metadata limit: RESOURCE_EXHAUSTED, status lost.
+            assert error.code() == StatusCode.INVALID_ARGUMENT
+            assert len(error.details()) <= 300 and error.details().endswith("…")
+            detail = error_detail_from(error)
+            assert len(detail.field) <= 120 and detail.field.startswith("runs.xxx")
+            assert len(detail.description) <= 300 and detail.description.startswith("'huge:vvv")
+            trailers = sum(len(k) + len(v) for k, v in error.trailing_metadata())
+            assert trailers + len(error.details().encode()) < 2048
+
+    run(body())
+
+
+def test_undecodable_request_bytes_are_invalid_argument_for_unary_and_streaming_methods(json_logs):
+    """grpc.aio parses requests before any interceptor's code runs; without the guard this is UNKNOWN."""
+
+    async def body():
+        async with running() as server, channel(server) as ch:
+            garbage = b"\x0a\xff\xff\xff\xff\x0f"  # a length that runs past the end
+            unary = ch.unary_unary("/dreamframe.v1.TrainService/GetRun")
+            error = await rpc_error(unary(garbage))
+            assert error.code() == StatusCode.INVALID_ARGUMENT
+            assert "do not parse" in error_detail_from(error).description
+            # An async-generator stream and a stream the handler writes with context.write.
+            for method in (
+                "/dreamframe.v1.PlotService/GenerateStory",
+                "/dreamframe.v1.TrainService/WatchRun",
+            ):
+                messages, error = await read_all(ch.unary_stream(method)(garbage))
+                assert messages == [] and error.code() == StatusCode.INVALID_ARGUMENT, method
+            # The same methods still work.
+            train = train_pb2_grpc.TrainServiceStub(ch)
+            assert (await train.GetRun(train_pb2.GetRunRequest(run_id="r"))).run.run_id == "r"
+            messages, error = await read_all(train.WatchRun(train_pb2.WatchRunRequest(run_id="w")))
+            assert error is None and [m.run.step for m in messages] == [0, 1]
+
+    run(body())
+    codes = [e["code"] for e in log_events(json_logs) if e.get("event") == "rpc finished"]
+    assert codes.count("INVALID_ARGUMENT") == 3  # logged and counted like any refusal
 
 
 def test_invalid_argument_in_a_stream_before_any_message():
