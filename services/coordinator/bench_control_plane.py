@@ -32,7 +32,7 @@ from typing import Annotated
 
 import typer
 
-from dreamframe import commandline, keys
+from dreamframe import commandline, job_watch, keys
 from dreamframe.cli import local
 from dreamframe.config import StorageSettings
 from dreamframe.serving.client import make_sync_channel
@@ -80,10 +80,12 @@ class Watcher(threading.Thread):
         with make_sync_channel(self.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             try:
+                job = None
                 for update in stub.WatchJob(pb.WatchJobRequest(job_id=self.job_id), timeout=24 * 3600):
                     self.bytes += update.ByteSize()
                     self.updates += 1
-                    if update.job.state in TERMINAL:
+                    job = job_watch.apply(job, update)
+                    if job.state in TERMINAL:
                         return
             except Exception:  # noqa: BLE001 - the job's end is read by the poller; a broken watch shows as 0
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from dreamframe import job_watch
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
 from dreamframe.serving import GrpcServer, Registration
@@ -37,8 +38,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def WatchJob(self, request, context):
+        previous = None
         async for job in self.coordinator.watch(request.job_id):
-            yield pb.WatchJobResponse(job=job)
+            update = job_watch.first(job) if previous is None else job_watch.changes(previous, job)
+            previous = job
+            if update is not None:
+                yield update
 
     async def CancelJob(self, request, context):
         return pb.CancelJobResponse(job=await self.coordinator.cancel(request.job_id))
