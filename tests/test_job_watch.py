@@ -106,8 +106,9 @@ def test_a_watcher_of_a_large_job_gets_small_updates_over_grpc(tmp_path, monkeyp
         settings = CoordinatorSettings(watch_interval_seconds=0.05, story_parallelism=64)
         coordinator = Coordinator(LocalStore(tmp_path / "s", "dreamframe"), clients, settings)
         await coordinator.start()
+        servicer = CoordinatorServicer(coordinator)
         registration = Registration.of(
-            pb, coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, CoordinatorServicer(coordinator)
+            pb, coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer
         )
         server_settings = ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=0)
         async with GrpcServer([registration], server_settings, service_name="coordinator") as server:
