@@ -33,10 +33,21 @@ class ScriptedRenderer(render_pb2_grpc.RenderServiceServicer):
         self.delay = delay
         self.rendered: list[int] = []
         self.calls = 0
+        self.open_calls = 0
+        self.most_open_calls = 0
         self.server: GrpcServer | None = None
 
     async def RenderFrames(self, request, context):
         self.calls += 1
+        self.open_calls += 1
+        self.most_open_calls = max(self.most_open_calls, self.open_calls)
+        try:
+            async for response in self._render(request):
+                yield response
+        finally:
+            self.open_calls -= 1
+
+    async def _render(self, request):
         for index in request.frames.list.indices:
             if index < 0:
                 raise InvalidArgument("must be >= 0", field="frames.list.indices")
@@ -404,3 +415,35 @@ def test_a_stream_older_than_max_connection_age_is_not_cut(tmp_path):
 
     long, again = asyncio.run(scenario())
     assert (long.rendered, long.resent_shards, again.rendered) == (15, 0, 2)
+
+
+def test_a_replica_has_its_inflight_shards_in_all_however_many_stories_render(tmp_path):
+    """Concurrency is ready replicas × inflight_per_replica for the whole coordinator: four stories
+    rendering at once over one replica with 2 slots never have more than 2 calls open on it."""
+
+    async def scenario():
+        store = LocalStore(tmp_path, "bucket")
+        replica = ScriptedRenderer(store, delay=0.002)
+        server = await start(replica)
+        channel = make_channel(server.address, client())
+        endpoint = Endpoint("r0", render_pb2_grpc.RenderServiceStub(channel), workers=2)
+        try:
+            results = await asyncio.gather(
+                *(
+                    render_frames(
+                        [endpoint],
+                        render_pb2.RenderFramesRequest(job_id=JOB, story_index=0),
+                        list(range(story * 40, story * 40 + 40)),
+                        shard_size=4,
+                    )
+                    for story in range(4)
+                )
+            )
+        finally:
+            await channel.close()
+            await server.stop(0)
+        return replica, results
+
+    replica, results = asyncio.run(scenario())
+    assert [sorted(r.frames) for r in results] == [list(range(s * 40, s * 40 + 40)) for s in range(4)]
+    assert replica.most_open_calls == 2, replica.most_open_calls

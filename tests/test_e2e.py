@@ -19,7 +19,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from dreamframe import keys
+from dreamframe import job_watch, keys
 from dreamframe.cli import local
 from dreamframe.config import ClientSettings
 from dreamframe.serving import error_detail_from, make_sync_channel
@@ -106,9 +106,10 @@ def watch_until(cluster: Cluster, job_id: str, predicate, timeout: float = 900) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            for response in cluster.coordinator.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout):
-                if predicate(response.job):
-                    return response.job
+            updates = cluster.coordinator.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout)
+            for job in job_watch.follow(updates):
+                if predicate(job):
+                    return job
             job = cluster.coordinator.GetJob(pb.GetJobRequest(job_id=job_id)).job
             if predicate(job):
                 return job

@@ -97,6 +97,16 @@ def stored_frame_indices(store, job_id: str, story_index: int = 0) -> list[int]:
     return sorted(int(Path(i.key).stem) for i in listed if i.key.endswith(".png"))
 
 
+def count_frames(store, job_id: str, stories: int, frames: int) -> tuple[int, int]:
+    """(frames missing, extra files) over every story: one PNG per frame index, nothing else."""
+    missing = extra = 0
+    for s in range(stories):
+        indices = stored_frame_indices(store, job_id, s)
+        missing += len(set(range(frames)) - set(indices))
+        extra += len(indices) - len(set(indices)) + len(set(indices) - set(range(frames)))
+    return missing, extra
+
+
 def local_work(work_dir: Path | None, prefix: str) -> tuple[Path, Path, dict[str, str]]:
     """A bench's folder (a temp dir by default), its logs folder, and the environment that puts every
     process it starts on one local store there."""

@@ -32,7 +32,7 @@ from typing import Annotated
 
 import typer
 
-from dreamframe import commandline, keys
+from dreamframe import commandline, job_watch, keys
 from dreamframe.cli import local
 from dreamframe.config import StorageSettings
 from dreamframe.serving.client import make_sync_channel
@@ -42,13 +42,14 @@ from dreamframe.v1 import coordinator_pb2_grpc
 
 from .bench import (
     RENDERER,
+    count_frames,
     free_port,
     local_work,
     publish,
     put_story,
     start_coordinator,
-    stored_frame_indices,
 )
+from .bench_fleet import run_fleet_events, summarize_fleet
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,23 +81,15 @@ class Watcher(threading.Thread):
         with make_sync_channel(self.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             try:
+                job = None
                 for update in stub.WatchJob(pb.WatchJobRequest(job_id=self.job_id), timeout=24 * 3600):
                     self.bytes += update.ByteSize()
                     self.updates += 1
-                    if update.job.state in TERMINAL:
+                    job = job_watch.apply(job, update)
+                    if job.state in TERMINAL:
                         return
             except Exception:  # noqa: BLE001 - the job's end is read by the poller; a broken watch shows as 0
                 return
-
-
-def count_frames(store, job_id: str, stories: int, frames: int) -> tuple[int, int]:
-    """(frames missing, extra files) over every story: one PNG per frame index, nothing else."""
-    missing = extra = 0
-    for s in range(stories):
-        indices = stored_frame_indices(store, job_id, s)
-        missing += len(set(range(frames)) - set(indices))
-        extra += len(indices) - len(set(indices)) + len(set(indices) - set(range(frames)))
-    return missing, extra
 
 
 def duplicate_reports(store, job: pb.Job) -> int:
@@ -187,6 +180,13 @@ def run(args: BenchArgs) -> dict:
         scenarios = [run_scenario(s, args, renderers, env, store, logs) for s in args.stories]
     finally:
         local.stop_processes(renderers)
+    fleet = (
+        run_fleet_events(
+            store, env, logs, stories=args.fleet_stories, frames=args.frames, lease_seconds=args.lease_seconds
+        )
+        if args.fleet_stories
+        else None
+    )
     return {
         "storyboard": args.storyboard,
         "fleet": f"{args.replicas} sim renderer processes (simulated GPUs: {args.frame_seconds} s/frame), "
@@ -195,6 +195,7 @@ def run(args: BenchArgs) -> dict:
         "batch_size": args.batch_size,
         "shard_size": args.shard_size,
         "scenarios": scenarios,
+        "fleet_events": fleet,
     }
 
 
@@ -215,6 +216,8 @@ def summarize(report: dict) -> str:
             f"{s['job_state_bytes']} | {s['watch_bytes_per_second']:.0f} | {s['frames_missing']} | "
             f"{s['frames_extra'] + max(s['duplicate_reports'], 0)} |"
         )
+    if report.get("fleet_events"):
+        lines += ["", summarize_fleet(report["fleet_events"])]
     return "\n".join(lines)
 
 
@@ -228,6 +231,8 @@ class BenchArgs:
     shard_size: int
     story_parallelism: int
     storyboard: bool
+    fleet_stories: int
+    lease_seconds: float
     timeout: float
     work_dir: Path | None
     out: Path | None
@@ -248,6 +253,13 @@ def bench(
     storyboard: Annotated[
         bool, typer.Option(help="build the storyboard pages (coordinator.storyboard)")
     ] = True,
+    fleet_stories: Annotated[
+        int,
+        typer.Option(help="stories of the fleet-events job (replica added, removed, leader killed); 0: skip"),
+    ] = 4,
+    lease_seconds: Annotated[
+        float, typer.Option(help="the coordinators' leader lease (the chart's 15 s)")
+    ] = 15,
     timeout: Annotated[float, typer.Option(help="seconds per scenario")] = 3600,
     work_dir: Annotated[Path | None, typer.Option(help="store and logs (default: a temp dir)")] = None,
     out: Annotated[Path | None, typer.Option(help="write control-plane-bench.json here")] = None,
@@ -261,6 +273,8 @@ def bench(
         shard_size,
         story_parallelism,
         storyboard,
+        fleet_stories,
+        lease_seconds,
         timeout,
         work_dir,
         out,

@@ -48,7 +48,8 @@ MAX_BACKOFF_SECONDS = 30.0
 class Endpoint:
     name: str
     stub: render_pb2_grpc.RenderServiceStub
-    # Concurrent shards this endpoint takes (a dns:/// target stands for many replicas).
+    # Concurrent shards this endpoint takes (a dns:/// target stands for many replicas), in total over
+    # every story and job the coordinator renders at once: each fan-out's workers share these slots.
     workers: int = 1
     consecutive_failures: int = 0
     # False once discovery has seen the replica leave: it takes no new shard.
@@ -56,6 +57,13 @@ class Endpoint:
     # Shards being sent to it right now, and so far.
     inflight: int = 0
     sent: int = 0
+    _slots: asyncio.Semaphore | None = field(default=None, repr=False)
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(max(1, self.workers))
+        return self._slots
 
 
 class EndpointSource(Protocol):
@@ -220,7 +228,14 @@ async def render_frames(
                 queue.put_nowait(shard)
                 return
             try:
-                await send(endpoint, todo)
+                # One of the replica's slots, shared with every other story's fan-out: a replica has
+                # `workers` shards in flight in all, however many stories render at once.
+                async with endpoint.slots:
+                    if not endpoint.active:  # left while this worker waited for the slot
+                        raise _IncompleteShard(todo, drained=True)
+                    todo = [i for i in todo if i in pending]
+                    if todo:
+                        await send(endpoint, todo)
                 endpoint.consecutive_failures = 0
                 left = [i for i in todo if i in pending]
                 if left:  # the replica ended the stream without these frames: treat as a failure

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from dreamframe import job_watch
 from dreamframe.config import Settings, get_settings
 from dreamframe.logging import configure_logging
 from dreamframe.serving import GrpcServer, Registration, current_caller
@@ -49,8 +50,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def WatchJob(self, request, context):
         caller = current_caller()
+        previous = None
         async for job in self.coordinator.watch(request.job_id):
-            yield pb.WatchJobResponse(job=access.visible(caller, job))
+            job = access.visible(caller, job)
+            update = job_watch.first(job) if previous is None else job_watch.changes(previous, job)
+            previous = job
+            if update is not None:
+                yield update
 
     async def CancelJob(self, request, context):
         # Checked before cancelling: another team's job is left alone (and reported as unknown).

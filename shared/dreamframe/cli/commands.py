@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Column, Table
 from rich.text import Text
 
-from dreamframe import keys
+from dreamframe import job_watch, keys
 from dreamframe.cli import local
 from dreamframe.cli.export import export_job, relative
 from dreamframe.config import Settings, get_settings
@@ -363,10 +363,9 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
     with Progress(*columns, console=console, transient=False) as progress:
         tasks: dict[int, int] = {}
         try:
-            for response in stub.WatchJob(
-                pb.WatchJobRequest(job_id=job_id), timeout=settings.client.stream_deadline_seconds
+            for job in job_watch.follow(
+                stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=settings.client.stream_deadline_seconds)
             ):
-                job = response.job
                 for status in job.stages:
                     if status.stage not in tasks:
                         tasks[status.stage] = progress.add_task(

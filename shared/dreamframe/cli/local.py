@@ -152,11 +152,11 @@ def spawn(planned: Planned, env: dict[str, str], log_path: Path) -> Process:
     """Start one service process (``python -m <module>`` on its port), appending to ``log_path``."""
     child_env = {
         **os.environ,
+        "DREAMFRAME_SERVER__METRICS_PORT": "0",  # any free port, unless the plan names one
         **env,
         **planned.env,
         "DREAMFRAME_SERVER__HOST": HOST,
         "DREAMFRAME_SERVER__PORT": str(planned.port),
-        "DREAMFRAME_SERVER__METRICS_PORT": "0",
     }
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(  # noqa: S603 - our own modules, our own interpreter
