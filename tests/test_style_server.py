@@ -17,7 +17,7 @@ from dreamframe import keys
 from dreamframe.config import ServerSettings
 from dreamframe.serving import GrpcServer, Registration, error_detail_from
 from dreamframe.storage import LocalStore, from_proto, to_proto
-from dreamframe.story import Story
+from dreamframe.story import Story, StoryItem, Substory, TinyStory
 from dreamframe.v1 import common_pb2, style_pb2, style_pb2_grpc
 from services.style_trainer.checkpoint import TrainingState
 from services.style_trainer.server import StyleServicer, options_from_proto
@@ -63,7 +63,12 @@ def run(coro, timeout: float = 120.0):
 
 def story_ref(store: LocalStore, job: str) -> common_pb2.ObjectRef:
     story = Story(
-        overview="o", style_keyword="Noir", style_description="film noir, harsh light", locations=["a bar"]
+        overview="o",
+        style_keyword="Noir",
+        style_description="film noir, harsh light",
+        locations=["a bar"],
+        # A story file needs at least one frame (dreamframe.limits); style training reads only the style.
+        substories=[Substory(tiny_stories=[TinyStory(items=[StoryItem(kind="frame", text="at a bar")])])],
     )
     return to_proto(store.put_bytes(keys.story_key(job), story.to_json().encode()))
 
