@@ -51,8 +51,10 @@ class CoordinatorSettings(BaseModel):
     trainer_address: str = "127.0.0.1:50065"
     evaluator_address: str = "127.0.0.1:50066"
     max_concurrent_jobs: int = Field(4, ge=1)
-    # Frames per render shard sent to one replica.
-    render_shard_size: int = Field(16, ge=1)
+    # Frames per render shard sent to one replica (one RenderFrames call). 64 = 4 batches of 16: each call
+    # has a fixed CPU cost in the coordinator, and a replica that fails mid-shard loses only what it had
+    # not reported yet (reported frames are kept), so larger shards cost nothing in re-rendering.
+    render_shard_size: int = Field(64, ge=1)
     # Concurrent shards over a dns:/// renderer target with renderer_discovery `static` only (one
     # round-robin channel); discovered replicas get renderer_inflight_per_replica each.
     render_parallelism: int = Field(2, ge=1)
