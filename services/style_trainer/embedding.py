@@ -4,6 +4,10 @@
   diffusers' ``load_textual_inversion`` loads into each encoder (``text_encoder``/``tokenizer`` and
   ``text_encoder_2``/``tokenizer_2``).
 - the reference's torch ``.pt`` dict ``{"emb": [768], "emb2": [1280]}`` (export and import).
+
+``import_embedding`` takes an existing embedding in either format (the seed project's own ``.pt`` as it
+is), checks it and returns it for storing as safetensors: ``dreamframe import-style`` and the coordinator's
+style stage (StoryInput.style_embedding) both go through it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,15 @@ from dataclasses import dataclass
 import torch
 
 from dreamframe.errors import InvalidArgument
+from dreamframe.limits import truncate
 
 FORMAT = "dreamframe-style-embedding/1"
+# An embedding file is two rows (the seed's final .pt: ~9 kB; its progression list of 11: ~60 kB).
+MAX_EMBEDDING_BYTES = 4 * 1024 * 1024
+MAX_TOKEN_CHARS = 64
+# The text encoders' widths (CLIP-L, CLIP-bigG) of the presets known without loading a model: what an
+# imported embedding must match to be rendered. tiny: dreamframe.models.sdxl.build_tiny_sdxl's configs.
+PRESET_DIMS: dict[str, tuple[int, int]] = {"sdxl": (768, 1280), "sdxl-random": (768, 1280), "tiny": (32, 48)}
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,9 @@ class StyleEmbedding:
         token: str | None = None,
         dims: tuple[int, int] | None = None,
         field: str = "embedding",
+        require_token: bool = True,
     ) -> StyleEmbedding:
+        """``require_token=False``: an imported file may leave the token to the job (the story's keyword)."""
         from safetensors.torch import load
 
         try:
@@ -54,7 +67,7 @@ class StyleEmbedding:
         except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad file
             raise InvalidArgument(f"not a safetensors file: {exc}", field=field) from exc
         name = token or metadata.get("token", "")
-        if not name:
+        if not name and require_token:
             raise InvalidArgument("no token given and none recorded in the file", field=f"{field}.token")
         return cls(
             name,
@@ -84,15 +97,104 @@ class StyleEmbedding:
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise InvalidArgument(f"not a readable torch file: {exc}", field=field) from exc
+            # weights_only refuses any global but tensors and plain containers: nothing in it was run.
+            detail = truncate(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)
+            raise InvalidArgument(f"not a readable torch file of tensors: {detail}", field=field) from exc
+        # The seed saves the final {"emb", "emb2"} and, as "all<name>.pt", the progression list whose last
+        # entry is the final one (DreamFrame-code StyleImmobilization/style_embedding.py, save_XLembedding).
         if isinstance(value, list) and value:
             value = value[-1]
         if not isinstance(value, dict):
             raise InvalidArgument('expected a dict {"emb": ..., "emb2": ...}', field=field)
+        names = ("emb", "emb2")
+        if "emb" not in value and "clip_l" in value:  # our own layout, saved with torch.save
+            names = ("clip_l", "clip_g")
+        elif len(value) == 1 and not set(value) & {"emb", "emb2", "clip_g"}:
+            raise InvalidArgument(
+                "holds one tensor ({token: tensor}, a single-encoder textual inversion); SDXL needs a row "
+                'for each text encoder: {"emb": [768], "emb2": [1280]} or clip_l/clip_g',
+                field=field,
+            )
         return cls(
             token,
-            _row(value, "emb", dims[0] if dims else None, field),
-            _row(value, "emb2", dims[1] if dims else None, field),
+            _row(value, names[0], dims[0] if dims else None, field),
+            _row(value, names[1], dims[1] if dims else None, field),
+        )
+
+
+def embedding_format(data: bytes) -> str:
+    """``safetensors`` or ``torch`` (a .pt: zip archive or legacy pickle), from the first bytes alone."""
+    # safetensors: an 8-byte little-endian header length, then that many bytes of JSON (starting "{").
+    if len(data) >= 10 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
+        return "safetensors"
+    # torch.save: a zip archive (since torch 1.6), or the legacy format that starts with a pickle.
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        return "torch"
+    return ""
+
+
+def validate_token(token: str, field: str = "style_token") -> str:
+    """One word, as the style keyword it usually is: it is put into every frame prompt."""
+    if (
+        not token
+        or len(token) > MAX_TOKEN_CHARS
+        or any(c.isspace() or not c.isprintable() or c in "{}" for c in token)
+    ):
+        raise InvalidArgument(
+            f"must be one word of at most {MAX_TOKEN_CHARS} printable characters, without spaces or "
+            f"braces, got {truncate(token, 40)!r}",
+            field=field,
+        )
+    return token
+
+
+def import_embedding(
+    data: bytes,
+    *,
+    token: str = "",
+    dims: tuple[int, int] | None = None,
+    model: str = "the model",
+    field: str = "style_embedding",
+    token_field: str = "style_token",
+) -> StyleEmbedding:
+    """An existing embedding (our safetensors or the reference .pt), checked: both rows present, 1-D,
+    finite floats, of ``dims`` when given (the text encoders of ``model``, the renderer's); ``token``
+    (else the one the file records) checked as one word. The token may stay empty: the job then uses the
+    story's keyword.
+
+    The .pt is read with ``torch.load(weights_only=True)`` only: a pickle that names anything but tensors
+    and plain containers is refused before any of it runs."""
+    if len(data) > MAX_EMBEDDING_BYTES:
+        raise InvalidArgument(
+            f"has {len(data)} bytes; an embedding file has at most {MAX_EMBEDDING_BYTES}", field=field
+        )
+    kind = embedding_format(data)
+    if kind == "safetensors":
+        embedding = StyleEmbedding.from_safetensors(
+            data, token=token or None, field=field, require_token=False
+        )
+    elif kind == "torch":
+        embedding = StyleEmbedding.from_reference_pt(data, token, dims=None, field=field)
+    else:
+        raise InvalidArgument(
+            "neither a safetensors file nor a torch .pt (expected {clip_l, clip_g} safetensors or the "
+            'reference\'s {"emb", "emb2"} .pt)',
+            field=field,
+        )
+    if dims is not None:
+        check_dims(embedding, dims, model, field)
+    if embedding.token:
+        validate_token(embedding.token, field=token_field if token else f"{field}.token")
+    return embedding
+
+
+def check_dims(embedding: StyleEmbedding, dims: tuple[int, int], what: str, field: str) -> None:
+    """The rows' widths against a model's text encoders (``what`` names the model in the message)."""
+    if embedding.dims() != tuple(dims):
+        raise InvalidArgument(
+            f"has rows of {embedding.dims()[0]} and {embedding.dims()[1]} dimensions but {what}'s text "
+            f"encoders need {dims[0]} and {dims[1]} (an embedding trained for another model?)",
+            field=field,
         )
 
 
@@ -110,6 +212,8 @@ def _row(tensors: dict, key: str, dim: int | None, field: str) -> torch.Tensor:
     value = tensors.get(key)
     if not isinstance(value, torch.Tensor):
         raise InvalidArgument("missing tensor", field=f"{field}.{key}")
+    if not value.is_floating_point():
+        raise InvalidArgument(f"must hold floating-point values, not {value.dtype}", field=f"{field}.{key}")
     if value.ndim == 2 and value.shape[0] == 1:
         value = value[0]
     if value.ndim != 1 or (dim is not None and value.shape[0] != dim):
