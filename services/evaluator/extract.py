@@ -23,96 +23,186 @@ def _norm(text: str) -> str:
 
 
 # --- MVBench / DreamFrame MC ----------------------------------------------------------------------------
-_LEADING_OPTION = re.compile(r"^\(?\s*([A-Za-z])\s*(?:\)|\.|:|,|\s|$)")
+# Official rule (OpenGVLab/Ask-Anything, video_chat2/mvbench.ipynb): the answer turn is pre-filled with
+# "Best option:(", generation stops at "###", the reply is cut after the last "Assistant:", stripped, and
+# only its first line is kept, with "(" put back in front (``infer_mvbench``'s return_prompt); then
+# ``check_ans`` compares the first space-separated word of that, lower-cased and without dots, with the
+# ground truth's "(x)" by substring containment both ways. So "B", "B)", "(B" and even an empty reply
+# ("(" is inside "(b)") are right; "Option B", "Best option: (B)", "B:" or option B's bare text are not.
+MVBENCH_RETURN_PROMPT = "("
+
+
+def mvbench_gt(candidates: list[str], answer_idx: int) -> str:
+    """The ground truth as ``MVBench_dataset.qa_template`` writes it: "(B) <text of option B>"."""
+    return f"({LETTERS[answer_idx]}) {candidates[answer_idx]}"
+
+
+def mvbench_pred(reply: str) -> str:
+    """What the notebook scores for a generated reply: ``answer()`` keeps the text before "###" and after
+    the last "Assistant:", ``infer_mvbench`` its first line after strip(), prefixed with "("."""
+    text = reply.split("###")[0].split("Assistant:")[-1].strip()
+    return MVBENCH_RETURN_PROMPT + text.strip().split("\n")[0]
+
+
+def mvbench_check_ans(pred: str, gt: str) -> bool:
+    """Our own implementation of the notebook's ``check_ans(pred, gt)``: the first space-separated word
+    of each, lower-cased; right when the prediction's (dots removed) is a substring of the truth's, or
+    the truth's a substring of the prediction's."""
+    pred_option = pred.lower().split(" ")[0]
+    gt_option = gt.lower().split(" ")[0]
+    return pred_option.replace(".", "") in gt_option or gt_option in pred_option
+
+
+def mvbench_official_correct(reply: str, candidates: list[str], answer_idx: int) -> bool:
+    """MVBench's outcome for a generated reply (the text after "Best option:(")."""
+    return mvbench_check_ans(mvbench_pred(reply), mvbench_gt(candidates, answer_idx))
+
+
+# Lenient reading (not MVBench's: an option, ``lenient_answer_matching``, reported in its own column).
+_ANSWER_LEAD = re.compile(
+    r"^(?:(?:the\s+)?(?:best\s+)?(?:option|answer|choice)(?:\s+is)?\s*[:\-]?\s*)+", re.IGNORECASE
+)
+_LABEL = re.compile(r"^\(?\s*([A-Za-z])\s*(\)|\.|:|,|$)\s*(.*)$", re.DOTALL)
+_BARE_LETTER = re.compile(r"^([A-Za-z])\s+(.*)$", re.DOTALL)
 
 
 def mvbench_letter(output: str, candidates: list[str]) -> str | None:
-    """The option the output picks, read as MVBench does: the answer turn was pre-filled with
-    "Best option:(", so the first token is the option ("A)", "(B)", "C. text"). Unlike MVBench's
-    ``check_ans`` an empty output is not counted as a match. Falls back to an exact candidate text."""
+    """The option an output names, read leniently (None: none): the first non-empty line, after
+    "Best option:", "Option", "The answer is"; exactly a candidate's text (so option B's text "A woman
+    slips…" is B, not A); a label "(B)", "B)", "B.", "B:", a lone letter, or "B <option B's text>".
+    An empty reply, a refusal or a number names nothing."""
     letters = option_letters(len(candidates))
-    text = output.strip()
-    text = re.sub(r"^(best\s+)?(option|answer)\s*(is)?\s*:?\s*", "", text, flags=re.IGNORECASE)
-    match = _LEADING_OPTION.match(text)
-    if match and match.group(1).upper() in letters and (match.group(1).isupper() or len(text) <= 3):
-        return match.group(1).upper()
     by_text = {_norm(c): letters[i] for i, c in enumerate(candidates)}
-    return by_text.get(_norm(text))
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    text = lines[0].strip()
+    if _norm(text) in by_text:
+        return by_text[_norm(text)]
+    text = _ANSWER_LEAD.sub("", text).strip()
+    if _norm(text) in by_text:
+        return by_text[_norm(text)]
+    match = _LABEL.match(text)
+    if match and match.group(1).upper() in letters:
+        letter, rest = match.group(1).upper(), match.group(3)
+        # "(b) …" or "B." is a label; a lone lower-case "a" only when nothing follows.
+        if match.group(2) or match.group(1).isupper() or not rest:
+            if not rest or _norm(rest) == _norm(candidates[letters.index(letter)]) or match.group(2):
+                return letter
+    match = _BARE_LETTER.match(text)
+    if match and match.group(1).upper() in letters:
+        letter = match.group(1).upper()
+        # "B the man stands up" names B; "A woman slips…" that is no option's text names nothing.
+        if _norm(match.group(2)) == _norm(candidates[letters.index(letter)]):
+            return letter
+    return None
 
 
-# --- TempCompass (rules from its eval_*.py) -------------------------------------------------------------
+# --- TempCompass (llyx97/TempCompass, eval_*.py and utils/eval_utils.py) --------------------------------
+def tempcompass_clean(prediction: str) -> str:
+    """Every eval script first does ``prediction.replace('</s>', '').strip()``."""
+    return prediction.replace("</s>", "").strip()
+
+
 def tempcompass_multi_choice(prediction: str, answer: str) -> int | None:
-    """1/0 by TempCompass's hand-crafted rules; None = rules fail (ask the judge)."""
-    pred = prediction.replace("</s>", "").strip()
+    """1/0 by eval_multi-choice.py's hand-crafted rules; None = rules fail (ask the judge)."""
+    pred = tempcompass_clean(prediction)
     if pred == answer:
         return 1
+    head = answer[:1]
     if pred in ("A", "B", "C", "D"):
-        return int(pred == answer[0])
-    for sep in (".", ")"):
-        if any(pred.startswith(f"{letter}{sep}") for letter in "ABCD"):
-            return int(pred.split(sep)[0] == answer[0])
+        return int(pred == head)
+    if any(pred.startswith(f"{letter}.") for letter in "ABCD"):
+        return int(pred.split(".")[0] == head)
+    if any(pred.startswith(f"{letter})") for letter in "ABCD"):
+        return int(pred.split(")")[0] == head)
     return None
 
 
 def tempcompass_yes_no(prediction: str, answer: str) -> int | None:
-    pred = prediction.replace("</s>", "").strip().lower()
+    """eval_yes_no.py's ``extract_pred``: the lower-cased output starts with "yes" or "no"; compared
+    with the answer as the file gives it ("yes"/"no")."""
+    pred = tempcompass_clean(prediction).lower()
     if pred.startswith("yes"):
-        return int(answer.strip().lower() == "yes")
+        return int(answer == "yes")
     if pred.startswith("no"):
-        return int(answer.strip().lower() == "no")
+        return int(answer == "no")
     return None
 
 
+def caption_matching_options(question: str) -> list[str]:
+    """The option lines of a caption-matching question (every line after the first). Each must read
+    "<index>: <sentence>" (the official ``eval_rule`` splits on ": " and fails otherwise)."""
+    return question.split("\n")[1:]
+
+
 def tempcompass_caption_matching(prediction: str, question: str, answer: str) -> int | None:
-    """TempCompass's eval_rule: the output must be an option line, its sentence or its index
-    ("Caption A", "Option 1", "Sentence B")."""
-    pred = prediction.replace("</s>", "").strip()
-    options = [line for line in question.split("\n")[1:] if line.strip()]
-    sentences = [opt.split(": ", 1)[1] if ": " in opt else opt for opt in options]
-    indices = [opt.split(": ", 1)[0] for opt in options]
+    """eval_caption_matching.py's ``eval_rule``: the output must equal an option line, an option
+    sentence (also after a "X) " label), or an index, either as written ("Caption A", "Option 1",
+    "Sentence B") or bare ("A", "1"), dots removed ("A.", "1."). Later kinds of match win, as there.
+    None when nothing matches (the official "fail": ask the judge)."""
+    pred = tempcompass_clean(prediction)
+    options = caption_matching_options(question)
+    if not options or any(": " not in opt for opt in options) or ": " not in answer:
+        return None
+    sentences = [opt.split(": ")[1] for opt in options]
+    heads = [opt.split(": ")[0] for opt in options]
+    indices = heads + [
+        h.replace("Sentence ", "").replace("Option ", "").replace("Caption ", "") for h in heads
+    ]
     chosen = None
     for opt in options:
         if opt == pred:
             chosen = opt
     for sent in sentences:
-        if sent == pred or (") " in pred and sent == pred.split(") ", 1)[1]):
+        if sent == pred or (") " in pred and sent == pred.split(") ")[1]):
             chosen = sent
     for ind in indices:
         if ind == pred or ind == pred.replace(".", ""):
             chosen = ind
     if chosen is None:
         return None
-    answer_parts = {answer, answer.split(":")[0]}
-    if ": " in answer:
-        answer_parts.add(answer.split(": ", 1)[1])
-    return int(chosen in answer_parts)
+    head_words = answer.split(": ")[0].split()
+    accepted = [answer, answer.split(":")[0], answer.split(": ")[1]]
+    if len(head_words) > 1:
+        accepted.append(head_words[1])
+    return int(chosen in accepted)
 
 
 def tempcompass_caption_rating(judge_output: str, mc_answer: str) -> int:
-    """Captioning: the judge answered the multi-choice question from the caption alone; it scores 1 when
-    its "Answer:" line picks the right option and names exactly one option (TempCompass's parse)."""
-    answer_line = judge_output
+    """Captioning (eval_captioning.py's ``parse_llm_output``): the judge answered the multi-choice
+    question from the caption alone; the last line holding "Answer" (else the whole reply) is its
+    answer; 1 when that answer's text before ". " equals the truth's and exactly one of "A.".."D."
+    occurs in it."""
+    answer_line = None
     for line in judge_output.split("\n"):
+        line = line.strip()
         if "Answer" in line:
             answer_line = line.replace("Answer:", "").strip()
+    if answer_line is None:
+        answer_line = judge_output
     picked = sum(answer_line.count(f"{letter}.") for letter in "ABCD")
     return int(answer_line.split(". ")[0] == mc_answer.split(". ")[0] and picked == 1)
 
 
-_CORRECT = re.compile(r"\bcorrect\b", re.IGNORECASE)
-_INCORRECT = re.compile(r"\bincorrect\b", re.IGNORECASE)
-
-
 def judge_correct(judge_output: str) -> bool | None:
-    """A "Correct"/"Incorrect" verdict; None when it says neither (or both)."""
-    incorrect = bool(_INCORRECT.search(judge_output))
-    correct = bool(_CORRECT.search(judge_output))
-    if incorrect == correct:
+    """TempCompass's judge verdict, as utils/eval_utils.py's ``llm_output_to_rating`` reads it
+    (case-sensitive): starts with "Correct" → right; starts with "Incorrect" → wrong; else "Correct"
+    without "Incorrect" anywhere → right; "Incorrect" anywhere → wrong. Neither word (e.g. "Partially
+    correct", "correct" in lower case) fails its assertion and is asked again: None here."""
+    if "Correct" not in judge_output and "Incorrect" not in judge_output:
         return None
-    return correct
+    if judge_output.startswith("Correct"):
+        return True
+    if judge_output.startswith("Incorrect"):
+        return False
+    return "Incorrect" not in judge_output
 
 
 # --- Video-Bench ----------------------------------------------------------------------------------------
+_LEADING_OPTION = re.compile(r"^\(?\s*([A-Za-z])\s*(?:\)|\.|:|,|\s|$)")
+
+
 def videobench_letter(output: str, choices: dict[str, str]) -> str | None:
     """Unambiguous outputs ("B", "(B)", "B. text", exactly a choice's text); None sends it to the judge."""
     text = output.strip()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from dreamframe.storage.base import ObjectRef, ObjectStore
 
-from .benchmarks.base import ScoreRow
+from .benchmarks.base import LENIENT_SCORE, ScoreRow
 from .items import ItemError
 
 REPORT_FORMAT = "dreamframe-eval-report/1"
@@ -23,6 +23,10 @@ HEADLINE = {
     "style_consistency": "gap",
 }
 MAX_ERRORS_IN_MARKDOWN = 20
+# The randomly initialised presets (dreamframe.models.video_llm.TINY, the tiny image encoder, a plot-llm
+# "tiny" judge): what tests and `make run` use, whose scores say nothing about a method.
+RANDOM_PRESETS = ("tiny",)
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -68,8 +72,9 @@ def fmt_delta(value: float | None, unit: str) -> str:
     return f"{value:+.4f}" if unit == "cosine" else f"{value:+.2f}"
 
 
-def comparison(bench: BenchmarkRun, models: list[str]) -> list[dict]:
-    """One row per task: each model's score and its difference to the first model's."""
+def comparison(bench: BenchmarkRun, models: list[str], *, lenient: bool = False) -> list[dict]:
+    """One row per task: each model's score and its difference to the first model's (and, with
+    ``lenient``, each model's lenient-reading score where the benchmark has one)."""
     tasks: list[str] = []
     units: dict[str, str] = {}
     by_model = {m: {r.task: r for r in bench.scores.get(m, [])} for m in models}
@@ -89,17 +94,78 @@ def comparison(bench: BenchmarkRun, models: list[str]) -> list[dict]:
         }
         items = {m: (by_model[m][task].items if task in by_model[m] else 0) for m in models}
         failures = {m: (by_model[m][task].failures if task in by_model[m] else 0) for m in models}
-        rows.append(
-            {
-                "task": task,
-                "unit": units[task],
-                "scores": scores,
-                "delta": deltas,
-                "items": items,
-                "failures": failures,
+        row = {
+            "task": task,
+            "unit": units[task],
+            "scores": scores,
+            "delta": deltas,
+            "items": items,
+            "failures": failures,
+        }
+        if lenient:
+            row["lenient"] = {
+                m: (by_model[m][task].extra.get(LENIENT_SCORE) if task in by_model[m] else None)
+                for m in models
             }
-        )
+        rows.append(row)
     return rows
+
+
+def _random_checkpoint(config: object) -> bool:
+    """A checkpoint whose config.json is the tiny preset's architecture (fine-tuning it keeps it tiny)."""
+    from dreamframe.models.video_llm import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
+
+    if not isinstance(config, dict):
+        return False
+    vision = config.get("vision_config") or {}
+    return (
+        isinstance(vision, dict)
+        and vision.get("image_size") == TINY_IMAGE_SIZE
+        and vision.get("patch_size") == TINY_PATCH_SIZE
+    )
+
+
+def weights_notice(report: dict, store: ObjectStore | None = None) -> list[str]:
+    """Lines for the top of the report naming what runs on random weights: a model from the tiny preset
+    (or a checkpoint with the tiny preset's architecture, when ``store`` can show its config.json), a
+    tiny judge, the tiny image encoder. Empty when nothing does."""
+    random_models = []
+    for m in report.get("models", []):
+        source = m.get("source") or {}
+        tiny = source.get("preset") in RANDOM_PRESETS or str(m.get("identity", "")).startswith(
+            tuple(f"preset:{p}:" for p in RANDOM_PRESETS)
+        )
+        prefix = source.get("checkpoint_prefix")
+        if not tiny and prefix and store is not None:
+            key = prefix.rstrip("/") + "/config.json"
+            try:
+                # A model config is a few kB; anything far larger is not one (bounded cost).
+                tiny = store.stat(key).size <= MAX_CONFIG_BYTES and _random_checkpoint(store.get_json(key))
+            except Exception:  # noqa: BLE001 - no readable config: nothing to say about it
+                tiny = False
+        if tiny:
+            random_models.append(m["name"])
+    lines = []
+    if random_models:
+        names = ", ".join(f"**{n}**" for n in random_models)
+        lines.append(
+            f"Random weights: {names} {'is' if len(random_models) == 1 else 'are'} the tiny preset "
+            "(randomly initialised, or fine-tuned from it): these scores mean nothing about the method, "
+            "and equal scores of a base and a fine-tuned model are expected."
+        )
+    judge = report.get("judge") or {}
+    if str(judge.get("model", "")) in RANDOM_PRESETS:
+        lines.append(
+            f"Random weights: the judge `{judge.get('identity')}` is a tiny preset; "
+            "its verdicts mean nothing."
+        )
+    for b in report.get("benchmarks", []):
+        encoder = (b.get("extra") or {}).get("image_encoder")
+        if b.get("kind") == "style_consistency" and encoder in RANDOM_PRESETS:
+            lines.append(
+                f"Random weights: {b['name']} uses the tiny image encoder; its similarities mean nothing."
+            )
+    return lines
 
 
 def build_report(
@@ -112,7 +178,10 @@ def build_report(
     benchmarks: list[BenchmarkRun],
     judge: dict | None,
     cache: dict,
+    lenient_answer_matching: bool = False,
 ) -> dict:
+    """The report document. Scores are the benchmarks' official ones; ``lenient_answer_matching`` adds
+    the lenient reading's scores as their own column (never instead of the official score)."""
     names = [m.name for m in models]
     out_benchmarks = []
     flat = []
@@ -128,17 +197,23 @@ def build_report(
                 "files": b.files,
                 "items": b.items,
                 "load_errors": [e.to_json() for e in b.load_errors],
-                "scores": {m: [r.to_json() for r in rows] for m, rows in b.scores.items()},
+                "scores": {
+                    m: [_row_json(r, lenient_answer_matching) for r in rows] for m, rows in b.scores.items()
+                },
                 "item_errors": {m: [e.to_json() for e in errs] for m, errs in b.item_errors.items()},
                 "judge_calls": b.judge_calls,
-                "comparison": comparison(b, model_names) if b.kind != "style_consistency" else [],
+                "comparison": (
+                    comparison(b, model_names, lenient=lenient_answer_matching)
+                    if b.kind != "style_consistency"
+                    else []
+                ),
                 **({"extra": b.extra} if b.extra else {}),
             }
         )
         for m, rows in b.scores.items():
             for r in rows:
-                flat.append({"model": m, "benchmark": b.name, **r.to_json()})
-    return {
+                flat.append({"model": m, "benchmark": b.name, **_row_json(r, lenient_answer_matching)})
+    report = {
         "format": REPORT_FORMAT,
         "report_name": report_name,
         "job_id": job_id,
@@ -148,9 +223,20 @@ def build_report(
         "models": [m.__dict__ for m in models],
         "judge": judge,
         "cache": cache,
+        "options": {"lenient_answer_matching": lenient_answer_matching},
         "benchmarks": out_benchmarks,
         "scores": flat,
     }
+    report["notice"] = weights_notice(report)
+    return report
+
+
+def _row_json(row: ScoreRow, lenient: bool) -> dict:
+    out = row.to_json()
+    if not lenient and LENIENT_SCORE in out.get("extra", {}):
+        # The option is off: the lenient reading is not reported at all.
+        out["extra"] = {k: v for k, v in out["extra"].items() if k != LENIENT_SCORE}
+    return out
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -162,6 +248,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(report: dict) -> str:
     names = [m["name"] for m in report["models"]]
     out = [f"# Evaluation report: {report['report_name']}", ""]
+    # First thing a reader sees: scores from random weights are no result.
+    for line in report.get("notice", []):
+        out += [f"> **{line}**", ""]
+    lenient = bool(report.get("options", {}).get("lenient_answer_matching"))
     if report.get("job_id"):
         out.append(f"Job `{report['job_id']}`, ")
     out.append(f"created {report['created_at']} in {report['duration_seconds']:.1f} s.")
@@ -226,8 +316,13 @@ def render_markdown(report: dict) -> str:
                 [[r["task"], fmt(r["score"], r["unit"]), str(r["items"])] for r in rows],
             )
         else:
+            show_lenient = lenient and any("lenient" in row for row in b["comparison"])
             header = (
-                ["task"] + [f"{m}" for m in names] + [f"Δ {m}" for m in names[1:]] + ["items", "failures"]
+                ["task"]
+                + [f"{m}" for m in names]
+                + [f"Δ {m}" for m in names[1:]]
+                + ([f"{m} (lenient)" for m in names] if show_lenient else [])
+                + ["items", "failures"]
             )
             rows = []
             for row in b["comparison"]:
@@ -236,6 +331,7 @@ def render_markdown(report: dict) -> str:
                     [row["task"]]
                     + [fmt(row["scores"][m], unit) for m in names]
                     + [fmt_delta(row["delta"][m], unit) for m in names[1:]]
+                    + ([fmt(row.get("lenient", {}).get(m), unit) for m in names] if show_lenient else [])
                     + [
                         " / ".join(str(row["items"][m]) for m in names),
                         " / ".join(str(row["failures"][m]) for m in names),
@@ -247,6 +343,12 @@ def render_markdown(report: dict) -> str:
                 "Accuracy in %; judge scores 0–5. Failures: answers or judgments that could not be read "
                 "(graded wrong / left out of the mean, never dropped silently)."
             )
+            if show_lenient:
+                out.append(
+                    'Scores are the benchmark\'s official scoring; "(lenient)" columns also accept '
+                    '"Option B", "Best option: (B)" and an option\'s exact text '
+                    "(lenient_answer_matching), for comparison only."
+                )
         errors = [(None, e) for e in b["load_errors"]] + [
             (m, e) for m, errs in b["item_errors"].items() for e in errs
         ]
@@ -269,7 +371,9 @@ class ReportRefs:
 
 
 def write_report(store: ObjectStore, prefix: str, report: dict, item_lines: list[dict]) -> ReportRefs:
-    """items.jsonl, report.json and report.md under ``prefix`` (in that order), each atomically."""
+    """items.jsonl, report.json and report.md under ``prefix`` (in that order), each atomically. The
+    random-weights notice is completed here, where checkpoints' configs can be read."""
+    report["notice"] = weights_notice(report, store)
     items_ref = store.put_bytes(
         f"{prefix}items.jsonl",
         "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in item_lines).encode(),

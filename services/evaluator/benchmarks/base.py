@@ -41,6 +41,13 @@ class Graded:
     failures: int = 0
     judge_calls: int = 0
     detail: dict = field(default_factory=dict)
+    # The lenient reading's outcome where a benchmark has one (MVBench-style multiple choice): never the
+    # score, only the "lenient" column when ``lenient_answer_matching`` is on.
+    lenient: bool | None = None
+
+
+# ScoreRow.extra key of the lenient reading's accuracy (report.py shows it only when asked to).
+LENIENT_SCORE = "lenient_score"
 
 
 @dataclass(frozen=True)
@@ -167,12 +174,15 @@ def accuracy_rows(graded: list[Graded], *, overall: str | None = "overall") -> l
 
 def _accuracy(task: str, graded: list[Graded]) -> ScoreRow:
     correct = sum(1 for g in graded if g.correct)
+    extra: dict = {"correct": correct}
+    if graded and any(g.lenient is not None for g in graded):
+        extra[LENIENT_SCORE] = 100.0 * sum(1 for g in graded if g.lenient) / len(graded)
     return ScoreRow(
         task,
         100.0 * correct / len(graded) if graded else None,
         len(graded),
         sum(g.failures for g in graded),
-        extra={"correct": correct},
+        extra=extra,
     )
 
 

@@ -1,9 +1,12 @@
 """MVBench: 20 task files ``json/<task>.json``, each a list of ``{video, question, candidates, answer}``
 (``answer`` is the text of the right candidate; some tasks add ``start``/``end`` seconds).
 
-Prompt and scoring as MVBench's mvbench.ipynb: options listed as "(A) ...", "Only give the best option.",
-the answer turn pre-filled with "Best option:(", the first option letter scored; accuracy per task and
-overall (correct / total over all items).
+Prompt and scoring as MVBench's own notebook (OpenGVLab/Ask-Anything, video_chat2/mvbench.ipynb): options
+listed as "(A) ...", "Only give the best option.", the answer turn pre-filled with "Best option:(", the
+reply's first line put after "(" and checked with ``check_ans`` against "(X) <answer>" (``extract``
+``mvbench_official_correct``: also its quirks, e.g. an empty reply counts as right and "Option B" as
+wrong); accuracy per task and overall (correct / total over all items, the notebook's "Avg"). A lenient
+reading ("Option B", "Best option: (B)", the option's text) is kept beside it, never as the score.
 
 Videos: ``<video_prefix>/<task's folder>/<video>`` (the folders of MVBench's ``data_list``, e.g.
 ``star/Charades_v1_480/``), else ``<video_prefix>/<video>``; ``video_prefix`` defaults to the data
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import posixpath
 
-from ..extract import option_letters
+from ..extract import mvbench_gt, mvbench_letter, mvbench_official_correct, option_letters
 from ..items import Item, ItemError, LoadedBenchmark, frame_list_visual, resolve_visual
 from ..judge import Judge
 from ..prompts import MVBENCH_ANSWER_PREFIX, mvbench_user_prompt
@@ -84,8 +87,9 @@ def validate_mc(raw: object) -> tuple[str, list[str], int]:
         raise ValueError("candidates must be strings")
     candidates = [str(c) for c in candidates]
     if str(answer) not in candidates:
-        raise ValueError(f"answer {answer!r} is not one of the candidates")
-    return question, candidates, candidates.index(str(answer))
+        raise ValueError(f"answer {str(answer)[:80]!r} is not one of the candidates")
+    # qa_template's loop keeps the last candidate equal to the answer (a repeated text is the later letter).
+    return question, candidates, len(candidates) - 1 - candidates[::-1].index(str(answer))
 
 
 class MVBench(Benchmark):
@@ -139,14 +143,25 @@ class MVBench(Benchmark):
         return asker.choose(prompt, item.data["candidates"], prefix=MVBENCH_ANSWER_PREFIX).to_json()
 
     def grade(self, item: Item, answers: dict, judge: Judge | None) -> Graded:
-        letters = option_letters(len(item.data["candidates"]))
-        gt = letters[item.data["answer"]]
-        letter = answers.get("letter")
+        candidates, answer_idx = item.data["candidates"], item.data["answer"]
+        gt = option_letters(len(candidates))[answer_idx]
+        raw = answers.get("raw", "")
+        if answers.get("method") == "generated":
+            # A generated reply: MVBench's check on the text itself; the letter is the lenient reading.
+            letter = mvbench_letter(raw, candidates)
+            correct = mvbench_official_correct(raw, candidates, answer_idx)
+        else:
+            # Scored from the option letters' logits: the first token is a letter, exactly what the
+            # notebook's check compares ("(" + letter against "(X)").
+            letter = answers.get("letter")
+            correct = letter is not None and mvbench_official_correct(letter, candidates, answer_idx)
         return Graded(
             item.task,
-            correct=letter == gt,
-            failures=int(letter is None),
-            detail={"pred": letter, "gt": gt, "raw": answers.get("raw", "")},
+            correct=correct,
+            # Wrong because nothing names an option (counted, as in every benchmark here).
+            failures=int(letter is None and not correct),
+            detail={"pred": letter, "gt": gt, "gt_text": mvbench_gt(candidates, answer_idx), "raw": raw},
+            lenient=letter == gt,
         )
 
 

@@ -5,7 +5,15 @@ The model gets the question plus TempCompass's answer prompt ("Please directly g
 "Please answer yes or no:"); its reply is matched with TempCompass's hand-written rules first and goes to
 the LLM judge ("Correct"/"Incorrect") only when the rules cannot decide. Captioning is always judged:
 the judge answers the video's first multi-choice question of that dimension from the caption alone.
-Without a judge, undecided answers count as wrong and as failures.
+Without a judge, undecided answers count as wrong (the official ``--disable_llm`` rating 0) and as
+failures; so does a judge whose every reply fails the official verdict parsing (its ``get_eval_result``
+gives 0 after its retries).
+
+Rules as llyx97/TempCompass: eval_multi-choice.py (exact answer, a lone "A".."D", "A." / "A)" prefixes),
+eval_yes_no.py (``extract_pred``), eval_caption_matching.py (``eval_rule``, with bare indices "A", "1",
+"A.", "1."), eval_captioning.py (``parse_llm_output``), and the judge's verdict by utils/eval_utils.py's
+``llm_output_to_rating`` (``extract.judge_correct``). ``detail["matched_by"]`` is "rule" where the
+official ``match_success`` is true.
 
 Tasks in the report are ``<type>/<dimension>``, then ``<type>`` and ``overall`` (micro averages).
 """
@@ -14,7 +22,12 @@ from __future__ import annotations
 
 import posixpath
 
-from ..extract import tempcompass_caption_matching, tempcompass_multi_choice, tempcompass_yes_no
+from ..extract import (
+    caption_matching_options,
+    tempcompass_caption_matching,
+    tempcompass_multi_choice,
+    tempcompass_yes_no,
+)
 from ..items import Item, ItemError, LoadedBenchmark, resolve_visual
 from ..judge import Judge
 from ..prompts import TEMPCOMPASS_ANSWER_PROMPT
@@ -87,6 +100,15 @@ class TempCompass(Benchmark):
         ):
             raise ValueError("item needs string question and answer")
         fields = {"qtype": qtype, "question": raw["question"], "answer": raw["answer"]}
+        if qtype in ("multi-choice", "caption_matching") and not raw["answer"]:
+            raise ValueError("empty answer")
+        if qtype == "caption_matching":
+            # eval_caption_matching.py splits every option line on ": " and checks the answer is one.
+            options = caption_matching_options(raw["question"])
+            if not options or any(": " not in opt for opt in options):
+                raise ValueError('caption_matching options must be lines "<index>: <caption>"')
+            if raw["answer"] not in options:
+                raise ValueError("caption_matching answer is not one of the option lines")
         if qtype == "captioning":
             # TempCompass judges a caption by answering the first multi-choice question of the same
             # video and dimension from the caption alone.

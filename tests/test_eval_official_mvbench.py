@@ -1,0 +1,240 @@
+"""MVBench's official answer check, answer style by answer style, and the same rule on the project's own
+multiple choice (mc/*.json).
+
+The expected outcomes are what MVBench's notebook (OpenGVLab/Ask-Anything, video_chat2/mvbench.ipynb)
+gives, worked out by hand from its code: the answer turn is pre-filled with "Best option:(", ``answer()``
+cuts the generation at "###" and after the last "Assistant:", ``infer_mvbench`` keeps the first line of
+``.strip()`` and puts "(" back in front (return_prompt), and ``check_ans(pred, gt)`` with gt "(B) <text>"
+compares the first space-separated words, lower-cased: ``pred_option.replace('.', '') in gt_option or
+gt_option in pred_option``. The lenient column is our own reading (``extract.mvbench_letter``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_eval_support import BLUE, RED, make_store, mp4_bytes
+
+from services.evaluator import extract as ex
+from services.evaluator.benchmarks import BENCHMARKS
+from services.evaluator.benchmarks.base import LENIENT_SCORE, Location
+from services.evaluator.models import Choice
+from services.evaluator.sources import StoreSource
+
+# Option B, the right one, is a text that begins with "A ".
+CANDIDATES = ["A man slips on the ice", "A woman slips on the ice", "the woman waves", "nothing happens"]
+RIGHT = 1  # "(B) A woman slips on the ice"
+
+# (reply generated after "Best option:(", official outcome, lenient letter)
+ANSWER_STYLES = [
+    # "(B" → "(b" in "(b)"
+    ("B", True, "B"),
+    # "((B)" → "(b)" in "((b)"
+    ("(B)", True, "B"),
+    # "(B)" equals the truth's first word
+    ("B)", True, "B"),
+    ("B) A woman slips on the ice", True, "B"),
+    ("(B) A woman slips on the ice", True, "B"),
+    # "(b." without dots is "(b"
+    ("B.", True, "B"),
+    ("B. A woman slips on the ice", True, "B"),
+    # lower-cased by check_ans
+    ("b", True, "B"),
+    ("(b)", True, "B"),
+    # "(option": neither contains the other
+    ("Option B", False, "B"),
+    ("Option (B)", False, "B"),
+    # "(best"
+    ("Best option: (B) A woman slips on the ice", False, "B"),
+    ("Best option:(B)", False, "B"),
+    ("The answer is B", False, "B"),
+    # "(a" is not in "(b)": option B's own text is read as A by the notebook, so it is wrong
+    ("A woman slips on the ice", False, "B"),
+    ("a woman slips on the ice.", False, "B"),
+    # option A's text, option A, option C: wrong either way
+    ("A man slips on the ice", False, "A"),
+    ("A", False, "A"),
+    ("(A) A man slips on the ice", False, "A"),
+    ("C", False, "C"),
+    # only the first line counts
+    ("B\nBecause the woman falls down.", True, "B"),
+    ("B)\n(A) is also possible", True, "B"),
+    ("Because the woman falls down.\nB", False, None),
+    # strip() first: leading blank lines are gone
+    ("\n\nB", True, "B"),
+    ("  B  ", True, "B"),
+    # empty: "(" is inside "(b)", so the notebook counts it as right
+    ("", True, None),
+    ("   \n ", True, None),
+    # refusals
+    ("I'm sorry, I cannot answer that.", False, None),
+    ("I cannot tell from the video.", False, None),
+    # numbers: "(2" / "(1"
+    ("2", False, None),
+    ("1", False, None),
+    # "(b:" and "(b," contain no "(b)" and are not inside it
+    ("B:", False, "B"),
+    ("B, the woman", False, "B"),
+    # "((b": not inside "(b)", does not contain it
+    ("(B", False, "B"),
+    # the notebook's cuts: before "###", after the last "Assistant:"
+    ("B) ###Human: next question", True, "B"),
+    ("Assistant: B", True, None),
+    # not an option of this item / a word starting with the letter
+    ("E", False, None),
+    ("Bananas", False, None),
+]
+
+
+@pytest.mark.parametrize(("reply", "official", "lenient"), ANSWER_STYLES)
+def test_mvbench_official_outcome_per_answer_style(reply: str, official: bool, lenient: str | None) -> None:
+    assert ex.mvbench_official_correct(reply, CANDIDATES, RIGHT) is official
+    assert ex.mvbench_letter(reply, CANDIDATES) == lenient
+
+
+@pytest.mark.parametrize(
+    ("reply", "official"),
+    [
+        ("A", True),  # "(a" in "(a)"
+        ("A man slips on the ice", True),  # the text starts with "A ": right by coincidence, as there
+        ("A woman slips on the ice", True),  # option B's text, read as A by the notebook
+        ("Also B", False),  # "(also"
+        ("", True),  # empty is right for every truth
+    ],
+)
+def test_mvbench_official_outcome_when_a_is_right(reply: str, official: bool) -> None:
+    assert ex.mvbench_official_correct(reply, CANDIDATES, 0) is official
+
+
+def test_check_ans_and_ground_truth_as_the_notebook_writes_them() -> None:
+    assert ex.mvbench_gt(CANDIDATES, RIGHT) == "(B) A woman slips on the ice"
+    assert ex.mvbench_pred("B) x\ny") == "(B) x"
+    assert ex.mvbench_check_ans("(B) A woman", "(B) A woman slips on the ice.")
+    assert ex.mvbench_check_ans("(", "(C) nothing")
+    assert not ex.mvbench_check_ans("(c", "(B) x")
+
+
+# --- real-format files: MVBench's json/<task>.json and video/<task folder>/ ------------------------------
+def write_mvbench_files(store, root: str = "MVBench") -> None:
+    """MVBench as the HF dataset OpenGVLab/MVBench ships it: json/<task>.json lists of {video, question,
+    candidates, answer} (start/end in seconds for the bounded tasks), videos under video/<folder>/."""
+    store.put_bytes(f"{root}/video/star/Charades_v1_480/6H78U.mp4", mp4_bytes([RED] * 8))
+    store.put_bytes(f"{root}/video/perception/videos/video_10.mp4", mp4_bytes([BLUE] * 8))
+    store.put_json(
+        f"{root}/json/action_sequence.json",
+        [
+            {
+                "video": "6H78U.mp4",
+                "question": "What happened after the person took the food?",
+                "candidates": [
+                    "Ate the medicine.",
+                    "Tidied up the blanket.",
+                    "Put down the cup/glass/bottle.",
+                ],
+                "answer": "Ate the medicine.",
+                "start": 11.1,
+                "end": 19.6,
+            },
+            {
+                "video": "6H78U.mp4",
+                "question": "What happened before the person sat on the floor?",
+                "candidates": CANDIDATES,
+                "answer": CANDIDATES[RIGHT],
+                "start": 0.0,
+                "end": 1.5,
+            },
+        ],
+    )
+    store.put_json(
+        f"{root}/json/object_shuffle.json",
+        [
+            {
+                "video": "video_10.mp4",
+                "question": "The person uses multiple similar objects to play an occlusion game. "
+                "Where is the hidden object at the end of the game from the person's point of view?",
+                "candidates": [
+                    "Under the first object from the left.",
+                    "Under the third object from the left.",
+                    "Under the second object from the left.",
+                ],
+                "answer": "Under the second object from the left.",
+            }
+        ],
+    )
+
+
+def graded_replies(kind: str, store, data_prefix: str, replies: dict[str, str]):
+    bench = BENCHMARKS[kind]
+    loaded = bench.load(Location(StoreSource(store), data_prefix), None, max_items=0)
+    assert not loaded.errors, loaded.errors
+    graded = []
+    for item in loaded.items:
+        reply = replies[item.item_id]
+        # What EndpointModel.choose returns for a generated reply.
+        answers = Choice(ex.mvbench_letter(reply, item.data["candidates"]), reply, "generated").to_json()
+        graded.append(bench.grade(item, answers, None))
+    return loaded, graded, bench.summarize(graded)
+
+
+def test_mvbench_files_scored_officially_with_a_lenient_column(tmp_path) -> None:
+    store = make_store(tmp_path)
+    write_mvbench_files(store)
+    replies = {
+        "action_sequence/0": "A) Ate the medicine.",  # right
+        "action_sequence/1": "Option B",  # right by the lenient reading only
+        "object_shuffle/0": "",  # right by the notebook only (empty reply)
+    }
+    loaded, graded, rows = graded_replies("mvbench", store, "MVBench/json", replies)
+    item = {i.item_id: i for i in loaded.items}["action_sequence/1"]
+    assert (item.visual.key, item.visual.start, item.visual.end) == (
+        "MVBench/video/star/Charades_v1_480/6H78U.mp4",
+        0.0,
+        1.5,
+    )
+    outcome = {g.detail["gt_text"]: (g.correct, g.lenient, g.failures) for g in graded}
+    assert outcome == {
+        "(A) Ate the medicine.": (True, True, 0),
+        "(B) A woman slips on the ice": (False, True, 0),
+        "(C) Under the second object from the left.": (True, False, 0),
+    }
+    by_task = {r.task: r for r in rows}
+    assert (
+        by_task["Action Sequence"].score == 50.0 and by_task["Action Sequence"].extra[LENIENT_SCORE] == 100.0
+    )
+    assert by_task["Object Shuffle"].score == 100.0 and by_task["Object Shuffle"].extra[LENIENT_SCORE] == 0.0
+    assert by_task["overall"].score == pytest.approx(200 / 3)
+
+
+def test_letter_logits_are_scored_as_the_first_generated_token() -> None:
+    store_item = BENCHMARKS["mvbench"]
+    from services.evaluator.items import Item
+
+    item = Item("mvbench", "t", "t/0", None, {"question": "q", "candidates": CANDIDATES, "answer": RIGHT})
+    right = store_item.grade(item, {"letter": "B", "raw": "{}", "method": "letter_logits"}, None)
+    wrong = store_item.grade(item, {"letter": "A", "raw": "{}", "method": "letter_logits"}, None)
+    assert (right.correct, right.lenient, wrong.correct, wrong.lenient) == (True, True, False, False)
+
+
+# --- the project's own multiple choice: the same rule ---------------------------------------------------
+def test_dreamframe_mc_uses_the_mvbench_rule(tmp_path) -> None:
+    store = make_store(tmp_path)
+    root = "datasets/pier"
+    store.put_bytes(f"{root}/videos/story_000.mp4", mp4_bytes([RED] * 8))
+    items = [
+        {
+            "id": f"story_000_q{i}",
+            "task": "tiny_story/what",
+            "video": "videos/story_000.mp4",
+            "question": "What happens at the pier?",
+            "candidates": CANDIDATES,
+            "answer": CANDIDATES[RIGHT],
+        }
+        for i in range(len(ANSWER_STYLES))
+    ]
+    store.put_json(f"{root}/mc/train.json", items[:1])
+    store.put_json(f"{root}/mc/test.json", items)
+    replies = {f"story_000_q{i}": reply for i, (reply, _, _) in enumerate(ANSWER_STYLES)}
+    _, graded, rows = graded_replies("dreamframe_mc", store, f"{root}/", replies)
+    assert [g.correct for g in graded] == [official for _, official, _ in ANSWER_STYLES]
+    assert [g.lenient for g in graded] == [lenient == "B" for _, _, lenient in ANSWER_STYLES]
+    overall = {r.task: r for r in rows}["overall"]
+    assert overall.extra["correct"] == sum(official for _, official, _ in ANSWER_STYLES)
