@@ -22,7 +22,7 @@ from dreamframe import keys
 from dreamframe.errors import Aborted, InvalidArgument, NotFound
 from dreamframe.stages import stage_name
 from dreamframe.storage.base import ObjectStore
-from dreamframe.story import load_story
+from dreamframe.story import Story, load_story
 from dreamframe.v1 import coordinator_pb2 as pb
 from services.coordinator.settings import CoordinatorSettings
 
@@ -32,7 +32,7 @@ from .jobs import JobStore, is_terminal, new_job_id, now
 from .leader import Leadership
 from .metrics import CoordinatorMetrics
 from .scaler import RendererScaler
-from .spec import PER_STORY_STAGES, selected_stages, validate_submission
+from .spec import PER_STORY_STAGES, check_style_source, selected_stages, validate_submission
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,13 @@ class Coordinator:
         job_id = request.job_id or new_job_id()
         if job_id in self._jobs or await asyncio.to_thread(self.jobs_store.exists, job_id):
             return await self.get(job_id)  # idempotent resubmission
+        stages = selected_stages(request.spec)
         for i, story in enumerate(request.spec.stories):
             if story.WhichOneof("source") == "story":
-                await asyncio.to_thread(self._check_uploaded_story, story.story, f"spec.stories.{i}.story")
+                loaded = await asyncio.to_thread(
+                    self._check_uploaded_story, story.story, f"spec.stories.{i}.story"
+                )
+                check_style_source(story, loaded, stages, f"spec.stories.{i}")
         job = pb.Job(job_id=job_id, state=pb.JOB_STATE_QUEUED, prefix=keys.job_prefix(job_id))
         job.spec.CopyFrom(request.spec)
         job.created_at.CopyFrom(now())
@@ -189,12 +193,12 @@ class Coordinator:
         self._schedule(job_id)
         return _copy(job)
 
-    def _check_uploaded_story(self, ref, field: str) -> None:
+    def _check_uploaded_story(self, ref, field: str) -> Story:
         """A story file must exist and parse (either format) before the job is accepted."""
         bucket = ref.bucket or None
         if not self.store.exists(ref.key, bucket=bucket):
             raise InvalidArgument(f"no object {ref.key!r} in storage", field=field)
-        load_story(self.store.get_bytes(ref.key, bucket=bucket), field=field)
+        return load_story(self.store.get_bytes(ref.key, bucket=bucket), field=field)
 
     async def get(self, job_id: str) -> pb.Job:
         if job_id in self._jobs:

@@ -12,8 +12,10 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from dreamframe import keys
-from dreamframe.errors import FailedPrecondition, NotFound
+from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.progress import ProgressClock
 from dreamframe.serving.streaming import progress_to_proto
 from dreamframe.storage import from_proto, to_proto
@@ -172,25 +174,47 @@ def story_ref(ctx: JobContext, index: int) -> common_pb2.ObjectRef:
 
 
 async def style(ctx: JobContext, index: int) -> None:
-    """The style embedding, by textual inversion on the story's style; recorded with its token."""
+    """The style embedding, recorded with its token: textual inversion on the story's style, or on the
+    StoryInput's style description or images (they replace the story's; a reference-format story has
+    none), or an existing embedding (StoryInput.style_embedding) that style-trainer imports and checks
+    without training."""
     name = story_name("style", index)
     if ctx.output(pb.STAGE_STYLE, name) is not None:
         return
+    source = ctx.job.spec.stories[index]
     request = style_pb2.TrainStyleRequest(
-        job_id=ctx.job.job_id, story=story_ref(ctx, index), options=ctx.job.spec.style, story_index=index
+        job_id=ctx.job.job_id,
+        story=story_ref(ctx, index),
+        options=ctx.job.spec.style,
+        story_index=index,
+        style_keyword=source.style_token,
+        style_description=source.style_description,
+        style_images=source.style_images,
     )
+    imported = source.HasField("style_embedding")
+    if imported:
+        request.embedding.CopyFrom(source.style_embedding)
+        # The rows must fit the renderer's text encoders: its preset, when the job names one.
+        if ctx.job.spec.render.preset:
+            request.options.preset = ctx.job.spec.render.preset
 
     async def on_update(response) -> None:
         p = response.progress
         message = f"story {index} {_phase(response.phase)} {p.done}/{p.total}"
         await _story_progress(ctx, pb.STAGE_STYLE, message)
 
-    result = await final_result(
-        ctx.clients.style.TrainStyle(request),
-        on_update,
-        service="style-trainer",
-        field=f"spec.stories.{index}",
-    )
+    try:
+        result = await final_result(
+            ctx.clients.style.TrainStyle(request),
+            on_update,
+            service="style-trainer",
+            field=f"spec.stories.{index}",
+        )
+    except grpc.aio.AioRpcError as exc:
+        if imported and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # name the job's own field
+            field = f"spec.stories.{index}.style_embedding"
+            raise InvalidArgument(f"refused by style-trainer: {exc.details()}", field=field) from None
+        raise
     info = {"token": result.token, "embedding": _ref_dict(result.embedding)}
     ref = ctx.store.put_json(f"{keys.style_prefix(ctx.job.job_id, index)}style.json", info)
     ctx.record(pb.STAGE_STYLE, name, to_proto(ref))

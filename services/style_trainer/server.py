@@ -8,6 +8,7 @@ training is asked to stop: it saves a checkpoint between steps and a rerun resum
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -72,7 +73,8 @@ def options_from_proto(options: style_pb2.StyleOptions, settings: StyleSettings)
 def request_from_proto(
     request: style_pb2.TrainStyleRequest, store: ObjectStore, settings: StyleSettings
 ) -> StyleRequest:
-    """The domain request; a referenced story supplies the keyword, description and locations."""
+    """The domain request; a referenced story supplies the keyword, description and locations, and the
+    request's own keyword and description replace the story's (a reference-format story has none)."""
     common = dict(
         job_id=request.job_id,
         story_index=request.story_index,
@@ -80,11 +82,18 @@ def request_from_proto(
             from_proto(ref, field=f"style_images.{i}") for i, ref in enumerate(request.style_images)
         ),
         options=options_from_proto(request.options, settings),
+        embedding=from_proto(request.embedding, field="embedding") if request.HasField("embedding") else None,
+        token=request.style_keyword,
     )
     if request.HasField("story"):
         ref = from_proto(request.story, field="story")
         story = load_story(store.get_bytes(ref.key, bucket=ref.bucket or None), field="story")
-        return StyleRequest.from_story(story=story, **common)
+        request_from_story = StyleRequest.from_story(story=story, **common)
+        return dataclasses.replace(
+            request_from_story,
+            keyword=request.style_keyword or request_from_story.keyword,
+            description=request.style_description or request_from_story.description,
+        )
     return StyleRequest(keyword=request.style_keyword, description=request.style_description, **common)
 
 

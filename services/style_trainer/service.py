@@ -31,13 +31,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dreamframe import keys
-from dreamframe.errors import Cancelled, InvalidArgument
+from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.models import sdxl
 from dreamframe.progress import Progress, ProgressClock
-from dreamframe.storage.base import ObjectRef, ObjectStore
+from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story
 
 from .checkpoint import TrainingState
+from .embedding import (
+    MAX_EMBEDDING_BYTES,
+    PRESET_DIMS,
+    StyleEmbedding,
+    encoder_dims,
+    import_embedding,
+    validate_token,
+)
 from .images import (
     StyleImage,
     generate_style_images,
@@ -71,6 +79,11 @@ class StyleRequest:
     style_images: tuple[ObjectRef, ...] = ()
     story_index: int = 0
     options: StyleOptions = field(default_factory=StyleOptions)
+    # An existing embedding to import instead of training (``import_embedding``).
+    embedding: ObjectRef | None = None
+    # The token asked for explicitly (the request's style_keyword), which beats the one an imported
+    # file records; ``keyword`` is that or the story's.
+    token: str = ""
 
     @classmethod
     def from_story(cls, job_id: str, story: Story, **kwargs) -> StyleRequest:
@@ -174,6 +187,12 @@ def native_resolution(preset: str) -> int:
 
 def validate_request(request: StyleRequest) -> StyleRequest:
     keyword = request.keyword.strip()
+    if request.embedding is not None:
+        # An import: the keyword is only the token's fallback, and nothing is trained or generated.
+        if keyword:
+            validate_token(keyword, field="style_keyword")
+        keys.style_prefix(request.job_id, request.story_index)  # validates job_id and story_index
+        return request
     if not keyword:
         raise InvalidArgument(
             "must not be empty (give a story with a style keyword, or the keyword)", field="style_keyword"
@@ -243,6 +262,9 @@ class StyleTrainer:
         watch = ProgressClock(0)  # the training's stopwatch: every report's elapsed_seconds
         preset = request.options.preset or self.default_preset
         out = StyleKeys.of(request.job_id, request.story_index)
+        if request.embedding is not None:
+            yield self._import(request, preset, out, watch)
+            return
         train_options = request.options.train
         image_options = request.options.images
         resolution = resolve_resolution(train_options, native_resolution(preset))
@@ -353,6 +375,76 @@ class StyleTrainer:
                 eta_seconds=0.0,
                 result=result,
             )
+
+    # --- an existing embedding ---------------------------------------------------------------------
+    def _import(
+        self, request: StyleRequest, preset: str, out: StyleKeys, watch: ProgressClock
+    ) -> StyleProgress:
+        """Import ``request.embedding`` (no training): read at most MAX_EMBEDDING_BYTES, convert and check
+        it (``import_embedding``: weights_only, both rows, the preset's text-encoder widths, the token),
+        store it in both formats. Idempotent: the same file, token and preset reuse the stored result."""
+        data = self._read_embedding(request.embedding)
+        dims = PRESET_DIMS.get(preset)
+        if dims is None:  # a model path: its text encoders say (loaded once, as for training)
+            dims = encoder_dims(self.pipelines(preset).base)
+        embedding = import_embedding(
+            data,
+            token=request.token,
+            dims=dims,
+            model=f"preset {preset!r}",
+            field="embedding",
+            token_field="style_keyword",
+        )
+        token = embedding.token or request.keyword.strip()
+        if not token:
+            raise InvalidArgument(
+                "the embedding records no token and there is no style keyword: give one",
+                field="style_keyword",
+            )
+        embedding = StyleEmbedding(token, embedding.clip_l, embedding.clip_g)
+        fingerprint = _fingerprint(imported=sha256_bytes(data), token=token, preset=preset)
+        done = self._stored_result(out, fingerprint)
+        if done is None:
+            done = StyleResult(
+                token=token,
+                embedding=self.store.put_bytes(out.embedding, embedding.to_safetensors()),
+                reference_embedding=self.store.put_bytes(
+                    out.reference_embedding, embedding.to_reference_pt()
+                ),
+                style_images=(),
+                final_loss=float("nan"),
+                steps=0,
+            )
+            self.store.put_json(out.result, done.to_json(fingerprint))  # the commit mark: written last
+        return StyleProgress(
+            phase=Phase.DONE,
+            message=f"imported {request.embedding.key} (no training)",
+            elapsed_seconds=watch.elapsed,
+            result=done,
+        )
+
+    def _read_embedding(self, ref: ObjectRef) -> bytes:
+        """The embedding file's bytes, refused past MAX_EMBEDDING_BYTES without reading the rest."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with self.store.open_stream(ref.key, bucket=ref.bucket or None) as stream:
+                for chunk in stream:
+                    size += len(chunk)
+                    if size > MAX_EMBEDDING_BYTES:
+                        raise InvalidArgument(
+                            f"is larger than {MAX_EMBEDDING_BYTES} bytes; an embedding file is two rows",
+                            field="embedding",
+                        )
+                    chunks.append(chunk)
+        except NotFound:
+            raise NotFound(f"no object {ref.key!r}", field="embedding") from None
+        data = b"".join(chunks)
+        if ref.sha256 and sha256_bytes(data) != ref.sha256:
+            raise FailedPrecondition(
+                f"object {ref.key!r} does not match the given sha256", field="embedding.sha256"
+            )
+        return data
 
     # --- pieces ----------------------------------------------------------------------------------
     def _generate(
