@@ -303,18 +303,26 @@ def test_interrupted_build_publishes_nothing_and_resumes(store: RecordingStore) 
     assert store.exists(prefix + MANIFEST)
 
 
-def test_without_mp4_records_point_at_frames(store: RecordingStore) -> None:
+def test_without_mp4_items_point_at_frames(store: RecordingStore) -> None:
     sources = sources_for(store, 1)
-    result = build_dataset(store, request(sources, formats=["llava_json", "frame_list", "mvbench_mc"]))
+    result = build_dataset(store, request(sources, formats=["frame_list", "mvbench_mc"]))
     assert result.videos_encoded == 0
     assert not any("/videos/" in info.key for info in store.list(result.prefix))
-    records = dataset_json(store, "conversations/train.json")
-    jsonschema.validate(records, formats.CONVERSATION_SCHEMA)
-    story_record = next(r for r in records if r["id"].endswith("_story_c0"))
-    assert story_record["frames"] == [keys.frame_key(JOB, 0, i) for i in range(12)]
     items = dataset_json(store, "mc/train.json")
     jsonschema.validate(items, formats.MULTIPLE_CHOICE_SCHEMA)
-    assert all("video" not in item for item in items)
+    assert all("video" not in item and item["frames"] for item in items)
+
+
+@pytest.mark.parametrize("profile", ["llama-vid", "llava-next-video"])
+def test_conversations_without_mp4_are_refused(store: RecordingStore, profile: str) -> None:
+    # Was: records with a "frames" list, which neither LLaMA-VID nor LLaVA-NeXT reads (no visuals).
+    sources = sources_for(store, 1)
+    store.writes.clear()
+    with pytest.raises(InvalidArgument) as err:
+        build_dataset(store, request(sources, formats=["llava_json", "frame_list"], profile=profile))
+    assert err.value.field == "options.formats"
+    assert "video_mp4" in err.value.message and profile in err.value.message
+    assert_nothing_written(store)
 
 
 def test_mpeg4_fallback_codec_decodes(store: RecordingStore) -> None:
@@ -420,9 +428,7 @@ def test_missing_story_and_bad_names(store: RecordingStore) -> None:
 
 def test_frames_prefix_defaults_to_the_story_folder(store: RecordingStore) -> None:
     source = put_story(store, 0, make_story("d"))
-    result = build_dataset(
-        store, request([StorySource(key=source.key)], formats=["llava_json", "frame_list"])
-    )
+    result = build_dataset(store, request([StorySource(key=source.key)], formats=["frame_list"]))
     assert result.counts["frames"] == 12
 
 

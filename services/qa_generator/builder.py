@@ -40,6 +40,7 @@ from .video import (
     image_size,
     resolve_codec,
     video_dimensions,
+    video_step,
 )
 
 MANIFEST = "manifest.json"
@@ -73,8 +74,9 @@ class _StoryPlan:
     spans: list[SpanQA]
     frame_hashes: list[str] = field(default_factory=list)
     spec: VideoSpec | None = None
-    # span (start, end) → video path relative to the dataset folder
+    # span (start, end) → video path relative to the dataset folder, and the keyframe step it shows
     video_paths: dict[tuple[int, int], str] = field(default_factory=dict)
+    video_steps: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[Progress], None]
@@ -125,7 +127,10 @@ def build_dataset(
     for i, loaded in enumerate(stories):
         check_cancelled()
         spans = story_spans(
-            loaded.story, loaded.story_id, dialogue_limit=options.dialogue_questions_per_tiny_story
+            loaded.story,
+            loaded.story_id,
+            dialogue_limit=options.dialogue_questions_per_tiny_story,
+            max_span_frames=options.max_video_frames,
         )
         duplicates += remove_duplicate_turns(spans)
         plan = _StoryPlan(loaded=loaded, split=splits[loaded.story_id], spans=spans)
@@ -146,12 +151,13 @@ def build_dataset(
         pending: list[tuple[_StoryPlan, VideoJob]] = []
         for plan in plans:
             for (start, end), rel in sorted(plan.video_paths.items()):
-                ref = _reusable_video(store, prefix + rel, end - start, previous)
+                job = VideoJob(key=rel, start=start, end=end, step=plan.video_steps[(start, end)])
+                ref = _reusable_video(store, prefix + rel, len(job.frame_indices), previous)
                 if ref is not None:
                     video_refs[rel] = ref
                     reused += 1
                 else:
-                    pending.append((plan, VideoJob(key=rel, start=start, end=end)))
+                    pending.append((plan, job))
         total = len(pending)
         # The video reports time the encoding itself: elapsed and ETA since it started.
         clock = ProgressClock(total, "videos")
@@ -248,10 +254,15 @@ def _plan_videos(store: ObjectStore, plan: _StoryPlan, options: DatasetOptions, 
     plan.spec = VideoSpec(codec=codec, fps=options.fps, width=w, height=h, crf=options.video_crf)
     for span in plan.spans:
         if (span.start, span.end) not in plan.video_paths:
-            fingerprint = plan.spec.fingerprint(plan.frame_hashes[span.start : span.end])
+            # A span longer than the cap shows every step-th keyframe: still the whole span (its QA is
+            # about all of it) in at most max_video_seconds.
+            step = video_step(span.num_frames, options.max_video_frames)
+            fingerprint = plan.spec.fingerprint(plan.frame_hashes[span.start : span.end : step])
+            every = f"s{step}" if step > 1 else ""
             plan.video_paths[(span.start, span.end)] = (
-                f"videos/{loaded.story_id}/{span.start:06d}-{span.end:06d}_{fingerprint}.mp4"
+                f"videos/{loaded.story_id}/{span.start:06d}-{span.end:06d}{every}_{fingerprint}.mp4"
             )
+            plan.video_steps[(span.start, span.end)] = step
 
 
 def _reusable_video(
@@ -300,6 +311,7 @@ def _dataset_files(
     span_frames: dict[str, list[int]] = defaultdict(list)
     unique_spans: set[tuple[str, int, int]] = set()
     mc_skipped = 0
+    video_frames = 0
     for plan in plans:
         split = plan.split
         counts[f"{split}/stories"] += 1
@@ -312,13 +324,18 @@ def _dataset_files(
             visual = formats.Visual(
                 video=plan.video_paths.get((span.start, span.end)),
                 frames=plan.loaded.frame_keys[span.start : span.end],
+                step=plan.video_steps.get((span.start, span.end), 1),
             )
-            records = formats.conversations(
-                span,
-                visual,
-                max_turns=options.max_turns_per_conversation,
-                include_subtitles=options.include_subtitles,
-                max_subtitle_lines=options.max_subtitle_lines,
+            records = (
+                formats.conversations(
+                    span,
+                    visual,
+                    max_turns=options.max_turns_per_conversation,
+                    include_subtitles=options.include_subtitles,
+                    max_subtitle_lines=options.max_subtitle_lines,
+                )
+                if options.wants(LLAVA_JSON)
+                else []
             )
             conversations[split].extend(records)
             counts[f"{split}/{span.level}"] += len(records)
@@ -327,6 +344,7 @@ def _dataset_files(
             span_frames[span.level].append(span.num_frames)
             if (span.story_id, span.start, span.end) not in unique_spans:
                 unique_spans.add((span.story_id, span.start, span.end))
+                video_frames += len(range(span.start, span.end, visual.step))
                 entry = formats.frame_list_entry(span, visual, frame_refs)
                 frame_lists[split].append({**entry, "bucket": plan.loaded.bucket})
             if options.wants(MVBENCH_MC):
@@ -357,7 +375,7 @@ def _dataset_files(
                 for level in LEVELS
                 if span_frames[level]
             },
-            "video_seconds": sum(e - s for _, s, e in unique_spans) / options.fps,
+            "video_seconds": video_frames / options.fps,
             "video_sizes": {p.loaded.story_id: [p.spec.width, p.spec.height] for p in plans if p.spec},
         },
     }

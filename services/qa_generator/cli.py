@@ -24,9 +24,11 @@ from dreamframe.storage import open_store
 from .builder import BuildRequest, build_dataset
 from .inputs import sources_from_jobs
 from .options import FORMATS, make_options
+from .profiles import PROFILES
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 Format = enum.Enum("Format", {f: f for f in FORMATS}, type=str)
+ProfileName = enum.Enum("ProfileName", {p: p for p in PROFILES}, type=str)
 
 
 @app.command(help=__doc__.split("\n")[0])
@@ -41,6 +43,10 @@ def build(
     subtitles: Annotated[bool, typer.Option("--subtitles", help="put dialogues in the prompts")] = False,
     num_choices: int = 0,
     video_size: int = 0,
+    profile: Annotated[
+        ProfileName | None, typer.Option(help="trainer the records are for (default: qa.profile)")
+    ] = None,
+    max_video_seconds: Annotated[float, typer.Option(help="longest span video (default 300)")] = 0.0,
 ) -> int:
     settings = get_settings()
     store = open_store(settings.storage)
@@ -58,6 +64,8 @@ def build(
             include_subtitles=subtitles,
             num_choices=num_choices,
             video_size=video_size,
+            profile=profile.value if profile else "",
+            max_video_seconds=max_video_seconds,
             settings=settings.qa,
         )
         request = BuildRequest(job[0], name, sources_from_jobs(store, job), options)

@@ -1,8 +1,14 @@
 """Spans of QA → the dataset's records: LLaVA/LLaMA-VID conversations, MVBench-style multiple choice,
 and frame lists. Pure functions of their inputs; the seed makes every random choice repeatable.
 
-Visual reference of a record: ``"video"`` is the span's mp4, relative to the dataset folder, when mp4s
-are produced; otherwise ``"frames"`` lists the keyframe object keys (in the bucket the manifest names).
+Visual reference of a record: ``"video"`` is the span's mp4, relative to the dataset folder (the
+trainers' ``video_folder``). Conversations always have one: neither target loader reads a frame list
+(profiles.py), so a build without mp4s is refused before it starts. Multiple-choice items and frame lists
+without mp4s carry ``"frames"``, the keyframe object keys (in the bucket the manifest names), which our
+evaluator reads.
+
+The human turn puts the question first, then any subtitles: LLaMA-VID's text query is the human turn with
+newlines removed, cut at 256 BERT tokens (profiles.py), so a question after 40 subtitle lines is lost.
 """
 
 from __future__ import annotations
@@ -20,13 +26,11 @@ CONVERSATION_SCHEMA: dict = {
     "type": "array",
     "items": {
         "type": "object",
-        "required": ["id", "conversations"],
-        "oneOf": [{"required": ["video"]}, {"required": ["frames"]}],
+        "required": ["id", "video", "conversations"],
         "additionalProperties": False,
         "properties": {
             "id": {"type": "string", "minLength": 1},
             "video": {"type": "string", "pattern": r"^videos/.+\.mp4$"},
-            "frames": {"type": "array", "minItems": 1, "items": {"type": "string"}},
             "conversations": {
                 "type": "array",
                 "minItems": 2,
@@ -71,6 +75,8 @@ class Visual:
 
     video: str | None
     frames: tuple[str, ...]
+    # The video shows every ``step``-th keyframe of the span (spans longer than the cap).
+    step: int = 1
 
     def fields(self) -> dict[str, object]:
         return {"video": self.video} if self.video else {"frames": list(self.frames)}
@@ -84,6 +90,7 @@ def chunk_turns(turns: list[Turn], max_turns: int) -> list[list[Turn]]:
 
 
 def subtitle_block(lines: list[str], max_lines: int) -> str:
+    """'Subtitles:' and the lines, after the question (check.py finds the block by that first line)."""
     shown = lines[:max_lines]
     text = "Subtitles:\n" + "\n".join(shown)
     if len(lines) > max_lines:
@@ -94,20 +101,22 @@ def subtitle_block(lines: list[str], max_lines: int) -> str:
 def conversations(
     span: SpanQA, visual: Visual, *, max_turns: int, include_subtitles: bool, max_subtitle_lines: int
 ) -> list[dict]:
-    """The span's QA as LLaVA conversation records; the image token opens the first human turn only."""
+    """The span's QA as LLaVA conversation records: "<image>\n" opens the first human turn (where both
+    loaders' preprocess_multimodal puts it), the question follows, subtitles come last."""
+    if not visual.video:
+        raise ValueError("conversation records need the span's video")  # options.py refuses earlier
     records = []
     for k, chunk in enumerate(chunk_turns(span.turns, max_turns)):
         messages = []
         for i, turn in enumerate(chunk):
             question = turn.question
             if i == 0:
-                preamble = [IMAGE_TOKEN]
+                question = f"{IMAGE_TOKEN}\n{question}"
                 if include_subtitles and span.subtitles:
-                    preamble.append(subtitle_block(span.subtitles, max_subtitle_lines) + "\n")
-                question = "\n".join([*preamble, question])
+                    question += "\n\n" + subtitle_block(span.subtitles, max_subtitle_lines)
             messages.append({"from": "human", "value": question})
             messages.append({"from": "gpt", "value": turn.answer})
-        records.append({"id": f"{span.span_id}_c{k}", **visual.fields(), "conversations": messages})
+        records.append({"id": f"{span.span_id}_c{k}", "video": visual.video, "conversations": messages})
     return records
 
 
@@ -183,6 +192,8 @@ def frame_list_entry(span: SpanQA, visual: Visual, frame_refs: list[dict]) -> di
     }
     if visual.video:
         entry["video"] = visual.video
+        if visual.step > 1:
+            entry["video_step"] = visual.step
     return entry
 
 

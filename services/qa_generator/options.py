@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dreamframe.errors import InvalidArgument
+from services.qa_generator.profiles import get_profile
 from services.qa_generator.settings import QaSettings
 
 LLAVA_JSON = "llava_json"
@@ -37,6 +38,9 @@ class DatasetOptions:
     include_subtitles: bool = False
     num_choices: int = 4
     video_size: int = 336
+    # The trainer the records are for (profiles.py) and the longest span video in seconds.
+    profile: str = "llama-vid"
+    max_video_seconds: float = 300.0
     # From QaSettings (not in the request): how conversations and videos are shaped.
     max_turns_per_conversation: int = 8
     max_subtitle_lines: int = 40
@@ -46,6 +50,11 @@ class DatasetOptions:
 
     def wants(self, fmt: str) -> bool:
         return fmt in self.formats
+
+    @property
+    def max_video_frames(self) -> int:
+        """Most keyframes one span video holds (at ``fps``)."""
+        return max(1, math.floor(self.max_video_seconds * self.fps + 1e-9))
 
     def as_dict(self) -> dict[str, object]:
         """What the manifest and dataset card record about how the dataset was made."""
@@ -58,6 +67,8 @@ class DatasetOptions:
             "include_subtitles": self.include_subtitles,
             "num_choices": self.num_choices,
             "video_size": self.video_size,
+            "profile": self.profile,
+            "max_video_seconds": self.max_video_seconds,
             "max_turns_per_conversation": self.max_turns_per_conversation,
             "max_subtitle_lines": self.max_subtitle_lines,
             "dialogue_questions_per_tiny_story": self.dialogue_questions_per_tiny_story,
@@ -90,6 +101,8 @@ def make_options(
     include_subtitles: bool = False,
     num_choices: int = 0,
     video_size: int = 0,
+    profile: str = "",
+    max_video_seconds: float = 0.0,
     settings: QaSettings | None = None,
 ) -> DatasetOptions:
     """Request values (zero = default) + service settings → validated options; errors name the field."""
@@ -114,15 +127,37 @@ def make_options(
         raise InvalidArgument(
             f"must be between 16 and {MAX_VIDEO_SIZE} pixels, got {video_size}", field="options.video_size"
         )
+    fps = float(fps or settings.fps)
+    chosen = get_profile(profile or settings.profile)
+    chosen_formats = parse_formats(formats)
+    if LLAVA_JSON in chosen_formats and VIDEO_MP4 not in chosen_formats:
+        raise InvalidArgument(chosen.frames_only_refusal(), field="options.formats")
+    if VIDEO_MP4 in chosen_formats and round(fps / chosen.video_fps) < 1:
+        raise InvalidArgument(
+            f"profile {chosen.name!r}: the trainer keeps every round(fps / {chosen.video_fps})-th video "
+            f"frame, which is 0 at {fps:g} fps (the sample fails to load); use more than 0.5",
+            field="options.fps",
+        )
+    if not math.isfinite(max_video_seconds) or max_video_seconds < 0:
+        raise InvalidArgument(
+            f"must be > 0 seconds, got {max_video_seconds}", field="options.max_video_seconds"
+        )
+    max_video_seconds = float(max_video_seconds or settings.max_video_seconds)
+    if max_video_seconds * fps < 1:
+        raise InvalidArgument(
+            f"{max_video_seconds:g} s at {fps:g} fps holds no frame", field="options.max_video_seconds"
+        )
     return DatasetOptions(
-        formats=parse_formats(formats),
-        fps=float(fps or settings.fps),
+        formats=chosen_formats,
+        fps=fps,
         validation_fraction=float(validation_fraction),
         test_fraction=float(test_fraction),
         seed=int(seed),
         include_subtitles=bool(include_subtitles),
         num_choices=int(num_choices),
         video_size=int(video_size),
+        profile=chosen.name,
+        max_video_seconds=max_video_seconds,
         max_turns_per_conversation=settings.max_turns_per_conversation,
         max_subtitle_lines=settings.max_subtitle_lines,
         dialogue_questions_per_tiny_story=settings.dialogue_questions_per_tiny_story,

@@ -4,6 +4,14 @@
 - ``substory``: the substory's frames; its QA (plus its content as a description, when written).
 - ``tiny_story``: the tiny story's frames; its QA, its content, and dialogue-grounded questions.
 
+An open description request ("Describe in detail …", "Summarize …") is a ``summary`` turn whatever the
+story calls it: it trains as a conversation, never as a multiple-choice item.
+
+A tiny story longer than ``max_span_frames`` (a reference-format story is one tiny story of every frame)
+keeps its description and QA on the whole span; its dialogue-grounded questions and subtitles go to
+parts of at most that many frames (``<tiny>_p<k>``), so a question about a moment comes with a video short
+enough to show it.
+
 Frame indices are global story-order indices (``Story.frames()``), so a span ``[start, end)`` names the
 keyframe files ``start .. end-1`` directly. Spans without frames (a substory nobody illustrated) have
 no video and are left out.
@@ -11,9 +19,10 @@ no video and are left out.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from dreamframe.story import QA, Story, StoryItem
+from dreamframe.story import QA, Story, StoryItem, TinyStory
 
 from .dialogue import dialogue_questions
 
@@ -21,6 +30,14 @@ STORY, SUBSTORY, TINY_STORY = "story", "substory", "tiny_story"
 LEVELS = (STORY, SUBSTORY, TINY_STORY)
 SUMMARY = "summary"
 DEFAULT_KIND = "qa"
+# An instruction to describe or summarise, not a question with one short answer.
+_OPEN_DESCRIPTION_RE = re.compile(
+    r"^\W*(?:please\s+|(?:can|could|would)\s+you\s+)?"
+    r"(?:describe|summari[sz]e|narrate|retell|recount|recap|explain\s+what\s+happens"
+    r"|give\s+(?:me\s+|us\s+)?an?\s+(?:\w+\s+)?(?:summary|overview|description|account|synopsis)"
+    r"|tell\s+(?:me\s+|us\s+)?(?:about|what\s+happens))\b",
+    re.IGNORECASE,
+)
 
 DESCRIBE_PROMPTS = {
     STORY: "Describe the movie.",
@@ -55,9 +72,17 @@ class SpanQA:
         return self.end - self.start
 
 
-def story_spans(story: Story, story_id: str, *, dialogue_limit: int) -> list[SpanQA]:
+def is_open_description(question: str) -> bool:
+    """True for a request to describe or summarise ("Describe in detail what happens.")."""
+    return bool(_OPEN_DESCRIPTION_RE.match(question))
+
+
+def story_spans(
+    story: Story, story_id: str, *, dialogue_limit: int, max_span_frames: int = 0
+) -> list[SpanQA]:
     """Every span of ``story`` that has frames, coarsest first (story, then each substory followed by its
-    tiny stories), with its turns; spans without any turn are dropped."""
+    tiny stories and their parts), with its turns; spans without any turn are dropped.
+    ``max_span_frames`` > 0 splits longer tiny stories' dialogue questions into parts (module docstring)."""
     ranges = _frame_ranges(story)
     if STORY not in ranges:
         return []
@@ -93,19 +118,57 @@ def story_spans(story: Story, story_id: str, *, dialogue_limit: int) -> list[Spa
             if (s, t) not in ranges:
                 continue
             start, end = ranges[(s, t)]
-            grounded = [Turn(q.question, q.answer, q.kind) for q in dialogue_questions(tiny, dialogue_limit)]
-            spans.append(
-                SpanQA(
-                    span_id=f"{story_id}_s{s:02d}_t{t:02d}",
-                    story_id=story_id,
-                    level=TINY_STORY,
-                    start=start,
-                    end=end,
-                    turns=[*_describe(TINY_STORY, tiny.content), *_turns(tiny.qa), *grounded],
-                    subtitles=[i.text for i in tiny.items if _spoken(i)],
-                )
+            span_id = f"{story_id}_s{s:02d}_t{t:02d}"
+            parts = _parts(tiny, start, end, max_span_frames)
+            whole = SpanQA(
+                span_id=span_id,
+                story_id=story_id,
+                level=TINY_STORY,
+                start=start,
+                end=end,
+                turns=[*_describe(TINY_STORY, tiny.content), *_turns(tiny.qa)],
+                subtitles=[i.text for i in tiny.items if _spoken(i)],
             )
+            spans.append(whole)
+            if len(parts) == 1:
+                whole.turns += _grounded(tiny, dialogue_limit)
+                continue
+            for k, (part, part_start, part_end) in enumerate(parts):
+                spans.append(
+                    SpanQA(
+                        span_id=f"{span_id}_p{k:02d}",
+                        story_id=story_id,
+                        level=TINY_STORY,
+                        start=part_start,
+                        end=part_end,
+                        turns=_grounded(part, dialogue_limit),
+                        subtitles=[i.text for i in part.items if _spoken(i)],
+                    )
+                )
     return [span for span in spans if span.turns]
+
+
+def _grounded(tiny: TinyStory, limit: int) -> list[Turn]:
+    return [Turn(q.question, q.answer, q.kind) for q in dialogue_questions(tiny, limit)]
+
+
+def _parts(tiny: TinyStory, start: int, end: int, max_frames: int) -> list[tuple[TinyStory, int, int]]:
+    """The tiny story cut into as few, as even parts of at most ``max_frames`` frames as possible, each
+    with its frame range; a dialogue belongs to the part of the frame shown before it."""
+    n = end - start
+    if max_frames <= 0 or n <= max_frames:
+        return [(tiny, start, end)]
+    count = -(-n // max_frames)
+    sizes = [n // count + (1 if k < n % count else 0) for k in range(count)]
+    bounds = [start + sum(sizes[:k]) for k in range(count + 1)]
+    items: list[list[StoryItem]] = [[] for _ in range(count)]
+    seen = 0
+    for item in tiny.items:
+        if item.kind == "frame":
+            seen += 1
+        part = 0 if seen == 0 else next(k for k in range(count) if seen <= bounds[k + 1] - start)
+        items[part].append(item)
+    return [(TinyStory(items=items[k]), bounds[k], bounds[k + 1]) for k in range(count)]
 
 
 def remove_duplicate_turns(spans: list[SpanQA]) -> int:
@@ -139,7 +202,12 @@ def _frame_ranges(story: Story) -> dict[object, tuple[int, int]]:
 
 def _turns(qas: list[QA]) -> list[Turn]:
     return [
-        Turn(qa.question.strip(), qa.answer.strip(), (qa.kind.strip().lower() or DEFAULT_KIND)) for qa in qas
+        Turn(
+            qa.question.strip(),
+            qa.answer.strip(),
+            SUMMARY if is_open_description(qa.question) else (qa.kind.strip().lower() or DEFAULT_KIND),
+        )
+        for qa in qas
     ]
 
 

@@ -33,6 +33,7 @@ from services.qa_generator.settings import QaSettings
 from .builder import BuildRequest, BuildResult, build_dataset, dataset_name_for
 from .inputs import StorySource
 from .options import FRAME_LIST, LLAVA_JSON, MVBENCH_MC, VIDEO_MP4, make_options
+from .profiles import LLAMA_VID, LLAVA_NEXT_VIDEO
 
 SERVICE = "qa-generator"
 
@@ -41,6 +42,11 @@ FORMAT_NAMES = {
     qa_pb2.DATASET_FORMAT_VIDEO_MP4: VIDEO_MP4,
     qa_pb2.DATASET_FORMAT_FRAME_LIST: FRAME_LIST,
     qa_pb2.DATASET_FORMAT_MVBENCH_MC: MVBENCH_MC,
+}
+PROFILE_NAMES = {
+    qa_pb2.DATASET_PROFILE_UNSPECIFIED: "",
+    qa_pb2.DATASET_PROFILE_LLAMA_VID: LLAMA_VID,
+    qa_pb2.DATASET_PROFILE_LLAVA_NEXT_VIDEO: LLAVA_NEXT_VIDEO,
 }
 
 
@@ -58,6 +64,9 @@ def build_request_from_proto(request: qa_pb2.BuildDatasetRequest, settings: QaSe
         include_subtitles=o.include_subtitles,
         num_choices=o.num_choices,
         video_size=o.video_size,
+        # An unknown number passes through by name for the domain to refuse (options.profile).
+        profile=PROFILE_NAMES.get(o.profile, enum_name(qa_pb2.DatasetProfile, o.profile)),
+        max_video_seconds=o.max_video_seconds,
         settings=settings,
     )
     stories = [

@@ -19,6 +19,13 @@ class QaSettings(BaseModel):
     max_turns_per_conversation: int = Field(8, ge=1)
     # Subtitles beyond this many dialogue lines are cut (a whole story has ~700).
     max_subtitle_lines: int = Field(40, ge=1)
+    # The trainer the records are written for (profiles.py): "llama-vid" (what services/trainer reads
+    # and the paper trains) or "llava-next-video". A request's options.profile overrides it.
+    profile: Literal["llama-vid", "llava-next-video"] = "llama-vid"
+    # Longest span video in seconds (LLaMA-VID's video data is cut at 5 minutes, its
+    # llava_v1_5_mix665k_with_video_chatgpt_maxtime_5min.json): longer spans are shown with every k-th
+    # keyframe, and long tiny stories' dialogue questions are asked on parts of at most this length.
+    max_video_seconds: float = Field(300.0, gt=0)
     # Dialogue-grounded questions added to each tiny story (0 disables them).
     dialogue_questions_per_tiny_story: int = Field(4, ge=0)
     # "auto": H.264 (libx264) when PyAV's FFmpeg has it, else MPEG-4 part 2.

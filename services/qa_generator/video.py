@@ -49,11 +49,24 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class VideoJob:
-    """Encode frames [start, end) of one story into the object ``key``."""
+    """Encode frames start, start + step, … < end of one story into the object ``key``."""
 
     key: str
     start: int
     end: int
+    step: int = 1
+
+    @property
+    def frame_indices(self) -> range:
+        return range(self.start, self.end, self.step)
+
+    def wants(self, index: int) -> bool:
+        return (index - self.start) % self.step == 0
+
+
+def video_step(num_frames: int, max_frames: int) -> int:
+    """Keep every k-th keyframe, k as small as keeps a span of ``num_frames`` within ``max_frames``."""
+    return max(1, -(-num_frames // max_frames))
 
 
 def resolve_codec(name: str) -> str:
@@ -137,7 +150,7 @@ def encode_spans(
         return
     by_start: dict[int, list[VideoJob]] = {}
     for job in jobs:
-        if job.end <= job.start:
+        if job.end <= job.start or job.step < 1:
             raise ValueError(f"empty span for {job.key}")
         by_start.setdefault(job.start, []).append(job)
     first, last = min(j.start for j in jobs), max(j.end for j in jobs)
@@ -148,11 +161,12 @@ def encode_spans(
                 check_cancelled()
                 for job in by_start.get(index, []):
                     open_[job] = _SpanEncoder(Path(tmp) / f"{len(open_)}-{index}.mp4", spec)
-                if not open_:
-                    continue
-                frame = prepare_frame(load_frame(index), spec)
+                wanting = [job for job in open_ if job.wants(index)]
+                if wanting:
+                    frame = prepare_frame(load_frame(index), spec)
+                    for job in wanting:
+                        open_[job].add(frame)
                 for job, encoder in list(open_.items()):
-                    encoder.add(frame)
                     if index == job.end - 1:
                         encoder.close()
                         del open_[job]

@@ -217,6 +217,7 @@ def _build_spec(
     stages: str | None,
     spec_file: Path | None,
     name: str | None,
+    style: dict[str, list[str]] | None = None,
 ) -> pb.JobSpec:
     spec = pb.JobSpec()
     if spec_file is not None:
@@ -237,7 +238,107 @@ def _build_spec(
         spec.stages.extend(parse_stage(s) for s in stages.split(",") if s.strip())
     if name:
         spec.name = name
+    if style is not None:
+        _apply_style_flags(settings, spec, style)
     return spec
+
+
+# --- a story's style (submit's --style-* flags, import-style) --------------------------------------
+
+STYLE_FLAG_HELP = "[N:]VALUE: N is the story's position in the job (themes, then --story files, from 0)."
+STYLE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the seed's load_imgs reads from its folder
+MAX_STYLE_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def _story_of(value: str, count: int, option: str) -> tuple[int, str]:
+    """``N:VALUE`` → (N, VALUE); without the prefix the value is the job's only story's."""
+    head, sep, rest = value.partition(":")
+    if sep and head.isdigit():
+        index = int(head)
+        if index >= count:
+            raise InvalidArgument(f"no story {index}: the job has {count} (counted from 0)", field=option)
+        return index, rest
+    if count != 1:
+        raise InvalidArgument(f"the job has {count} stories: say whose, as N:VALUE (N from 0)", field=option)
+    return 0, value
+
+
+def _apply_style_flags(settings: Settings, spec: pb.JobSpec, style: dict[str, list[str]]) -> None:
+    """Put each --style-* value on its story: a description as it is, image files (or the images of a
+    folder) and an embedding file uploaded to storage. The server checks the combination."""
+    count = len(spec.stories)
+    for value in style.get("token", []):
+        index, token = _story_of(value, count, "--style-token")
+        spec.stories[index].style_token = token
+    for value in style.get("description", []):
+        index, text = _story_of(value, count, "--style-description")
+        spec.stories[index].style_description = text
+    for value in style.get("image", []):
+        index, path = _story_of(value, count, "--style-image")
+        for image in _style_image_files(Path(path)):
+            data = _read_capped(image, MAX_STYLE_IMAGE_BYTES, "--style-image")
+            key = f"uploads/style-images/{hashlib.sha256(data).hexdigest()}{image.suffix.lower()}"
+            spec.stories[index].style_images.append(
+                to_proto(open_store(settings.storage).put_bytes(key, data))
+            )
+    for value in style.get("embedding", []):
+        index, path = _story_of(value, count, "--style-embedding")
+        story = spec.stories[index]
+        preset = spec.render.preset  # checked against the renderer's encoders when the job names its preset
+        ref, _ = _import_style_file(settings, Path(path), story.style_token, preset, "--style-embedding")
+        story.style_embedding.CopyFrom(ref)
+
+
+def _style_image_files(path: Path) -> list[Path]:
+    """A file, or a folder's PNG/JPEG files in name order (as the seed's load_imgs walks its folder:
+    DreamFrame-code StyleImmobilization/style_embedding.py)."""
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in STYLE_IMAGE_SUFFIXES)
+        if not found:
+            raise InvalidArgument(
+                f"{path} holds no {'/'.join(STYLE_IMAGE_SUFFIXES)} files", field="--style-image"
+            )
+        return found
+    return [path]
+
+
+def _read_capped(path: Path, limit: int, field: str) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise InvalidArgument(f"{path} has {size} bytes; at most {limit} allowed", field=field)
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=field) from None
+
+
+def _import_style_file(
+    settings: Settings, path: Path, token: str, preset: str, field: str
+) -> tuple[ObjectRef, object]:
+    """Check an embedding file (our safetensors or the seed's .pt) and upload it as safetensors under
+    uploads/styles/<sha256>.safetensors: (its ref, the StyleEmbedding). ``preset``: check the rows
+    against that model's text encoders (empty: the style stage checks them against the job's)."""
+    try:  # torch reads the .pt: installed with the style and renderer extras
+        from services.style_trainer.embedding import MAX_EMBEDDING_BYTES, PRESET_DIMS, import_embedding
+    except ImportError as exc:
+        raise InvalidArgument(
+            f"reading an embedding needs torch and safetensors (pip install 'dreamframe[style]'): {exc.name}",
+            field=field,
+        ) from None
+    if preset and preset not in PRESET_DIMS:
+        raise InvalidArgument(f"unknown preset {preset!r}; known: {', '.join(PRESET_DIMS)}", field="--preset")
+    data = _read_capped(path, MAX_EMBEDDING_BYTES, field)
+    embedding = import_embedding(
+        data,
+        token=token,
+        dims=PRESET_DIMS.get(preset),
+        model=f"preset {preset!r}",
+        field=str(path),
+        token_field="--token" if field == "import-style" else "--style-token",
+    )
+    converted = embedding.to_safetensors()
+    key = f"uploads/styles/{hashlib.sha256(converted).hexdigest()}.safetensors"
+    return to_proto(open_store(settings.storage).put_bytes(key, converted)), embedding
 
 
 def _read_bounded(settings: Settings, path: Path, field: str) -> bytes:
@@ -272,12 +373,35 @@ def submit(
     name: Annotated[str | None, typer.Option(help="A label for the job.")] = None,
     watch_: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow the job until it ends.")] = False,
     coordinator: Annotated[str | None, typer.Option(help="Coordinator address.")] = None,
+    style_description: Annotated[
+        list[str], typer.Option(help=f"A style description to make style images from. {STYLE_FLAG_HELP}")
+    ] = [],  # noqa: B006
+    style_image: Annotated[
+        list[str], typer.Option(help=f"A style image, or a folder of them (repeatable). {STYLE_FLAG_HELP}")
+    ] = [],  # noqa: B006
+    style_embedding: Annotated[
+        list[str],
+        typer.Option(help=f"An existing embedding, .pt or .safetensors (no training). {STYLE_FLAG_HELP}"),
+    ] = [],  # noqa: B006
+    style_token: Annotated[
+        list[str],
+        typer.Option(help=f"The style's token (default: the story's style keyword). {STYLE_FLAG_HELP}"),
+    ] = [],  # noqa: B006
 ) -> None:
-    """Submit a job: themes and/or story files through the selected stages."""
+    """Submit a job: themes and/or story files through the selected stages.
+
+    A story file in the reference format has no style description: for the style stage give each one a
+    --style-description, --style-image or --style-embedding (the seed's .pt as it is)."""
     settings = _settings()
+    style = {
+        "description": style_description,
+        "image": style_image,
+        "embedding": style_embedding,
+        "token": style_token,
+    }
     try:
         request = pb.SubmitJobRequest(
-            spec=_build_spec(settings, theme, story, stages, spec, name), job_id=job_id or ""
+            spec=_build_spec(settings, theme, story, stages, spec, name, style), job_id=job_id or ""
         )
         job = _call(lambda: _stub(settings, coordinator).SubmitJob(request)).job
     except DreamFrameError as exc:
@@ -364,7 +488,9 @@ def _watch(settings: Settings, job_id: str, coordinator: str | None = None) -> p
         tasks: dict[int, int] = {}
         try:
             for job in job_watch.follow(
-                stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=settings.client.stream_deadline_seconds)
+                stub.WatchJob(
+                    pb.WatchJobRequest(job_id=job_id), timeout=settings.client.stream_deadline_seconds
+                )
             ):
                 for status in job.stages:
                     if status.stage not in tasks:
@@ -476,6 +602,32 @@ def import_story(path: Path) -> None:
     console.print(f"use it with: dreamframe submit --story {path}")
 
 
+@app.command("import-style")
+def import_style(
+    path: Path,
+    token: Annotated[
+        str, typer.Option(help="The token to bind it to (default: the file's, else the story's keyword).")
+    ] = "",
+    preset: Annotated[str, typer.Option(help="Check the rows against this preset's text encoders.")] = "sdxl",
+) -> None:
+    """Check a style embedding (DreamFrame's .safetensors or the seed project's .pt) and upload it as
+    safetensors; prints the ObjectRef for a job spec's stories[N].styleEmbedding."""
+    settings = _settings()
+    try:
+        ref, embedding = _import_style_file(settings, path, token, preset, "import-style")
+    except DreamFrameError as exc:
+        raise _fail(str(exc), 2) from None
+    dims = embedding.dims()
+    bound = (
+        f"token {embedding.token!r}" if embedding.token else "no token (the story's style keyword is used)"
+    )
+    console.print(f"{path}: clip_l {dims[0]} + clip_g {dims[1]}, {bound} → {ref.bucket}/{ref.key}")
+    console.print(json.dumps(json_format.MessageToDict(ref)), markup=False, highlight=False)
+    console.print(
+        f"use it with: dreamframe submit --story STORY.json --stages style,render --style-embedding {path}"
+    )
+
+
 @app.command("export-story")
 def export_story(
     job_id: str,
@@ -493,6 +645,41 @@ def export_story(
     else:
         out.write_text(text + "\n", encoding="utf-8")
         console.print(f"wrote {out}")
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+dataset_app = typer.Typer(help="Datasets the qa-generator writes.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("check")
+def dataset_check(
+    dataset: Annotated[str, typer.Argument(help="A local folder or file, else a storage prefix or key.")],
+    profile: Annotated[str, typer.Option(help="llama-vid (default) or llava-next-video.")] = "",
+    max_video_seconds: Annotated[float, typer.Option(help="Longest video; 0: no limit.")] = 300.0,
+    show: Annotated[int, typer.Option(help="Problems printed at most.")] = 100,
+) -> None:
+    """Check a dataset against a trainer's data-loader rules; exit 1 if any record breaks one."""
+    # The rules live beside the code that writes the records.
+    from services.qa_generator import check
+
+    try:
+        if Path(dataset).exists():
+            loaded = check.open_local(Path(dataset))
+        else:
+            loaded = check.open_stored(open_store(_settings().storage), dataset)
+        report = check.check_dataset(loaded, profile, max_video_seconds=max_video_seconds)
+    except DreamFrameError as exc:
+        raise _fail(str(exc), 2) from None
+    for problem in report.problems[:show]:
+        console.print(problem.line(), markup=False, highlight=False)
+    console.print(
+        f"{report.profile}: {report.records} records in {len(report.files)} files, "
+        f"{report.bad_records} bad ({len(report.problems)} problems)"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # --- cluster -------------------------------------------------------------------------------------
