@@ -135,7 +135,8 @@ def test_secrets_never_land_in_config_maps():
     for value in ("s3-secret-value", "llm-key-value", "judge-key-value", "caller-token-1"):
         assert value not in config_maps and value not in deployments
         assert value in " ".join(secret.values())
-    assert secret["client-token"] == "caller-token-1"
+    # Services call each other as their own identities (the callers Secret), never with an auth token.
+    assert "client-token" not in secret
 
 
 def test_config_values_use_dreamframe_settings_names():

@@ -1,13 +1,16 @@
 """The chart's safe defaults (issue 19), rendered offline and validated strictly: TLS on (cert-manager's
 Certificate when the cluster serves cert-manager.io/v1, else a CA generated at install), one MinIO user
 and policy per service limited to its key prefixes, default-deny egress, metrics only from monitoring,
-probes on a plaintext health port with liveness apart from readiness, and a hardened vLLM."""
+probes on a plaintext health port with liveness apart from readiness, a hardened vLLM, auth always on
+(the chart's own caller identities, user callers read by the real settings loader) and evaluator endpoint
+keys only in Secrets."""
 
 from __future__ import annotations
 
 import base64
 import fnmatch
 import json
+import os
 
 import helm_python as helm
 import kubernetes_validate
@@ -188,7 +191,7 @@ def allows(policy: dict, action: str, key: str, bucket: str = "dreamframe") -> b
 
 
 def secrets_used(doc: dict) -> set[str]:
-    """Names of the Secrets a workload reads (env secretKeyRef, secret volumes)."""
+    """Names of the Secrets a workload reads (env secretKeyRef, secret and projected volumes)."""
     found: set[str] = set()
 
     def walk(node) -> None:
@@ -197,6 +200,9 @@ def secrets_used(doc: dict) -> set[str]:
                 found.add(node["secretKeyRef"]["name"])
             if isinstance(node.get("secret"), dict) and "secretName" in node["secret"]:
                 found.add(node["secret"]["secretName"])
+            # a projected volume's source
+            if isinstance(node.get("secret"), dict) and "name" in node["secret"]:
+                found.add(node["secret"]["name"])
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -512,3 +518,389 @@ def test_probes_split_liveness_from_readiness_on_the_health_port():
     # The health port is for the kubelet (always allowed from the node): no NetworkPolicy opens it.
     for policy in by_kind(docs, "NetworkPolicy").values():
         assert "50052" not in json.dumps(policy.get("spec", {}).get("ingress", []))
+
+
+# Callers and endpoint secrets -------------------------------------------------------------------------
+SYSTEM_CALLERS = {
+    "dreamframe-coordinator": ("dreamframe-system", "submit"),
+    "dreamframe-helm-test": ("dreamframe-system", "read"),
+    "dreamframe-admin": ("dreamframe-system", "admin"),
+}
+CALLERS_FILE = "/etc/dreamframe/callers/callers.yaml"
+
+
+def notes(values: dict | None = None) -> str:
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(values or {}, name="dreamframe", namespace=NS, is_install=True)
+    return next(text for name, text in files.items() if name.endswith("NOTES.txt"))
+
+
+def callers_yaml(docs: list[dict]) -> list[dict]:
+    return yaml.safe_load(by_kind(docs, "Secret")["dreamframe-callers"]["stringData"]["callers.yaml"])
+
+
+def container_env(docs: list[dict], container: dict, external: dict | None = None) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: values, secretKeyRefs (the release's rendered
+    Secrets, else `external` {secret: {key: value}}; optional ones may be missing) and $(VAR) references
+    to variables defined before."""
+    secrets = {n: s.get("stringData", {}) for n, s in by_kind(docs, "Secret").items()} | (external or {})
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            value = entry["value"]
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            env[entry["name"]] = value
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            found = secrets.get(ref["name"], {}).get(ref["key"])
+            if found is None:
+                assert ref.get("optional"), (
+                    f"{entry['name']}: Secret {ref['name']} key {ref['key']} not found"
+                )
+                continue
+            env[entry["name"]] = found
+    return env
+
+
+def load_service_settings(docs, container, tmp_path, monkeypatch, external=None):
+    """dreamframe.config's own loader over a Deployment's environment, with the rendered callers.yaml and
+    config.yaml where the pod mounts them."""
+    from dreamframe.config import load_settings
+
+    env = container_env(docs, container, external)
+    (tmp_path / "callers.yaml").write_text(
+        by_kind(docs, "Secret")["dreamframe-callers"]["stringData"]["callers.yaml"]
+    )
+    (tmp_path / "config.yaml").write_text(
+        by_kind(docs, "ConfigMap")["dreamframe-config"]["data"]["config.yaml"]
+    )
+    assert env["DREAMFRAME_SERVER__CALLERS_FILE"] == CALLERS_FILE
+    assert env["DREAMFRAME_CONFIG_FILE"] == "/etc/dreamframe/config.yaml"
+    env["DREAMFRAME_SERVER__CALLERS_FILE"] = str(tmp_path / "callers.yaml")
+    env["DREAMFRAME_CONFIG_FILE"] = str(tmp_path / "config.yaml")
+    for name in list(os.environ):
+        if name.upper().startswith("DREAMFRAME_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("DREAMFRAME_"):
+            monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def identities(settings) -> dict[str, tuple[str, str]]:
+    return {c.name: (c.team, c.role) for c in settings.server.all_callers}
+
+
+def test_auth_is_always_on_with_the_charts_own_identities(tmp_path, monkeypatch):
+    docs = render()
+    validate_strictly(docs)
+    secret = by_kind(docs, "Secret")["dreamframe-callers"]["stringData"]
+    entries = callers_yaml(docs)
+    assert {e["name"]: (e["team"], e["role"]) for e in entries} == SYSTEM_CALLERS
+    tokens = {e["name"]: e["token"] for e in entries}
+    assert all(len(t) == 40 and t.isalnum() for t in tokens.values())
+    assert len(set(tokens.values())) == 3
+    assert secret["coordinator-token"] == tokens["dreamframe-coordinator"]
+    assert secret["helm-test-token"] == tokens["dreamframe-helm-test"]
+    assert secret["admin-token"] == tokens["dreamframe-admin"]
+    assert "client-token" not in by_kind(docs, "Secret")["dreamframe-secrets"]["stringData"]
+
+    for component in SERVICES.values():
+        pod = pod_spec(docs, f"dreamframe-{component}")
+        container = pod["containers"][0]
+        env = env_of(container)
+        assert env["DREAMFRAME_SERVER__CALLERS_FILE"]["value"] == CALLERS_FILE
+        assert "DREAMFRAME_SERVER__AUTH_TOKENS" not in env
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "callers")
+        assert mount == {"name": "callers", "mountPath": "/etc/dreamframe/callers", "readOnly": True}
+        volume = next(v for v in pod["volumes"] if v["name"] == "callers")
+        assert volume["secret"]["secretName"] == "dreamframe-callers"
+        assert volume["secret"]["items"] == [{"key": "callers.yaml", "path": "callers.yaml"}]
+        # Only the coordinator calls other services: as itself, role submit (not an admin token).
+        if component == "coordinator":
+            assert env["DREAMFRAME_CLIENT__TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "dreamframe-callers",
+                "key": "coordinator-token",
+            }
+        else:
+            assert "DREAMFRAME_CLIENT__TOKEN" not in env
+        # What the service itself reads: auth on, exactly the chart's identities.
+        settings = load_service_settings(docs, container, tmp_path, monkeypatch)
+        assert settings.server.auth_enabled, component
+        assert identities(settings) == SYSTEM_CALLERS
+        if component == "coordinator":
+            client = settings.client.token.get_secret_value()
+            caller = next(c for c in settings.server.all_callers if c.token.get_secret_value() == client)
+            assert (caller.name, caller.role) == ("dreamframe-coordinator", "submit")
+
+    # helm test: its own read-only identity.
+    test_env = env_of(by_kind(docs, "Pod")["dreamframe-test-health"]["spec"]["containers"][0])
+    assert test_env["DREAMFRAME_CLIENT__TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "dreamframe-callers",
+        "key": "helm-test-token",
+    }
+    # Tokens only in the Secret.
+    others = yaml.safe_dump([d for d in docs if d["kind"] != "Secret"])
+    assert not [t for t in tokens.values() if t in others]
+    text = notes()
+    assert "get secret dreamframe-callers -o jsonpath='{.data.admin-token}'" in text
+    assert "callers:" in text and "deprecated" not in text
+
+    # Without the admin: the coordinator and helm test only, still auth on.
+    docs = render({"systemCallers": {"team": "platform", "admin": False}})
+    assert {e["name"]: (e["team"], e["role"]) for e in callers_yaml(docs)} == {
+        "dreamframe-coordinator": ("platform", "submit"),
+        "dreamframe-helm-test": ("platform", "read"),
+    }
+    assert "admin-token" not in by_kind(docs, "Secret")["dreamframe-callers"]["stringData"]
+    assert "admin-token" not in notes({"systemCallers": {"team": "platform", "admin": False}})
+
+
+def test_user_callers_are_read_by_the_services(tmp_path, monkeypatch):
+    inline = "0123456789abcdef0123456789abcdef"
+    from_secret = "fedcba9876543210fedcba9876543210"
+    values = {
+        "callers": [
+            {
+                "name": "vision-ci",
+                "team": "vision",
+                "role": "submit",
+                "existingSecret": "vision-dreamframe",
+                "key": "ci",
+            },
+            {"name": "vision-dashboard", "team": "vision", "role": "read", "token": inline},
+            {"name": "ops", "team": "platform", "role": "admin", "existingSecret": "ops-token"},
+        ]
+    }
+    docs = render(values)
+    validate_strictly(docs)
+    # Inline tokens go into callers.yaml; tokens in your Secrets never into anything the chart renders.
+    assert {e["name"] for e in callers_yaml(docs)} == set(SYSTEM_CALLERS) | {"vision-dashboard"}
+    assert from_secret not in yaml.safe_dump(docs)
+    assert inline not in yaml.safe_dump([d for d in docs if d["kind"] != "Secret"])
+    external = {"vision-dreamframe": {"ci": from_secret}, "ops-token": {"token": "ops-token-0123456789"}}
+    expected = SYSTEM_CALLERS | {
+        "vision-ci": ("vision", "submit"),
+        "vision-dashboard": ("vision", "read"),
+        "ops": ("platform", "admin"),
+    }
+    for component in SERVICES.values():
+        pod = pod_spec(docs, f"dreamframe-{component}")
+        assert {"vision-dreamframe", "ops-token", "dreamframe-callers"} <= secrets_used({"spec": pod})
+        settings = load_service_settings(docs, pod["containers"][0], tmp_path, monkeypatch, external)
+        assert identities(settings) == expected, component
+        tokens = {c.name: c.token.get_secret_value() for c in settings.server.all_callers}
+        assert tokens["vision-ci"] == from_secret and tokens["vision-dashboard"] == inline
+        assert tokens["ops"] == "ops-token-0123456789"
+    # A changed list restarts the pods (callers.yaml is read at start); the same values do not.
+    checksums = [
+        by_kind(d, "Deployment")["dreamframe-evaluator"]["spec"]["template"]["metadata"]["annotations"][
+            "checksum/callers"
+        ]
+        for d in (docs, render(values), render())
+    ]
+    assert checksums[0] == checksums[1] != checksums[2]
+
+
+def test_deprecated_auth_tokens_still_work_as_admins_but_never_as_the_client_token(tmp_path, monkeypatch):
+    legacy = "legacy-token-aaaaaaaaaaaa,legacy-token-bbbbbbbbbbbb"
+    docs = render({"secrets": {"authTokens": legacy}})
+    validate_strictly(docs)
+    assert by_kind(docs, "Secret")["dreamframe-secrets"]["stringData"]["auth-tokens"] == legacy
+    for component in SERVICES.values():
+        container = pod_spec(docs, f"dreamframe-{component}")["containers"][0]
+        assert (
+            env_of(container)["DREAMFRAME_SERVER__AUTH_TOKENS"]["valueFrom"]["secretKeyRef"]["key"]
+            == "auth-tokens"
+        )
+        settings = load_service_settings(docs, container, tmp_path, monkeypatch)
+        assert identities(settings) == SYSTEM_CALLERS | {
+            "token-1": ("default", "admin"),
+            "token-2": ("default", "admin"),
+        }
+        if component == "coordinator":
+            assert settings.client.token.get_secret_value() not in legacy.split(",")
+            assert settings.client.token.get_secret_value() == next(
+                c["token"] for c in callers_yaml(docs) if c["name"] == "dreamframe-coordinator"
+            )
+    assert "secrets.authTokens is deprecated" in notes({"secrets": {"authTokens": legacy}})
+    # With secrets.existingSecret the tokens may be in your Secret (optional key).
+    docs = render({"secrets": {"existingSecret": "mine"}})
+    ref = env_of(pod_spec(docs, "dreamframe-trainer")["containers"][0])["DREAMFRAME_SERVER__AUTH_TOKENS"]
+    assert ref["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "auth-tokens", "optional": True}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"callers": [{"name": "a", "team": "vision", "role": "root", "token": "0123456789abcdef"}]},
+            "/callers/0/role",
+        ),
+        (
+            {"callers": [{"name": "a", "team": "Vision", "role": "read", "token": "0123456789abcdef"}]},
+            "/callers/0/team",
+        ),
+        (
+            {"callers": [{"name": "CI", "team": "vision", "role": "read", "token": "0123456789abcdef"}]},
+            "/callers/0/name",
+        ),
+        (
+            {"callers": [{"name": "a", "team": "vision", "role": "read", "token": "short"}]},
+            "/callers/0/token",
+        ),
+        ({"callers": [{"name": "a", "team": "vision", "role": "read"}]}, "missing property 'token'"),
+        (
+            {
+                "callers": [
+                    {
+                        "name": "a",
+                        "team": "v",
+                        "role": "read",
+                        "token": "0123456789abcdef",
+                        "existingSecret": "s",
+                    }
+                ]
+            },
+            "/callers/0",
+        ),
+        (
+            {"callers": [{"name": "a", "team": "v", "role": "read", "token": "0123456789abcdef", "x": 1}]},
+            "'x' not allowed",
+        ),
+        ({"systemCallers": {"team": "Ops", "admin": True}}, "/systemCallers/team"),
+        (
+            {"config": {"evaluator": {"allow_caller_endpoints": "yes"}}},
+            "/config/evaluator/allow_caller_endpoints",
+        ),
+        (
+            {"config": {"evaluator": {"judges": {"j": {"base_url": "ftp://judge", "model": "m"}}}}},
+            "/config/evaluator/judges/j/base_url",
+        ),
+        (
+            {
+                "config": {
+                    "evaluator": {
+                        "endpoints": {"e": {"base_url": "https://x", "model": "m", "api_key_file": "/k"}}
+                    }
+                }
+            },
+            "'api_key_file' not allowed",
+        ),
+        (
+            {"config": {"evaluator": {"judges": {"../x": {"base_url": "https://x", "model": "m"}}}}},
+            "'../x' not allowed",
+        ),
+    ],
+)
+def test_schema_rejects_bad_callers_and_endpoints(values, message):
+    with pytest.raises(helm.HelmValuesError) as info:
+        render(values)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("callers", "message"),
+    [
+        (
+            [
+                {
+                    "name": "dreamframe-coordinator",
+                    "team": "vision",
+                    "role": "admin",
+                    "token": "0123456789abcdef",
+                }
+            ],
+            'callers[0]: the name "dreamframe-coordinator" is used twice',
+        ),
+        (
+            [
+                {"name": "a", "team": "vision", "role": "read", "token": "0123456789abcdef"},
+                {"name": "b", "team": "vision", "role": "read", "token": "0123456789abcdef"},
+            ],
+            "callers[1] (b): its token is another caller's",
+        ),
+    ],
+)
+def test_clashing_callers_fail_at_install(callers, message):
+    with pytest.raises(helm.HelmError) as info:
+        render({"callers": callers})
+    assert message in str(info.value)
+    assert "0123456789abcdef" not in str(info.value)
+
+
+def test_evaluator_endpoints_and_judges_keep_their_keys_in_secrets(tmp_path, monkeypatch):
+    from services.evaluator.settings import EvaluatorSettings
+
+    values = {
+        "secrets": {"judgeApiKey": "judge-key-value"},
+        "config": {
+            "evaluator": {
+                "endpoints": {
+                    "gpt4o-vision": {
+                        "base_url": "https://api.openai.com/v1",
+                        "model": "gpt-4o",
+                        "models": ["gpt-4o-mini"],
+                        "apiKeySecret": {"name": "openai", "key": "api-key"},
+                    },
+                    "local-vllm": {"base_url": "http://vllm.models.svc:8000/v1", "model": "qwen"},
+                },
+                "judges": {
+                    "gpt4o": {
+                        "base_url": "https://api.openai.com/v1",
+                        "model": "gpt-4o",
+                        "apiKeySecret": {"name": "openai", "key": "judge-key"},
+                    },
+                    "internal": {
+                        "base_url": "https://llm.internal/v1",
+                        "model": "m",
+                        "api_key_env": "INTERNAL_KEY",
+                    },
+                },
+            }
+        },
+    }
+    docs = render(values)
+    validate_strictly(docs)
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["dreamframe-config"]["data"]["config.yaml"])
+    evaluator = EvaluatorSettings.model_validate(config["evaluator"])
+    assert evaluator.allow_caller_endpoints is False
+    assert (
+        str(evaluator.endpoints["gpt4o-vision"].api_key_file)
+        == "/etc/dreamframe/endpoint-keys/endpoints/gpt4o-vision"
+    )
+    assert evaluator.endpoints["gpt4o-vision"].allowed_models == ["gpt-4o", "gpt-4o-mini"]
+    assert (
+        evaluator.endpoints["local-vllm"].api_key_file is None
+        and not evaluator.endpoints["local-vllm"].api_key_env
+    )
+    assert str(evaluator.judges["gpt4o"].api_key_file) == "/etc/dreamframe/endpoint-keys/judges/gpt4o"
+    assert evaluator.judges["internal"].api_key_env == "INTERNAL_KEY"
+    assert "apiKeySecret" not in json.dumps(config)
+
+    # The keys: mounted in the evaluator alone, read-only, one file per entry where api_key_file says.
+    pod = pod_spec(docs, "dreamframe-evaluator")
+    volume = next(v for v in pod["volumes"] if v["name"] == "endpoint-keys")
+    assert volume["projected"]["sources"] == [
+        {"secret": {"name": "openai", "items": [{"key": "api-key", "path": "endpoints/gpt4o-vision"}]}},
+        {"secret": {"name": "openai", "items": [{"key": "judge-key", "path": "judges/gpt4o"}]}},
+    ]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "endpoint-keys")
+    assert mount == {"name": "endpoint-keys", "mountPath": "/etc/dreamframe/endpoint-keys", "readOnly": True}
+    holders = [d["metadata"]["name"] for d in docs if "openai" in secrets_used(d)]
+    assert holders == ["dreamframe-evaluator"]
+
+    # What the evaluator itself reads: the named entries, and the old judge key still the default judge.
+    settings = load_service_settings(docs, pod["containers"][0], tmp_path, monkeypatch)
+    assert set(settings.evaluator.endpoints) == {"gpt4o-vision", "local-vllm"}
+    assert set(settings.evaluator.judges) == {"gpt4o", "internal"}
+    assert settings.evaluator.judge_api_key.get_secret_value() == "judge-key-value"
+    assert settings.evaluator.allow_caller_endpoints is False
+
+    # Defaults: no entries, no key volume, caller endpoints off.
+    docs = render()
+    assert "endpoint-keys" not in {v["name"] for v in pod_spec(docs, "dreamframe-evaluator")["volumes"]}
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["dreamframe-config"]["data"]["config.yaml"])
+    assert config["evaluator"]["allow_caller_endpoints"] is False
+    assert EvaluatorSettings.model_validate(config["evaluator"]).judges == {}

@@ -195,3 +195,67 @@ write (put, delete, multipart) under its write patterns, nothing else. call with
 {{- end -}}
 {{- dict "Version" "2012-10-17" "Statement" $statements | toJson -}}
 {{- end -}}
+
+{{/* Callers ----------------------------------------------------------------------------------- */}}
+{{/* The Secret with callers.yaml (every service's server.callers_file) and the tokens of the chart's own
+identities (coordinator-token, helm-test-token, admin-token). */}}
+{{- define "dreamframe.callersSecretName" -}}
+{{- printf "%s-callers" (include "dreamframe.fullname" .) -}}
+{{- end -}}
+
+{{/* The chart's own callers, always there (auth is never off in the chart): name → {role, key}. */}}
+{{- define "dreamframe.systemCallers" -}}
+coordinator: {name: dreamframe-coordinator, role: submit, key: coordinator-token}
+helmTest: {name: dreamframe-helm-test, role: read, key: helm-test-token}
+{{- if .Values.systemCallers.admin }}
+admin: {name: dreamframe-admin, role: admin, key: admin-token}
+{{- end }}
+{{- end -}}
+
+{{/* Env of every DreamFrame server: its callers (the mounted callers.yaml; callers whose token is in a
+Secret of yours, composed into DREAMFRAME_SERVER__CALLERS from their own env vars) and the deprecated
+secrets.authTokens. */}}
+{{- define "dreamframe.callersEnv" -}}
+- name: DREAMFRAME_SERVER__CALLERS_FILE
+  value: /etc/dreamframe/callers/callers.yaml
+{{- $fromSecrets := list }}
+{{- range $i, $c := .Values.callers }}
+{{- if $c.existingSecret }}
+{{- $var := printf "DREAMFRAME_CALLER_TOKEN_%d" $i }}
+- name: {{ $var }}
+  valueFrom: {secretKeyRef: {name: {{ $c.existingSecret }}, key: {{ $c.key | default "token" }}}}
+{{- $fromSecrets = append $fromSecrets (dict "name" $c.name "team" $c.team "role" $c.role "token" (printf "$(%s)" $var)) }}
+{{- end }}
+{{- end }}
+{{- if $fromSecrets }}
+# Callers whose tokens are in your Secrets: the kubelet puts each token in place of its $(...).
+- name: DREAMFRAME_SERVER__CALLERS
+  value: {{ toJson $fromSecrets | quote }}
+{{- end }}
+{{- if or .Values.secrets.authTokens .Values.secrets.existingSecret }}
+# Deprecated: each token an admin caller token-<n> of team default.
+- name: DREAMFRAME_SERVER__AUTH_TOKENS
+  valueFrom: {secretKeyRef: {name: {{ include "dreamframe.secretName" . }}, key: auth-tokens, optional: true}}
+{{- end }}
+{{- end -}}
+
+{{/* Evaluator endpoint and judge keys ------------------------------------------------------------ */}}
+{{/* The entries of config.evaluator.endpoints/judges whose API key is in a Secret (apiKeySecret: {name, key}),
+as a YAML list of {secret, key, path}: each one mounted as the file endpoint-keys/<path> in the evaluator,
+which reads it as the entry's api_key_file (configmap.yaml). */}}
+{{- define "dreamframe.endpointKeysDir" -}}
+/etc/dreamframe/endpoint-keys
+{{- end -}}
+
+{{- define "dreamframe.endpointKeys" -}}
+{{- $evaluator := default dict .Values.config.evaluator -}}
+{{- $found := list -}}
+{{- range $kind := list "endpoints" "judges" -}}
+{{- range $name, $entry := (index $evaluator $kind | default dict) -}}
+{{- with $entry.apiKeySecret -}}
+{{- $found = append $found (dict "secret" .name "key" .key "path" (printf "%s/%s" $kind $name)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $found -}}
+{{- end -}}
