@@ -147,6 +147,31 @@ def test_bad_requests_name_the_field_and_write_nothing(store: LocalStore) -> Non
             "INVALID_ARGUMENT",
             "options.formats.0",
         ),
+        (
+            qa_pb2.BuildDatasetRequest(job_id=JOB, stories=[good], options=qa_pb2.DatasetOptions(profile=7)),
+            "INVALID_ARGUMENT",
+            "options.profile",
+        ),
+        (
+            # Conversations over frame lists: neither target loader reads them.
+            qa_pb2.BuildDatasetRequest(
+                job_id=JOB,
+                stories=[good],
+                options=qa_pb2.DatasetOptions(
+                    formats=[F.DATASET_FORMAT_LLAVA_JSON],
+                    profile=F.DATASET_PROFILE_LLAVA_NEXT_VIDEO,
+                ),
+            ),
+            "INVALID_ARGUMENT",
+            "options.formats",
+        ),
+        (
+            qa_pb2.BuildDatasetRequest(
+                job_id=JOB, stories=[good], options=qa_pb2.DatasetOptions(max_video_seconds=-1)
+            ),
+            "INVALID_ARGUMENT",
+            "options.max_video_seconds",
+        ),
         (qa_pb2.BuildDatasetRequest(stories=[good]), "INVALID_ARGUMENT", "dataset_name"),
         (qa_pb2.BuildDatasetRequest(job_id=JOB), "INVALID_ARGUMENT", "stories"),
     ]
