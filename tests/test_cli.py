@@ -112,3 +112,41 @@ def test_the_progress_bar_time_column_ticks_while_a_stage_runs():
     assert column.render(progress.tasks[running]).plain in ("1m15s", "1m16s")
     assert column.render(progress.tasks[finished]).plain == "12.5s"
     assert column.render(progress.tasks[waiting]).plain == "-"
+
+
+# --- dataset check ---------------------------------------------------------------------------------------
+
+
+def test_dataset_check_reports_bad_records_by_id(tmp_path):
+    from test_qa_profiles import broken_dataset
+
+    broken_dataset(tmp_path / "ds")
+    result = runner.invoke(cli.app, ["dataset", "check", "--profile", "llama-vid", str(tmp_path / "ds")])
+    assert result.exit_code == 1, result.output
+    for rid in ("late-question", "frames-only", "no-image-token", "gpt-first", "missing-video"):
+        assert f"] {rid}: " in result.output
+    assert "] good: " not in result.output
+    assert "llama-vid: 10 records in 1 files, 9 bad" in result.output
+
+
+def test_dataset_check_of_a_built_dataset_in_storage_passes(local_store):
+    from test_qa_generator import JOB, make_story, put_story
+
+    from dreamframe.storage import open_store
+    from services.qa_generator.builder import BuildRequest, build_dataset
+    from services.qa_generator.options import make_options
+
+    store = open_store(get_settings().storage)
+    source = put_story(store, 0, make_story("c"))
+    options = make_options(video_size=16, include_subtitles=True, profile="llava-next-video")
+    build_dataset(store, BuildRequest(JOB, "", [source], options))
+    result = runner.invoke(cli.app, ["dataset", "check", "--profile", "llava-next-video", f"datasets/{JOB}/"])
+    assert result.exit_code == 0, result.output
+    assert "0 bad" in result.output
+
+
+def test_dataset_check_usage_errors(local_store):
+    result = runner.invoke(cli.app, ["dataset", "check", "--profile", "llava", "datasets/none/"])
+    assert result.exit_code == 2 and "profile" in result.output
+    result = runner.invoke(cli.app, ["dataset", "check", "datasets/none/"])
+    assert result.exit_code == 2 and "datasets/none/manifest.json" in result.output

@@ -665,6 +665,7 @@ def dataset_check(
     from services.qa_generator import check
 
     try:
+        check.get_profile(profile, field="profile")  # before reading anything
         if Path(dataset).exists():
             loaded = check.open_local(Path(dataset))
         else:
