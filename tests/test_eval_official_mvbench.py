@@ -14,10 +14,13 @@ from __future__ import annotations
 import pytest
 from test_eval_support import BLUE, RED, make_store, mp4_bytes
 
+from dreamframe.models.video_llm import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
 from services.evaluator import extract as ex
 from services.evaluator.benchmarks import BENCHMARKS
 from services.evaluator.benchmarks.base import LENIENT_SCORE, Location
+from services.evaluator.items import Item
 from services.evaluator.models import Choice
+from services.evaluator.report import BenchmarkRun, ModelRun, build_report, render_markdown, write_report
 from services.evaluator.sources import StoreSource
 
 # Option B, the right one, is a text that begins with "A ".
@@ -206,8 +209,6 @@ def test_mvbench_files_scored_officially_with_a_lenient_column(tmp_path) -> None
 
 def test_letter_logits_are_scored_as_the_first_generated_token() -> None:
     store_item = BENCHMARKS["mvbench"]
-    from services.evaluator.items import Item
-
     item = Item("mvbench", "t", "t/0", None, {"question": "q", "candidates": CANDIDATES, "answer": RIGHT})
     right = store_item.grade(item, {"letter": "B", "raw": "{}", "method": "letter_logits"}, None)
     wrong = store_item.grade(item, {"letter": "A", "raw": "{}", "method": "letter_logits"}, None)
@@ -238,3 +239,73 @@ def test_dreamframe_mc_uses_the_mvbench_rule(tmp_path) -> None:
     assert [g.lenient for g in graded] == [lenient == "B" for _, _, lenient in ANSWER_STYLES]
     overall = {r.task: r for r in rows}["overall"]
     assert overall.extra["correct"] == sum(official for _, official, _ in ANSWER_STYLES)
+
+
+# --- the report: official score first, lenient column only when asked, random weights said first ---------
+def _report(store, *, lenient: bool):
+    write_mvbench_files(store)
+    replies = {
+        "action_sequence/0": "A) Ate the medicine.",
+        "action_sequence/1": "Option B",
+        "object_shuffle/0": "",
+    }
+    _, _, rows = graded_replies("mvbench", store, "MVBench/json", replies)
+    bench = BenchmarkRun("mvbench", "mvbench", "MVBench/json", "", items=3)
+    bench.scores = {"base": rows, "dreamframe": rows}
+    models = [
+        ModelRun("base", "preset:tiny:v1", {"preset": "tiny"}, 8),
+        ModelRun("dreamframe", "checkpoint:runs/r1/final/@x", {"checkpoint_prefix": "runs/r1/final/"}, 8),
+    ]
+    return build_report(
+        report_name="r",
+        job_id="",
+        created_at="2026-01-01T00:00:00+00:00",
+        duration_seconds=1.0,
+        models=models,
+        benchmarks=[bench],
+        judge=None,
+        cache={},
+        lenient_answer_matching=lenient,
+    )
+
+
+def test_report_scores_officially_and_shows_lenient_only_when_asked(tmp_path) -> None:
+    store = make_store(tmp_path)
+    plain = _report(store, lenient=False)
+    overall = next(r for r in plain["scores"] if r["task"] == "overall" and r["model"] == "base")
+    assert overall["score"] == pytest.approx(200 / 3) and LENIENT_SCORE not in overall["extra"]
+    assert "(lenient)" not in render_markdown(plain)
+
+    asked = _report(store, lenient=True)
+    overall = next(r for r in asked["scores"] if r["task"] == "overall" and r["model"] == "base")
+    assert overall["score"] == pytest.approx(200 / 3)  # still the official score
+    assert overall["extra"][LENIENT_SCORE] == pytest.approx(200 / 3)
+    row = next(r for r in asked["benchmarks"][0]["comparison"] if r["task"] == "Action Sequence")
+    assert row["scores"]["base"] == 50.0 and row["lenient"]["base"] == 100.0
+    md = render_markdown(asked)
+    assert "| base (lenient) | dreamframe (lenient) |" in md
+    assert "| Action Sequence | 50.00 | 50.00 | +0.00 | 100.00 | 100.00 |" in md
+
+
+def test_report_says_first_when_models_have_random_weights(tmp_path) -> None:
+    store = make_store(tmp_path)
+    report = _report(store, lenient=False)
+    # Before the checkpoint's config is seen, only the preset is known to be random.
+    assert len(report["notice"]) == 1 and "**base** is the tiny preset" in report["notice"][0]
+    # The fine-tuned checkpoint has the tiny preset's architecture (as `make run` trains it).
+    store.put_json(
+        "runs/r1/final/config.json",
+        {"vision_config": {"image_size": TINY_IMAGE_SIZE, "patch_size": TINY_PATCH_SIZE}, "text_config": {}},
+    )
+    refs = write_report(store, "reports/r/", report, [])
+    written = store.get_json(refs.report_json.key)
+    assert "**base**, **dreamframe** are the tiny preset" in written["notice"][0]
+    md = store.get_bytes(refs.report_markdown.key).decode()
+    lines = md.splitlines()
+    assert lines[0] == "# Evaluation report: r" and lines[2].startswith("> **Random weights: **base**")
+    assert md == render_markdown(written)
+    # A real model and a real-size checkpoint: no notice.
+    store.put_json("runs/r1/final/config.json", {"vision_config": {"image_size": 336, "patch_size": 14}})
+    report["models"][0]["source"], report["models"][0]["identity"] = {"preset": "llava-1.5-7b"}, "preset:x"
+    write_report(store, "reports/r2/", report, [])
+    assert report["notice"] == []
