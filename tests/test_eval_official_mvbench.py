@@ -265,7 +265,7 @@ def _report(store, *, lenient: bool):
         benchmarks=[bench],
         judge=None,
         cache={},
-        lenient_answer_matching=lenient,
+        options={"lenient_answer_matching": lenient},
     )
 
 

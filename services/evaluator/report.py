@@ -178,10 +178,14 @@ def build_report(
     benchmarks: list[BenchmarkRun],
     judge: dict | None,
     cache: dict,
-    lenient_answer_matching: bool = False,
+    options: dict[str, bool] | None = None,
 ) -> dict:
-    """The report document. Scores are the benchmarks' official ones; ``lenient_answer_matching`` adds
-    the lenient reading's scores as their own column (never instead of the official score)."""
+    """The report document. Scores are the benchmarks' official ones. ``options`` names the lenient
+    readings asked for (``lenient_answer_matching``: MVBench-style multiple choice;
+    ``lenient_judge_replies``: judge replies); with any of them on, each benchmark's lenient score is
+    reported as its own column, never instead of the official score."""
+    options = dict(options or {})
+    lenient = any(options.values())
     names = [m.name for m in models]
     out_benchmarks = []
     flat = []
@@ -197,22 +201,18 @@ def build_report(
                 "files": b.files,
                 "items": b.items,
                 "load_errors": [e.to_json() for e in b.load_errors],
-                "scores": {
-                    m: [_row_json(r, lenient_answer_matching) for r in rows] for m, rows in b.scores.items()
-                },
+                "scores": {m: [_row_json(r, lenient) for r in rows] for m, rows in b.scores.items()},
                 "item_errors": {m: [e.to_json() for e in errs] for m, errs in b.item_errors.items()},
                 "judge_calls": b.judge_calls,
                 "comparison": (
-                    comparison(b, model_names, lenient=lenient_answer_matching)
-                    if b.kind != "style_consistency"
-                    else []
+                    comparison(b, model_names, lenient=lenient) if b.kind != "style_consistency" else []
                 ),
                 **({"extra": b.extra} if b.extra else {}),
             }
         )
         for m, rows in b.scores.items():
             for r in rows:
-                flat.append({"model": m, "benchmark": b.name, **_row_json(r, lenient_answer_matching)})
+                flat.append({"model": m, "benchmark": b.name, **_row_json(r, lenient)})
     report = {
         "format": REPORT_FORMAT,
         "report_name": report_name,
@@ -223,7 +223,7 @@ def build_report(
         "models": [m.__dict__ for m in models],
         "judge": judge,
         "cache": cache,
-        "options": {"lenient_answer_matching": lenient_answer_matching},
+        "options": options,
         "benchmarks": out_benchmarks,
         "scores": flat,
     }
@@ -251,7 +251,7 @@ def render_markdown(report: dict) -> str:
     # First thing a reader sees: scores from random weights are no result.
     for line in report.get("notice", []):
         out += [f"> **{line}**", ""]
-    lenient = bool(report.get("options", {}).get("lenient_answer_matching"))
+    lenient = any((report.get("options") or {}).values())
     if report.get("job_id"):
         out.append(f"Job `{report['job_id']}`, ")
     out.append(f"created {report['created_at']} in {report['duration_seconds']:.1f} s.")
@@ -345,9 +345,10 @@ def render_markdown(report: dict) -> str:
             )
             if show_lenient:
                 out.append(
-                    'Scores are the benchmark\'s official scoring; "(lenient)" columns also accept '
-                    '"Option B", "Best option: (B)" and an option\'s exact text '
-                    "(lenient_answer_matching), for comparison only."
+                    'Scores are the benchmark\'s official scoring; "(lenient)" columns read answers '
+                    'more forgivingly (MVBench-style multiple choice: "Option B", "Best option: (B)", '
+                    "an option's exact text; judge replies the official parser rejects), for comparison "
+                    f"only ({', '.join(k for k, v in report['options'].items() if v)})."
                 )
         errors = [(None, e) for e in b["load_errors"]] + [
             (m, e) for m, errs in b["item_errors"].items() for e in errs
