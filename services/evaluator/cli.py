@@ -14,6 +14,9 @@ environment variable ``--api-key-env`` names. Benchmarks:
 video_chatgpt, dreamframe_mc); ``--style FRAMES_PREFIX`` (repeatable, one per story) adds keyframe style
 consistency. Storage and defaults come from the usual settings (DREAMFRAME_STORAGE__*,
 DREAMFRAME_EVALUATOR__*); progress goes to stderr, the report's refs and headline scores to stdout.
+Exit status: 0 with scores; 1 when the report holds no score at all (every item failed); 2 when the
+request is refused (bad arguments, or a benchmark none of whose items can be scored, such as Video-Bench
+files without answers).
 """
 
 from __future__ import annotations
@@ -182,6 +185,15 @@ def evaluate(
         "headline": headline,
     }
     print(json.dumps(summary, indent=2))
+    if not any(
+        row["score"] is not None
+        for b in result.report["benchmarks"]
+        for rows in b["scores"].values()
+        for row in rows
+    ):
+        # Every item failed (model, video or judge errors): the report says why, but it holds no score.
+        print(f"error: no item could be scored; see {result.report_markdown.key}", file=sys.stderr)
+        return 1
     return 0
 
 

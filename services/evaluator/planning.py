@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamframe.errors import InvalidArgument, NotFound
+from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.storage.base import ObjectStore
 from services.evaluator.settings import EvaluatorSettings
 
@@ -131,6 +131,15 @@ def load_benchmark(
         raise InvalidArgument(
             f"no {spec.kind} files found under {spec.data_prefix!r}"
             + (f" ({loaded.errors[0].reason})" if loaded.errors else ""),
+            field=f"{where}.data_prefix",
+        )
+    if not loaded.items:
+        # Nothing could be scored (a Video-Bench file without answers, every video missing, ...): an
+        # empty report is no result.
+        reasons = "; ".join(dict.fromkeys(f"{e.item_id}: {e.reason}" for e in loaded.errors[:3]))
+        raise FailedPrecondition(
+            f"no {spec.kind} item under {spec.data_prefix!r} can be scored"
+            + (f" ({reasons})" if reasons else ""),
             field=f"{where}.data_prefix",
         )
     run.files, run.items, run.load_errors = loaded.files, len(loaded.items), loaded.errors

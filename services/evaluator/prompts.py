@@ -119,32 +119,44 @@ def tempcompass_caption_messages(caption: str, mc_question: str) -> list[dict]:
 
 
 # --- Video-Bench ----------------------------------------------------------------------------------------
+# The question as Video-Bench's Step 1 (README.md of PKU-YuanGroup/Video-Bench, "Chat with your own model")
+# builds it, branch by branch: only the six-choice branch says "Choices:" (glued to the question), the others
+# start with a space; the five-, three- and two-choice branches end with a space, the four- and six-choice
+# ones do not; an item with one choice matches no branch and is asked as the bare question.
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+_TRAILING_SPACE = {2: " ", 3: " ", 4: "", 5: " ", 6: ""}
 
 
 def videobench_prompt(question: str, choices: dict[str, str]) -> str:
-    letters = list(choices)
-    listed = " ".join(f"{k}.{v}" for k, v in choices.items())
-    count = _COUNT_WORDS.get(len(letters), str(len(letters)))
+    n = len(choices)
+    if n not in _COUNT_WORDS:
+        return question
+    letters = sorted(choices)
+    listed = " ".join(f"{k}.{choices[k]}" for k in letters)
+    head = "Choices: " if n == 6 else " "
     return (
-        f"{question} Choices: {listed} \n Among the {count} options {', '.join(letters)} above, "
-        "the one closest to the correct answer is:"
+        f"{question}{head}{listed} \n Among the {_COUNT_WORDS[n]} options {', '.join(letters)} above, "
+        f"the one closest to the correct answer is:{_TRAILING_SPACE[n]}"
     )
 
 
 def videobench_choice_messages(question_with_options: str, output: str) -> list[dict]:
-    task = (
-        "You are now an answer selection expert, and I will provide you with a question with several options, "
-        "as well as a target sentence. Please return the alphabet of the option with the highest probability of "
-        "matching this target sentence. Given question with options and the target sequence:\n"
-        + str({"target sequcene": output, "question": question_with_options})
-    )
+    """Step2_chatgpt_judge.py's chat_classify: system, then the task as an *assistant* message holding
+    ``str({'target sequcene': output, 'question': question})`` (Python repr, their spelling), then the
+    format request as the user (two spaces before "where", as there)."""
+    gpt_input = {"target sequcene": output, "question": question_with_options}
     return [
         {"role": "system", "content": "As a language expert, please complete the following task."},
-        {"role": "user", "content": task},
+        {
+            "role": "assistant",
+            "content": "You are now an answer selection expert, and I will provide you with a question with several "
+            "options, as well as a target sentence. Please return the alphabet of the option with the highest "
+            "probability of matching this target sentence. Given question with options and the target sequence:\n"
+            + str(gpt_input),
+        },
         {
             "role": "user",
-            "content": 'Please output your responses in the form of a dictionary {"maximum probability":"xxx"} '
+            "content": 'Please output your responses in the form of a dictionary {"maximum probability":"xxx"}  '
             "where xxx is A or B or C or ...",
         },
     ]
@@ -238,8 +250,11 @@ _VCGPT_HIGHEST = {
 
 
 def video_chatgpt_messages(criterion: str, fields: dict[str, str]) -> list[dict]:
-    """The judge prompt for one criterion. ``fields``: Q, A, pred (consistency: Q1, Q2, A, pred1, pred2).
-    Unlike the reference script, consistency shows the judge the real second question (it passed Q1 twice)."""
+    """The judge prompt for one criterion, as mbzuai-oryx/Video-ChatGPT's
+    quantitative_evaluation/evaluate_benchmark_{1_correctness,2_detailed_orientation,3_context,4_temporal,
+    5_consistency}.py write it in ``annotate``. ``fields``: Q, A, pred (consistency: Q1, Q2, A, pred1,
+    pred2). Verbatim, including the scripts' example reply ``{''score': 4.8}`` and 3_context's "where its
+    value is contextual understanding score" (no "the")."""
     if criterion == "consistency":
         pair = (
             f"Question 1: {fields['Q1']}\nQuestion 2: {fields['Q2']}\nCorrect Answer: {fields['A']}\n"
@@ -250,14 +265,15 @@ def video_chatgpt_messages(criterion: str, fields: dict[str, str]) -> list[dict]
             f"Question: {fields['Q']}\nCorrect Answer: {fields['A']}\nPredicted Answer: {fields['pred']}\n\n"
         )
     name = _VCGPT_SCORE_NAME[criterion]
+    the = "" if criterion == "contextual_understanding" else "the "
     user = (
         "Please evaluate the following video-based question-answer pair:\n\n"
         + pair
         + f"Provide your evaluation only as a {name} score where the {name} score is an integer value between 0 "
         f"and 5, with 5 indicating the highest level of {_VCGPT_HIGHEST[criterion]}. "
         f"Please generate the response in the form of a Python dictionary string with keys 'score', where its "
-        f"value is the {name} score in INTEGER, not STRING."
+        f"value is {the}{name} score in INTEGER, not STRING."
         "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
-        "For example, your response should look like this: {'score': 4}."
+        "For example, your response should look like this: {''score': 4.8}."
     )
     return [{"role": "system", "content": _VCGPT_SYSTEM[criterion]}, {"role": "user", "content": user}]

@@ -55,6 +55,10 @@ class EvaluatorSettings(BaseModel):
     judge_api_key: SecretStr = SecretStr("")
     # Malformed judgments are asked again up to this many times in all, then counted as failures.
     judge_max_attempts: int = Field(3, ge=1)
+    # Judge replies the benchmark's official rule rejects (a dict inside other text, {"maximum probability":
+    # "(B)"}) are also read by a forgiving rule and reported in separate "(lenient)" rows; the official
+    # rows never use them (judge.py).
+    lenient_judge_replies: bool = False
     judge_timeout_seconds: float = Field(120.0, gt=0)
     # Judge calls in flight at once (they are I/O bound; the model under test runs one item at a time).
     judge_parallel_calls: int = Field(8, ge=1)

@@ -1,18 +1,34 @@
-"""Video-Bench: one file per dataset, ``Eval_QA/<Dataset>_QA_new.json`` =
-``{qid: {vid_path, video_id, question, choices: {A..F}, answer}}`` (``answer`` a letter; the choice's text
-is accepted too); ``vid_path`` is relative to the Video-Bench root (``Eval_video/<Dataset>/<id>.mp4``).
+"""Video-Bench (PKU-YuanGroup/Video-Bench), scored as its own scripts score it.
 
-The model answers Video-Bench's prompt ("... Among the four options A, B, C, D above, the one closest to
-the correct answer is:"). Video-Bench has ChatGPT map every free-form output to a choice; here outputs
-that already name one option unambiguously ("B", "(B)", "B. text", a choice's exact text) are read by
-rule and only the rest go to the judge, with Video-Bench's own selection prompt. Without a judge the rest
-count as wrong and as failures.
+Files: one per dataset, ``Eval_QA/<Dataset>_QA_new.json`` = ``{qid: {vid_path, video_id, question,
+choices: {A..F}}}``; ``vid_path`` is relative to the Video-Bench root (``Eval_video/<Dataset>/<id>.mp4``).
+Where the right answers are:
 
-Scores: accuracy per dataset; each level is the weighted mean of its datasets' accuracies with
-Video-Bench's Step3_compute_scores.py weights (all 1 except MOT and Driving-exam, 0.5), re-normalised
-over the datasets present; ``final`` is the plain mean of the levels present (Video-Bench's final score).
-Datasets outside the three levels are reported but in no level; ``overall`` is correct / total over all
-items.
+- the 2023 release (the repository before commit 42d542c "update json", 2023-11-30): in each item,
+  ``answer`` (a letter; Step 1 copied it into ``correct``, which Step3_compute_scores.py compared);
+- today: the public Eval_QA files carry none (that commit removed them); the leaderboard Space keeps the
+  answers and scores the merged judge output (Step3_merge_into_one_json.py), and the HF dataset
+  distributions ship them as ``answer/ANSWER.json``. That file is read when it lies under the data prefix
+  or beside the Eval_QA folder, as ``{dataset: {qid: letter | {"answer": letter}}}``.
+
+A file with no answer from either place is an error naming the file (its items are not loaded); a run in
+which no item can be scored is refused (``planning``). ``<Dataset>_QA.json`` next to
+``<Dataset>_QA_new.json`` (the legacy MOT_QA.json) is skipped: Step 1 (README.md, ``dataset_qajson``)
+reads only the ``_QA_new`` files. An item with one choice is asked and scored like the rest (Step 1 asks
+the bare question: no branch for one choice).
+
+Grading follows Step2_chatgpt_judge.py: the judge maps the model's free output to a letter with
+Video-Bench's prompt and roles (``prompts.videobench_choice_messages``), read as ``json.loads(reply)
+["maximum probability"]`` in A-F (``judge.videobench_choice_reply``). Before it, one rule: an output that
+is nothing but a letter of the item's choices, alone or as "(B)", "B.", "B)", "B:", or followed by exactly
+that choice's text ("B. blue"), is that letter, since the judge has nothing else to map it to; everything
+else goes to the judge ("A woman slips…" is text, not letter A). Without a judge those count wrong and as
+failures.
+
+Scores (Step3_compute_scores.py, 2023): accuracy per dataset; each level is the weighted mean of its
+datasets (all weights 1 except MOT and Driving-exam, 0.5), re-normalised over the datasets present (theirs
+needs all 13); ``final`` is the plain mean of the levels present. Datasets outside the levels are
+reported but in no level; ``overall`` is correct / total over all items.
 """
 
 from __future__ import annotations
@@ -20,13 +36,13 @@ from __future__ import annotations
 import posixpath
 import re
 
-from ..extract import videobench_letter
 from ..items import Item, ItemError, LoadedBenchmark, resolve_visual
 from ..judge import Judge
 from ..prompts import videobench_prompt
 from .base import Asker, Benchmark, Graded, Location, ScoreRow, accuracy_rows, cap_per_task
 from .mvbench import json_files, read_json
 
+# Step3_compute_scores.py's dataset_weight.
 LEVELS: dict[str, dict[str, float]] = {
     "Video-Exclusive Understanding": {
         "ActivityNet": 1,
@@ -40,11 +56,34 @@ LEVELS: dict[str, dict[str, float]] = {
     "Prior Knowledge-based QA": {"TVQA": 1, "MV": 1, "NBA": 1},
     "Comprehension and Decision-making": {"Driving-exam": 0.5, "Driving-decision-making": 1, "SQA3D": 1},
 }
+ANSWER_FILE = "answer/ANSWER.json"
+LETTERS = "ABCDEF"
 
 
 def dataset_name(key: str) -> str:
     stem = posixpath.splitext(posixpath.basename(key))[0]
     return re.sub(r"(_QA_new|_QA)$", "", stem)
+
+
+def rule_letter(output: str, choices: dict[str, str]) -> str | None:
+    """The letter of an output that can only mean that letter (see the module doc); None: the judge's."""
+    text = output.strip()
+    match = re.fullmatch(r"\(?([A-F])\)?[.):]?(?:\s+(.*))?", text, flags=re.DOTALL)
+    if not match or match.group(1) not in choices:
+        return None
+    rest = match.group(2)
+    if rest is None:
+        return match.group(1)
+    # "B. blue": the rest must be exactly that choice's text.
+    return match.group(1) if rest.strip() == choices[match.group(1)].strip() else None
+
+
+def _has_answers(content: dict, shipped: dict) -> bool:
+    """Whether any item of a file has its answer, in the item (2023) or in ANSWER.json (today)."""
+    inline = any(
+        isinstance(raw, dict) and (raw.get("answer") or raw.get("correct")) for raw in content.values()
+    )
+    return inline or any(str(qid) in shipped for qid in content)
 
 
 class VideoBench(Benchmark):
@@ -55,8 +94,18 @@ class VideoBench(Benchmark):
         qa_dir = posixpath.dirname(data.base) if data.base.endswith(".json") else data.base
         source = videos.source if videos else data.source
         bases = [videos.base] if videos else [source.parent(qa_dir), qa_dir]
-        for key in json_files(data):
+        keys = json_files(data)
+        answers, answer_file = self._answer_file(data, qa_dir, keys, loaded)
+        qa_keys = [k for k in keys if k != answer_file and posixpath.basename(k) != "ANSWER.json"]
+        stems = {posixpath.basename(k) for k in qa_keys}
+        for key in qa_keys:
             name = dataset_name(key)
+            base = posixpath.basename(key)
+            if base.endswith("_QA.json") and base[: -len("_QA.json")] + "_QA_new.json" in stems:
+                loaded.errors.append(
+                    ItemError(name, key, f"skipped: legacy file; Video-Bench reads {name}_QA_new.json")
+                )
+                continue
             try:
                 content = read_json(data, key)
             except (ValueError, UnicodeDecodeError) as exc:
@@ -67,62 +116,100 @@ class VideoBench(Benchmark):
                     ItemError(name, key, "expected {qid: {vid_path, question, choices, ...}}")
                 )
                 continue
+            file_answers = answers.get(name) if isinstance(answers.get(name), dict) else {}
+            if content and not _has_answers(content, file_answers):
+                loaded.errors.append(
+                    ItemError(
+                        name,
+                        key,
+                        f"{base} has no answers: today's public Eval_QA files carry none; put Video-Bench's "
+                        f"{ANSWER_FILE} beside Eval_QA (or under the data prefix), or use the 2023 release's "
+                        "files (with 'answer')",
+                    )
+                )
+                continue
             loaded.files.append(key)
             for qid, raw in content.items():
                 item_id = f"{name}/{qid}"
                 try:
-                    fields, vid_path = self._fields(raw)
+                    fields, vid_path = self._fields(raw, file_answers.get(str(qid)))
                 except ValueError as exc:
                     loaded.errors.append(ItemError(name, item_id, str(exc)))
                     continue
                 visual = resolve_visual(source, [source.join(b, vid_path) for b in bases])
                 if visual is None:
-                    loaded.errors.append(ItemError(name, item_id, f"video {vid_path!r} not found"))
+                    loaded.errors.append(ItemError(name, item_id, f"video {vid_path[:200]!r} not found"))
                     continue
                 loaded.items.append(Item(self.kind, name, item_id, visual, fields))
         loaded.items = cap_per_task(loaded.items, max_items)
         return loaded
 
     @staticmethod
-    def _fields(raw: object) -> tuple[dict, str]:
+    def _answer_file(
+        data: Location, qa_dir: str, keys: list[str], loaded: LoadedBenchmark
+    ) -> tuple[dict, str | None]:
+        """Today's answers: ``answer/ANSWER.json`` under the data prefix, else beside the Eval_QA folder."""
+        source = data.source
+        listed = [k for k in keys if k.endswith("/" + ANSWER_FILE) or k == ANSWER_FILE]
+        beside = [source.join(qa_dir, ANSWER_FILE), source.join(source.parent(qa_dir), ANSWER_FILE)]
+        candidates = listed + beside
+        for key in candidates:
+            if not source.exists(key):
+                continue
+            try:
+                content = read_json(data, key)
+            except (ValueError, UnicodeDecodeError) as exc:
+                loaded.errors.append(ItemError("answers", key, f"not valid JSON: {exc}"))
+                return {}, key
+            if not isinstance(content, dict):
+                loaded.errors.append(ItemError("answers", key, "expected {dataset: {qid: answer}}"))
+                return {}, key
+            return content, key
+        return {}, None
+
+    @staticmethod
+    def _fields(raw: object, shipped: object) -> tuple[dict, str]:
         if not isinstance(raw, dict):
             raise ValueError("item is not an object")
         choices, question, vid_path = raw.get("choices"), raw.get("question"), raw.get("vid_path")
         if not isinstance(choices, dict) or not choices:
             raise ValueError("empty candidate list")
-        if len(choices) < 2:
-            raise ValueError(f"needs at least 2 choices, has {len(choices)}")
-        choices = {str(k).strip().upper(): str(v) for k, v in choices.items()}
-        if not all(len(k) == 1 and k.isalpha() for k in choices):
-            raise ValueError(f"choice keys must be letters, got {sorted(choices)}")
+        choices = {str(k).strip(): str(v) for k, v in choices.items()}
+        # Step 1 reads item['choices']['A'] ... in order; other keys raise there and the item is dropped.
+        if sorted(choices) != list(LETTERS[: len(choices)]):
+            raise ValueError(f"choice keys must be A.., got {sorted(choices)[:6]}")
         if not isinstance(question, str) or not question.strip():
             raise ValueError("missing question")
         if not isinstance(vid_path, str) or not vid_path:
             raise ValueError("missing vid_path")
-        answer = raw.get("answer")
+        answer = raw.get("answer") or raw.get("correct")
+        if answer is None and shipped is not None:
+            answer = shipped.get("answer") if isinstance(shipped, dict) else shipped
         if answer is None:
             raise ValueError("missing answer")
         answer = str(answer).strip()
-        if answer.upper() not in choices:
+        if answer not in choices:
             by_text = {v.strip(): k for k, v in choices.items()}
             if answer not in by_text:
-                raise ValueError(f"answer {answer!r} is neither a choice letter nor a choice's text")
+                raise ValueError(f"answer {answer[:40]!r} is neither a choice letter nor a choice's text")
             answer = by_text[answer]
-        return {"question": question, "choices": choices, "answer": answer.upper()}, vid_path
+        return {"question": question, "choices": choices, "answer": answer}, vid_path
 
     def answer(self, item: Item, asker: Asker) -> dict:
         return {"output": asker.answer(videobench_prompt(item.data["question"], item.data["choices"]))}
 
     def grade(self, item: Item, answers: dict, judge: Judge | None) -> Graded:
         choices, output = item.data["choices"], answers["output"]
-        letter = videobench_letter(output, choices)
+        letter = rule_letter(output, choices)
         detail: dict = {
             "output": output,
             "gt": item.data["answer"],
             "matched_by": "rule" if letter else "none",
         }
         judge_calls = 0
+        forgiven = None
         if letter is None and judge is not None:
+            # The judge sees the question exactly as the model was asked it (Step 2's 'question').
             verdict = judge.map_choice(
                 videobench_prompt(item.data["question"], choices), output, list(choices)
             )
@@ -130,13 +217,20 @@ class VideoBench(Benchmark):
             detail["judge"] = verdict.to_json()
             if verdict.value is not None:
                 letter, detail["matched_by"] = verdict.value, "judge"
+            forgiven = verdict.lenient_value
         detail["pred"] = letter
+        # The separate lenient column (evaluator.lenient_judge_replies): the official letter, else what
+        # the forgiving reading of the judge's reply found.
+        lenient = None
+        if judge is not None and judge.lenient:
+            lenient = (letter or forgiven) == item.data["answer"]
         return Graded(
             item.task,
             correct=letter == item.data["answer"],
             failures=int(letter is None),
             judge_calls=judge_calls,
             detail=detail,
+            lenient=lenient,
         )
 
     def summarize(self, graded: list[Graded]) -> list[ScoreRow]:
@@ -165,6 +259,7 @@ class VideoBench(Benchmark):
             )
         if graded:
             rows += accuracy_rows(
-                [Graded("overall", g.correct, failures=g.failures) for g in graded], overall=None
+                [Graded("overall", g.correct, failures=g.failures, lenient=g.lenient) for g in graded],
+                overall=None,
             )
         return rows
