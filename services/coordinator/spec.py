@@ -11,7 +11,7 @@ from dreamframe.errors import InvalidArgument
 from dreamframe.keys import validate_id
 from dreamframe.limits import check_message_strings, check_text, current_limits
 from dreamframe.stages import ALL_STAGES
-from dreamframe.storage import from_proto
+from dreamframe.storage.base import validate_bucket, validate_key
 from dreamframe.story import Story
 from dreamframe.v1 import coordinator_pb2 as pb
 
@@ -24,9 +24,8 @@ MAX_STYLE_IMAGES = 1_000
 MAX_STYLE_TOKEN_CHARS = 64  # style-trainer's keyword limit: the token is the keyword it learns
 # How a story without a style description of its own gets a style (the message names them all).
 STYLE_CHOICES = (
-    "give the story a style_description (a text to generate style images from), style_images (images "
-    "in storage) or a style_embedding (an existing .pt or .safetensors); with `dreamframe submit`: "
-    "--style-description TEXT, --style-image FILE or --style-embedding FILE; or leave the style stage out"
+    "give style_description, style_images or style_embedding (dreamframe submit --style-description "
+    "TEXT | --style-image FILE | --style-embedding FILE.pt), or leave out the style stage"
 )
 
 # Stages that read the job's copy of each story.
@@ -120,15 +119,24 @@ def _check_style_fields(story: pb.StoryInput, field: str, stages: list[int], lim
     if len(story.style_images) > MAX_STYLE_IMAGES:
         raise InvalidArgument(f"at most {MAX_STYLE_IMAGES} style images", field=f"{field}.style_images")
     for j, ref in enumerate(story.style_images):
-        from_proto(ref, field=f"{field}.style_images.{j}")
+        _check_ref(ref, f"{field}.style_images.{j}")
     if story.HasField("style_embedding"):
-        from_proto(story.style_embedding, field=f"{field}.style_embedding")
+        _check_ref(story.style_embedding, f"{field}.style_embedding")
     token = story.style_token
     if token and (len(token) > MAX_STYLE_TOKEN_CHARS or any(c.isspace() or c in "{}" for c in token)):
         raise InvalidArgument(
             f"must be one word of at most {MAX_STYLE_TOKEN_CHARS} characters, without spaces or braces",
             field=f"{field}.style_token",
         )
+
+
+def _check_ref(ref, field: str) -> None:
+    """A key, and a bucket when one is named (empty: the store's default bucket, as for story files)."""
+    if not ref.key:
+        raise InvalidArgument("must name an object", field=f"{field}.key")
+    validate_key(ref.key, field=f"{field}.key")
+    if ref.bucket:
+        validate_bucket(ref.bucket, field=f"{field}.bucket")
 
 
 def check_style_source(story_input: pb.StoryInput, story: Story, stages: list[int], field: str) -> None:

@@ -191,9 +191,12 @@ async def style(ctx: JobContext, index: int) -> None:
         style_description=source.style_description,
         style_images=source.style_images,
     )
+    for ref in request.style_images:  # an empty bucket in the spec means the store's default one
+        ref.bucket = ref.bucket or ctx.store.default_bucket
     imported = source.HasField("style_embedding")
     if imported:
         request.embedding.CopyFrom(source.style_embedding)
+        request.embedding.bucket = request.embedding.bucket or ctx.store.default_bucket
         # The rows must fit the renderer's text encoders: its preset, when the job names one.
         if ctx.job.spec.render.preset:
             request.options.preset = ctx.job.spec.render.preset
