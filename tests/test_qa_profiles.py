@@ -24,6 +24,8 @@ from services.qa_generator.builder import BuildRequest, build_dataset
 from services.qa_generator.inputs import StorySource
 from services.qa_generator.options import make_options
 from services.qa_generator.profiles import PROFILES
+from services.trainer.data.media import MediaResolver
+from services.trainer.data.records import media_of, parse_conversation
 
 SEED_OVERVIEW = (
     "A lighthouse keeper finds a stranded robot on the rocks and, over one stormy night, teaches it to "
@@ -79,6 +81,16 @@ def test_each_profile_passes_its_own_check(store: LocalStore, profile: str) -> N
             "conversations/train.json",
             "conversations/validation.json",
         ]
+    # Our own trainer reads every record (services/trainer/data: conversation, media kind, media key).
+    resolved = MediaResolver(store, None).resolve_all(
+        [(r["video"], "datasets/" + JOB + "/conversations") for r in records(store)]
+    )
+    for record in records(store):
+        assert parse_conversation(record).turns and media_of(record) == ("video", [record["video"]])
+        assert (
+            resolved[(record["video"], f"datasets/{JOB}/conversations")]
+            == f"datasets/{JOB}/{record['video']}"
+        )
     # Question first, subtitles after it.
     tiny = next(r for r in records(store) if "_t" in r["id"])
     first = tiny["conversations"][0]["value"]
