@@ -12,15 +12,18 @@ gt_option in pred_option``. The lenient column is our own reading (``extract.mvb
 from __future__ import annotations
 
 import pytest
-from test_eval_support import BLUE, RED, make_store, mp4_bytes
+from test_eval_support import BLUE, RED, FakeOpenAI, make_store, mp4_bytes
 
 from dreamframe.models.video_llm import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
 from services.evaluator import extract as ex
 from services.evaluator.benchmarks import BENCHMARKS
 from services.evaluator.benchmarks.base import LENIENT_SCORE, Location
+from services.evaluator.evaluate import Evaluator
 from services.evaluator.items import Item
 from services.evaluator.models import Choice
 from services.evaluator.report import BenchmarkRun, ModelRun, build_report, render_markdown, write_report
+from services.evaluator.request import BenchmarkSpec, EndpointSpec, EvaluateRequest, EvaluateResult, ModelSpec
+from services.evaluator.settings import EndpointEntry, EvaluatorSettings
 from services.evaluator.sources import StoreSource
 
 # Option B, the right one, is a text that begins with "A ".
@@ -309,3 +312,41 @@ def test_report_says_first_when_models_have_random_weights(tmp_path) -> None:
     report["models"][0]["source"], report["models"][0]["identity"] = {"preset": "llava-1.5-7b"}, "preset:x"
     write_report(store, "reports/r2/", report, [])
     assert report["notice"] == []
+
+
+# --- end to end: an endpoint model's replies through Evaluate, with and without the lenient option --------
+def replies_by_question(body: dict, seen) -> str:
+    """The model under test answers by the question: "Option A" for the first, "" for the second."""
+    text = next(p["text"] for p in body["messages"][-1]["content"] if p.get("type") == "text")
+    return "Option A" if "took the food" in text else ""
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+def test_evaluate_scores_endpoint_replies_officially(tmp_path, lenient: bool) -> None:
+    store = make_store(tmp_path)
+    write_mvbench_files(store)
+    store.delete("MVBench/json/object_shuffle.json")
+    with FakeOpenAI(replies_by_question) as fake:
+        settings = EvaluatorSettings(
+            work_dir=tmp_path / "work",
+            num_frames=2,
+            endpoints={"vision": EndpointEntry(base_url=fake.base_url, model="m")},
+            lenient_answer_matching=lenient,
+        )
+        request = EvaluateRequest(
+            "official",
+            models=(ModelSpec(name="api", endpoint=EndpointSpec(name="vision")),),
+            benchmarks=(BenchmarkSpec("mvbench", data_prefix="MVBench/json"),),
+        )
+        results = [m for m in Evaluator(store, settings).evaluate(request) if isinstance(m, EvaluateResult)]
+    report = results[0].report
+    overall = next(r for r in report["scores"] if r["task"] == "overall")
+    # "Option A" is wrong by check_ans ("(option"), the empty reply right ("(" is inside "(b)").
+    assert overall["score"] == 50.0
+    md = store.get_bytes(results[0].report_markdown.key).decode()
+    assert report["notice"] == [] and "Random weights" not in md
+    if lenient:
+        assert overall["extra"][LENIENT_SCORE] == 50.0  # "Option A" read as A (right), "" names nothing
+        assert "| api (lenient) |" in md
+    else:
+        assert LENIENT_SCORE not in overall["extra"] and "(lenient)" not in md

@@ -87,6 +87,10 @@ class Evaluator:
             benchmarks=[b.run for b in benches],
             judge={"identity": judge.identity, "model": judge.model, "calls": judge.calls} if judge else None,
             cache={"prefix": cache.prefix, "read": cache.read, "hits": cache.hits, "misses": cache.misses},
+            options={
+                "lenient_answer_matching": self.settings.lenient_answer_matching,
+                "lenient_judge_replies": self.settings.lenient_judge_replies,
+            },
         )
         yield clock.progress("", "writing report")
         refs = write_report(self.store, prefix, report, runner.item_lines)

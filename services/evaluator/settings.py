@@ -59,6 +59,9 @@ class EvaluatorSettings(BaseModel):
     # "(B)"}) are also read by a forgiving rule and reported in separate "(lenient)" rows; the official
     # rows never use them (judge.py).
     lenient_judge_replies: bool = False
+    # Also report a lenient reading of MVBench-style multiple-choice replies ("Option B", "Best option:
+    # (B)", an option's exact text) in its own column; the score stays MVBench's official check.
+    lenient_answer_matching: bool = False
     judge_timeout_seconds: float = Field(120.0, gt=0)
     # Judge calls in flight at once (they are I/O bound; the model under test runs one item at a time).
     judge_parallel_calls: int = Field(8, ge=1)
