@@ -82,16 +82,18 @@ _FILES = {
   dataset folder without it is incomplete.
 - `stats.json`: the counts above, per split and kind, and frame statistics.""",
     LLAVA_JSON: """
-- `conversations/<split>.json`: LLaVA / LLaMA-VID conversations, a list of `{"id", "video",
-  "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}`;
-  the `<image>` token opens the first human turn only. QA pairs about the same span share a
-  multi-turn conversation (at most {max_turns} pairs each).""",
+- `conversations/<split>.json`: LLaVA / LLaMA-VID conversations for the `{profile}` profile, a list
+  of `{"id", "video", "conversations": [{"from": "human", "value": "<image>\\n<question>"}, {"from":
+  "gpt", "value": ...}]}`; the `<image>` token opens the first human turn only, the question comes
+  before any subtitles. QA pairs about the same span share a multi-turn conversation (at most
+  {max_turns} pairs each). Check it with `dreamframe dataset check --profile {profile}`.""",
     VIDEO_MP4: """
 - `videos/<story>/<first>-<end>_<fingerprint>.mp4`: one video per span (keyframes `first` ≤ i <
-  `end` in story order), one keyframe per video frame at {fps:g} fps, longest side {size} px.
-  `video` fields are relative to this folder.""",
+  `end` in story order), one keyframe per video frame at {fps:g} fps, longest side {size} px, at
+  most {max_seconds:g} s (a longer span shows every k-th keyframe, `<first>-<end>s<k>_…`).
+  `video` fields are relative to this folder (the trainer's `video_folder`).""",
     "no_video": """
-- No videos: records list their keyframe object keys in `frames` instead of a `video`.""",
+- No videos: items list their keyframe object keys in `frames` instead of a `video`.""",
     MVBENCH_MC: """
 - `mc/<split>.json`: multiple choice in MVBench's shape, `{video, question, candidates, answer}`
   (the answer is the text of the right candidate), plus `id` and `task` (`<level>/<kind>`).""",
@@ -105,7 +107,9 @@ _METHOD = """
 Samples come at three granularities, each over the frames it is about: the whole story
 (level-1 QA, and "Describe the movie." answered by the overview), each substory (its QA and
 content), and each tiny story (its QA, its content, and rule-made dialogue questions: who says a
-line, what a character says after a given moment, how one replies to another). Exact-duplicate
+line, what a character says after a given moment, how one replies to another; a tiny story longer
+than the video cap asks these on parts of it). Requests to describe or summarise are never made
+multiple choice. Exact-duplicate
 QA pairs within a story are removed (the coarsest span keeps its copy).
 
 Multiple-choice distractors are other answers from the same story, preferring answers of the
@@ -186,6 +190,8 @@ def dataset_card(name: str, options: DatasetOptions, stats: dict) -> str:
     for part in parts:
         text = _FILES[part].replace("{max_turns}", str(options.max_turns_per_conversation))
         text = text.replace("{fps:g}", f"{options.fps:g}").replace("{size}", str(options.video_size))
+        text = text.replace("{profile}", options.profile)
+        text = text.replace("{max_seconds:g}", f"{options.max_video_seconds:g}")
         lines.append(text.strip("\n"))
     lines += [_METHOD, "Options:", "", "```json", json.dumps(options.as_dict(), indent=2), "```", ""]
     lines += ["Stories (split: id):", ""]

@@ -196,7 +196,7 @@ def _manifest_conversations(manifest: object, name: str) -> list[str]:
 def _load_json(data: bytes, name: str) -> object:
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidArgument(
             f"{truncate(name, _ECHO)} is not JSON ({exc.__class__.__name__})", field="dataset"
         ) from None
