@@ -78,3 +78,16 @@ def test_cli_names_a_configured_endpoint(env, monkeypatch, capsys) -> None:
         assert (
             "models[0].endpoint.name: unknown endpoint 'nope'; configured: vision" in capsys.readouterr().err
         )
+
+
+def test_cli_exits_non_zero_when_no_item_is_scored(env, monkeypatch, capsys) -> None:
+    # Every answer fails (the endpoint is down): the report is written, but it holds no score.
+    monkeypatch.setenv("DREAMFRAME_EVALUATOR__OPENAI_MAX_RETRIES", "0")
+    get_settings.cache_clear()
+    data = write_mvbench(env)["data_prefix"]
+    argv = ["--name", "down", "--benchmark", f"mvbench={data}", "--max-items", "1"]
+    code = cli.main([*argv, "--model", "api=endpoint:http://127.0.0.1:9/v1#vision"])
+    out = capsys.readouterr()
+    assert code == 1, out.err
+    assert json.loads(out.out)["headline"]["mvbench/api"] is None
+    assert "error: no item could be scored; see reports/down/report.md" in out.err
