@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -10,7 +11,17 @@ from safetensors.torch import load, save
 
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import sdxl
-from services.style_trainer.embedding import StyleEmbedding, apply_embedding, single_token_ids
+from dreamframe.storage import LocalStore
+from services.style_trainer.embedding import (
+    PRESET_DIMS,
+    StyleEmbedding,
+    apply_embedding,
+    encoder_dims,
+    import_embedding,
+    single_token_ids,
+)
+from services.style_trainer.options import StyleOptions
+from services.style_trainer.service import Phase, StyleRequest, StyleTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,3 +120,96 @@ def test_apply_embedding_overwrites_a_vocabulary_token_in_place(tiny_base):
     with pytest.raises(InvalidArgument) as info:
         apply_embedding(pipe, make_embedding(dims=(768, 1280)))
     assert info.value.field == "embedding"
+
+
+# --- importing an existing embedding (issue 20: the seed's .pt as it is) ---------------------------------
+
+
+def saved(value, *, legacy: bool = False) -> bytes:
+    """torch.save's bytes: the zip archive, or (legacy) the pre-1.6 pickle format."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+def test_preset_dims_are_the_tiny_models_text_encoders(tiny_base):
+    assert encoder_dims(tiny_base()) == PRESET_DIMS["tiny"]
+    assert PRESET_DIMS["sdxl"] == (768, 1280)
+
+
+def test_import_embedding_reads_every_layout_of_both_formats():
+    emb = make_embedding()
+    bf16 = {"emb": emb.clip_l.to(torch.bfloat16), "emb2": emb.clip_g.to(torch.bfloat16)}
+    cases = {
+        "safetensors": emb.to_safetensors(),
+        "seed .pt (bf16)": saved(bf16),
+        "seed progression list": saved([{"emb": torch.zeros(768), "emb2": torch.zeros(1280)}, bf16]),
+        "clip_l/clip_g .pt": saved({"clip_l": emb.clip_l[None], "clip_g": emb.clip_g[None]}),
+        "legacy torch.save": saved(bf16, legacy=True),
+    }
+    for name, data in cases.items():
+        got = import_embedding(data, dims=(768, 1280))
+        assert got.dims() == (768, 1280), name
+        assert torch.allclose(got.clip_l, emb.clip_l, atol=1e-2), name
+    assert import_embedding(cases["safetensors"]).token == "Dramatic"  # recorded in the file
+    assert import_embedding(cases["seed .pt (bf16)"]).token == ""  # the seed's .pt has none: the story's
+    assert import_embedding(cases["seed .pt (bf16)"], token="<noir>").token == "<noir>"
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        (saved({"emb": torch.zeros(768), "emb2": torch.zeros(1280)}), "style_embedding", "need 32 and 48"),
+        (saved({"<cat-toy>": torch.zeros(768)}), "style_embedding", "single-encoder"),
+        (
+            saved({"emb": torch.zeros(32, dtype=torch.int32), "emb2": torch.zeros(48)}),
+            "style_embedding.emb",
+            "float",
+        ),
+        (b"\x00" * 64, "style_embedding", "neither a safetensors file nor a torch .pt"),
+        (b"PK\x03\x04" + b"\x00" * (4 * 1024 * 1024), "style_embedding", "at most"),
+    ],
+)
+def test_import_embedding_refuses_clearly(data, field, message):
+    with pytest.raises(InvalidArgument) as info:
+        import_embedding(data, dims=(32, 48))
+    assert info.value.field == field and message in info.value.message
+
+
+def test_import_embedding_checks_the_token():
+    data = make_embedding(dims=(32, 48)).to_safetensors()
+    with pytest.raises(InvalidArgument) as info:
+        import_embedding(data, token="two words")
+    assert info.value.field == "style_token"
+    bad_recorded = save(
+        {"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}, metadata={"token": "a b"}
+    )
+    with pytest.raises(InvalidArgument) as info:
+        import_embedding(bad_recorded)
+    assert info.value.field == "style_embedding.token"
+
+
+def test_style_trainer_imports_without_training_or_loading_a_model(tmp_path):
+    store = LocalStore(tmp_path, "dreamframe")
+    trainer = StyleTrainer(store, cache_dir=tmp_path / "models")
+    ref = store.put_bytes("uploads/seed.pt", saved({"emb": torch.ones(32), "emb2": torch.ones(48)}))
+    request = StyleRequest(
+        job_id="j", keyword="Dramatic", embedding=ref, options=StyleOptions(preset="tiny"), story_index=2
+    )
+    (done,) = list(trainer.train(request))
+    result = done.result
+    assert done.phase == Phase.DONE and result.token == "Dramatic" and result.steps == 0
+    assert load(store.get_bytes(result.embedding.key))["clip_l"].shape == (1, 32)
+    raw = torch.load(io.BytesIO(store.get_bytes(result.reference_embedding.key)), weights_only=True)
+    assert raw["emb2"].shape == (48,)
+    assert trainer.loaded_presets == []
+    # idempotent: the same file, token and preset reuse the stored result
+    (again,) = list(trainer.train(request))
+    assert again.result.reused and again.result.embedding == result.embedding
+    # an explicit token beats the keyword; SDXL rows do not fit the tiny preset
+    (named,) = list(trainer.train(dataclasses.replace(request, token="<smith>")))
+    assert named.result.token == "<smith>"
+    wide = store.put_bytes("uploads/sdxl.pt", saved({"emb": torch.ones(768), "emb2": torch.ones(1280)}))
+    with pytest.raises(InvalidArgument) as info:
+        list(trainer.train(dataclasses.replace(request, embedding=wide)))
+    assert info.value.field == "embedding" and "preset 'tiny'" in info.value.message
