@@ -7,9 +7,10 @@ Where the right answers are:
 - the 2023 release (the repository before commit 42d542c "update json", 2023-11-30): in each item,
   ``answer`` (a letter; Step 1 copied it into ``correct``, which Step3_compute_scores.py compared);
 - today: the public Eval_QA files carry none (that commit removed them); the leaderboard Space keeps the
-  answers and scores the merged judge output (Step3_merge_into_one_json.py), and the HF dataset
-  distributions ship them as ``answer/ANSWER.json``. That file is read when it lies under the data prefix
-  or beside the Eval_QA folder, as ``{dataset: {qid: letter | {"answer": letter}}}``.
+  answers and scores the merged judge output (Step3_merge_into_one_json.py); Hugging Face copies of the
+  dataset ship them as ``answer/ANSWER.json`` (the layout AISBench's Video-Bench README documents; the
+  file's exact shape is not in the repository). It is read when it lies under the data prefix or beside
+  the Eval_QA folder, as ``{dataset: {qid: letter | {"answer": letter}}}``.
 
 A file with no answer from either place is an error naming the file (its items are not loaded); a run in
 which no item can be scored is refused (``planning``). ``<Dataset>_QA.json`` next to
