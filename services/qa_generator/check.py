@@ -320,7 +320,8 @@ def _media_of(record: dict, profile: Profile) -> tuple[str, list[str], str]:
 def _image_tokens(turns: list[dict], kind: str, count: int) -> Iterator[tuple[str, str]]:
     per_turn = [t["value"].count(IMAGE_TOKEN) for t in turns]
     human = [j for j, t in enumerate(turns) if t.get("from") == HUMAN]
-    if any(n for j, n in enumerate(per_turn) if j not in human):
+    human_set = set(human)
+    if any(n for j, n in enumerate(per_turn) if j not in human_set):
         yield "image-token", "<image> in an answer turn"
     total = sum(per_turn[j] for j in human)
     if not kind:
