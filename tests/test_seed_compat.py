@@ -356,3 +356,34 @@ def test_a_raw_pt_of_another_model_fails_the_style_stage_clearly(stack):
     job = stack.coordinator.GetJob(pb.GetJobRequest(job_id="seed-wrong-dims")).job
     assert job.state == pb.JOB_STATE_FAILED, result.output
     assert "spec.stories.0.style_embedding" in job.error and "32 and 48" in job.error
+
+
+def test_submit_flags_put_each_style_on_its_story(local_store):
+    story = local_store / "story.json"
+    story.write_text(json.dumps(seed_story(frames=1)))
+    images = local_store / "style"
+    images.mkdir()
+    for name in ("Battleground0.jpg", "Cathedral1.PNG", "notes.txt"):
+        (images / name).write_bytes(name.encode())
+    pt = local_store / "emb.pt"
+    pt.write_bytes(seed_pt()[0])
+    settings = get_settings()
+    style = {
+        "description": ["0:dark oil painting"],
+        "image": [f"1:{images}"],
+        "embedding": [],
+        "token": ["1:<smith>"],
+    }
+    spec = cli._build_spec(settings, ["a theme"], [story], "plot,style,render", None, None, style)
+    assert spec.stories[0].style_description == "dark oil painting"
+    assert [ref.key.rsplit(".", 1)[1] for ref in spec.stories[1].style_images] == ["jpg", "png"]
+    assert spec.stories[1].style_token == "<smith>"
+    # one story: no prefix needed; several: the prefix is required
+    one = cli._build_spec(settings, [], [story], "style,render", None, None, {"embedding": [str(pt)]})
+    assert one.stories[0].style_embedding.key.startswith("uploads/styles/")
+    with pytest.raises(InvalidArgument) as info:
+        cli._build_spec(settings, ["a", "b"], [], None, None, None, {"description": ["noir"]})
+    assert info.value.field == "--style-description" and "N:VALUE" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        cli._build_spec(settings, ["a"], [], None, None, None, {"description": ["3:noir"]})
+    assert "no story 3" in info.value.message
