@@ -295,6 +295,10 @@ def test_tempcompass_files_graded_with_rules_then_the_judge(tmp_path) -> None:
     assert graded["multi-choice/1006730263/direction/0"].detail["judge"]["attempts"] == 2
     rows = {r.task: r for r in bench.summarize(list(graded.values()))}
     assert rows["caption_matching"].score == pytest.approx(200 / 3)
+    # print_result's "Match Success Rate": the share decided by the rules, per task type
+    assert rows["caption_matching"].extra["match_success_rate"] == 66.7
+    assert rows["multi-choice"].extra["match_success_rate"] == 0.0
+    assert rows["captioning"].extra["match_success_rate"] == 0.0
     assert rows["overall"].score == pytest.approx(500 / 7)
 
 

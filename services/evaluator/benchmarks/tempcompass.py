@@ -167,9 +167,14 @@ class TempCompass(Benchmark):
         for qtype in TASK_TYPES:
             of_type = [g for g in graded if g.task.split("/", 1)[0] == qtype]
             if of_type:
-                rows += accuracy_rows(
+                (row,) = accuracy_rows(
                     [Graded(qtype, g.correct, failures=g.failures) for g in of_type], overall=None
                 )
+                # utils/eval_utils.py's print_result: "Match Success Rate", the share the rules decided
+                # (captioning never sets match_success, so 0 there too).
+                matched = sum(1 for g in of_type if g.detail.get("matched_by") == "rule")
+                row.extra["match_success_rate"] = round(100.0 * matched / len(of_type), 1)
+                rows.append(row)
         if graded:
             rows += accuracy_rows(
                 [Graded("overall", g.correct, failures=g.failures) for g in graded], overall=None
