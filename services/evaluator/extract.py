@@ -83,12 +83,9 @@ def mvbench_letter(output: str, candidates: list[str]) -> str | None:
     if _norm(text) in by_text:
         return by_text[_norm(text)]
     match = _LABEL.match(text)
+    # A letter followed by ")", ".", ":" or "," is a label whatever follows; a bare letter must stand alone.
     if match and match.group(1).upper() in letters:
-        letter, rest = match.group(1).upper(), match.group(3)
-        # "(b) …" or "B." is a label; a lone lower-case "a" only when nothing follows.
-        if match.group(2) or match.group(1).isupper() or not rest:
-            if not rest or _norm(rest) == _norm(candidates[letters.index(letter)]) or match.group(2):
-                return letter
+        return match.group(1).upper()
     match = _BARE_LETTER.match(text)
     if match and match.group(1).upper() in letters:
         letter = match.group(1).upper()
