@@ -101,3 +101,30 @@ def test_an_old_store_gets_its_team_index_too(store):
     jobs = JobStore(store)
     assert [i for _, i in jobs.entries("red")] == ["a"]
     assert [i.key.removeprefix(ALL_PREFIX) for i in store.list(ALL_PREFIX)] == [e for e, _ in jobs.entries()]
+
+
+def test_job_state_is_binary_and_a_stores_old_json_jobs_are_read_and_carried_on(store):
+    from google.protobuf import json_format
+
+    jobs = JobStore(store)
+    jobs.save(job("new-style"))
+    assert store.exists(keys.job_state_key("new-style")) and keys.job_state_key("new-style").endswith(
+        ".binpb"
+    )
+    assert not store.exists(keys.legacy_job_state_key("new-style"))
+    # A job written as JSON by an older coordinator (and indexed by it).
+    old = job("old-style", seconds=1_700_000_000, team="red")
+    store.put_bytes(keys.legacy_job_state_key("old-style"), json_format.MessageToJson(old).encode())
+    store.delete_prefix("jobs-index/")
+    fresh = JobStore(store)
+    assert sorted(fresh.ids()) == ["new-style", "old-style"] and fresh.exists("old-style")
+    taken = fresh.load("old-style", track=True)
+    assert taken == old
+    taken.error = "carried on by the new coordinator"
+    fresh.save(taken)  # written as job.binpb, created with compare-and-swap
+    assert JobStore(store).load("old-style").error == "carried on by the new coordinator"
+    late = JobStore(store)
+    stale = late.load("old-style", track=True)
+    fresh.save(taken)
+    with pytest.raises(Aborted):
+        late.save(stale)  # fencing holds across the change of format

@@ -135,7 +135,7 @@ def run_scenario(stories: int, args: BenchArgs, renderers: list[local.Process], 
         local.stop_processes([coordinator])
     frames = stories * args.frames
     missing, extra = count_frames(store, job_id, stories, args.frames)
-    job_state = store.stat(keys.job_prefix(job_id) + "job.json").size
+    job_state = store.stat(keys.job_state_key(job_id)).size
     return {
         "stories": stories,
         "frames": frames,

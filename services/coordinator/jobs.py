@@ -71,7 +71,8 @@ def _index(store: ObjectStore, job: pb.Job) -> None:
 
 
 class JobStore:
-    """Jobs as ``jobs/<id>/job.json``, plus an index of one small object per job.
+    """Jobs as ``jobs/<id>/job.binpb`` (binary protobuf; ``job.json`` of older stores is still read), plus
+    an index of one small object per job.
 
     Every ``save`` is one compare-and-swap write against the version this store last read or wrote for
     that job (``put_if``): a coordinator that lost its leadership — whose job state another replica has
@@ -93,12 +94,12 @@ class JobStore:
         """Write the job (creating it when this store has not seen it); ``Aborted`` if another writer
         changed it since. Keeps the index in step: active until terminal, listed from creation."""
         job.updated_at.CopyFrom(now())
-        data = json_format.MessageToJson(job, preserving_proto_field_name=True).encode()
+        data = job.SerializeToString(deterministic=True)
         key = keys.job_state_key(job.job_id)
         with self._lock(job.job_id):
             created = job.job_id not in self._versions
             version = self.store.put_if(
-                key, data, version=self._versions.get(job.job_id), content_type="application/json"
+                key, data, version=self._versions.get(job.job_id), content_type="application/x-protobuf"
             )
             self._versions[job.job_id] = version
         if created:
@@ -111,13 +112,18 @@ class JobStore:
     def load(self, job_id: str, *, track: bool = False) -> pb.Job:
         """The stored job; ``track``: later saves from this store build on the version read now (a job
         this coordinator takes over)."""
-        key = keys.job_state_key(job_id)
-        try:
-            data, version = self.store.get_versioned(key)
-        except NotFound:
-            raise NotFound(f"no job {job_id!r}", field="job_id") from None
         job = pb.Job()
-        json_format.Parse(data, job, ignore_unknown_fields=True)
+        try:
+            data, version = self.store.get_versioned(keys.job_state_key(job_id))
+            job.ParseFromString(data)
+        except NotFound:
+            # A store from before job.binpb: the first save writes job.binpb (a create: `version` None).
+            try:
+                data, _ = self.store.get_versioned(keys.legacy_job_state_key(job_id))
+            except NotFound:
+                raise NotFound(f"no job {job_id!r}", field="job_id") from None
+            json_format.Parse(data, job, ignore_unknown_fields=True)
+            version = None
         if track:
             with self._lock(job_id):
                 self._versions[job_id] = version
@@ -130,7 +136,9 @@ class JobStore:
             self._locks.pop(job_id, None)
 
     def exists(self, job_id: str) -> bool:
-        return self.store.exists(keys.job_state_key(job_id))
+        return self.store.exists(keys.job_state_key(job_id)) or self.store.exists(
+            keys.legacy_job_state_key(job_id)
+        )
 
     def ensure_index(self) -> None:
         """Index the jobs of a store written before the index existed (once: one listing of jobs/)."""
@@ -139,7 +147,7 @@ class JobStore:
             return
         for info in self.store.list("jobs/"):
             parts = info.key.split("/")
-            if len(parts) == 3 and parts[2] == "job.json":
+            if len(parts) == 3 and parts[2] in ("job.binpb", "job.json"):
                 job = self.load(parts[1])
                 _index(self.store, job)
                 if not is_terminal(job.state):

@@ -6,7 +6,7 @@ coordinator runs in a cluster, elsewhere in an object in storage written with co
 (``ObjectStore.put_if``). Either way a write that lost a race is refused, never last-writer-wins.
 
 A term's ``generation`` grows with every change of holder: it is the fencing token logs and job records
-carry. The job state itself is fenced by storage (``JobStore`` writes each job.json with compare-and-swap
+carry. The job state itself is fenced by storage (``JobStore`` writes each job.binpb with compare-and-swap
 against the version it last read or wrote), so a deposed leader's late write is refused even when it has
 not yet noticed that it lost the lease.
 

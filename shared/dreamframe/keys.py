@@ -1,7 +1,7 @@
 """Where every artifact goes. Output keys derive from the job and the input, so every stage is
 idempotent: a rerun finds what is already there under the same key and skips it.
 
-    jobs/<job>/job.json                               coordinator's job state
+    jobs/<job>/job.binpb                              coordinator's job state (binary protobuf Job)
     jobs/<job>/stories/<sss>/story.json               native story (plot-llm)
     jobs/<job>/stories/<sss>/reference_story.json     the same in the reference format
     jobs/<job>/stories/<sss>/style/...                style images, embedding, checkpoints
@@ -39,6 +39,13 @@ def job_prefix(job_id: str) -> str:
 
 
 def job_state_key(job_id: str) -> str:
+    """Binary protobuf: a 1,000-story job's state is ~0.5 MB, rewritten every few seconds; protobuf's JSON
+    printer spends ~60× the CPU of its binary serializer on it (33 ms vs 0.5 ms at 200 stories)."""
+    return f"{job_prefix(job_id)}job.binpb"
+
+
+def legacy_job_state_key(job_id: str) -> str:
+    """Where stores written before job.binpb keep a job (JSON); read, never written."""
     return f"{job_prefix(job_id)}job.json"
 
 
