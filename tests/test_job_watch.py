@@ -24,7 +24,14 @@ STAGES = [pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER, pb.STAGE_DATASET]
 
 def mutate(job: pb.Job, rng: random.Random) -> None:
     """One random change of the kinds a running job goes through."""
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
+    if kind == 7 and job.stages:
+        status = rng.choice(job.stages)
+        if status.outputs and rng.random() < 0.3:
+            status.outputs[0].ref.size += 1  # an output replaced in place
+        else:
+            status.outputs.add(name=f"frames/{len(status.outputs):03d}").ref.key = "k"
+        return
     if kind == 0:
         job.state = rng.choice([pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED])
     elif kind == 1 and job.stages:
@@ -67,6 +74,24 @@ def test_updates_merge_back_into_exactly_the_job():
         merged = list(job_watch.follow(sent))[-1]
         assert merged == job
     assert job_watch.changes(job, job) is None, "nothing changed, nothing sent"
+
+
+def test_a_progress_tick_does_not_resend_a_stages_outputs():
+    before = pb.Job(job_id="j")
+    render = before.stages.add(stage=pb.STAGE_RENDER, state=pb.JOB_STATE_RUNNING)
+    for n in range(1000):
+        render.outputs.add(name=f"frames/{n:03d}").ref.key = f"jobs/j/stories/{n:03d}/frames.json"
+    after = pb.Job()
+    after.CopyFrom(before)
+    after.stages[0].progress.done = 64
+    tick = job_watch.changes(before, after)
+    assert list(tick.changed.paths) == ["stages"] and tick.ByteSize() < 100
+    merged = job_watch.apply(job_watch.apply(None, job_watch.first(before)), tick)
+    assert merged == after
+    after.stages[0].outputs.add(name="frames/1000").ref.key = "k"
+    grew = job_watch.changes(before, after)
+    assert list(grew.changed.paths) == ["stages", "stages.outputs"]
+    assert job_watch.apply(merged, grew) == after
 
 
 def test_an_update_sends_only_the_stages_that_changed():

@@ -16,6 +16,9 @@ from google.protobuf import field_mask_pb2
 from dreamframe.v1 import coordinator_pb2 as pb
 
 STAGES = "stages"
+# In the mask when the stages sent carry their outputs; without it they are sent without outputs (a
+# 1,000-story render stage lists 1,000 of them, unchanged by each progress tick) and keep the ones held.
+STAGE_OUTPUTS = "stages.outputs"
 # Compared and sent field by field; job_id is in every message, stages are compared one by one.
 _FIELDS = [f for f in pb.Job.DESCRIPTOR.fields if f.name not in ("job_id", STAGES)]
 
@@ -25,7 +28,8 @@ def first(job: pb.Job) -> pb.WatchJobResponse:
 
 
 def changes(previous: pb.Job, current: pb.Job) -> pb.WatchJobResponse | None:
-    """The update that turns ``previous`` into ``current``; None when nothing changed."""
+    """The update that turns ``previous`` into ``current``; None when nothing changed. A stage's outputs
+    are sent only in updates where some stage's outputs changed (``STAGE_OUTPUTS``)."""
     delta = pb.Job(job_id=current.job_id)
     paths: list[str] = []
     for field in _FIELDS:
@@ -44,7 +48,16 @@ def changes(previous: pb.Job, current: pb.Job) -> pb.WatchJobResponse | None:
     changed_stages = [s for s in current.stages if before.get(s.stage) != s]
     if changed_stages:
         paths.append(STAGES)
-        delta.stages.extend(changed_stages)
+        with_outputs = any(
+            s.stage not in before or before[s.stage].outputs != s.outputs for s in changed_stages
+        )
+        for status in changed_stages:
+            sent = delta.stages.add()
+            sent.CopyFrom(status)
+            if not with_outputs:
+                sent.ClearField("outputs")
+        if with_outputs:
+            paths.append(STAGE_OUTPUTS)
     if not paths:
         return None
     return pb.WatchJobResponse(job=delta, changed=field_mask_pb2.FieldMask(paths=paths))
@@ -61,13 +74,21 @@ def apply(job: pb.Job | None, response: pb.WatchJobResponse) -> pb.Job:
         raise ValueError("a WatchJob update arrived before the whole job")
     update = response.job
     for path in response.changed.paths:
+        if path == STAGE_OUTPUTS:
+            continue  # read with STAGES
         if path == STAGES:
+            keep_outputs = STAGE_OUTPUTS not in response.changed.paths
             index = {s.stage: i for i, s in enumerate(job.stages)}
             for status in update.stages:
-                if status.stage in index:
-                    job.stages[index[status.stage]].CopyFrom(status)
-                else:
+                if status.stage not in index:
                     job.stages.add().CopyFrom(status)
+                    continue
+                held = job.stages[index[status.stage]]
+                merged = pb.StageStatus()
+                merged.CopyFrom(status)
+                if keep_outputs:
+                    merged.outputs.extend(held.outputs)
+                held.CopyFrom(merged)
             continue
         field = pb.Job.DESCRIPTOR.fields_by_name.get(path)
         if field is None:
