@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import io
 import ipaddress
 import json
@@ -26,15 +25,14 @@ import grpc
 import pytest
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
+from serving_fixtures.certs import certificate, write_pem
 
 from dreamframe import errors
 from dreamframe.config import ClientSettings, LogSettings, ServerSettings
@@ -597,35 +595,9 @@ def test_one_access_log_line_per_rpc(json_logs):
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _cert(subject, key, issuer, issuer_key, *, ca: bool, san: list | None = None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def _write_pair(directory: Path, stem: str, cert: x509.Certificate, key) -> tuple[Path, Path]:
     cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    write_pem(cert_file, cert, key, key_file)
     return cert_file, key_file
 
 
@@ -635,17 +607,17 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("pki")
     files: dict[str, Path] = {}
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("dreamframe test CA", ca_key, "dreamframe test CA", ca_key, ca=True)
+    ca = certificate("dreamframe test CA", ca_key, "dreamframe test CA", ca_key, ca=True)
     files["ca"], _ = _write_pair(directory, "ca", ca, ca_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
     san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    server = _cert("localhost", server_key, "dreamframe test CA", ca_key, ca=False, san=san)
+    server = certificate("localhost", server_key, "dreamframe test CA", ca_key, ca=False, san=san)
     files["server_cert"], files["server_key"] = _write_pair(directory, "server", server, server_key)
     client_key = ec.generate_private_key(ec.SECP256R1())
-    client = _cert("coordinator", client_key, "dreamframe test CA", ca_key, ca=False)
+    client = certificate("coordinator", client_key, "dreamframe test CA", ca_key, ca=False)
     files["client_cert"], files["client_key"] = _write_pair(directory, "client", client, client_key)
     other_key = ec.generate_private_key(ec.SECP256R1())
-    other = _cert("someone else", other_key, "someone else", other_key, ca=True)
+    other = certificate("someone else", other_key, "someone else", other_key, ca=True)
     files["other_ca"], _ = _write_pair(directory, "other", other, other_key)
     return files
 

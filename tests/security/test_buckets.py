@@ -80,6 +80,26 @@ def no_engine(preset: str):  # noqa: ANN201 - the request must be refused before
     raise AssertionError("a refused request loaded a model")
 
 
+def render_refused(buckets: Buckets, request: render_pb2.RenderFramesRequest) -> grpc.aio.AioRpcError:
+    """RenderFrames over gRPC with ``request``, which must fail; the error."""
+    renderer = Renderer(buckets.service, RendererSettings(device="cpu"), engines=EngineCache(no_engine))
+
+    async def go() -> grpc.aio.AioRpcError:
+        registration = Registration.of(
+            render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, RenderServicer(renderer)
+        )
+        async with serve(registration) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in render_pb2_grpc.RenderServiceStub(channel).RenderFrames(request, timeout=30):
+                    pass
+            return err.value
+
+    try:
+        return asyncio.run(go())
+    finally:
+        renderer.close()
+
+
 @pytest.mark.parametrize("target", ["story", "style_embedding"])
 def test_renderer_will_not_write_frames_into_another_teams_bucket(buckets: Buckets, target: str) -> None:
     """The renderer writes frames beside the story, in the story's bucket: naming another team's story
@@ -96,22 +116,7 @@ def test_renderer_will_not_write_frames_into_another_teams_bucket(buckets: Bucke
             style_token="Dramatic",
         )
     victim_before, buckets_before = buckets.victim_keys(), buckets.list_buckets()
-    renderer = Renderer(buckets.service, RendererSettings(device="cpu"), engines=EngineCache(no_engine))
-
-    async def go() -> grpc.aio.AioRpcError:
-        registration = Registration.of(
-            render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, RenderServicer(renderer)
-        )
-        async with serve(registration) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in render_pb2_grpc.RenderServiceStub(channel).RenderFrames(request, timeout=30):
-                    pass
-            return err.value
-
-    try:
-        error = asyncio.run(go())
-    finally:
-        renderer.close()
+    error = render_refused(buckets, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert field_of(error) == f"{target}.bucket"
     assert "not allowed" in error.details()
@@ -123,22 +128,7 @@ def test_renderer_request_cannot_make_a_bucket(buckets: Buckets) -> None:
     new = f"new-{uuid.uuid4().hex[:12]}"
     before = buckets.list_buckets()
     request = render_pb2.RenderFramesRequest(job_id=JOB, story=common_pb2.ObjectRef(bucket=new, key="s.json"))
-    renderer = Renderer(buckets.service, RendererSettings(device="cpu"), engines=EngineCache(no_engine))
-
-    async def go() -> grpc.aio.AioRpcError:
-        registration = Registration.of(
-            render_pb2, render_pb2_grpc.add_RenderServiceServicer_to_server, RenderServicer(renderer)
-        )
-        async with serve(registration) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in render_pb2_grpc.RenderServiceStub(channel).RenderFrames(request, timeout=30):
-                    pass
-            return err.value
-
-    try:
-        error = asyncio.run(go())
-    finally:
-        renderer.close()
+    error = render_refused(buckets, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(error) == "story.bucket"
     assert buckets.list_buckets() == before and new not in before
 

@@ -8,7 +8,6 @@ the chart and the settings they name cannot drift apart.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -16,9 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dreamframe.config import ClientSettings, ServerSettings, settings_class
@@ -26,6 +23,7 @@ from dreamframe.serving import GrpcServer, make_channel
 from dreamframe.serving.health import LIVENESS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serving_fixtures.certs import certificate, write_pem  # noqa: E402
 from test_chart import by_kind, render  # noqa: E402
 
 NAMESPACE = "dreamframe"
@@ -34,52 +32,17 @@ COORDINATOR = f"dreamframe-coordinator.{NAMESPACE}.svc.cluster.local"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _sign(subject: str, key, issuer: str, issuer_key, *, ca: bool, dns: list[str] | None = None):
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if dns:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
-        ).add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(directory: Path, cert, key=None, *, cert_name: str, key_name: str | None = None) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / cert_name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None and key_name:
-        (directory / key_name).write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-
-
 def release_pki(directory: Path, cn: str = "dreamframe CA") -> Path:
     """What the chart's TLS Secret holds, as mounted at /etc/dreamframe/tls: tls.crt/tls.key (every
     Service's DNS names, server and client auth) and ca.crt."""
+    directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _sign(cn, ca_key, cn, ca_key, ca=True)
+    ca = certificate(cn, ca_key, cn, ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _sign(COORDINATOR, key, cn, ca_key, ca=False, dns=[COORDINATOR, RENDERER])
-    _write(directory, cert, key, cert_name="tls.crt", key_name="tls.key")
-    _write(directory, ca, cert_name="ca.crt")
+    names = [x509.DNSName(d) for d in (COORDINATOR, RENDERER)]
+    cert = certificate(COORDINATOR, key, cn, ca_key, ca=False, san=names, usages=True)
+    write_pem(directory / "tls.crt", cert, key, directory / "tls.key")
+    write_pem(directory / "ca.crt", ca)
     return directory
 
 
