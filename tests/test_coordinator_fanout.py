@@ -67,7 +67,9 @@ class ScriptedRenderer(render_pb2_grpc.RenderServiceServicer):
                 self.rendered.append(index)
             yield render_pb2.RenderFramesResponse(
                 frames=[
-                    render_pb2.RenderedFrame(index=index, image=to_proto(ref), seed=20 + index, skipped=skipped)
+                    render_pb2.RenderedFrame(
+                        index=index, image=to_proto(ref), seed=20 + index, skipped=skipped
+                    )
                 ]
             )
 
