@@ -39,6 +39,7 @@ def test_control_plane_bench_runs_the_real_coordinator_over_sim_renderers(tmp_pa
     report = bench_control_plane.main(
         ["--stories", "1", "--stories", "3", "--frames", "20", "--replicas", "2", "--batch-size", "4"]
         + ["--shard-size", "8", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+        + ["--fleet-stories", "0"]  # the fleet events need full-size stories and a lease timeout: minutes
     )
     assert [s["stories"] for s in report["scenarios"]] == [1, 3]
     for s in report["scenarios"]:

@@ -57,7 +57,10 @@ class KubernetesApi(threading.Thread):
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
-        import kmock
+        try:
+            import kmock  # a developers' tool (the dev extra), not in the coordinator's image
+        except ImportError as exc:
+            raise RuntimeError("the fleet-events bench needs kmock: make install (the dev extra)") from exc
 
         self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
         async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
