@@ -124,7 +124,13 @@ def test_the_coordinator_scales_by_the_frames_its_jobs_have_pending(tmp_path):
             coordinator.metrics.add(pending=250)
             coordinator.metrics.add(pending=100)
             await replicas_become(4)
-            assert coordinator._replicas() == 4  # what job status reports
+            # What job status reports: the scaler records the count once its PATCH call has returned,
+            # a moment after the API server shows it.
+            for _ in range(100):
+                if coordinator._replicas() == 4:
+                    break
+                await asyncio.sleep(0.02)
+            assert coordinator._replicas() == 4
             coordinator.metrics.add(pending=-350)
             await replicas_become(1)
             await coordinator.stop()
