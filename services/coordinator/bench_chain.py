@@ -1,0 +1,265 @@
+"""Whole-chain benchmark: every service started locally on this machine (`dreamframe up`), one or more
+jobs through every stage, and what each stage and each service cost.
+
+    python -m services.coordinator.bench_chain --preset sdxl-random \\
+        --spec deploy/gpu/chain-tiny.json --spec deploy/gpu/chain-substory.json --out DIR
+    python -m services.coordinator.bench_chain --preset tiny --spec deploy/local/tiny-job.json   # CPU
+
+It starts the stack the way `make run` does (same command, same preset environment) in a work folder of
+its own (state, store; the model cache is shared with --models-dir so snapshots are written once), then
+runs each --spec in turn and reports:
+
+- start-up: seconds from `dreamframe up` until every service answered SERVING (models loaded);
+- per job: wall seconds from SubmitJob to the job's end, and each stage's own seconds (its StageStatus
+  started_at/finished_at, as `dreamframe status` shows them);
+- per service: the peak GPU memory its process held (nvidia-smi, sampled every --sample-seconds; CUDA
+  context and the caching allocator's reserve included, which is what neighbours on one GPU feel), over
+  start-up and over each job, and the peak of all of them together.
+
+The stack is stopped at the end (`--keep-running` leaves it up). Writes ``chain-bench.json`` and
+``chain-bench.md`` under --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf import json_format
+
+from dreamframe.cli import local
+from dreamframe.config import ClientSettings
+from dreamframe.serving import make_sync_channel
+from dreamframe.stages import stage_name
+from dreamframe.v1 import coordinator_pb2 as pb
+from dreamframe.v1 import coordinator_pb2_grpc
+
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+class GpuSampler:
+    """Peak GPU memory (MiB) per process id, from ``nvidia-smi --query-compute-apps`` polled in a thread.
+    ``mark()`` starts a new window: ``window()`` then reports the peaks since that mark."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.available = shutil.which("nvidia-smi") is not None
+        self._lock = threading.Lock()
+        self._peaks: dict[int, int] = {}
+        self._peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+
+    def start(self) -> GpuSampler:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def mark(self) -> None:
+        with self._lock:
+            self._peaks, self._peak_total = {}, 0
+
+    def window(self) -> tuple[dict[int, int], int]:
+        with self._lock:
+            return dict(self._peaks), self._peak_total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            sample = read_gpu_processes()
+            with self._lock:
+                for pid, mib in sample.items():
+                    self._peaks[pid] = max(self._peaks.get(pid, 0), mib)
+                self._peak_total = max(self._peak_total, sum(sample.values()))
+
+
+def read_gpu_processes() -> dict[int, int]:
+    """{pid: MiB} of every process on the machine's GPUs (summed over GPUs); {} when nvidia-smi fails."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_compute_apps(out)
+
+
+def parse_compute_apps(text: str) -> dict[int, int]:
+    used: dict[int, int] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            used[int(parts[0])] = used.get(int(parts[0]), 0) + int(parts[1])
+    return used
+
+
+def by_service(peaks: dict[int, int], processes: list[local.Process]) -> dict[str, int]:
+    names = {p.pid: p.name for p in processes}
+    return {names.get(pid, f"pid {pid} (not ours)"): mib for pid, mib in sorted(peaks.items())}
+
+
+def cli(args: list[str], env: dict[str, str]) -> None:
+    """One `dreamframe` command, run as a user would (its own process, this environment)."""
+    command = [sys.executable, "-c", "from dreamframe.cli import app; app()", *args]
+    subprocess.run(command, env=env, check=True)
+
+
+def seconds(ts) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def run_job(stub, spec: pb.JobSpec, timeout: float) -> tuple[pb.Job, float]:
+    started = time.monotonic()
+    job_id = stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60).job.job_id
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=60).job
+        if job.state in TERMINAL:
+            return job, time.monotonic() - started
+        time.sleep(1.0)
+    raise TimeoutError(f"job {job_id} not done after {timeout:.0f}s")
+
+
+def stage_rows(job: pb.Job) -> list[dict]:
+    rows = []
+    for status in job.stages:
+        took = None
+        if status.started_at.seconds and status.finished_at.seconds:
+            took = round(seconds(status.finished_at) - seconds(status.started_at), 1)
+        rows.append(
+            {
+                "stage": stage_name(status.stage),
+                "state": pb.JobState.Name(status.state).removeprefix("JOB_STATE_").lower(),
+                "seconds": took,
+                "done": status.progress.done,
+                "total": status.progress.total,
+            }
+        )
+    return rows
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU)"
+    except Exception:  # noqa: BLE001 - a name for the report only
+        return "unknown"
+
+
+def summarize(report: dict) -> str:
+    lines = [
+        f"Whole-chain benchmark — {report['gpu']}, preset {report['preset']}, "
+        f"{report['renderers']} renderer replica(s)",
+        "",
+        f"start-up (`dreamframe up` until every service is SERVING): {report['startup_seconds']:.1f} s",
+    ]
+    if report["startup_gpu_mib"]:
+        lines.append(f"GPU memory at start-up, peak per service (MiB): {report['startup_gpu_mib']}")
+    for job in report["jobs"]:
+        lines += [
+            "",
+            f"### {job['spec']} — job {job['job_id']} {job['state']} in {job['wall_seconds']:.1f} s",
+            "",
+            "| stage | state | seconds | progress |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['stage']} | {s['state']} | {s['seconds'] if s['seconds'] is not None else '-'} "
+            f"| {s['done']}/{s['total']} |"
+            for s in job["stages"]
+        ]
+        if job["gpu_mib"]:
+            lines += ["", "| service | peak GPU memory (MiB) |", "|---|---|"]
+            lines += [f"| {name} | {mib:,} |" for name, mib in job["gpu_mib"].items()]
+            lines.append(f"| all together (peak of the sum) | {job['gpu_total_mib']:,} |")
+        if job["error"]:
+            lines.append(f"\nerror: {job['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(
+    spec: Annotated[list[Path], typer.Option(help="JobSpec JSON, one job each (repeatable).")],
+    preset: Annotated[str, typer.Option(help="`dreamframe up --preset`.")] = "tiny",
+    renderers: Annotated[int, typer.Option(min=1)] = 1,
+    theme: Annotated[str, typer.Option()] = "a lighthouse keeper befriends a lost robot",
+    work: Annotated[Path | None, typer.Option(help="State and store folder (default: a temp dir).")] = None,
+    models_dir: Annotated[Path, typer.Option(help="Model cache (snapshots, compiled artifacts).")] = Path(
+        ".dreamframe/models"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Where chain-bench.json/.md go.")] = None,
+    sample_seconds: Annotated[float, typer.Option(min=0.1)] = 0.5,
+    job_timeout: Annotated[float, typer.Option(help="Seconds one job may take.")] = 3600.0,
+    keep_running: Annotated[bool, typer.Option(help="Leave the services up afterwards.")] = False,
+) -> dict:
+    work = Path(work or tempfile.mkdtemp(prefix="dreamframe-chain-")).resolve()
+    state = work / "state"
+    env = {
+        **os.environ,
+        "DREAMFRAME_CLI__STATE_DIR": str(state),
+        "DREAMFRAME_STORAGE__BACKEND": "local",
+        "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
+        "DREAMFRAME_MODELS__CACHE_DIR": str(models_dir.resolve()),
+    }
+    sampler = GpuSampler(sample_seconds).start()
+    report: dict = {"gpu": gpu_name(), "preset": preset, "renderers": renderers, "work": str(work)}
+    report["jobs"] = []
+    began = time.monotonic()
+    try:
+        cli(["up", "--preset", preset, "--renderers", str(renderers)], env)
+        report["startup_seconds"] = time.monotonic() - began
+        processes = local.read_state(state)
+        report["startup_gpu_mib"] = by_service(sampler.window()[0], processes)
+        coordinator = next(p for p in processes if p.name == "coordinator")
+        channel = make_sync_channel(f"{local.HOST}:{coordinator.port}", ClientSettings(token=""))
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        for path in spec:
+            job_spec = json_format.Parse(path.read_text(), pb.JobSpec())
+            if not job_spec.stories:
+                job_spec.stories.add(theme=theme)
+            sampler.mark()
+            job, wall = run_job(stub, job_spec, job_timeout)
+            peaks, total = sampler.window()
+            report["jobs"].append(
+                {
+                    "spec": str(path),
+                    "job_id": job.job_id,
+                    "state": pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+                    "error": job.error,
+                    "wall_seconds": round(wall, 1),
+                    "stages": stage_rows(job),
+                    "gpu_mib": by_service(peaks, processes),
+                    "gpu_total_mib": total,
+                }
+            )
+            print(summarize(report), flush=True)
+    finally:
+        sampler.stop()
+        if not keep_running:
+            cli(["down"], env)
+    summary = summarize(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "chain-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "chain-bench.md").write_text(summary)
+    print(summary)
+    return report
+
+
+if __name__ == "__main__":
+    typer.run(main)
