@@ -46,6 +46,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	# torch first and alone, so TORCH_INDEX (when set) serves torch and nothing else.
 	$(PIP) install --quiet -c $(LOCK) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
 	$(PIP) install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
+	# CLIP's BPE vocabulary (dreamframe.models.clip_bpe): the open_clip wheel, downloaded, not installed.
+	$(PIP) download --quiet --no-deps --dest $(VENV)/share/dreamframe open_clip_torch==3.3.0
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install DreamFrame with every extra, at the lock's versions (TORCH_INDEX=...)

@@ -109,4 +109,5 @@ def test_sdxl_random_preset_loads_the_real_architecture_without_weights():
     assert pipes.preset == sdxl.SDXL_RANDOM and pipes.resolution == 1024
     assert pipes.refiner is not None and pipes.refiner.text_encoder_2 is pipes.base.text_encoder_2
     assert sum(p.numel() for p in pipes.base.unet.parameters()) > 2.5e9
-    assert sdxl.resolve_paths(sdxl.SDXL_RANDOM, {}, Path(".")) == ("random-weights", "random-weights")
+    # A configured folder wins over the snapshot in the cache (tests/test_models_snapshots.py writes one).
+    assert sdxl.resolve_paths(sdxl.SDXL_RANDOM, {"sdxl-random": "/m"}, Path(".")) == ("/m/base", "/m/refiner")

@@ -2,8 +2,12 @@
 
 File format (style-trainer's output): safetensors ``{"clip_l": [1, 768], "clip_g": [1, 1280]}``.
 A pipeline holds at most one style at a time (``StyleSlot``): switching to another story's embedding
-first removes the previous token from both tokenizers and encoders, so a token never leaks from one
-request into the next, even when two stories use the same keyword as their token.
+first removes the previous token from both tokenizers and encoders (or puts back the rows it replaced),
+so a token never leaks from one request into the next, even when two stories use the same keyword.
+
+A keyword that is one token of both vocabularies (CLIP's BPE: "Dramatic" is ``dramatic</w>``) gets its
+own rows overwritten in place, as the reference's ``set_XLembedding`` does and as style-trainer trains
+it; any other keyword is added as a new token to both tokenizers, as style-trainer adds it.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class StyleSlot:
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.current: tuple[str, str] | None = None  # (token, sha256)
+        # (table, row index, original row) per encoder while a vocabulary word's rows are replaced.
+        self._replaced: list[tuple[torch.Tensor, int, torch.Tensor]] = []
 
     def _pairs(self):
         p = self.pipe
@@ -102,6 +108,19 @@ class StyleSlot:
         if style is None:
             return True
         check_fits(style, self.pipe)
+        ids = self._vocabulary_ids(style.token)
+        if ids is not None:
+            # Adding a vocabulary word as a new token would also split every word that contains it
+            # ("Art" turns "party" into p/art/y); its own rows are what style-trainer trained.
+            with torch.no_grad():
+                for (_, encoder), token_id, row in zip(
+                    self._pairs(), ids, (style.clip_l, style.clip_g), strict=True
+                ):
+                    weight = encoder.get_input_embeddings().weight
+                    self._replaced.append((weight, token_id, weight[token_id].clone()))
+                    weight[token_id] = row.to(device=weight.device, dtype=weight.dtype)
+            self.current = wanted
+            return True
         for tokenizer, _ in self._pairs():
             if style.token in tokenizer.get_vocab():
                 raise InvalidArgument(
@@ -123,8 +142,30 @@ class StyleSlot:
         self.current = wanted
         return True
 
+    def _vocabulary_ids(self, token: str) -> tuple[int, int] | None:
+        """The token's ids when it is one ordinary token in both tokenizers, else None."""
+        ids = []
+        for tokenizer, _ in self._pairs():
+            encoded = tokenizer(token, add_special_tokens=False).input_ids
+            if len(encoded) != 1:
+                return None
+            if encoded[0] in tokenizer.all_special_ids:
+                raise InvalidArgument(
+                    f"{token!r} is one of the tokenizer's special tokens; choose another word",
+                    field="style_token",
+                )
+            ids.append(encoded[0])
+        return ids[0], ids[1]
+
     def clear(self) -> None:
         if self.current is None:
+            return
+        if self._replaced:
+            with torch.no_grad():
+                for weight, token_id, original in self._replaced:
+                    weight[token_id] = original
+            self._replaced = []
+            self.current = None
             return
         token = self.current[0]
         for tokenizer, encoder in self._pairs():

@@ -4,6 +4,8 @@
   ``CLIPImageProcessorPil`` (no torchvision). Built once from a fixed seed, saved with
   ``save_pretrained`` into the model cache and loaded back by path, so it goes through exactly the
   loading code a real checkpoint does.
+- ``clip-vit-large-patch14-random``: ViT-L/14's vision tower with seeded random weights, written once
+  into the model cache (``dreamframe.models.snapshots``) and loaded by path.
 - anything else: a local path or hub id of a CLIP vision checkpoint (e.g. ``openai/clip-vit-large-patch14``);
   a full ``CLIPModel`` checkpoint works too (its vision tower and visual projection are loaded).
 
@@ -23,6 +25,7 @@ from dreamframe.models import build_once
 from dreamframe.models.device import pick_device
 
 TINY = "tiny"
+CLIP_L_RANDOM = "clip-vit-large-patch14-random"
 DEFAULT_REAL = "openai/clip-vit-large-patch14"
 # Bump when the tiny config changes, so stale caches are rebuilt instead of reused.
 TINY_VERSION = 1
@@ -103,7 +106,13 @@ def load_clip_vision(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    location = str(tiny_clip_vision_dir(cache_dir)) if name_or_path == TINY else name_or_path
+    location = name_or_path
+    if name_or_path == TINY:
+        location = str(tiny_clip_vision_dir(cache_dir))
+    elif name_or_path == CLIP_L_RANDOM:
+        from dreamframe.models.snapshots import snapshot_dir
+
+        location = str(snapshot_dir(CLIP_L_RANDOM, cache_dir))
     dev = pick_device(device)
     dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     try:

@@ -4,10 +4,11 @@
   seconds). Built once from a fixed seed, saved with ``save_pretrained`` into the model cache and then
   loaded back by path, so the tiny preset goes through exactly the loading code the real one does.
 - ``sdxl``: SDXL 1.0 base + refiner, from hub ids or local paths (``model_paths`` in the service config).
-- ``sdxl-random``: the real SDXL base + refiner architecture with random weights from a fixed seed,
-  built on the device (seconds on a GPU, no download). For benchmarks and for smoke-testing a GPU
-  deployment without model weights: every process builds the same weights on the same kind of GPU, so
-  replicas render alike. Its images are noise.
+- ``sdxl-random``: the real SDXL base + refiner architecture with random weights from a fixed seed and
+  CLIP's real BPE tokenizers, written once into the model cache as a hub-layout snapshot
+  (``dreamframe.models.snapshots``; built on the GPU when there is one: seconds, no download) and loaded
+  by path like ``sdxl``. For benchmarks and for running the whole chain at real size without model
+  weights: replicas sharing the cache load the same files, so they render alike. Its images are noise.
 
 The refiner shares ``text_encoder_2`` and the VAE with the base pipeline (loaded once, as the reference
 does), so both pipelines together hold one copy of each.
@@ -171,8 +172,11 @@ def resolve_paths(preset: str, model_paths: dict[str, str], cache_dir: Path) -> 
     if preset == TINY and not model_paths.get(TINY):
         root = tiny_sdxl_dir(cache_dir)
         return str(root / "base"), str(root / "refiner")
-    if preset == SDXL_RANDOM:
-        return "random-weights", "random-weights"
+    if preset == SDXL_RANDOM and not (model_paths.get(SDXL_RANDOM) or f"{SDXL_RANDOM}.base" in model_paths):
+        from dreamframe.models.snapshots import snapshot_dir
+
+        root = snapshot_dir(SDXL_RANDOM, cache_dir)
+        return str(root / "base"), str(root / "refiner")
     if preset in model_paths:
         root = Path(model_paths[preset])
         return str(root / "base"), str(root / "refiner")
@@ -199,11 +203,11 @@ def load_sdxl(
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     quiet_progress_bars()
-    base_path, refiner_path = resolve_paths(preset, model_paths or {}, cache_dir)
     dev = pick_device(device)
     dt = dtype or pick_dtype(dev)
-    if preset == SDXL_RANDOM:
-        return build_random_sdxl(dev, dt, with_refiner=with_refiner)
+    if preset == SDXL_RANDOM and dev.type == "meta":
+        return build_random_sdxl(dev, dt, with_refiner=with_refiner)  # shapes only: nothing to load
+    base_path, refiner_path = resolve_paths(preset, model_paths or {}, cache_dir)
     try:
         base = StableDiffusionXLPipeline.from_pretrained(base_path, dtype=dt, use_safetensors=True)
         refiner = None

@@ -7,10 +7,11 @@ scheduler ``config.json``), written out here so nothing has to be fetched.
 
     real_sdxl_base_configs()          {"unet", "vae", "text_encoder", "text_encoder_2", "scheduler"} dicts
     real_sdxl_refiner_unet_config()   the refiner UNet's config dict
-    build_random_sdxl(device, dtype, with_refiner)  -> SDXLPipelines (preset "sdxl-random", 1024 px)
+    build_random_sdxl(device, dtype, with_refiner)  -> SDXLPipelines (1024 px, in memory)
 
-The text models use the real vocabulary size (49408) but the offline byte-level tokenizer of the tiny
-preset (its ids are all < 514), so prompts tokenize without the CLIP BPE files.
+The ``sdxl-random`` preset is these modules written once as a hub-layout snapshot with CLIP's real BPE
+tokenizers (``dreamframe.models.snapshots``) and loaded by path. Built in memory here without
+``tokenizers``, the text models get the offline byte-level tokenizer of the tiny preset (ids < 514).
 """
 
 from __future__ import annotations
@@ -171,12 +172,18 @@ def build_random_sdxl(
     dtype: torch.dtype = torch.bfloat16,
     with_refiner: bool = False,
     seed: int = 0,
+    *,
+    configs: dict[str, dict] | None = None,
+    refiner_unet: dict | None = None,
+    tokenizers: tuple | None = None,
 ) -> SDXLPipelines:
     """Full-size SDXL base (+ refiner sharing text_encoder_2 and the VAE) with random weights.
 
-    Modules are created directly on ``device`` (random init runs there, so a GPU builds the 3.5 B
-    parameters in seconds), then cast to ``dtype``. ``device="meta"`` builds shapes only (instant; for
-    counting parameters and FLOPs)."""
+    Modules are created directly on ``device`` in ``dtype`` (random init runs there, so a GPU builds the
+    3.5 B parameters in seconds). ``device="meta"`` builds shapes only (instant; for counting parameters
+    and FLOPs). ``configs``/``refiner_unet`` (default: the real ones) and ``tokenizers`` (default: the
+    offline byte-level pair; the snapshot writer passes CLIP's real BPE) make the same builder write the
+    tiny snapshots the tests load."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -187,7 +194,9 @@ def build_random_sdxl(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     dev = torch.device(device)
-    configs = real_sdxl_base_configs()
+    configs = configs or real_sdxl_base_configs()
+    refiner_config = refiner_unet or real_sdxl_refiner_unet_config()
+    tokenizer, tokenizer_2 = tokenizers or (clip_byte_tokenizer(), clip_byte_tokenizer())
     if dev.type != "meta":
         torch.manual_seed(seed)
     # Created in the target dtype directly: no fp32 copy (half the memory and time).
@@ -199,10 +208,10 @@ def build_random_sdxl(
             te2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
             unet = UNet2DConditionModel(**configs["unet"])
             vae = AutoencoderKL(**configs["vae"])
-            refiner_unet = UNet2DConditionModel(**real_sdxl_refiner_unet_config()) if with_refiner else None
+            refiner = UNet2DConditionModel(**refiner_config) if with_refiner else None
     finally:
         torch.set_default_dtype(previous_dtype)
-    for module in (te1, te2, unet, vae, refiner_unet):
+    for module in (te1, te2, unet, vae, refiner):
         if module is not None:
             module.eval().requires_grad_(False)
     scheduler = EulerDiscreteScheduler(**configs["scheduler"])
@@ -210,15 +219,15 @@ def build_random_sdxl(
         vae=vae,
         text_encoder=te1,
         text_encoder_2=te2,
-        tokenizer=clip_byte_tokenizer(),
-        tokenizer_2=clip_byte_tokenizer(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
     )
     base.set_progress_bar_config(disable=True)
     pool_at_end_of_text(base)
-    refiner = None
+    refiner_unet, refiner = refiner, None
     if refiner_unet is not None:
         refiner = StableDiffusionXLImg2ImgPipeline(
             vae=vae,
@@ -233,4 +242,5 @@ def build_random_sdxl(
             add_watermarker=False,
         )
         refiner.set_progress_bar_config(disable=True)
-    return SDXLPipelines(base, refiner, SDXL_RANDOM, RESOLUTION, dev, dtype)
+    resolution = configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    return SDXLPipelines(base, refiner, SDXL_RANDOM, resolution, dev, dtype)

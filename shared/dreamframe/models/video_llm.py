@@ -11,6 +11,9 @@ language model the paper's LLaMA-VID baseline is built on).
   ``save_pretrained`` into the model cache and loaded back by path like a real checkpoint.
 - ``llava-1.5-7b``: the hub id above, or a local path given in ``model_paths``; any other value is taken
   as a local path or hub id of a Llava checkpoint (a trained DreamFrame model, for instance).
+- ``llava-1.5-7b-random``: the same architecture with seeded random weights and a Llama-size (32,000)
+  tokenizer, written once into the model cache in llava-hf's layout (``dreamframe.models.snapshots``)
+  and loaded by path.
 
 Every model is used with one conversation format, ``CHAT_TEMPLATE`` (Vicuna v1 with LLaVA-1.5's system
 prompt, as LLaVA-1.5 and LLaMA-VID train); its ``{% generation %}`` markers let the processor return the
@@ -36,7 +39,8 @@ from dreamframe.models.device import pick_device
 
 TINY = "tiny"
 LLAVA_7B = "llava-1.5-7b"
-PRESETS = (TINY, LLAVA_7B)
+LLAVA_7B_RANDOM = "llava-1.5-7b-random"
+PRESETS = (TINY, LLAVA_7B, LLAVA_7B_RANDOM)
 HUB_IDS = {LLAVA_7B: "llava-hf/llava-1.5-7b-hf"}
 # Bump when the tiny configs change, so stale caches are rebuilt instead of reused.
 TINY_VERSION = 1
@@ -264,6 +268,10 @@ def resolve_model_path(
         return model_paths[name]
     if name == TINY:
         return str(tiny_video_llm_dir(cache_dir))
+    if name == LLAVA_7B_RANDOM:
+        from dreamframe.models.snapshots import snapshot_dir
+
+        return str(snapshot_dir(LLAVA_7B_RANDOM, cache_dir))
     return HUB_IDS.get(name, name)
 
 
