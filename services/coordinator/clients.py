@@ -18,8 +18,9 @@ from dreamframe.v1 import (
 )
 from services.coordinator.settings import CoordinatorSettings
 
-from .discovery import RendererPool, build_pool, connector
-from .fanout import Endpoint
+from .discovery import RendererPool, build_pool, connector, discovery_mode
+from .fanout import Endpoint, split_targets
+from .readiness import ServiceReadiness
 
 
 @dataclass
@@ -32,6 +33,13 @@ class Clients:
     train: train_pb2_grpc.TrainServiceStub
     eval: eval_pb2_grpc.EvalServiceStub
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    # Waits for a service's health to say SERVING before a stage calls it (None: call at once).
+    readiness: ServiceReadiness | None = None
+
+    async def ready(self, service: str) -> None:
+        """Wait until ``service`` (a name of ``addresses_of``) is ready to be called."""
+        if self.readiness is not None:
+            await self.readiness.wait(service)
 
     @classmethod
     def connect(cls, settings: CoordinatorSettings, client: ClientSettings, *, api_client=None) -> Clients:
@@ -44,7 +52,14 @@ class Clients:
             channels.append(ch)
             return ch
 
+        readiness = ServiceReadiness(
+            connector(client),
+            addresses_of(settings),
+            timeout_s=settings.service_ready_timeout_s,
+            poll_s=settings.service_ready_poll_s,
+        )
         return cls(
+            readiness=readiness,
             plot=plot_pb2_grpc.PlotServiceStub(channel(settings.plot_address)),
             style=style_pb2_grpc.StyleServiceStub(channel(settings.style_address)),
             renderers=build_pool(settings, connector(client), api_client=api_client),
@@ -59,3 +74,21 @@ class Clients:
             await self.renderers.close()
         for ch in self.channels:
             await ch.close()
+        if self.readiness is not None:
+            await self.readiness.close()
+
+
+def addresses_of(settings: CoordinatorSettings) -> dict[str, list[str]]:
+    """Where each service's health is asked. Renderers only as a static list: discovered replicas are
+    listed by their readiness already (EndpointSlices, a headless Service's DNS)."""
+    renderers = []
+    if discovery_mode(settings) == "static":
+        renderers = [t for t in split_targets(settings.renderer_addresses) if not t.startswith("dns:")]
+    return {
+        "plot-llm": [settings.plot_address],
+        "style-trainer": [settings.style_address],
+        "keyframe-renderer": renderers,
+        "qa-generator": [settings.qa_address],
+        "trainer": [settings.trainer_address],
+        "evaluator": [settings.evaluator_address],
+    }

@@ -47,6 +47,13 @@ class CoordinatorSettings(BaseModel):
     renderer_drain_seconds: float = Field(120.0, ge=0)
     # A render with no replica at all waits this long for one (scale-up from zero) before failing.
     renderer_wait_seconds: float = Field(1800.0, ge=0)
+    # Before each stage's call the coordinator waits for that service's gRPC health to say SERVING (it
+    # says NOT_SERVING while it loads its models, and while the renderer compiles its first batch):
+    # this long at most, then the stage fails naming the service. Separate from the calls' deadlines,
+    # which then count only the work; 0: call at once. (A static renderer list: any replica SERVING.)
+    service_ready_timeout_s: float = Field(1800.0, ge=0)
+    # How often health is asked while waiting.
+    service_ready_poll_s: float = Field(0.5, gt=0)
     qa_address: str = "127.0.0.1:50064"
     trainer_address: str = "127.0.0.1:50065"
     evaluator_address: str = "127.0.0.1:50066"

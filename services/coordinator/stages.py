@@ -123,6 +123,7 @@ async def plot(ctx: JobContext, index: int) -> None:
                 ctx, pb.STAGE_PLOT, f"story {index} level {response.level}: {p.done}/{p.total} {p.unit}"
             )
 
+        await ctx.clients.ready("plot-llm")
         result = await final_result(
             ctx.clients.plot.GenerateStory(request),
             on_update,
@@ -206,6 +207,7 @@ async def style(ctx: JobContext, index: int) -> None:
         message = f"story {index} {_phase(response.phase)} {p.done}/{p.total}"
         await _story_progress(ctx, pb.STAGE_STYLE, message)
 
+    await ctx.clients.ready("style-trainer")
     try:
         result = await final_result(
             ctx.clients.style.TrainStyle(request),
@@ -282,6 +284,7 @@ async def render(ctx: JobContext, index: int, tally: FrameTally) -> None:
             pb.STAGE_RENDER, tally.done, tally.total, "frames", f"story {index} frame {frames[-1].index}"
         )
 
+    await ctx.clients.ready("keyframe-renderer")
     result = await render_frames(
         ctx.clients.renderers,
         template,
@@ -371,6 +374,7 @@ async def dataset(ctx: JobContext) -> None:
         p = response.progress
         await ctx.progress(pb.STAGE_DATASET, p.done, p.total, p.unit or "samples", p.current_item)
 
+    await ctx.clients.ready("qa-generator")
     result = await final_result(
         ctx.clients.qa.BuildDataset(request), on_update, service="qa-generator", field="spec.dataset"
     )
@@ -393,17 +397,28 @@ async def train(ctx: JobContext) -> None:
         request.datasets.insert(0, train_pb2.DatasetMix(dataset=manifest, weight=1.0))
     if not request.datasets:
         raise FailedPrecondition("no dataset to train on", field="spec.train.datasets")
+    await ctx.clients.ready("trainer")
     run_id = (await ctx.clients.train.StartRun(request)).run_id
     run = None
-    async for response in ctx.clients.train.WatchRun(train_pb2.WatchRunRequest(run_id=run_id)):
-        run = response.run
-        await ctx.progress(
-            pb.STAGE_TRAIN,
-            run.step,
-            run.total_steps,
-            "steps",
-            f"run {run_id} loss {run.loss:.4f} lr {run.learning_rate:.2e}",
-        )
+    while True:
+        try:
+            async for response in ctx.clients.train.WatchRun(train_pb2.WatchRunRequest(run_id=run_id)):
+                run = response.run
+                await ctx.progress(
+                    pb.STAGE_TRAIN,
+                    run.step,
+                    run.total_steps,
+                    "steps",
+                    f"run {run_id} loss {run.loss:.4f} lr {run.learning_rate:.2e}",
+                )
+            break
+        except grpc.aio.AioRpcError as exc:
+            # The run goes on in the trainer whatever happens to this watch: a watch that outlived its
+            # deadline (a days-long run) or a trainer restart is watched again once the trainer is ready.
+            if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                raise
+            await asyncio.sleep(1.0)
+            await ctx.clients.ready("trainer")
     if run is None or run.state != train_pb2.RUN_STATE_SUCCEEDED:
         state = train_pb2.RunState.Name(run.state) if run else "unknown"
         raise FailedPrecondition(
@@ -448,6 +463,7 @@ async def evaluate(ctx: JobContext) -> None:
         p = response.progress
         await ctx.progress(pb.STAGE_EVAL, p.done, p.total, p.unit or "items", p.current_item)
 
+    await ctx.clients.ready("evaluator")
     result = await final_result(
         ctx.clients.eval.Evaluate(request), on_update, service="evaluator", field="spec.eval"
     )

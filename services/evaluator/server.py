@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
 from dreamframe.enums import enum_name
+from dreamframe.models.device import apply_memory_budget
 from dreamframe.progress import Progress
 from dreamframe.serving import (
     Done,
@@ -149,6 +150,9 @@ def build_servicer(settings: Settings, store: ObjectStore | None = None) -> Eval
 
 
 async def amain(settings: Settings) -> None:
+    # This process's share of a GPU that other services use too (0: the whole card). Models load per
+    # evaluation and are closed after it, so nothing stays held between requests.
+    apply_memory_budget(settings.models.gpu_memory_fraction, settings.evaluator.device)
     servicer = build_servicer(settings)
     store = servicer.evaluator.store
 

@@ -43,6 +43,7 @@ import torch
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import attention, fp8, sdxl
 from dreamframe.models.attention import sdpa_context
+from dreamframe.models.device import free_memory
 from services.keyframe_renderer.settings import RendererSettings
 
 from .options import RenderParams
@@ -517,7 +518,7 @@ def auto_batch_size(
     """Frames per batch from free GPU memory and a per-image activation model; fixed on a CPU."""
     if device.type != "cuda":
         return max(1, min(cpu_batch, max_batch))
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_memory(device)  # the device's free memory, within this process's GPU budget
     per_image = BYTES_PER_PIXEL_BF16 * width * height * max(1, torch.finfo(dtype).bits // 16)
     fits = (free - MEMORY_HEADROOM) // per_image
     return int(max(1, min(max_batch, fits)))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dreamframe import keys
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.models.holder import ModelHolder, using
 from dreamframe.progress import Progress, ProgressClock
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story, load_story
@@ -96,12 +97,20 @@ class Renderer:
         settings: RendererSettings,
         *,
         cache_dir: Path = Path(".dreamframe/models"),
-        engines: EngineCache | None = None,
+        engines: EngineCache | ModelHolder | None = None,
+        idle_release_s: float = 0.0,
     ) -> None:
+        """``idle_release_s`` > 0 (``models.idle_release_s``, GPU sharing): loaded presets are dropped
+        after that long without a render and loaded again by the next one."""
         self.store = store
         self.settings = settings
         self.cache_dir = Path(cache_dir)
-        self.engines = engines or EngineCache(self._load, capacity=settings.max_loaded_presets)
+        self.engines = engines or ModelHolder(
+            self._load,
+            name="keyframe-renderer",
+            capacity=settings.max_loaded_presets,
+            idle_release_s=idle_release_s,
+        )
         # PNG and thumbnail encoding and uploads overlap the next batch's GPU work.
         self._writer = ThreadPoolExecutor(
             max_workers=settings.writer_threads, thread_name_prefix="frame-writer"
@@ -125,7 +134,35 @@ class Renderer:
         """The engine for ``preset`` (the configured default when None), loading it on first use."""
         return self.engines.get(preset or self.settings.preset)
 
+    def warm_up(self) -> None:
+        """Preload: load the default preset and, when compiling, render one batch of the default shape
+        so torch.compile's first (minutes-long) compile happens before the service says SERVING, not
+        inside the first RenderFrames call."""
+        preset = self.settings.preset
+        with using(self.engines, preset) as engine:
+            if not self.settings.compile or preset == SIM:
+                return
+            params = resolve_options(
+                RenderOptions(),
+                preset=preset,
+                resolution=engine.resolution,
+                default_batch_size=self.settings.batch_size,
+                compile_default=True,
+            )
+            with engine.lock:
+                engine.set_style(None)
+                engine.compile(self.settings.compile_mode)
+                batch = params.batch_size or engine.auto_batch_size(
+                    params, max_batch=self.settings.max_batch_size, cpu_batch=self.settings.cpu_batch_size
+                )
+                began = time.monotonic()
+                engine.render(["warm-up"] * batch, [params.seed(i) for i in range(batch)], params)
+                log.info("warm-up batch of %d (compile) took %.1f s", batch, time.monotonic() - began)
+
     def close(self) -> None:
+        close = getattr(self.engines, "close", None)
+        if close is not None:
+            close()
         self._writer.shutdown(wait=True)
 
     # --- inputs ---------------------------------------------------------------------------------------
@@ -172,7 +209,19 @@ class Renderer:
         story = load_story(self._read(request.story, "story"), field="story")
         indices = select_frames(request.frames, story.frame_count)
         style = self._style(request, story)
-        engine = self.engine(preset_of(request.options, self.settings.preset))
+        # In use for the whole render: an idle release never takes the weights from under it.
+        with using(self.engines, preset_of(request.options, self.settings.preset)) as engine:
+            yield from self._render(request, engine, indices, style, story, stop)
+
+    def _render(
+        self,
+        request: RenderRequest,
+        engine: SDXLEngine,
+        indices: list[int],
+        style: StyleEmbedding | None,
+        story: Story,
+        stop: Callable[[], bool],
+    ) -> Iterator[RenderEvent]:
         params = resolve_options(
             request.options,
             preset=preset_of(request.options, self.settings.preset),

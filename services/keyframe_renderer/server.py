@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dreamframe.config import Settings
 from dreamframe.errors import Unavailable
+from dreamframe.models.device import apply_memory_budget
 from dreamframe.serving import (
     Done,
     GrpcServer,
@@ -193,11 +194,18 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
 
 def build_servicer(settings: Settings) -> RenderServicer:
-    renderer = Renderer(open_store(settings.storage), settings.renderer, cache_dir=settings.models.cache_dir)
+    renderer = Renderer(
+        open_store(settings.storage),
+        settings.renderer,
+        cache_dir=settings.models.cache_dir,
+        idle_release_s=settings.models.idle_release_s,
+    )
     return RenderServicer(renderer)
 
 
 async def amain(settings: Settings) -> None:
+    # This process's share of a GPU that other services use too (0: the whole card).
+    apply_memory_budget(settings.models.gpu_memory_fraction, settings.renderer.device)
     servicer = build_servicer(settings)
     # Frames are read from and written to storage: it must answer; and the weights must be loaded.
     ready = StorageReadiness(servicer.renderer.store, "jobs/")
@@ -215,8 +223,8 @@ async def amain(settings: Settings) -> None:
     )
     servicer.metrics.register(server.metrics.registry)
     if settings.renderer.preload:
-        # Weights load once per process, before the service says SERVING.
-        ready.track(asyncio.create_task(asyncio.to_thread(servicer.renderer.engine), name="preload-model"))
+        # Weights load (and, with compile on, the first batch compiles) before the service says SERVING.
+        ready.track(asyncio.create_task(asyncio.to_thread(servicer.renderer.warm_up), name="preload-model"))
     try:
         await server.run_forever()
     finally:

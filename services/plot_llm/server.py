@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
+from dreamframe.models.device import apply_memory_budget
 from dreamframe.serving import Done, Registration, run_service, serve, stream_from_task
 from dreamframe.serving import progress_to_proto as common_progress_to_proto
 from dreamframe.serving.readiness import StorageReadiness
@@ -91,6 +92,8 @@ def build_service(settings: Settings) -> PlotService:
 
 
 async def amain(settings: Settings) -> None:
+    if settings.plot.backend == "local":  # its share of a GPU other services use too (0: all of it)
+        apply_memory_budget(settings.models.gpu_memory_fraction, settings.plot.device)
     service = build_service(settings)
 
     async def default_model_loaded() -> bool:

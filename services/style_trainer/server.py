@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from dreamframe.config import Settings
+from dreamframe.models.device import apply_memory_budget
 from dreamframe.serving import Done, Registration, ThreadJobs, run_service, serve, stream_from_thread
 from dreamframe.serving import progress_to_proto as common_progress_to_proto
 from dreamframe.serving.readiness import StorageReadiness
@@ -161,11 +162,14 @@ def build(settings: Settings) -> tuple[StyleTrainer, StyleServicer]:
         device=settings.style.device,
         model_paths=settings.style.model_paths,
         cache_dir=settings.models.cache_dir,
+        idle_release_s=settings.models.idle_release_s,
     )
     return trainer, StyleServicer(trainer, settings.style)
 
 
 async def amain(settings: Settings) -> None:
+    # This process's share of a GPU that other services use too (0: the whole card).
+    apply_memory_budget(settings.models.gpu_memory_fraction, settings.style.device)
     trainer, servicer = build(settings)
     # Storage must answer, and the default model be loaded (when preloading).
     ready = StorageReadiness(trainer.store, "jobs/")
@@ -181,6 +185,7 @@ async def amain(settings: Settings) -> None:
             shutdown_hooks=[servicer.shutdown],
         )
     finally:
+        trainer.close()
         trainer.store.close()
 
 

@@ -27,12 +27,14 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dreamframe import keys
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.models import sdxl
+from dreamframe.models.holder import ModelHolder
 from dreamframe.progress import Progress, ProgressClock
 from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story
@@ -225,32 +227,40 @@ class StyleTrainer:
         model_paths: dict[str, str] | None = None,
         cache_dir: Path = Path(".dreamframe/models"),
         pipelines: dict[str, sdxl.SDXLPipelines] | None = None,
+        idle_release_s: float = 0.0,
     ) -> None:
-        """``pipelines``: a preset → loaded pipelines cache to share between trainers in one process."""
+        """``pipelines``: a preset → loaded pipelines cache to share between trainers in one process.
+        ``idle_release_s`` > 0 (``models.idle_release_s``, GPU sharing): loaded pipelines are dropped
+        after that long without a training and loaded again by the next one."""
         self.store = store
         self.default_preset = default_preset
         self.device = device
         self.model_paths = dict(model_paths or {})
         self.cache_dir = Path(cache_dir)
-        self._pipes = pipelines if pipelines is not None else {}
-        self._load_lock = threading.Lock()
+        self.models: ModelHolder[sdxl.SDXLPipelines] = ModelHolder(
+            self._load, name="style-trainer", idle_release_s=idle_release_s, models=pipelines
+        )
         self._run_lock = threading.Lock()
 
+    def _load(self, preset: str) -> sdxl.SDXLPipelines:
+        return sdxl.load_sdxl(
+            preset,
+            model_paths=self.model_paths,
+            cache_dir=self.cache_dir,
+            device=self.device,
+            with_refiner=False,
+        )
+
     def pipelines(self, preset: str) -> sdxl.SDXLPipelines:
-        with self._load_lock:
-            if preset not in self._pipes:
-                self._pipes[preset] = sdxl.load_sdxl(
-                    preset,
-                    model_paths=self.model_paths,
-                    cache_dir=self.cache_dir,
-                    device=self.device,
-                    with_refiner=False,
-                )
-            return self._pipes[preset]
+        """The preset's pipelines, loaded on first use (preload; ``train`` holds them while it runs)."""
+        return self.models.get(preset)
 
     @property
     def loaded_presets(self) -> list[str]:
-        return list(self._pipes)
+        return self.models.loaded()
+
+    def close(self) -> None:
+        self.models.close()
 
     # --- the RPC ---------------------------------------------------------------------------------
     def train(
@@ -292,7 +302,7 @@ class StyleTrainer:
             yield StyleProgress(phase=Phase.DONE, message="already trained; outputs verified", result=done)
             return
 
-        with self._run_lock:
+        with self._run_lock, ExitStack() as held:
             # A duplicate request that waited for the lock finds what the first one stored.
             done = self._stored_result(out, fingerprint)
             if done is not None:
@@ -303,7 +313,8 @@ class StyleTrainer:
             yield StyleProgress(
                 phase=Phase.LOADING, message=f"loading preset {preset!r}", elapsed_seconds=watch.elapsed
             )
-            pipes = self.pipelines(preset)
+            # In use until the training ends: an idle release never takes them from under it.
+            pipes = held.enter_context(self.models.use(preset))
 
             if supplied:
                 images = supplied
@@ -386,7 +397,8 @@ class StyleTrainer:
         data = self._read_embedding(request.embedding)
         dims = PRESET_DIMS.get(preset)
         if dims is None:  # a model path: its text encoders say (loaded once, as for training)
-            dims = encoder_dims(self.pipelines(preset).base)
+            with self.models.use(preset) as pipes:
+                dims = encoder_dims(pipes.base)
         embedding = import_embedding(
             data,
             token=request.token,

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dreamframe.models.device import apply_configured_budget
+
 
 @dataclass
 class DistContext:
@@ -43,6 +45,8 @@ def init_distributed(device_setting: str = "auto", scratch: Path | None = None) 
     device = pick_device(device_setting, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # This worker's share of a GPU that other services use too (models.gpu_memory_fraction).
+        apply_configured_budget(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=False)

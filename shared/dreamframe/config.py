@@ -241,6 +241,14 @@ class ModelSettings(BaseModel):
     """Where model presets are cached (the tiny presets are built here once per machine)."""
 
     cache_dir: Path = Path(".dreamframe/models")
+    # GPU sharing (dreamframe.models.device / holder; the local runner sets both per process when
+    # several GPU services share a GPU; 0 = off, the Kubernetes default of one service per GPU).
+    # The fraction of the card this process's CUDA allocator may hold (set at start); past it the
+    # service fails itself with RESOURCE_EXHAUSTED naming this setting, not a neighbour.
+    gpu_memory_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # Seconds without work after which a GPU service drops its loaded models and empties the CUDA
+    # cache; the next request loads them again (health stays SERVING meanwhile).
+    idle_release_s: float = Field(0.0, ge=0.0)
 
 
 class CliSettings(BaseModel):

@@ -163,6 +163,25 @@ def up(
         int | None, typer.Option(help="Coordinator port; the others follow it.", show_default="50060")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every service to be healthy.")] = 600,
+    gpu_budget: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SERVICE=FRACTION: that service's share of its GPU when GPU services share one "
+            "(overrides the computed budget; a service name covers its replicas). Repeatable."
+        ),
+    ] = None,
+    gpu_memory_gib: Annotated[
+        float | None,
+        typer.Option(help="The GPU's memory, for the budgets.", show_default="read with nvidia-smi, else 80"),
+    ] = None,
+    idle_release_s: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds without work before a GPU service that shares its GPU drops its models.",
+            show_default="per service: renderer 300, style-trainer 120; 30 when the card is shared in turns",
+        ),
+    ] = None,
 ) -> list[str]:
     # Help: UP_HELP.
     settings = _settings()
@@ -171,6 +190,7 @@ def up(
     asked = {"preset": preset, "renderers": renderers, "gpus": gpus, "base_port": base_port}
     setup = {k: v if v is not None else recorded.get(k, UP_DEFAULTS[k]) for k, v in asked.items()}
     env = _local_env(settings, str(setup["preset"]))  # a bad preset ends here, before anything starts
+    gpu = _gpu_policy(env, gpu_budget or [], gpu_memory_gib, idle_release_s)
     try:
         procs, started = local.ensure_services(
             state_dir,
@@ -179,6 +199,7 @@ def up(
             gpus=int(setup["gpus"]),
             base_port=setup["base_port"],
             setup=setup,
+            gpu=gpu,
         )
     except local.SetupMismatch as exc:
         raise _fail(str(exc)) from None
@@ -194,7 +215,53 @@ def up(
         note = "started" if p.name in started else "[dim]was running"
         table.add_row(p.name, f"{local.HOST}:{p.port}", str(p.pid), note, relative(Path(p.log)))
     console.print(table)
+    _print_gpu_sharing(procs)
     return started
+
+
+def _gpu_policy(
+    env: dict[str, str], budgets: list[str], card_gib: float | None, idle_release_s: float | None
+) -> local.GpuPolicy:
+    """How the local runner shares GPUs (local.plan_gpu_sharing), from `up`'s options."""
+    known = {*local.SERVICES, *(p.name for p in local.service_plan(renderers=64)[0])}
+    parsed: dict[str, float] = {}
+    for item in budgets:
+        name, sep, value = item.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not sep or name.strip() not in known or not 0.0 <= fraction <= 1.0:
+            raise _fail(
+                f"--gpu-budget {item!r}: expected SERVICE=FRACTION with a service `up` starts "
+                f"({', '.join(local.SERVICES)}) and a fraction in [0, 1]",
+                2,
+            )
+        parsed[name.strip()] = fraction
+    if card_gib is not None and card_gib <= 0:
+        raise _fail(f"--gpu-memory-gib must be positive, got {card_gib}", 2)
+    services = local.gpu_services_for({**os.environ, **env})
+    return local.GpuPolicy(
+        services,
+        card_gib=card_gib if card_gib is not None else (local.card_gib() if services else None),
+        budgets=parsed,
+        idle_release_s=idle_release_s,
+    )
+
+
+def _print_gpu_sharing(procs: list[local.Process]) -> None:
+    """The GPU budgets and idle release the processes run with (what their environment says)."""
+    rows = [
+        (p.name, p.env.get(local.FRACTION_ENV, ""), p.env.get(local.IDLE_ENV, ""))
+        for p in procs
+        if p.env.get(local.FRACTION_ENV) or p.env.get(local.IDLE_ENV)
+    ]
+    if not rows:
+        return
+    table = Table("GPU service", "memory fraction (models.gpu_memory_fraction)", "idle release (s)")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command(help=RESTART_HELP)

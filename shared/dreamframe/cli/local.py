@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,175 @@ def service_plan(
     return plan, addresses
 
 
+# --- GPU sharing: several GPU services on one card (README "GPU sharing") ----------------------------------
+#
+# On Kubernetes each GPU service has a GPU of its own and nothing below applies (budgets 0, no idle
+# release). The local runner puts every GPU service of a real-size preset on the same GPU (renderer
+# replicas on GPU r mod --gpus); per GPU it gives each process a share of the card, which the process
+# enforces at start (torch.cuda.set_per_process_memory_fraction: models.gpu_memory_fraction), and turns on
+# idle release (models.idle_release_s) so a service gives its memory back between its stages.
+#
+# GiB each GPU service needs at real size (peak, with some margin): the renderer's SDXL base + refiner in
+# bf16 (~11 GiB of weights) and batch 8 at 1024² (25 GiB peak measured); the style trainer's SDXL base and
+# textual inversion at 768²; the trainer's 7B LoRA (~14 GiB of bf16 weights plus activations at context
+# 2048); the evaluator's 7B model and CLIP; plot-llm's local model at a small real size.
+GPU_NEEDS_GIB: dict[str, float] = {
+    "plot-llm": 10.0,
+    "style-trainer": 22.0,
+    "keyframe-renderer": 28.0,
+    "trainer": 40.0,
+    "evaluator": 20.0,
+}
+# When each service's work runs in a job: the per-story stages together (plot, style and render overlap
+# across stories), then training and evaluation. Where the needs of all do not fit at once, each group
+# gets the card in turn ("phased"), which idle release makes true: the story group's models are dropped
+# before training needs their memory.
+GPU_PHASE: dict[str, str] = {
+    "plot-llm": "stories",
+    "style-trainer": "stories",
+    "keyframe-renderer": "stories",
+    "trainer": "training",
+    "evaluator": "training",
+}
+# Seconds without work before a service drops its models when sharing (renderer: its reload costs the
+# weights' load plus, with compile on, a compile unless the compile cache has it, so it waits longer).
+IDLE_RELEASE_S: dict[str, float] = {"keyframe-renderer": 300.0, "style-trainer": 120.0, "plot-llm": 300.0}
+DEFAULT_IDLE_RELEASE_S = 120.0
+# Phased: the story group must have let go before training allocates (its worker starts, then reads
+# the 7B weights for tens of seconds; the dataset stage runs in between), so it releases sooner.
+PHASED_IDLE_RELEASE_S = 30.0
+# Kept out of every budget: each CUDA context (~0.5–1 GiB, outside the caching allocator) and some slack.
+CONTEXT_GIB = 1.0
+SLACK_GIB = 2.0
+# Assumed when the card's size cannot be read (no nvidia-smi): the smaller of the cards in use.
+DEFAULT_CARD_GIB = 80.0
+FRACTION_ENV = "DREAMFRAME_MODELS__GPU_MEMORY_FRACTION"
+IDLE_ENV = "DREAMFRAME_MODELS__IDLE_RELEASE_S"
+
+
+def base_name(name: str) -> str:
+    """``keyframe-renderer-2`` → ``keyframe-renderer``."""
+    return "keyframe-renderer" if name.startswith("keyframe-renderer") else name
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    """What ``up`` was asked for: which services use the GPU and the overrides."""
+
+    gpu_services: frozenset[str]
+    card_gib: float | None = None  # None: read it (nvidia-smi), else DEFAULT_CARD_GIB
+    # Process or service name → fraction (a service name covers its replicas).
+    budgets: dict[str, float] = field(default_factory=dict)
+    idle_release_s: float | None = None  # None: IDLE_RELEASE_S by service
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    name: str
+    gpu: int
+    fraction: float
+    idle_release_s: float
+    mode: str  # "alone", "concurrent" (all fit at once), "phased" (groups take turns), "override"
+    card_gib: float
+
+    @property
+    def gib(self) -> float:
+        return self.fraction * self.card_gib
+
+
+def gpu_services_for(env: dict[str, str]) -> frozenset[str]:
+    """The services that run models on the GPU with this environment (none with the tiny preset)."""
+    found = set()
+    if env.get("DREAMFRAME_RENDERER__PRESET", "tiny") not in ("tiny", "sim"):
+        found.add("keyframe-renderer")
+    if env.get("DREAMFRAME_STYLE__PRESET", "tiny") != "tiny":
+        found.add("style-trainer")
+    if env.get("DREAMFRAME_TRAINER__PRESET", "tiny") != "tiny":
+        found |= {"trainer", "evaluator"}
+    if env.get("DREAMFRAME_PLOT__BACKEND") == "local" and env.get("DREAMFRAME_PLOT__MODEL", "tiny") != "tiny":
+        found.add("plot-llm")
+    return frozenset(found)
+
+
+def card_gib() -> float | None:
+    """GiB of GPU 0 (nvidia-smi), None when it cannot be read."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(  # noqa: S603 - a fixed query to the driver's own tool
+            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return float(out.split()[0]) / 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _gpu_of(planned: Planned) -> int:
+    pinned = planned.env.get("CUDA_VISIBLE_DEVICES")
+    return int(pinned) if pinned is not None and pinned.isdigit() else 0
+
+
+def plan_gpu_sharing(plan: list[Planned], policy: GpuPolicy) -> list[GpuShare]:
+    """Each GPU process's share of its card (see the comment above GPU_NEEDS_GIB).
+
+    Per GPU: a process alone gets no budget; several get ``need / sum of needs`` of what is left after
+    the CUDA contexts when all fit at once ("concurrent"), else the same within their phase group
+    ("phased": each group may fill the card, one group at a time). ``policy.budgets`` overrides a
+    process's fraction. Idle release is on for every process that shares its GPU."""
+    card = policy.card_gib or DEFAULT_CARD_GIB
+    by_gpu: dict[int, list[Planned]] = {}
+    for planned in plan:
+        if base_name(planned.name) in policy.gpu_services:
+            by_gpu.setdefault(_gpu_of(planned), []).append(planned)
+    shares: list[GpuShare] = []
+    for gpu, procs in sorted(by_gpu.items()):
+        needs = {p.name: GPU_NEEDS_GIB[base_name(p.name)] for p in procs}
+        usable = max(card - SLACK_GIB - CONTEXT_GIB * len(procs), card * 0.5)
+        phased = sum(needs.values()) > usable
+        for p in procs:
+            service = base_name(p.name)
+            if len(procs) == 1:
+                fraction, mode = 0.0, "alone"
+            else:
+                group = [n for n in needs if not phased or GPU_PHASE[base_name(n)] == GPU_PHASE[service]]
+                fraction = needs[p.name] / sum(needs[n] for n in group) * usable / card
+                mode = "phased" if phased else "concurrent"
+            override = policy.budgets.get(p.name, policy.budgets.get(service))
+            if override is not None:
+                fraction, mode = override, "override"
+            idle = policy.idle_release_s
+            if idle is None and len(procs) == 1:
+                idle = 0.0
+            elif idle is None and phased:
+                idle = PHASED_IDLE_RELEASE_S
+            elif idle is None:
+                idle = IDLE_RELEASE_S.get(service, DEFAULT_IDLE_RELEASE_S)
+            shares.append(GpuShare(p.name, gpu, round(fraction, 3), idle, mode, card))
+    return shares
+
+
+def with_gpu_shares(plan: list[Planned], shares: list[GpuShare]) -> list[Planned]:
+    """The plan with each process's budget and idle release in its environment; a variable set in the
+    caller's environment wins (one setting for every service, as the environment always does)."""
+    by_name = {s.name: s for s in shares}
+    out = []
+    for planned in plan:
+        share = by_name.get(planned.name)
+        env = dict(planned.env)
+        if share is not None:
+            if share.fraction and FRACTION_ENV not in os.environ:
+                env[FRACTION_ENV] = f"{share.fraction:.3f}"
+            if share.idle_release_s and IDLE_ENV not in os.environ:
+                env[IDLE_ENV] = f"{share.idle_release_s:g}"
+        out.append(Planned(planned.name, planned.module, planned.port, env))
+    return out
+
+
 def spawn(planned: Planned, env: dict[str, str], log_path: Path) -> Process:
     """Start one service process (``python -m <module>`` on its port), appending to ``log_path``."""
     child_env = {
@@ -183,6 +353,7 @@ def ensure_services(
     base_port: int | None = None,
     gpus: int = 0,
     setup: dict[str, object] | None = None,
+    gpu: GpuPolicy | None = None,
 ) -> tuple[list[Process], list[str]]:
     """Start every service that is not running; leave the running ones alone (same pids, same ports).
 
@@ -190,7 +361,8 @@ def ensure_services(
     crashed, or was killed) starts again on its recorded port with its recorded environment. With no
     service running, the whole stack starts afresh from the plan (``renderers`` keyframe-renderer
     replicas; with ``gpus`` > 0 replica r sees GPU r mod gpus). ``setup`` is what the caller asked for
-    (recorded; a running stack with a different recorded setup raises SetupMismatch, touching nothing)."""
+    (recorded; a running stack with a different recorded setup raises SetupMismatch, touching nothing).
+    ``gpu``: share each GPU between the GPU services planned on it (``plan_gpu_sharing``)."""
     stack = read_stack(state_dir)
     alive = {p.name: p for p in stack.processes if is_running(p)}
     if alive and setup is not None and stack.setup and setup != stack.setup:
@@ -206,6 +378,8 @@ def ensure_services(
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     plan, addresses = service_plan(renderers=renderers, base_port=base_port, gpus=gpus)
+    if gpu is not None:
+        plan = with_gpu_shares(plan, plan_gpu_sharing(plan, gpu))
     recorded = {p.name: p for p in stack.processes} if alive else {}
     processes: list[Process] = []
     started: list[str] = []
@@ -235,10 +409,11 @@ def start_services(
     base_port: int | None = None,
     gpus: int = 0,
     setup: dict[str, object] | None = None,
+    gpu: GpuPolicy | None = None,
 ) -> list[Process]:
     """``ensure_services``, returning every service's record (the running ones and those started now)."""
     processes, _ = ensure_services(
-        state_dir, env=env, renderers=renderers, base_port=base_port, gpus=gpus, setup=setup
+        state_dir, env=env, renderers=renderers, base_port=base_port, gpus=gpus, setup=setup, gpu=gpu
     )
     return processes
 
