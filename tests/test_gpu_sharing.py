@@ -444,3 +444,26 @@ def test_static_renderer_lists_are_waited_for_and_discovered_ones_are_not():
 def _no_budget_left_behind():
     yield
     gpu._budgets.clear()
+
+
+def test_up_refuses_a_bad_gpu_budget_before_starting_anything(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dreamframe.cli import commands as cli
+    from dreamframe.config import get_settings
+
+    monkeypatch.setenv("DREAMFRAME_CLI__STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("COLUMNS", "200")
+    get_settings.cache_clear()
+    try:
+        for bad in ("renderer=0.3", "keyframe-renderer=1.5", "trainer"):
+            result = CliRunner().invoke(cli.app, ["up", "--gpu-budget", bad])
+            assert result.exit_code == 2, result.output
+            assert "--gpu-budget" in result.output and "SERVICE=FRACTION" in result.output
+        assert not local.running_services(tmp_path / "state")
+        policy = cli._gpu_policy(SDXL_ENV, ["keyframe-renderer=0.3", "keyframe-renderer-1=0.2"], 141.0, 10.0)
+        assert policy.budgets == {"keyframe-renderer": 0.3, "keyframe-renderer-1": 0.2}
+        assert policy.gpu_services == {"keyframe-renderer", "style-trainer", "trainer", "evaluator"}
+        assert (policy.card_gib, policy.idle_release_s) == (141.0, 10.0)
+    finally:
+        get_settings.cache_clear()
