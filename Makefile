@@ -92,6 +92,10 @@ bench-control-plane: proto  ## the coordinator over a simulated renderer fleet, 
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m services.coordinator.bench_control_plane --out $(BENCH_OUT) $(BENCH_ARGS)
 
+.PHONY: warm-cache
+warm-cache: proto  ## compile the renderer once and store its signed artifacts, so replicas start without compiling (PRESET=..., WARM_ARGS=--try-max-autotune)
+	$(PY) -m services.keyframe_renderer.warm_cache --preset $(PRESET) $(WARM_ARGS)
+
 bench: proto  ## renderer, style-trainer and trainer benchmarks on this machine's GPU (tiny presets on a CPU)
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m services.keyframe_renderer.bench --out $(BENCH_OUT)

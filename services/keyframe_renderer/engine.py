@@ -43,6 +43,7 @@ import torch
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import attention, fp8, sdxl
 from dreamframe.models.attention import sdpa_context
+from dreamframe.models.compile_cache import CompileCache, Session, config_hash, open_cache
 from dreamframe.models.device import free_memory
 from services.keyframe_renderer.settings import RendererSettings
 
@@ -59,7 +60,10 @@ BYTES_PER_PIXEL_BF16 = 2048
 MEMORY_HEADROOM = 2 << 30
 
 
-COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto")
+# "auto": the mode a warm-up (warm_cache) timed fastest and recorded in the compile cache; "default" when
+# it recorded none.
+AUTO_FALLBACK_MODE = "default"
 SDPA_BACKENDS = attention.BACKENDS
 STAGES = ("encode", "base", "refiner", "decode")
 # Inductor settings for our torch.compile calls (passed as their ``options``, so nothing global changes).
@@ -78,7 +82,8 @@ INDUCTOR_TUNING = {
 class EngineOptions:
     """How an engine runs its loaded weights (``RendererSettings`` names the same fields)."""
 
-    # "" = eager; otherwise a torch.compile mode for both UNets (and the VAE decoder with compile_vae).
+    # "" = eager; otherwise a torch.compile mode for both UNets (and the VAE decoder with compile_vae);
+    # "auto": the compile cache's recorded winner.
     compile_mode: str = ""
     compile_vae: bool = True
     compile_tuning: bool = False
@@ -232,10 +237,15 @@ class SDXLEngine:
         model_id: str,
         options: EngineOptions | None = None,
         reversible: bool = False,
+        compile_cache: CompileCache | None = None,
     ) -> None:
         """``reversible``: keep the bf16 weights that FP8 replaces, so ``configure`` can switch FP8 (or
-        anything it depends on) off again; the benchmark compares settings this way. Costs their memory."""
+        anything it depends on) off again; the benchmark compares settings this way. Costs their memory.
+        ``compile_cache``: where compiled artifacts are loaded from and saved to (none: compile anew)."""
         self.pipes = pipes
+        self.compile_cache = compile_cache or CompileCache.disabled("keyframe-renderer")
+        # Compile-cache sessions by workload (batch, size, guidance, refiner): one lookup per shape.
+        self._cache_sessions: dict[tuple, Session] = {}
         self.base = pipes.base
         self.refiner = pipes.refiner
         self.device = pipes.device
@@ -334,10 +344,13 @@ class SDXLEngine:
 
     def compile(self, mode: str | None = None) -> None:
         """torch.compile both UNets (and the VAE decoder) in place; the first batch of each shape pays
-        the compile time."""
+        the compile time, or loads it from the compile cache. ``auto``: the mode the cache recorded as
+        the fastest for this model and these options (``warm_cache``)."""
         if self.compiled:
             return
         mode = mode or self.options.compile_mode or "default"
+        if mode == "auto":
+            mode = self.auto_mode()
         self.options = replace(self.options, compile_mode=mode)
         options = inductor_options(mode, tuning=self.options.compile_tuning)
         for module in self._compile_targets():
@@ -352,8 +365,73 @@ class SDXLEngine:
         for module in [p.unet for p in self._pipes()] + [self.base.vae.decoder]:
             module._compiled_call_impl = None  # what nn.Module.compile set
         torch._dynamo.reset()
+        self._cache_sessions.clear()
         self.compiled = False
         self.options = replace(self.options, compile_mode="")
+
+    # --- compile cache -------------------------------------------------------------------------------
+    def cache_model(self) -> dict[str, Any]:
+        """The model part of a compile-cache key: the preset and a hash of every compiled module's
+        config (both UNets, the VAE), with the dtype."""
+        configs = [p.unet.config for p in self._pipes()] + [self.base.vae.config]
+        return {
+            "preset": self.pipes.preset,
+            "configs": config_hash(*configs),
+            "refiner": self.refiner is not None,
+            "dtype": str(self.dtype),
+        }
+
+    def cache_options(self, mode: str | None = None) -> dict[str, Any]:
+        """The options part of a key: the engine options and the inductor options they compile with."""
+        mode = self.options.compile_mode if mode is None else mode
+        options = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
+        options["compile_mode"] = mode
+        if mode and mode != "auto":
+            options["inductor"] = inductor_options(mode, tuning=self.options.compile_tuning)
+        return options
+
+    def cache_key(self, workload: dict[str, Any], mode: str | None = None) -> str:
+        return self.compile_cache.key(
+            model=self.cache_model(), options=self.cache_options(mode), workload=workload, device=self.device
+        )
+
+    def choice_key(self) -> str:
+        """Where warm-up records the fastest compile mode: the key without mode or shapes."""
+        return self.compile_cache.key(
+            model=self.cache_model(), options=self.cache_options("auto"), device=self.device
+        )
+
+    def auto_mode(self) -> str:
+        choice = self.compile_cache.choice(self.choice_key()) or {}
+        mode = choice.get("mode")
+        if mode not in COMPILE_MODES or mode in ("", "auto"):
+            log.info("compile_mode auto: no recorded choice, using %s", AUTO_FALLBACK_MODE)
+            return AUTO_FALLBACK_MODE
+        log.info("compile_mode auto: %s (recorded by warm-up: %s)", mode, choice.get("seconds_per_image"))
+        return mode
+
+    @staticmethod
+    def workload(batch: int, params: RenderParams, refine: bool) -> dict[str, Any]:
+        """What decides the compiled graphs' shapes (not seeds, steps or prompts)."""
+        return {
+            "batch": batch,
+            "width": params.width,
+            "height": params.height,
+            "guided": params.guidance_scale > 1.0,
+            "refiner": refine,
+        }
+
+    def _cache_session(self, workload: dict[str, Any]) -> Session | None:
+        """Before the first compiled batch of a shape: its compile-cache lookup (loads a hit)."""
+        if not (self.compiled and self.compile_cache.enabled):
+            return None
+        shape = tuple(sorted(workload.items()))
+        session = self._cache_sessions.get(shape)
+        if session is None:
+            session = self._cache_sessions[shape] = self.compile_cache.session(
+                self.cache_key(workload), workload=workload, mode=self.options.compile_mode
+            )
+        return session
 
     def reset_stage_seconds(self) -> None:
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
@@ -429,6 +507,7 @@ class SDXLEngine:
             neg, neg_pooled = self._negative_embeds(params.negative_prompt)
             negative, negative_pooled = neg.expand(batch, -1, -1), neg_pooled.expand(batch, -1)
         generators = self.generators(seeds)
+        session = self._cache_session(self.workload(batch, params, split.refiner > 0))
         common = dict(
             num_inference_steps=params.steps,
             guidance_scale=params.guidance_scale,
@@ -466,6 +545,8 @@ class SDXLEngine:
         pixels = self._decode_on_device(latents)
         marks.append(self._mark())
         images = pixels.cpu().numpy()  # the one host copy (and sync) per batch
+        if session is not None and not session.finished:
+            session.finish()  # the first compiled batch of this shape is done: save what it compiled
         self._add_stage_seconds(marks)
         self.batches_rendered += 1
         self.frames_rendered += batch
@@ -580,6 +661,23 @@ def load_engine(
     cache_dir: Path,
     device: str = "auto",
     options: EngineOptions | None = None,
+    compile_cache: CompileCache | None = None,
 ) -> SDXLEngine:
     pipes = sdxl.load_sdxl(preset, model_paths=model_paths, cache_dir=cache_dir, device=device)
-    return SDXLEngine(pipes, model_id=model_id(preset, model_paths, cache_dir), options=options)
+    return SDXLEngine(
+        pipes,
+        model_id=model_id(preset, model_paths, cache_dir),
+        options=options,
+        compile_cache=compile_cache,
+    )
+
+
+COMPILE_CACHE_SERVICE = "keyframe-renderer"
+
+
+def renderer_compile_cache(settings: RendererSettings, store, cache_dir: Path) -> CompileCache:
+    """The renderer's compile cache: used whenever it compiles (settings.compile or a request's
+    options.compile); off without a signing key."""
+    return open_cache(
+        settings.compile_cache, service=COMPILE_CACHE_SERVICE, models_cache_dir=cache_dir, store=store
+    )

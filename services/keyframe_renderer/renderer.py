@@ -31,7 +31,7 @@ from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 from dreamframe.story import Story, load_story
 from services.keyframe_renderer.settings import RendererSettings
 
-from .engine import EngineCache, EngineOptions, SDXLEngine, load_engine
+from .engine import EngineCache, EngineOptions, SDXLEngine, load_engine, renderer_compile_cache
 from .frames import FrameRecipe, StoredFrame, find_done, write_frame
 from .options import (
     FrameSelection,
@@ -128,6 +128,7 @@ class Renderer:
             cache_dir=self.cache_dir,
             device=s.device,
             options=EngineOptions.from_settings(s),
+            compile_cache=renderer_compile_cache(s, self.store, self.cache_dir),
         )
 
     def engine(self, preset: str | None = None) -> SDXLEngine:

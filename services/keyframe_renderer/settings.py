@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from dreamframe.models.compile_cache import CompileCacheSettings
+
 
 class RendererSettings(BaseModel):
     preset: str = "tiny"
@@ -23,9 +25,14 @@ class RendererSettings(BaseModel):
     # "default": on an H100, max-autotune spent over 10 minutes per UNet and still picked the cuBLAS/
     # cuDNN kernels for every matmul and convolution it timed; the gain is in fusing the rest.
     compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
-        "default"
-    )
+    # "auto": the mode `python -m services.keyframe_renderer.warm_cache --try-max-autotune` timed fastest
+    # and recorded with the compiled artifacts ("default" until one is recorded).
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto"
+    ] = "default"
+    # Compiled artifacts kept and reused across processes and pods (dreamframe.models.compile_cache):
+    # a replica loads them instead of compiling; signed with a key only the compiling services hold.
+    compile_cache: CompileCacheSettings = Field(default_factory=CompileCacheSettings)
     # When compiling, also compile the VAE decoder (one call per batch, at full resolution: eager it ran
     # at 103 TFLOP/s on an H100 while the UNets ran at ~350).
     compile_vae: bool = True

@@ -238,6 +238,7 @@ class TextualInversion:
         self.unet = base.unet
         self._compiled_unet = None
         self._compiled_prompts = None
+        self._cache_session = None
         self._pipeline = None
         self._generator = torch.Generator(device=self.device)
         self.last_loss = float("nan")
@@ -514,9 +515,56 @@ class TextualInversion:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         if any(p.dim() == 4 and not p.is_contiguous(memory_format=layout) for p in self.unet.parameters()):
             self.unet.to(memory_format=layout)
-        self._compiled_unet = compiled(self.unet, options.compile_mode) if options.compile else None
         text = options.compile if options.compile_text_encoders is None else options.compile_text_encoders
+        fresh = (options.compile and not is_compiled(self.unet, options.compile_mode)) or (
+            text and not is_compiled(self.prompt_encoder, options.compile_mode)
+        )
+        if fresh:
+            # First compile of these modules in this process: load what another process compiled.
+            self._cache_session = self._compile_cache_session(text, channels_last)
+        self._compiled_unet = compiled(self.unet, options.compile_mode) if options.compile else None
         self._compiled_prompts = compiled(self.prompt_encoder, options.compile_mode) if text else None
+
+    def _compile_cache_session(self, text: bool, channels_last: bool):
+        """The compile-cache lookup for this model, options and shapes (None when the cache is off)."""
+        from dreamframe.models.compile_cache import config_hash
+
+        cache = style_compile_cache()
+        if not cache.enabled:
+            return None
+        options = self.options
+        base = self.base
+        model = {
+            "configs": config_hash(
+                base.unet.config, base.text_encoder.config.to_dict(), base.text_encoder_2.config.to_dict()
+            ),
+            "dtype": str(base.unet.dtype),
+        }
+        compile_options = {
+            "compile_mode": options.compile_mode,
+            "unet": options.compile,
+            "text_encoders": text,
+            "autocast": self.autocast,
+            "channels_last": channels_last,
+            "batched": options.batch_accumulation,
+            "gradient_checkpointing": options.gradient_checkpointing,
+            "attention_backend": options.attention_backend,
+        }
+        workload = {
+            "resolution": self.resolution,
+            "accumulation": options.gradient_accumulation_steps,
+            "batch_size": options.batch_size,
+            "tokens": [int(ids.shape[-1]) for ids in self.prompt_ids],
+        }
+        return cache.session(
+            cache.key(model=model, options=compile_options, workload=workload, device=self.device)
+        )
+
+    def _finish_compile_cache(self) -> None:
+        """After the first compiled step (forward, backward and optimizer): save what compiled, if new."""
+        session = self._cache_session
+        if session is not None and not session.finished:
+            session.finish()
 
     def train(self, *, should_stop: Callable[[], bool] | None = None) -> Iterator[StepReport]:
         """Run the remaining optimizer steps, yielding a report for each (in bunches of
@@ -579,6 +627,7 @@ class TextualInversion:
                 passes += accumulation
                 lr = self._optimizer_step(self.step)
                 self._mark("optimizer")
+                self._finish_compile_cache()
                 self.step += 1
                 pending.append((self.step, step_loss, lr))
                 if len(pending) >= lag + read_every or (every and self.step % every == 0):
@@ -601,6 +650,42 @@ def compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode not in per_mode:
         per_mode[mode] = _compile(module, mode)
     return per_mode[mode]
+
+
+def is_compiled(module: torch.nn.Module, mode: str) -> bool:
+    return mode in _COMPILED.get(module, {})
+
+
+COMPILE_CACHE_SERVICE = "style-trainer"
+_compile_cache = None
+
+
+def use_compile_cache(cache) -> None:
+    """Set the process's compile cache (the service at start-up, tests); None: open it from settings."""
+    global _compile_cache
+    _compile_cache = cache
+
+
+def style_compile_cache():
+    """The style trainer's compile cache (dreamframe.models.compile_cache): the one set with
+    ``use_compile_cache``, else opened once from the process's settings (style.compile_cache,
+    models.cache_dir, storage)."""
+    global _compile_cache
+    if _compile_cache is None:
+        from dreamframe.config import get_settings
+        from dreamframe.models.compile_cache import CompileCacheSettings, open_cache
+        from dreamframe.storage import open_store
+
+        settings = get_settings()
+        style = getattr(settings, "style", None)
+        cache_settings = getattr(style, "compile_cache", None) or CompileCacheSettings()
+        _compile_cache = open_cache(
+            cache_settings,
+            service=COMPILE_CACHE_SERVICE,
+            models_cache_dir=settings.models.cache_dir,
+            store=open_store(settings.storage) if cache_settings.use_store else None,
+        )
+    return _compile_cache
 
 
 def _compile(module: torch.nn.Module, mode: str) -> torch.nn.Module:

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from dreamframe.models.compile_cache import CompileCacheSettings
+
 
 class StyleSettings(BaseModel):
     preset: str = "tiny"
@@ -26,6 +28,9 @@ class StyleSettings(BaseModel):
     )
     # Compile the two text encoders too (None: with compile).
     compile_text_encoders: bool | None = None
+    # Compiled artifacts kept and reused across processes and pods (dreamframe.models.compile_cache): the
+    # first training of a new process loads them instead of compiling.
+    compile_cache: CompileCacheSettings = Field(default_factory=CompileCacheSettings)
     # The UNet in channels-last memory format (None: on GPUs).
     channels_last: bool | None = False
     # Read training losses to the host once per this many steps (None: 10 on GPUs, 1 on CPUs).

@@ -107,6 +107,9 @@ def shard(
     policy = MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=torch.float32)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    if compile_layers:
+        # Before the first compiled call: load this model's compiled layers if another process made them.
+        model._compile_cache_session = compile_cache_session(base, device, world_size, precision)
     for name, module in model.named_modules():
         if type(module).__name__ in layer_classes and "language_model" in name:
             if compile_layers:
@@ -114,6 +117,68 @@ def shard(
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+COMPILE_CACHE_SERVICE = "trainer"
+_compile_cache = None
+
+
+def trainer_compile_cache():
+    """The trainer's compile cache (dreamframe.models.compile_cache), opened once per worker process
+    from the settings it inherits (trainer.compile_cache, models.cache_dir, storage); only rank 0
+    saves, every rank loads."""
+    global _compile_cache
+    if _compile_cache is None:
+        import os
+
+        from dreamframe.config import get_settings
+        from dreamframe.models.compile_cache import CompileCacheSettings, open_cache
+        from dreamframe.storage import open_store
+
+        settings = get_settings()
+        trainer = getattr(settings, "trainer", None)
+        cache_settings = getattr(trainer, "compile_cache", None) or CompileCacheSettings()
+        if os.environ.get("RANK", "0") != "0":
+            cache_settings = cache_settings.model_copy(update={"save": False})
+        _compile_cache = open_cache(
+            cache_settings,
+            service=COMPILE_CACHE_SERVICE,
+            models_cache_dir=settings.models.cache_dir,
+            store=open_store(settings.storage) if cache_settings.use_store else None,
+        )
+    return _compile_cache
+
+
+def compile_cache_session(base, device: torch.device, world_size: int, precision: Precision):
+    """The compile-cache lookup for this model's compiled decoder layers (None when the cache is off).
+    Keyed by the model's config, whether it is LoRA-wrapped, precision, world size and the device."""
+    from dreamframe.models.compile_cache import config_hash
+
+    cache = trainer_compile_cache()
+    if not cache.enabled:
+        return None
+    config = getattr(base, "config", None)
+    model = {
+        "architecture": type(base).__name__,
+        "configs": config_hash(config.to_dict() if config is not None else {}),
+        # LoRA or full, and which layers train, change the backward graphs.
+        "trainable": config_hash({"names": [n for n, p in base.named_parameters() if p.requires_grad]}),
+    }
+    options = {
+        "compile": "layers",
+        "frozen_dtype": str(precision.frozen_dtype),
+        "compute_dtype": str(precision.compute_dtype),
+        "world_size": world_size,
+        "checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+    }
+    return cache.session(cache.key(model=model, options=options, device=device))
+
+
+def finish_compile_cache(model) -> None:
+    """After the first optimizer step (forward and backward compiled): save what compiled, if new."""
+    session = getattr(model, "_compile_cache_session", None)
+    if session is not None and not session.finished:
+        session.finish()
 
 
 def prepare_model(
@@ -158,7 +223,11 @@ def build_optimizer(model, learning_rate: float, weight_decay: float) -> torch.o
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(0.9, 0.999))
+    if getattr(model, "_compile_cache_session", None) is not None:
+        # The compile is lazy: the first step has compiled forward and backward; save them then.
+        optimizer.register_step_post_hook(lambda *_: finish_compile_cache(model))
+    return optimizer
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from dreamframe.models.compile_cache import CompileCacheSettings
+
 
 class TrainerSettings(BaseModel):
     # Base model of a run whose request names none ("tiny", "llava-1.5-7b", a path or hub id).
@@ -19,6 +21,9 @@ class TrainerSettings(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # torch.compile each decoder layer of the language model (GPU runs; compiling costs the first steps).
     compile: bool = False
+    # Compiled layers kept and reused across runs and pods (dreamframe.models.compile_cache; the worker
+    # processes read it from these settings): a run loads them instead of compiling.
+    compile_cache: CompileCacheSettings = Field(default_factory=CompileCacheSettings)
     # Preset name → local path or hub id (e.g. {"llava-1.5-7b": "/models/llava-1.5-7b-hf"}).
     model_paths: dict[str, str] = Field(default_factory=dict)
     # Local scratch: each run's worker files, checkpoints before upload, the exported model.

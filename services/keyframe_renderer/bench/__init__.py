@@ -49,8 +49,9 @@ import typer
 from dreamframe import commandline
 from dreamframe.config import get_settings
 from dreamframe.models import sdxl
+from dreamframe.storage import open_store
 
-from ..engine import COMPILE_MODES, EngineOptions, SDXLEngine, model_id
+from ..engine import COMPILE_MODES, EngineOptions, SDXLEngine, model_id, renderer_compile_cache
 from ..options import RenderOptions, resolve_options
 from .common import note
 from .kernels import time_attention, time_vae_layouts
@@ -221,7 +222,10 @@ def run(args: BenchArgs) -> dict[str, Any]:
     )
     pipes = cast(pipes, plan.fast_dtype)
     mid = model_id(plan.preset, get_settings().renderer.model_paths, cache_dir)
-    engine = SDXLEngine(pipes, model_id=mid, options=plan.eager_options, reversible=True)
+    # The renderer's compile cache: compiled variants load what warm_cache (or an earlier run) stored,
+    # and compile_mode "auto" (--variant best=compile_mode:auto) runs the mode warm_cache timed fastest.
+    cache = renderer_compile_cache(get_settings().renderer, open_store(get_settings().storage), cache_dir)
+    engine = SDXLEngine(pipes, model_id=mid, options=plan.eager_options, reversible=True, compile_cache=cache)
     report = measure_eager(engine, args, plan, size, references)
     run_variants(
         engine,
@@ -237,6 +241,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
         batch_size=report["flops"]["batch_size"],
     )
     engine.uncompile()
+    report["compile_cache"] = cache.report()
     print(write_report(report, args.out, began))
     return report
 
