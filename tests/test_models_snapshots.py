@@ -362,7 +362,7 @@ def test_sdxl_random_local_preset_sets_every_service(monkeypatch):
         assert s.style.preset == s.renderer.preset == sdxl.SDXL_RANDOM
         assert s.trainer.preset == s.coordinator.train_base_model == video_llm.LLAVA_7B_RANDOM
         assert s.evaluator.image_encoder == clip_vision.CLIP_L_RANDOM
-        assert s.plot.backend == "openai" and s.plot.base_url and s.plot.model == "scripted"
+        assert s.plot.backend == "scripted" and s.plot.model == "scripted"
     finally:
         for key in env:
             monkeypatch.delenv(key, raising=False)

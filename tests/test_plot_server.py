@@ -152,3 +152,29 @@ def test_a_caller_that_leaves_stops_the_generation(store):
     settled, later = run(scenario())
     assert settled == later < 1 + 4 + 16  # no more LLM calls once the caller is gone
     assert not store.exists(story_key("job-1"))
+
+
+def test_the_scripted_backend_writes_a_story_through_the_openai_client_path(store):
+    """Backend "scripted" (the random-weights presets' plot): plot-llm starts the scripted server inside
+    itself and calls it with the OpenAI client; no endpoint is configured."""
+
+    async def scenario():
+        service = PlotService(PlotSettings(backend="scripted", model="scripted"), store)
+        registration = Registration.of(
+            plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, PlotServicer(service)
+        )
+        settings = ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=1.0)
+        try:
+            async with GrpcServer([registration], settings, service_name="plot-llm") as server:
+                async with grpc.aio.insecure_channel(server.address) as channel:
+                    stub = plot_pb2_grpc.PlotServiceStub(channel)
+                    request = plot_pb2.GenerateStoryRequest(job_id="job-s", theme=THEME, options=OPTIONS)
+                    replies = [r async for r in stub.GenerateStory(request, timeout=20)]
+                    return replies, service._scripted.answered()
+        finally:
+            await service.aclose()
+
+    replies, answered = run(scenario())
+    assert replies[-1].HasField("result") and answered == TOTAL
+    story = Story.from_json(store.get_bytes(story_key("job-s")).decode())
+    assert story.substories

@@ -36,6 +36,7 @@ class PlotService:
         self.model_cache_dir = Path(model_cache_dir)
         self._backends: dict[str, ChatBackend] = {}
         self._loading = asyncio.Lock()
+        self._scripted = None  # backend "scripted": its in-process server, started on first use
 
     # --- models ------------------------------------------------------------------------------------------
     def resolve_model(self, requested: str) -> str:
@@ -61,11 +62,18 @@ class PlotService:
 
     def _create_backend(self, model: str) -> ChatBackend:
         s = self.settings
-        if s.backend == "openai":
+        if s.backend in ("openai", "scripted"):
+            base_url, api_key = s.base_url, s.api_key.get_secret_value()
+            if s.backend == "scripted":
+                from services.plot_llm.scripted_server import ScriptedChatServer
+
+                # One server for every model this process serves; stopped by aclose.
+                self._scripted = self._scripted or ScriptedChatServer().start()
+                base_url, api_key = self._scripted.base_url, "scripted"
             return OpenAIChatBackend(
                 model=model,
-                base_url=s.base_url,
-                api_key=s.api_key.get_secret_value(),
+                base_url=base_url,
+                api_key=api_key,
                 timeout=s.request_timeout_seconds,
                 max_retries=s.max_retries,
             )
@@ -122,3 +130,6 @@ class PlotService:
         for backend in self._backends.values():
             await backend.aclose()
         self._backends.clear()
+        if self._scripted is not None:
+            self._scripted.stop()
+            self._scripted = None

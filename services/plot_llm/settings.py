@@ -11,8 +11,11 @@ from pydantic import BaseModel, Field, SecretStr
 
 
 class PlotSettings(BaseModel):
-    # "local" runs a transformers model with grammar-constrained decoding; "openai" calls an endpoint.
-    backend: Literal["local", "openai"] = "local"
+    # "local" runs a transformers model with grammar-constrained decoding; "openai" calls an endpoint;
+    # "scripted" calls the scripted OpenAI-protocol server (services/plot_llm/scripted_server.py) started
+    # inside this process on 127.0.0.1: the random-weights presets' plot (a random LLM writes no valid
+    # story), which still goes through the OpenAI client path.
+    backend: Literal["local", "openai", "scripted"] = "local"
     # The default model. local: "tiny" or a model path/hub id; openai: the endpoint's model name.
     model: str = "tiny"
     # Other models a request may name in options.model (anything else is INVALID_ARGUMENT).

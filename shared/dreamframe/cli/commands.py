@@ -62,13 +62,12 @@ PRESETS = {
     # Every model at real size with seeded random weights, from hub-layout snapshots written once into the
     # model cache (dreamframe.models.snapshots; `python -m dreamframe.models.snapshots write` writes them
     # ahead): SDXL base + refiner with CLIP's real BPE, LLaVA-1.5-7B with a 32,000-token tokenizer, CLIP
-    # ViT-L/14 for style consistency. The plot comes from the scripted OpenAI-protocol server
-    # (`python -m services.plot_llm.scripted_server --port 50069`): a random LLM writes no story that
-    # passes validation, and its story names a one-token style keyword as the reference's do.
+    # ViT-L/14 for style consistency. The plot comes from the scripted OpenAI-protocol server, which
+    # plot-llm starts inside itself (backend "scripted"): a random LLM writes no story that passes
+    # validation, and the scripted story names a one-token style keyword as the reference's do.
     "sdxl-random": {
         "HF_HUB_OFFLINE": "1",
-        "DREAMFRAME_PLOT__BACKEND": "openai",
-        "DREAMFRAME_PLOT__BASE_URL": "http://127.0.0.1:50069/v1",
+        "DREAMFRAME_PLOT__BACKEND": "scripted",
         "DREAMFRAME_PLOT__MODEL": "scripted",
         "DREAMFRAME_STYLE__PRESET": "sdxl-random",
         "DREAMFRAME_RENDERER__PRESET": "sdxl-random",
