@@ -206,6 +206,9 @@ def main(
     sample_seconds: Annotated[float, typer.Option(min=0.1)] = 0.5,
     job_timeout: Annotated[float, typer.Option(help="Seconds one job may take.")] = 3600.0,
     keep_running: Annotated[bool, typer.Option(help="Leave the services up afterwards.")] = False,
+    up_arg: Annotated[
+        list[str] | None, typer.Option(help="More `dreamframe up` options, e.g. --up-arg=--idle-release-s=0.")
+    ] = None,
 ) -> dict:
     work = Path(work or tempfile.mkdtemp(prefix="dreamframe-chain-")).resolve()
     state = work / "state"
@@ -221,7 +224,7 @@ def main(
     report["jobs"] = []
     began = time.monotonic()
     try:
-        cli(["up", "--preset", preset, "--renderers", str(renderers)], env)
+        cli(["up", "--preset", preset, "--renderers", str(renderers), *(up_arg or [])], env)
         report["startup_seconds"] = time.monotonic() - began
         processes = local.read_state(state)
         report["startup_gpu_mib"] = by_service(sampler.window()[0], processes)
