@@ -8,7 +8,8 @@ Does what a replica does before its first frame: read the settings, load the pre
 normal loading (``load_engine``), compile with the renderer's settings, render one batch of the shape a
 replica serves (batch size from settings or free memory, the preset's resolution, 40 steps, refiner) and
 copy it to the host. Prints seconds since the process started (interpreter start included, from the
-kernel's process start time) at each milestone: imports done, model loaded, first compiled batch (=
+kernel's process start time) at each milestone: script started (``-m`` imports the bench package
+first, so torch and diffusers are in by then), imports done, model loaded, first compiled batch (=
 compile + first frame), and whether the compile cache hit. Inductor's own cache dir is a fresh temporary
 folder each run (a pod on a new node): with ``--no-cache`` nothing is reused; with the cache, what is
 reused comes from the signed bundle alone. ``--out FILE`` appends the JSON line to FILE.
