@@ -28,6 +28,7 @@ from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
 
 from . import formats
 from .card import dataset_card
+from .index import index_files
 from .inputs import LoadedStory, StorySource, load_story_sources
 from .options import FRAME_LIST, LLAVA_JSON, MVBENCH_MC, SPLITS, VIDEO_MP4, DatasetOptions
 from .samples import LEVELS, SpanQA, remove_duplicate_turns, story_spans
@@ -180,7 +181,7 @@ def build_dataset(
     check_cancelled()
 
     # 3. records, stats, card
-    files, counts, stats = _dataset_files(store, plans, options, duplicates, len(video_refs), name)
+    files, counts, stats, index = _dataset_files(store, plans, options, duplicates, video_refs, name, prefix)
     out_bucket = store.default_bucket
     file_refs: dict[str, ObjectRef] = {
         rel: ObjectRef(out_bucket, prefix + rel, len(data), sha256_bytes(data)) for rel, data in files.items()
@@ -206,6 +207,8 @@ def build_dataset(
                 for p in plans
             ],
             "counts": counts,
+            # Sharded record index (index.py): trainers plan from it without reading every record.
+            "index": index,
             "files": [{"path": rel, **_ref_dict(file_refs[rel])} for rel in sorted(file_refs)],
         }
     )
@@ -300,9 +303,10 @@ def _dataset_files(
     plans: list[_StoryPlan],
     options: DatasetOptions,
     duplicates: int,
-    num_videos: int,
+    video_refs: dict[str, ObjectRef],
     name: str,
-) -> tuple[dict[str, bytes], dict[str, int], dict]:
+    prefix: str,
+) -> tuple[dict[str, bytes], dict[str, int], dict, dict]:
     conversations: dict[str, list[dict]] = {s: [] for s in SPLITS}
     mc_items: dict[str, list[dict]] = {s: [] for s in SPLITS}
     frame_lists: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -356,7 +360,7 @@ def _dataset_files(
                 mc_skipped += skipped
     counts["duplicates_removed"] = duplicates
     counts["mc_skipped"] = mc_skipped
-    counts["videos"] = num_videos
+    counts["videos"] = len(video_refs)
     counts["frames"] = sum(len(p.loaded.frame_keys) for p in plans)
     stats = {
         "counts": dict(sorted(counts.items())),
@@ -380,16 +384,19 @@ def _dataset_files(
         },
     }
     files: dict[str, bytes] = {}
+    index: dict[str, dict] = {}
     for split in SPLITS:
         if options.wants(LLAVA_JSON):
             files[f"conversations/{split}.json"] = _json_bytes(conversations[split])
+            shards, index[split] = index_files(split, conversations[split], prefix, video_refs)
+            files.update(shards)
         if options.wants(MVBENCH_MC):
             files[f"mc/{split}.json"] = _json_bytes(mc_items[split])
         if options.wants(FRAME_LIST):
             files[f"frames/{split}.json"] = _json_bytes(frame_lists[split])
     files["stats.json"] = _json_bytes(stats)
     files["README.md"] = dataset_card(name, options, stats).encode()
-    return files, dict(sorted(counts.items())), stats
+    return files, dict(sorted(counts.items())), stats, index
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -435,4 +442,6 @@ def _json_bytes(value: object) -> bytes:
 
 
 def _content_type(rel: str) -> str:
+    if rel.endswith(".jsonl"):
+        return "application/x-ndjson"
     return "text/markdown; charset=utf-8" if rel.endswith(".md") else "application/json"

@@ -38,6 +38,10 @@ class Runtime:
     pad_to_multiple_of: int = 0
     # torch.compile each decoder layer (GPU runs; the first steps pay the compilation).
     compile: bool = False
+    # Data-loader worker processes per rank (-1: by the CPUs, ``data.loader_workers``) and the
+    # micro-batches each prepares ahead (the worker process fills these from the trainer settings).
+    loader_workers: int = -1
+    loader_prefetch: int = 4
 
 
 @dataclass

@@ -10,8 +10,8 @@ bad data, divergence) is agreed through a collective, so ranks never part ways.
 from __future__ import annotations
 
 import math
+import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -21,12 +21,11 @@ from dreamframe.storage.base import ObjectRef
 
 from . import checkpoint as ckpt
 from .contract import Hooks, Outcome, RunProgress, Stop, TrainingDiverged
-from .data import Batch
+from .data import Batch, StepFeed, loader_workers
 from .distributed import all_sum, barrier, gather, on_main
 from .export import export_model, final_prefix, trained_weights
 from .metrics import batch_digest, write_metrics
 from .run_setup import PreparedRun
-from .schedule import StepBatches
 from .step import clip_gradients, forward_backward
 
 
@@ -38,7 +37,6 @@ class TrainingLoop:
         self.schedule = run.schedule
         self.hooks = hooks
         self.log = run.log
-        self.batches = StepBatches(run.plan, run.collate, run.schedule, seed=self.hp.seed, rank=run.ctx.rank)
         self.history: list[dict] = []
         self.progress = RunProgress(total_steps=run.schedule.total_steps, bad_samples=run.plan.bad_count)
         self.clock = ProgressClock(run.schedule.total_steps, "steps")
@@ -108,23 +106,45 @@ class TrainingLoop:
 
     # --- training ----------------------------------------------------------------------------------
 
+    def feed(self, start_step: int) -> StepFeed:
+        """This rank's micro-batches from ``start_step`` on, prepared by loader workers ahead of the loop."""
+        run, s = self.run, self.schedule
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return StepFeed(
+            run.share,
+            run.collate,
+            sizes=run.plan.sizes(),
+            weights=[d["weight"] for d in run.plan.datasets],
+            seed=self.hp.seed,
+            rank=self.ctx.rank,
+            world=self.ctx.world_size,
+            batch=s.per_device_batch_size,
+            accumulation=s.gradient_accumulation_steps,
+            micro_per_epoch=s.micro_per_epoch,
+            steps_per_epoch=s.steps_per_epoch,
+            start_step=start_step,
+            stop_step=s.total_steps,
+            workers=loader_workers(run.runtime.loader_workers, local_world),
+            prefetch_factor=run.runtime.loader_prefetch,
+        )
+
     def train(self) -> Outcome:
         self.resume()
-        prefetch = ThreadPoolExecutor(1, thread_name_prefix="batches")
         total = self.schedule.total_steps
+        steps = iter(self.feed(self.progress.step))
+        first = True
         try:
-            upcoming: Future | None = None
-            if self.progress.step < total:
-                upcoming = prefetch.submit(self.batches, self.progress.step)
             self.clock.begin_work()
             while self.progress.step < total:
                 request = self.stop_requested()
                 if request is not Stop.NONE:
                     return self.stop(request)
                 started = time.perf_counter()
-                batches = upcoming.result()
+                batches = next(steps)
                 step = self.progress.step
-                upcoming = prefetch.submit(self.batches, step + 1) if step + 1 < total else None
+                if first and self.ctx.is_main:  # how long the loader took to start
+                    self.log.info("first batch", step=step, seconds=round(time.perf_counter() - started, 3))
+                first = False
                 stats = self.train_step(batches)
                 elapsed = time.perf_counter() - started
                 self.record(step + 1, stats, elapsed, [u for b in batches for u in b.uids])
@@ -134,7 +154,7 @@ class TrainingLoop:
                 if (step + 1) % self.schedule.save_every == 0 and step + 1 < total:
                     self.save(step + 1)
         finally:
-            prefetch.shutdown(wait=True, cancel_futures=True)
+            steps.close()  # stops the loader workers
         if self.last_saved_step != total:
             self.save(total)
         return self.finish(trained_weights(self.run.model))

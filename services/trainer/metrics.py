@@ -39,7 +39,7 @@ def run_metrics(run: PreparedRun, progress: RunProgress, history: list[dict], ru
         | {"steps_per_epoch": schedule.steps_per_epoch, "save_every": schedule.save_every},
         "parameters": {"trainable": run.trainable, "total": run.total_params},
         "data": {
-            "samples": len(plan.samples),
+            "samples": plan.num_samples,
             "records": plan.total,
             "bad_in_plan": plan.bad_count,
             "bad_when_read": runtime_bad,

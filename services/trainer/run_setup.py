@@ -1,6 +1,7 @@
 """Everything a run needs before its first step (on every rank): the base model's path and processor,
-the token budget, the data plan (built once and stored, or read back on resume), the collator, the
-schedule, and the model prepared for training with its optimizer and learning-rate scheduler."""
+the token budget, the data plan (built once and stored, or read back on resume; an indexed dataset is
+planned from its manifest alone), this rank's share of the data (its own index shards), the collator,
+the schedule, and the model prepared for training with its optimizer and learning-rate scheduler."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from .data import (
     Collator,
     DataPlan,
     LoadedDataset,
+    RankShare,
     build_plan,
     check_bad_fraction,
     load_dataset,
+    micro_batches_per_epoch,
+    rank_sample_counts,
+    rank_share,
     resolve_max_length,
 )
 from .distributed import DistContext, on_main
@@ -49,6 +54,7 @@ class PreparedRun:
     max_length: int
     plan: DataPlan
     datasets: list[LoadedDataset]
+    share: RankShare
     collate: Collator
     schedule: Schedule
     precision: modeling.Precision
@@ -86,6 +92,14 @@ def prepare_run(
                 f"dataset {loaded.conversation_key!r} changed since the run was planned",
                 field=f"datasets[{i}]",
             )
+    counts = rank_sample_counts(plan, ctx.world_size)
+    if min(counts) == 0:
+        raise FailedPrecondition(
+            f"{plan.num_samples} usable samples cannot be shared by {ctx.world_size} processes "
+            f"(samples per process: {counts})",
+            field="hyperparameters.num_processes",
+        )
+    share = rank_share(store, plan, processor, rank=ctx.rank, world=ctx.world_size, num_frames=hp.num_frames)
     pad = runtime.pad_to_multiple_of or (8 if ctx.device.type == "cuda" else 1)
     collate = Collator(
         store,
@@ -96,7 +110,9 @@ def prepare_run(
         max_length=max_length,
         pad_to_multiple_of=pad,
     )
-    schedule = Schedule.of(hp, ctx.world_size, len(plan.samples))
+    weights = [d["weight"] for d in plan.datasets]
+    micro = micro_batches_per_epoch(plan.sizes(), weights, ctx.world_size, hp.per_device_batch_size)
+    schedule = Schedule.of(hp, ctx.world_size, plan.num_samples, micro)
 
     precision = modeling.pick_precision(ctx.device, runtime.precision, spec.method)
     # Seeded right before the model is built: LoRA's initial weights depend on nothing else.
@@ -117,7 +133,7 @@ def prepare_run(
     if ctx.is_main:
         log.info(
             "run ready",
-            samples=len(plan.samples),
+            samples=plan.num_samples,
             bad_samples=plan.bad_count,
             total_steps=schedule.total_steps,
             world_size=ctx.world_size,
@@ -137,6 +153,7 @@ def prepare_run(
         max_length=max_length,
         plan=plan,
         datasets=datasets,
+        share=share,
         collate=collate,
         schedule=schedule,
         precision=precision,

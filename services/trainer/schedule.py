@@ -1,19 +1,14 @@
-"""The run's schedule and which samples each step trains on.
-
-``Schedule`` is a pure function of the plan size and the batch geometry: steps per epoch, total steps,
-how often to checkpoint. Step s of the run always trains on the same samples (``StepBatches``): epoch
-``s // steps_per_epoch`` has a fixed order (seed, epoch), and within it step s takes the next
-``gradient_accumulation_steps`` micro-batches of ``per_device_batch_size × world_size`` samples, of which
-rank r takes its own ``per_device_batch_size``.
+"""The run's schedule: a pure function of the plan size and the batch geometry: steps per epoch, total
+steps, how often to checkpoint. Step s of the run always trains on the same samples (``data.StepFeed``):
+epoch ``s // steps_per_epoch`` has a fixed order per rank (seed, epoch), and within it step s takes the
+next ``gradient_accumulation_steps`` micro-batches of ``per_device_batch_size`` samples on each rank.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .data import Batch, DataPlan, Sample, epoch_order
 from .spec import Hyperparameters
 
 
@@ -31,9 +26,13 @@ class Schedule:
     save_every: int
 
     @classmethod
-    def of(cls, hp: Hyperparameters, world_size: int, samples: int) -> Schedule:
+    def of(
+        cls, hp: Hyperparameters, world_size: int, samples: int, micro_per_epoch: int | None = None
+    ) -> Schedule:
+        """``micro_per_epoch``: micro-batches per rank and epoch (``data.micro_batches_per_epoch``);
+        None: an even split of ``samples``."""
         group = hp.per_device_batch_size * world_size
-        micro_per_epoch = math.ceil(samples / group)
+        micro_per_epoch = micro_per_epoch or math.ceil(samples / group)
         steps_per_epoch = math.ceil(micro_per_epoch / hp.gradient_accumulation_steps)
         total_steps = hp.max_steps or hp.epochs * steps_per_epoch
         return cls(
@@ -57,45 +56,3 @@ class Schedule:
             "total_steps": self.total_steps,
             "samples": self.samples,
         }
-
-
-class StepBatches:
-    """This rank's micro-batches for optimizer step ``step`` (0-based): ``batches(step)``."""
-
-    def __init__(
-        self,
-        plan: DataPlan,
-        collate: Callable[[Sequence[Sample]], Batch],
-        schedule: Schedule,
-        *,
-        seed: int,
-        rank: int,
-    ) -> None:
-        self.plan = plan
-        self.collate = collate
-        self.schedule = schedule
-        self.seed = seed
-        self.rank = rank
-        self._orders: dict[int, list[int]] = {}
-
-    def order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            weights = [d["weight"] for d in self.plan.datasets]
-            self._orders = {
-                epoch: epoch_order(
-                    self.plan, weights, seed=self.seed, epoch=epoch, group_size=self.schedule.group
-                )
-            }
-        return self._orders[epoch]
-
-    def __call__(self, step: int) -> list[Batch]:
-        s = self.schedule
-        epoch, k = divmod(step, s.steps_per_epoch)
-        accum = s.gradient_accumulation_steps
-        order = self.order(epoch)
-        b, r = s.per_device_batch_size, self.rank
-        out = []
-        for m in range(k * accum, min((k + 1) * accum, s.micro_per_epoch)):
-            indices = order[m * s.group + r * b : m * s.group + (r + 1) * b]
-            out.append(self.collate([self.plan.samples[i] for i in indices]))
-        return out

@@ -35,3 +35,8 @@ class TrainerSettings(BaseModel):
     max_attempts: int = Field(3, ge=1)
     # How long a cancelled or shut-down run may take to stop (and checkpoint) before it is killed.
     stop_grace_seconds: float = Field(120.0, ge=0)
+    # Data-loader worker processes per training process (read, decode, tokenize); -1: the CPUs shared by
+    # the node's training processes, less one each, at most 16.
+    loader_workers: int = Field(-1, ge=-1)
+    # Micro-batches each loader worker prepares ahead of the training loop.
+    loader_prefetch: int = Field(4, ge=1)

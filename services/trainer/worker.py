@@ -125,6 +125,10 @@ def work(run_dir: Annotated[Path, typer.Option(help="the run directory (launch.j
     runtime = Runtime(
         **{k: (Path(v) if k in ("work_dir", "model_cache_dir") else v) for k, v in launch["runtime"].items()}
     )
+    trainer_settings = getattr(settings, "trainer", None)
+    if trainer_settings is not None:
+        runtime.loader_workers = trainer_settings.loader_workers
+        runtime.loader_prefetch = trainer_settings.loader_prefetch
     store = open_store(settings.storage)
     result: dict
     code = 0

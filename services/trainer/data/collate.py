@@ -1,7 +1,8 @@
 """Samples → a padded ``Batch``: media read from storage, the chat template applied, the loss masked to
-the answer tokens, truncated and padded. A sample whose media fail at this point becomes a fully
-masked placeholder (black frames, no labels) so every process still runs the same modules; it is
-counted."""
+the answer tokens, truncated and padded. ``encode`` does one sample (in a loader worker), ``pad`` makes
+the batch. This is where every sample is checked exactly: a record that does not parse, media that
+cannot be read, or a prompt too long to leave an answer token becomes a fully masked placeholder (black
+frames, no labels) so every process still runs the same modules; it is counted as a bad sample."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch
 from dreamframe.models import video_llm
 from dreamframe.storage.base import ObjectStore
 
+from .index import record_of
 from .media import read_frames
 from .plan import Sample
-from .records import image_count, parse_conversation
+from .records import Conversation, image_count, parse_conversation
 from .sources import LoadedDataset
 
 
@@ -76,20 +78,35 @@ class Collator:
         self.frame_size = (int(crop["width"]), int(crop["height"]))
 
     def frames(self, sample: Sample) -> list:
-        return read_frames(self.store, sample.kind, sample.media, self.num_frames, self.bucket)
+        if not sample.media:
+            raise ValueError("its index entry is malformed (no media)")
+        return read_frames(self.store, sample.kind, sample.media, self.num_frames, self.bucket, sample.sizes)
 
-    def encode(self, sample: Sample) -> tuple[dict, str]:
+    def record(self, sample: Sample, line: bytes | None) -> dict:
+        """The sample's LLaVA record: from its index line, or from the dataset read whole."""
+        if line is not None:
+            return record_of(line)
+        return self.datasets[sample.dataset].records[sample.index]
+
+    def encode(self, sample: Sample, line: bytes | None = None) -> tuple[dict, str]:
         """(encoded sample, "" or why it became a masked placeholder)."""
         from PIL import Image
 
-        conv = parse_conversation(self.datasets[sample.dataset].records[sample.index])
         n_images = image_count(sample.kind, sample.media, self.num_frames)
         try:
-            frames = self.frames(sample)
+            conv = parse_conversation(self.record(sample, line))
             reason = ""
-        except Exception as exc:  # noqa: BLE001 - any unreadable media is a bad sample, not a dead run
+        except Exception as exc:  # noqa: BLE001 - a record that does not parse is a bad sample
+            conv, reason = Conversation(None, (("", "-"),)), f"bad record: {type(exc).__name__}: {exc}"
+        frames = None
+        if not reason:
+            try:
+                frames = self.frames(sample)
+            except Exception as exc:  # noqa: BLE001 - any unreadable media is a bad sample, not a dead run
+                where = sample.media[0] if sample.media else sample.id
+                reason = f"unreadable media {where!r}: {type(exc).__name__}: {exc}"
+        if frames is None:
             frames = [Image.new("RGB", self.frame_size) for _ in range(n_images)]
-            reason = f"unreadable media {sample.media[0]!r}: {type(exc).__name__}: {exc}"
         messages = video_llm.conversation(frames, conv.turns, system=conv.system)
         encoded = video_llm.encode_conversation(self.processor, messages)
         if len(encoded["input_ids"]) > self.max_length:
@@ -99,6 +116,8 @@ class Collator:
             kept = int((encoded["input_ids"] == self.image_token_id).sum())
             if kept != expected and not reason:
                 reason = f"truncation to {self.max_length} tokens would cut its frames"
+            elif not reason and not bool((encoded["labels"][1:] != -100).any()):
+                reason = f"needs more than max_length={self.max_length} tokens before its first answer"
         if reason:
             encoded["labels"] = torch.full_like(encoded["input_ids"], -100)
             if int(
@@ -106,13 +125,17 @@ class Collator:
             ) != n_images * video_llm.image_token_count(self.processor):
                 # Too long even as a placeholder: keep the frames and a minimal prompt.
                 encoded = video_llm.encode_conversation(
-                    self.processor, video_llm.conversation(frames, [("", "-")], system=conv.system)
+                    self.processor, video_llm.conversation(frames, [("", "-")], system=None)
                 )
                 encoded["labels"] = torch.full_like(encoded["input_ids"], -100)
         return encoded, reason
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        encoded, reasons = zip(*(self.encode(s) for s in samples), strict=True)
+        return self.pad([(s, *self.encode(s)) for s in samples])
+
+    def pad(self, items: Sequence[tuple[Sample, dict, str]]) -> Batch:
+        """Encoded samples (sample, encoded, reason) → one padded Batch."""
+        samples, encoded, reasons = zip(*items, strict=True)
         longest = max(len(e["input_ids"]) for e in encoded)
         if self.pad_to_multiple_of > 1:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of

@@ -1,6 +1,12 @@
-"""The data plan: every record checked (structure, media, token length) into the run's usable samples
-and its reported bad ones; more than the allowed fraction of bad ones fails the run before training.
-The plan is stored with the run, so a resumed run trains on exactly the same samples."""
+"""The data plan: what a run trains on, stored with the run so a resumed run trains on exactly the same
+samples.
+
+- An indexed dataset (a qa-generator manifest with a record index) is planned from the manifest alone:
+  its record count and its index shards (keys, sizes, sha256). Nothing is read per record before
+  training; each rank reads its own shards (``share``) and bad samples are counted as they are met.
+- Any other dataset (a plain conversation file, an older manifest) is scanned record by record on rank
+  0: structure, media (one HEAD per key), exact token length; bad samples are reported and counted, and
+  more than the allowed fraction fails the run before training."""
 
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ class Sample:
     kind: str
     media: tuple[str, ...]
     length: int
+    # Sizes of the media objects when the index gives them (a read of another size is a bad sample).
+    sizes: tuple[int, ...] = ()
 
     @property
     def uid(self) -> str:
@@ -84,6 +92,20 @@ class DataPlan:
             max_length=data["max_length"],
         )
 
+    def sizes(self) -> list[int]:
+        """Usable samples per dataset: an indexed dataset's records, the others' checked samples."""
+        counts = [0 for _ in self.datasets]
+        for sample in self.samples:
+            counts[sample.dataset] += 1
+        for d, dataset in enumerate(self.datasets):
+            if dataset.get("index"):
+                counts[d] = dataset["index"]["records"]
+        return counts
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes())
+
     def per_dataset(self) -> list[list[int]]:
         """Indices into ``samples`` grouped by dataset."""
         groups: list[list[int]] = [[] for _ in self.datasets]
@@ -109,7 +131,7 @@ def build_plan(
     bad_count = 0
     pending = []  # (dataset, index, id, kind, paths, conversation)
     for d, dataset in enumerate(loaded):
-        for i, record in enumerate(dataset.records):
+        for i, record in enumerate(dataset.records or ()):
             rid = str(record.get("id", i)) if isinstance(record, dict) else str(i)
             try:
                 if not isinstance(record, dict):
@@ -153,7 +175,7 @@ def build_plan(
         keys = tuple(resolved[(p, loaded[d].base_folder)] for p in paths)
         samples.append(Sample(d, i, rid, kind, keys, min(lengths[n], max_length)))
 
-    total = sum(len(ds.records) for ds in loaded)
+    total = sum(ds.index["records"] if ds.index else len(ds.records or ()) for ds in loaded)
     for b in bad[:20]:
         log(f"bad sample {b.id!r} (dataset {b.dataset}, record {b.index}): {b.reason}")
     plan = DataPlan(
@@ -165,9 +187,10 @@ def build_plan(
             {
                 "key": ds.conversation_key,
                 "sha256": ds.sha256,
-                "records": len(ds.records),
+                "records": ds.index["records"] if ds.index else len(ds.records or ()),
                 "weight": src.weight,
             }
+            | ({"index": ds.index} if ds.index else {})
             for ds, src in zip(loaded, sources, strict=True)
         ],
         bucket=bucket,
@@ -179,7 +202,7 @@ def build_plan(
 
 
 def check_bad_fraction(plan: DataPlan, max_bad_fraction: float) -> None:
-    if not plan.samples:
+    if not plan.num_samples:
         raise FailedPrecondition(
             f"none of the {plan.total} samples is usable; first problem: {_first_bad(plan)}", field="datasets"
         )

@@ -1,4 +1,8 @@
-"""Reading a dataset from storage: a conversation list, or a qa-generator manifest that names one."""
+"""Reading a dataset from storage: a conversation list, or a qa-generator manifest that names one.
+
+A manifest with a record index (``index.train``: services/qa_generator/index.py) is not read record by
+record here: the run plans from the index's counts and each rank reads its own shards (``data.index``).
+Older manifests and plain conversation files are read whole and planned record by record."""
 
 from __future__ import annotations
 
@@ -9,16 +13,20 @@ from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
 from dreamframe.storage.base import ObjectStore
 
 from ..spec import DatasetSource
+from .index import checked_index
 
 
 @dataclass
 class LoadedDataset:
-    records: list
+    # The records (None for an indexed dataset: its ranks read them from the index shards).
+    records: list | None
     # Folder the record's relative media paths are resolved against (and its parents).
     base_folder: str
     bucket: str | None
     conversation_key: str
     sha256: str
+    # The manifest's record index, checked (``index.checked_index``), or None.
+    index: dict | None = None
 
 
 def load_dataset(store: ObjectStore, source: DatasetSource, index: int) -> LoadedDataset:
@@ -38,6 +46,10 @@ def load_dataset(store: ObjectStore, source: DatasetSource, index: int) -> Loade
     key, sha = source.key, ref.sha256
     if isinstance(data, dict):
         key, listed_sha = _conversation_key_from_manifest(data, source.key, where)
+        index = checked_index(data, source.key, bucket or store.default_bucket, where)
+        if index is not None:
+            # Planned from the index: the conversation file itself is never read (the shards hold it).
+            return LoadedDataset(None, posixpath.dirname(source.key), bucket, key, listed_sha, index)
         if not store.exists(key, bucket=bucket):
             raise NotFound(f"the manifest names {key!r}, which does not exist", field=f"{where}.key")
         sha = store.stat(key, bucket=bucket).sha256
