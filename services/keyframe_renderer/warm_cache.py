@@ -74,7 +74,7 @@ def run(
     from dreamframe.config import get_settings
     from dreamframe.storage import open_store
 
-    from .engine import AUTO_FALLBACK_MODE, EngineOptions, load_engine, renderer_compile_cache
+    from .engine import AUTO_FALLBACK_MODE, renderer_compile_cache
 
     began = time.monotonic()
     settings = get_settings()
@@ -88,14 +88,7 @@ def run(
         raise SystemExit("warm-cache: the compile cache is off (no signing key, or it is disabled)")
     configured = renderer.compile_mode if renderer.compile_mode != "auto" else AUTO_FALLBACK_MODE
     tried = list(dict.fromkeys([configured, *(modes or [])]))
-    engine = load_engine(
-        renderer.preset,
-        model_paths=renderer.model_paths,
-        cache_dir=settings.models.cache_dir,
-        device=renderer.device,
-        options=EngineOptions.from_settings(renderer, compile=False),
-        compile_cache=cache,
-    )
+    engine = load_uncompiled(renderer, settings, cache)
     loaded = time.monotonic() - began
     params, batch = shapes(engine, renderer, resolution, steps, batch_size)
     report: dict[str, Any] = {
@@ -127,6 +120,21 @@ def run(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return report
+
+
+def load_uncompiled(renderer, settings, cache):
+    """The renderer's engine as a replica loads it (presets, snapshot folders, model_paths), with the
+    compile cache attached and not compiled yet: the caller compiles and times it."""
+    from .engine import EngineOptions, load_engine
+
+    return load_engine(
+        renderer.preset,
+        model_paths=renderer.model_paths,
+        cache_dir=settings.models.cache_dir,
+        device=renderer.device,
+        options=EngineOptions.from_settings(renderer, compile=False),
+        compile_cache=cache,
+    )
 
 
 def shapes(engine, renderer, resolution: int, steps: int, batch_size: int | None):

@@ -672,19 +672,9 @@ def style_compile_cache():
     models.cache_dir, storage)."""
     global _compile_cache
     if _compile_cache is None:
-        from dreamframe.config import get_settings
-        from dreamframe.models.compile_cache import CompileCacheSettings, open_cache
-        from dreamframe.storage import open_store
+        from dreamframe.models.compile_cache import open_service_cache
 
-        settings = get_settings()
-        style = getattr(settings, "style", None)
-        cache_settings = getattr(style, "compile_cache", None) or CompileCacheSettings()
-        _compile_cache = open_cache(
-            cache_settings,
-            service=COMPILE_CACHE_SERVICE,
-            models_cache_dir=settings.models.cache_dir,
-            store=open_store(settings.storage) if cache_settings.use_store else None,
-        )
+        _compile_cache = open_service_cache("style", COMPILE_CACHE_SERVICE)
     return _compile_cache
 
 

@@ -131,20 +131,10 @@ def trainer_compile_cache():
     if _compile_cache is None:
         import os
 
-        from dreamframe.config import get_settings
-        from dreamframe.models.compile_cache import CompileCacheSettings, open_cache
-        from dreamframe.storage import open_store
+        from dreamframe.models.compile_cache import open_service_cache
 
-        settings = get_settings()
-        trainer = getattr(settings, "trainer", None)
-        cache_settings = getattr(trainer, "compile_cache", None) or CompileCacheSettings()
-        if os.environ.get("RANK", "0") != "0":
-            cache_settings = cache_settings.model_copy(update={"save": False})
-        _compile_cache = open_cache(
-            cache_settings,
-            service=COMPILE_CACHE_SERVICE,
-            models_cache_dir=settings.models.cache_dir,
-            store=open_store(settings.storage) if cache_settings.use_store else None,
+        _compile_cache = open_service_cache(
+            "trainer", COMPILE_CACHE_SERVICE, save=os.environ.get("RANK", "0") == "0"
         )
     return _compile_cache
 

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     from dreamframe.models.compile_cache import CompileCache
     from dreamframe.storage import open_store
 
-    from ..engine import EngineOptions, load_engine, renderer_compile_cache
-    from ..warm_cache import shapes
+    from ..engine import renderer_compile_cache
+    from ..warm_cache import load_uncompiled, shapes
 
     configure_logging()
     settings = get_settings()
@@ -85,14 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cache = renderer_compile_cache(renderer, open_store(settings.storage), settings.models.cache_dir)
     marks["imported"] = process_age()
-    engine = load_engine(
-        renderer.preset,
-        model_paths=renderer.model_paths,
-        cache_dir=settings.models.cache_dir,
-        device=renderer.device,
-        options=EngineOptions.from_settings(renderer, compile=False),
-        compile_cache=cache,
-    )
+    engine = load_uncompiled(renderer, settings, cache)
     synchronize(engine.device)
     marks["model_loaded"] = process_age()
     params, batch = shapes(engine, renderer, args["resolution"], args["steps"], args["batch_size"])

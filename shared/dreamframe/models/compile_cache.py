@@ -505,3 +505,24 @@ def open_cache(
     if not settings.enabled:
         return CompileCache.disabled(service)
     return CompileCache(settings, service=service, models_cache_dir=models_cache_dir, store=store)
+
+
+def open_service_cache(section: str, service: str, *, save: bool = True) -> CompileCache:
+    """A service's compile cache from this process's settings: ``<section>.compile_cache`` (defaults
+    when the section has none), ``models.cache_dir`` and the store. ``save=False``: read only (a
+    trainer rank other than 0)."""
+    from dreamframe.config import get_settings
+    from dreamframe.storage import open_store
+
+    settings = get_settings()
+    cache_settings = (
+        getattr(getattr(settings, section, None), "compile_cache", None) or CompileCacheSettings()
+    )
+    if not save:
+        cache_settings = cache_settings.model_copy(update={"save": False})
+    return open_cache(
+        cache_settings,
+        service=service,
+        models_cache_dir=settings.models.cache_dir,
+        store=open_store(settings.storage) if cache_settings.use_store else None,
+    )
