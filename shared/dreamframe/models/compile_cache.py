@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
@@ -108,11 +109,10 @@ def environment(device: Any = None) -> dict[str, str]:
     import torch
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    # Triton ships with CUDA torch builds (a dependency of torch, not ours): read its version, not import it.
     try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
+        env["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         env["triton"] = "none"
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
