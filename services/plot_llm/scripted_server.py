@@ -65,12 +65,16 @@ class ScriptedChatServer:
         rate_limited: int = 0,
         json_schema_supported: bool = True,
         models: tuple[str, ...] = ("scripted",),
+        keep_bodies: bool = True,
     ) -> None:
         self.latency = latency
         self.invalid_answers = dict(invalid_answers or {})
         self.rate_limited = rate_limited
         self.json_schema_supported = json_schema_supported
         self.models = models
+        # Tests read the request bodies; a long-lived server (plot-llm's "scripted" backend) keeps only
+        # each request's kind and status, so a thousand-story job does not hold every schema sent.
+        self.keep_bodies = keep_bodies
         # Every request received, in order: {"body": ..., "status": ..., "kind": ...}.
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -120,7 +124,7 @@ class ScriptedChatServer:
         fmt = body.get("response_format") or {}
         schema = _schema_of(body)
         kind = schema.get("title", "") if schema else ""
-        record = {"body": body, "kind": kind, "status": 200}
+        record = {"body": body if self.keep_bodies else None, "kind": kind, "status": 200}
         with self._lock:
             self.requests.append(record)
             if self.rate_limited > 0:

@@ -68,7 +68,7 @@ class PlotService:
                 from services.plot_llm.scripted_server import ScriptedChatServer
 
                 # One server for every model this process serves; stopped by aclose.
-                self._scripted = self._scripted or ScriptedChatServer().start()
+                self._scripted = self._scripted or ScriptedChatServer(keep_bodies=False).start()
                 base_url, api_key = self._scripted.base_url, "scripted"
             return OpenAIChatBackend(
                 model=model,
