@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_checks import render_base_refiner
 
 from dreamframe.errors import InvalidArgument
 from dreamframe.models import sdxl
@@ -15,20 +16,7 @@ PROMPT = "generate an image in Noir style: at a bar, a man looks like Tom Hanks 
 
 
 def render(pipes: sdxl.SDXLPipelines, seed: int = 20) -> np.ndarray:
-    gen = torch.Generator().manual_seed(seed)
-    latents = pipes.base(
-        PROMPT,
-        height=64,
-        width=64,
-        num_inference_steps=4,
-        denoising_end=0.75,
-        output_type="latent",
-        generator=gen,
-    ).images
-    image = pipes.refiner(
-        PROMPT, image=latents, num_inference_steps=4, denoising_start=0.75, generator=gen
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
+    return render_base_refiner(pipes, PROMPT, seed)
 
 
 def test_tiny_preset_loads_from_disk_like_a_real_model(tmp_path):

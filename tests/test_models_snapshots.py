@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from model_checks import assert_same_conditioning, render_base_refiner
 
 from dreamframe.models import clip_bpe, sdxl, snapshots, video_llm
 from dreamframe.models.clip_vision import CLIP_L_RANDOM, load_clip_vision
@@ -151,20 +152,7 @@ def test_clip_bpe_refuses_a_wrong_file(tmp_path, monkeypatch):
 
 
 def render(pipes, seed: int = 20) -> np.ndarray:
-    gen = torch.Generator().manual_seed(seed)
-    latents = pipes.base(
-        PROMPT,
-        height=64,
-        width=64,
-        num_inference_steps=4,
-        denoising_end=0.75,
-        output_type="latent",
-        generator=gen,
-    ).images
-    image = pipes.refiner(
-        PROMPT, image=latents, num_inference_steps=4, denoising_start=0.75, generator=gen
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
+    return render_base_refiner(pipes, PROMPT, seed)
 
 
 def test_sdxl_random_snapshot_loads_by_path_like_the_model_in_memory(sdxl_cache, tiny_registry):
@@ -210,17 +198,6 @@ def test_sdxl_random_snapshot_loads_by_path_like_the_model_in_memory(sdxl_cache,
 
 
 # --- the style token with CLIP's vocabulary ---------------------------------------------------------
-
-
-def assert_same_conditioning(a, b, prompt: str) -> None:
-    for tokenizer_a, tokenizer_b in ((a.tokenizer, b.tokenizer), (a.tokenizer_2, b.tokenizer_2)):
-        assert tokenizer_a(prompt).input_ids == tokenizer_b(prompt).input_ids
-    with torch.no_grad():
-        got = a.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-        want = b.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-    for x, y in zip(got, want, strict=True):
-        if x is not None:
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("keyword", "single"), [("Dramatic", True), ("Cyberpunkish", False)])

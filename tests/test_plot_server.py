@@ -37,7 +37,14 @@ def store(tmp_path):
 
 @contextlib.asynccontextmanager
 async def plot_server(store, llm: ScriptedChatServer) -> AsyncIterator[plot_pb2_grpc.PlotServiceStub]:
-    service = PlotService(PlotSettings(backend="openai", model="scripted", base_url=llm.base_url), store)
+    settings = PlotSettings(backend="openai", model="scripted", base_url=llm.base_url)
+    async with serve_plot(PlotService(settings, store)) as stub:
+        yield stub
+
+
+@contextlib.asynccontextmanager
+async def serve_plot(service: PlotService) -> AsyncIterator[plot_pb2_grpc.PlotServiceStub]:
+    """``service`` over gRPC on 127.0.0.1; closed afterwards."""
     registration = Registration.of(
         plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, PlotServicer(service)
     )
@@ -160,19 +167,10 @@ def test_the_scripted_backend_writes_a_story_through_the_openai_client_path(stor
 
     async def scenario():
         service = PlotService(PlotSettings(backend="scripted", model="scripted"), store)
-        registration = Registration.of(
-            plot_pb2, plot_pb2_grpc.add_PlotServiceServicer_to_server, PlotServicer(service)
-        )
-        settings = ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=1.0)
-        try:
-            async with GrpcServer([registration], settings, service_name="plot-llm") as server:
-                async with grpc.aio.insecure_channel(server.address) as channel:
-                    stub = plot_pb2_grpc.PlotServiceStub(channel)
-                    request = plot_pb2.GenerateStoryRequest(job_id="job-s", theme=THEME, options=OPTIONS)
-                    replies = [r async for r in stub.GenerateStory(request, timeout=20)]
-                    return replies, service._scripted.answered()
-        finally:
-            await service.aclose()
+        async with serve_plot(service) as stub:
+            request = plot_pb2.GenerateStoryRequest(job_id="job-s", theme=THEME, options=OPTIONS)
+            replies = [r async for r in stub.GenerateStory(request, timeout=20)]
+            return replies, service._scripted.answered()
 
     replies, answered = run(scenario())
     assert replies[-1].HasField("result") and answered == TOTAL

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from model_checks import assert_same_conditioning
 from PIL import Image
 from safetensors.torch import load
 
@@ -43,19 +44,6 @@ def render(pipe, prompt: str = PROMPT, seed: int = 20) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     image = pipe(prompt, height=64, width=64, num_inference_steps=4, generator=gen).images[0]
     return np.asarray(image, dtype=np.int16)
-
-
-def assert_same_conditioning(a, b, prompt: str) -> None:
-    """Same token ids and the same text conditioning (up to float rounding: copied weights may sit at
-    other memory alignments, and BLAS kernels round differently there)."""
-    for tokenizer_a, tokenizer_b in ((a.tokenizer, b.tokenizer), (a.tokenizer_2, b.tokenizer_2)):
-        assert tokenizer_a(prompt).input_ids == tokenizer_b(prompt).input_ids
-    with torch.no_grad():
-        got = a.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-        want = b.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-    for x, y in zip(got, want, strict=True):
-        if x is not None:
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
 def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:

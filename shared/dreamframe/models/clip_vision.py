@@ -122,3 +122,21 @@ def load_clip_vision(
         raise FailedPrecondition(f"cannot load image encoder {name_or_path!r}: {exc}", field=field) from exc
     model.to(dev).eval()
     return ImageEncoder(model, processor, name_or_path, dev, dt)
+
+
+def vit_large_patch14_config(image_size: int = 224):
+    """CLIP ViT-L/14's vision tower as openai/clip-vit-large-patch14 publishes it (24 layers of 1024,
+    projection 768); ``image_size`` 336 is the -336 variant LLaVA-1.5 uses."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )

@@ -179,19 +179,9 @@ def build_video_llm(
 
 def clip_vit_large_config():
     """openai/clip-vit-large-patch14's vision tower (224 px, patch 14, 24 layers of 1024, projection 768)."""
-    from transformers import CLIPVisionConfig
+    from dreamframe.models.clip_vision import vit_large_patch14_config
 
-    return CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
+    return vit_large_patch14_config(224)
 
 
 def write_clip_vision(directory: Path, **build_args) -> None:

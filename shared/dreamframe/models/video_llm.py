@@ -200,19 +200,12 @@ def build_tiny_video_llm(seed: int = TINY_SEED):
 def llava_7b_config():
     """The LLaVA-1.5-7B architecture (CLIP ViT-L/14-336 + Vicuna-7B), for random-weight benchmarks
     without a download. Mirrors llava-hf/llava-1.5-7b-hf's config.json."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlamaConfig, LlavaConfig
+
+    from dreamframe.models.clip_vision import vit_large_patch14_config
 
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        ),
+        vision_config=vit_large_patch14_config(336),
         text_config=LlamaConfig(
             vocab_size=32064,
             hidden_size=4096,
