@@ -19,22 +19,43 @@ def test_summary_names_the_card_and_every_stage():
         "gpu": "NVIDIA H200",
         "preset": "sdxl-random",
         "renderers": 1,
-        "startup_seconds": 12.0,
-        "startup_gpu_mib": {},
-        "jobs": [
+        "phases": [
             {
-                "spec": "tiny.json",
-                "job_id": "j",
-                "state": "succeeded",
-                "error": "",
-                "wall_seconds": 3.0,
-                "stages": [
-                    {"stage": "render", "state": "succeeded", "seconds": 2.5, "done": 16, "total": 16}
+                "name": "cold start",
+                "startup_seconds": 12.0,
+                "startup_gpu_mib": {},
+                "startup_card_mib": 30000,
+                "jobs": [
+                    {
+                        "spec": "tiny.json",
+                        "job_id": "j",
+                        "state": "succeeded",
+                        "error": "",
+                        "wall_seconds": 3.0,
+                        "stages": [
+                            {"stage": "render", "state": "succeeded", "seconds": 2.5, "done": 16, "total": 16}
+                        ],
+                        "gpu_mib": {"keyframe-renderer": 25000},
+                        "gpu_total_mib": 25000,
+                        "card_mib": 26000,
+                    }
                 ],
-                "gpu_mib": {"keyframe-renderer": 25000},
-                "gpu_total_mib": 25000,
-            }
+            },
+            {"name": "warm start", "startup_seconds": None, "jobs": [], "error": "dreamframe up exited 1"},
         ],
     }
     text = summarize(report)
     assert "NVIDIA H200" in text and "| render | succeeded | 2.5 | 16/16 |" in text and "25,000" in text
+    assert "start-up (`dreamframe up` until every service is SERVING): 12.0 s" in text
+    assert (
+        "peak of the whole card (MiB): 30,000" in text
+        and "peak used (nvidia-smi memory.used): 26,000" in text
+    )
+    assert "warm start failed: dreamframe up exited 1" in text
+
+
+def test_card_used_is_zero_without_nvidia_smi(monkeypatch):
+    from services.coordinator import bench_chain
+
+    monkeypatch.setenv("PATH", "")
+    assert bench_chain.read_card_used() == 0 and bench_chain.read_gpu_processes() == {}

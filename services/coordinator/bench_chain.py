@@ -2,7 +2,7 @@
 jobs through every stage, and what each stage and each service cost.
 
     python -m services.coordinator.bench_chain --preset sdxl-random \\
-        --spec deploy/gpu/chain-tiny.json --spec deploy/gpu/chain-substory.json --out DIR
+        --spec deploy/gpu/chain-tiny.json --warm-spec deploy/gpu/chain-substory.json --out DIR
     python -m services.coordinator.bench_chain --preset tiny --spec deploy/local/tiny-job.json   # CPU
 
 It starts the stack the way `make run` does (same command, same preset environment) in a work folder of
@@ -14,10 +14,14 @@ runs each --spec in turn and reports:
   started_at/finished_at, as `dreamframe status` shows them);
 - per service: the peak GPU memory its process held (nvidia-smi, sampled every --sample-seconds; CUDA
   context and the caching allocator's reserve included, which is what neighbours on one GPU feel), over
-  start-up and over each job, and the peak of all of them together.
+  start-up and over each job, and the peak of all of them together; also the whole card's peak
+  (memory.used), which holds where nvidia-smi's pids are not ours (a container's pid namespace);
+- cold and warm: the --spec jobs run on a stack started with whatever compile cache there is (empty on
+  a new machine); with --warm-spec the stack is then stopped and started again, its compile caches now
+  filled, and the warm start-up and those jobs are measured the same way.
 
 The stack is stopped at the end (`--keep-running` leaves it up). Writes ``chain-bench.json`` and
-``chain-bench.md`` under --out.
+``chain-bench.md`` under --out after every job, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class GpuSampler:
         self._lock = threading.Lock()
         self._peaks: dict[int, int] = {}
         self._peak_total = 0
+        # The whole card's used memory (nvidia-smi memory.used): the figure that still holds where the
+        # process list cannot be matched to our pids (a container's own pid namespace).
+        self._card_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
 
@@ -69,7 +76,11 @@ class GpuSampler:
 
     def mark(self) -> None:
         with self._lock:
-            self._peaks, self._peak_total = {}, 0
+            self._peaks, self._peak_total, self._card_peak = {}, 0, 0
+
+    def card_peak(self) -> int:
+        with self._lock:
+            return self._card_peak
 
     def window(self) -> tuple[dict[int, int], int]:
         with self._lock:
@@ -78,7 +89,9 @@ class GpuSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             sample = read_gpu_processes()
+            card = read_card_used()
             with self._lock:
+                self._card_peak = max(self._card_peak, card)
                 for pid, mib in sample.items():
                     self._peaks[pid] = max(self._peaks.get(pid, 0), mib)
                 self._peak_total = max(self._peak_total, sum(sample.values()))
@@ -97,6 +110,21 @@ def read_gpu_processes() -> dict[int, int]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return parse_compute_apps(out)
+
+
+def read_card_used() -> int:
+    """MiB in use on all of the machine's GPUs together (0 when nvidia-smi fails)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(int(v) for v in out.split() if v.strip().isdigit())
 
 
 def parse_compute_apps(text: str) -> dict[int, int]:
@@ -166,31 +194,109 @@ def summarize(report: dict) -> str:
     lines = [
         f"Whole-chain benchmark — {report['gpu']}, preset {report['preset']}, "
         f"{report['renderers']} renderer replica(s)",
-        "",
-        f"start-up (`dreamframe up` until every service is SERVING): {report['startup_seconds']:.1f} s",
     ]
-    if report["startup_gpu_mib"]:
-        lines.append(f"GPU memory at start-up, peak per service (MiB): {report['startup_gpu_mib']}")
-    for job in report["jobs"]:
+    for phase in report["phases"]:
         lines += [
             "",
-            f"### {job['spec']} — job {job['job_id']} {job['state']} in {job['wall_seconds']:.1f} s",
-            "",
-            "| stage | state | seconds | progress |",
-            "|---|---|---|---|",
+            f"## {phase['name']} — start-up (`dreamframe up` until every service is SERVING): "
+            + (f"{phase['startup_seconds']:.1f} s" if phase.get("startup_seconds") is not None else "-"),
         ]
-        lines += [
-            f"| {s['stage']} | {s['state']} | {s['seconds'] if s['seconds'] is not None else '-'} "
-            f"| {s['done']}/{s['total']} |"
-            for s in job["stages"]
-        ]
-        if job["gpu_mib"]:
-            lines += ["", "| service | peak GPU memory (MiB) |", "|---|---|"]
-            lines += [f"| {name} | {mib:,} |" for name, mib in job["gpu_mib"].items()]
-            lines.append(f"| all together (peak of the sum) | {job['gpu_total_mib']:,} |")
-        if job["error"]:
-            lines.append(f"\nerror: {job['error']}")
+        if phase.get("startup_gpu_mib"):
+            lines.append(f"GPU memory at start-up, peak per process (MiB): {phase['startup_gpu_mib']}")
+        if phase.get("startup_card_mib"):
+            lines.append(
+                f"GPU memory at start-up, peak of the whole card (MiB): {phase['startup_card_mib']:,}"
+            )
+        for job in phase["jobs"]:
+            lines += [
+                "",
+                f"### {job['spec']} — job {job['job_id']} {job['state']} in {job['wall_seconds']:.1f} s",
+                "",
+                "| stage | state | seconds | progress |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {s['stage']} | {s['state']} | {s['seconds'] if s['seconds'] is not None else '-'} "
+                f"| {s['done']}/{s['total']} |"
+                for s in job["stages"]
+            ]
+            if job["gpu_mib"]:
+                lines += ["", "| service | peak GPU memory (MiB) |", "|---|---|"]
+                lines += [f"| {name} | {mib:,} |" for name, mib in job["gpu_mib"].items()]
+                lines.append(f"| all together (peak of the sum) | {job['gpu_total_mib']:,} |")
+            if job.get("card_mib"):
+                lines.append(f"\nwhole card, peak used (nvidia-smi memory.used): {job['card_mib']:,} MiB")
+            if job["error"]:
+                lines.append(f"\nerror: {job['error']}")
+        if phase.get("error"):
+            lines.append(f"\n{phase['name']} failed: {phase['error']}")
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path | None) -> str:
+    """The report so far, as JSON and Markdown under ``out`` (rewritten after every job, so a run cut
+    short still leaves what it measured)."""
+    summary = summarize(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "chain-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "chain-bench.md").write_text(summary)
+    return summary
+
+
+def job_row(
+    path: Path, job: pb.Job, wall: float, sampler: GpuSampler, processes: list[local.Process]
+) -> dict:
+    peaks, total = sampler.window()
+    return {
+        "spec": str(path),
+        "job_id": job.job_id,
+        "state": pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+        "error": job.error,
+        "wall_seconds": round(wall, 1),
+        "stages": stage_rows(job),
+        "gpu_mib": by_service(peaks, processes),
+        "gpu_total_mib": total,
+        "card_mib": sampler.card_peak(),
+    }
+
+
+def run_phase(
+    name: str,
+    specs: list[Path],
+    *,
+    up: list[str],
+    env: dict[str, str],
+    state: Path,
+    theme: str,
+    sampler: GpuSampler,
+    report: dict,
+    out: Path | None,
+    job_timeout: float,
+) -> None:
+    """Start the stack, run each spec in turn, record everything under ``report['phases']``."""
+    phase: dict = {"name": name, "startup_seconds": None, "jobs": []}
+    report["phases"].append(phase)
+    sampler.mark()
+    began = time.monotonic()
+    cli(up, env)
+    phase["startup_seconds"] = round(time.monotonic() - began, 1)
+    processes = local.read_state(state)
+    phase["startup_gpu_mib"] = by_service(sampler.window()[0], processes)
+    phase["startup_card_mib"] = sampler.card_peak()
+    print(write_report(report, out), flush=True)
+    coordinator = next(p for p in processes if p.name == "coordinator")
+    channel = make_sync_channel(f"{local.HOST}:{coordinator.port}", ClientSettings(token=""))
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    for path in specs:
+        job_spec = json_format.Parse(path.read_text(), pb.JobSpec())
+        if not job_spec.stories:
+            job_spec.stories.add(theme=theme)
+        sampler.mark()
+        job, wall = run_job(stub, job_spec, job_timeout)
+        phase["jobs"].append(job_row(path, job, wall, sampler, processes))
+        print(write_report(report, out), flush=True)
+    channel.close()
 
 
 def main(
@@ -206,6 +312,13 @@ def main(
     sample_seconds: Annotated[float, typer.Option(min=0.1)] = 0.5,
     job_timeout: Annotated[float, typer.Option(help="Seconds one job may take.")] = 3600.0,
     keep_running: Annotated[bool, typer.Option(help="Leave the services up afterwards.")] = False,
+    warm_spec: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="After the --spec jobs, stop the stack, start it again (its compile caches now filled: a "
+            "warm start) and run these (repeatable)."
+        ),
+    ] = None,
     up_arg: Annotated[
         list[str] | None, typer.Option(help="More `dreamframe up` options, e.g. --up-arg=--idle-release-s=0.")
     ] = None,
@@ -219,47 +332,36 @@ def main(
         "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
         "DREAMFRAME_MODELS__CACHE_DIR": str(models_dir.resolve()),
     }
+    up = ["up", "--preset", preset, "--renderers", str(renderers), *(up_arg or [])]
     sampler = GpuSampler(sample_seconds).start()
     report: dict = {"gpu": gpu_name(), "preset": preset, "renderers": renderers, "work": str(work)}
-    report["jobs"] = []
-    began = time.monotonic()
+    report["phases"] = []
+    phases = [("cold start (empty compile cache)" if not warm_spec else "cold start", spec)]
+    if warm_spec:
+        phases.append(("warm start (compile cache filled by the cold start)", warm_spec))
+    common = dict(
+        up=up,
+        env=env,
+        state=state,
+        theme=theme,
+        sampler=sampler,
+        report=report,
+        out=out,
+        job_timeout=job_timeout,
+    )
     try:
-        cli(["up", "--preset", preset, "--renderers", str(renderers), *(up_arg or [])], env)
-        report["startup_seconds"] = time.monotonic() - began
-        processes = local.read_state(state)
-        report["startup_gpu_mib"] = by_service(sampler.window()[0], processes)
-        coordinator = next(p for p in processes if p.name == "coordinator")
-        channel = make_sync_channel(f"{local.HOST}:{coordinator.port}", ClientSettings(token=""))
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-        for path in spec:
-            job_spec = json_format.Parse(path.read_text(), pb.JobSpec())
-            if not job_spec.stories:
-                job_spec.stories.add(theme=theme)
-            sampler.mark()
-            job, wall = run_job(stub, job_spec, job_timeout)
-            peaks, total = sampler.window()
-            report["jobs"].append(
-                {
-                    "spec": str(path),
-                    "job_id": job.job_id,
-                    "state": pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
-                    "error": job.error,
-                    "wall_seconds": round(wall, 1),
-                    "stages": stage_rows(job),
-                    "gpu_mib": by_service(peaks, processes),
-                    "gpu_total_mib": total,
-                }
-            )
-            print(summarize(report), flush=True)
+        for index, (name, specs) in enumerate(phases):
+            try:
+                run_phase(name, specs, **common)
+            except (subprocess.CalledProcessError, TimeoutError, StopIteration) as exc:
+                report["phases"][-1]["error"] = str(exc) or type(exc).__name__
+                break
+            finally:
+                if index < len(phases) - 1 or not keep_running:
+                    cli(["down"], env)
     finally:
         sampler.stop()
-        if not keep_running:
-            cli(["down"], env)
-    summary = summarize(report)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "chain-bench.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "chain-bench.md").write_text(summary)
+    summary = write_report(report, out)
     print(summary)
     return report
 

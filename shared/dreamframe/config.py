@@ -124,6 +124,12 @@ class ServerSettings(BaseModel):
     # How long calls still open on such a connection may go on; unset: until they end (hours-long streams
     # such as training must not be cut).
     max_connection_age_grace_seconds: float | None = Field(None, ge=0)
+    # Keepalive pings a client may send while a call runs with no data flowing (a style training is one
+    # unary call of minutes): pings closer together than this are strikes, and gRPC closes the connection
+    # (GOAWAY "too_many_pings") after two. Must not exceed the clients' client.keepalive_seconds.
+    min_ping_interval_seconds: float = Field(30.0, gt=0)
+    # This server's own pings to notice dead clients on hours-long streams.
+    keepalive_seconds: float = Field(60.0, gt=0)
     # Who may call: {name, team, role, token} entries (DREAMFRAME_SERVER__CALLERS as a JSON list, or the
     # config file), plus those of callers_file (a mounted Secret: a YAML/JSON list of the same entries).
     # No caller and no auth_tokens: auth is off (local runs on 127.0.0.1).
@@ -216,6 +222,9 @@ class ClientSettings(BaseModel):
     # Long streaming RPCs (rendering a story, training) get this deadline instead.
     stream_deadline_seconds: float = Field(24 * 3600.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=5)
+    # A ping every this long keeps a quiet connection (a minutes-long unary call) alive through proxies
+    # and notices a dead server; servers accept it down to their server.min_ping_interval_seconds (30 s).
+    keepalive_seconds: float = Field(60.0, gt=0)
     # This process's own bearer token: the services it calls know it as one caller of their server.callers
     # (the coordinator: e.g. {name: coordinator, role: submit}), so they see this service, not its callers.
     token: SecretStr = SecretStr("")

@@ -66,8 +66,8 @@ def channel_options(
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        # Keep long streams alive through proxies; the server accepts pings every 30 s (server.py).
-        ("grpc.keepalive_time_ms", 60_000),
+        # Keep long quiet calls alive through proxies; servers accept pings every 30 s (server.py).
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -192,11 +192,14 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     return options + [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Notice dead peers on hours-long streams; accept the client keepalive of client.py (60 s).
-        ("grpc.keepalive_time_ms", 60_000),
+        # Notice dead peers on hours-long streams.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+        # Accept the clients' keepalive (client.keepalive_seconds) during long quiet calls. The channel
+        # argument is GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, whose string differs from the
+        # macro: a misspelt name is silently ignored, leaving gRPC's 5-minute default.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval_seconds * 1000)),
         # Two processes configured with the same port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
     ]
