@@ -25,6 +25,7 @@ from dreamframe.cli.local import (
     stop_processes,
     write_state,
 )
+from dreamframe.processes import pid_running
 
 
 def test_plan_gives_every_service_a_port_and_the_coordinator_every_address():
@@ -100,6 +101,27 @@ def test_a_record_counts_as_running_only_while_its_pid_runs_that_service(stand_i
 def test_stop_never_signals_a_pid_that_now_runs_something_else(stand_in):
     assert stop_processes([Process("plot-llm", stand_in.pid, 1, "log", "services.plot_llm")], grace=1) == []
     assert stand_in.poll() is None, "a process that is not the recorded service was stopped"
+
+
+def test_stop_returns_only_once_a_service_that_ignores_sigterm_is_gone():
+    # A GPU service killed after the grace period frees its memory only when it has exited: `down`
+    # followed by `up` must not start the new stack beside a dying one.
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)",
+            "services.renderer_stand_in",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert stubborn.stdout.readline().strip() == b"ready"
+    record = Process("keyframe-renderer", stubborn.pid, 1, "log", "services.renderer_stand_in")
+    assert is_running(record)
+    assert stop_processes([record], grace=0.3) == ["keyframe-renderer"]
+    assert not pid_running(stubborn.pid) and not is_running(record)
+    stubborn.wait(timeout=5)
 
 
 def test_up_refuses_another_setup_while_services_run_and_touches_nothing(tmp_path, stand_in, monkeypatch):

@@ -119,6 +119,25 @@ def test_a_failed_stage_has_an_end_and_a_stage_never_reached_has_no_times(tmp_pa
     assert not evaluate.HasField("started_at") and not evaluate.HasField("finished_at")
 
 
+def test_a_per_story_stage_done_for_every_story_succeeds_when_a_later_one_fails(tmp_path, fake_stages):
+    fake_stages.add("style")
+
+    async def scenario():
+        c = coordinator(tmp_path)
+        await c.start()
+        job = await run_job(c, "late-failure", stories=1)
+        await c.stop()
+        return job
+
+    job = asyncio.run(scenario())
+    states = {pb.Stage.Name(s.stage): pb.JobState.Name(s.state) for s in job.stages}
+    assert job.state == pb.JOB_STATE_FAILED
+    assert states["STAGE_PLOT"] == "JOB_STATE_SUCCEEDED" and states["STAGE_STYLE"] == "JOB_STATE_FAILED"
+    assert states["STAGE_RENDER"] == "JOB_STATE_FAILED"  # running (waiting on style) when the job failed
+    start, end = span(job, pb.STAGE_PLOT)
+    assert end - start >= STAGE_SECONDS - 0.01
+
+
 def test_jobs_are_listed_newest_first_by_submit_time_whatever_their_ids(tmp_path, fake_stages):
     async def scenario():
         c = coordinator(tmp_path)

@@ -339,7 +339,9 @@ class Coordinator:
                         await st.render(ctx, index, tally)
                     stories_done[stage] += 1
                     if stories_done[stage] == ctx.stories:
-                        ctx.stage(stage).finished_at.CopyFrom(now())
+                        # Done for every story: succeeded now, not when the other per-story stages end
+                        # (a render failing later must not mark a finished plot failed).
+                        await self._stage_state(ctx, stage, pb.JOB_STATE_SUCCEEDED)
             if pb.STAGE_RENDER in per_story and self.settings.storyboard:
                 # The story's storyboard as soon as its frames are rendered, outside the gate (the next
                 # story starts meanwhile); the job page linking them all comes after the last story.

@@ -262,6 +262,7 @@ class SDXLEngine:
         self._fp8_originals: list[dict[str, torch.nn.Linear]] | None = None
         self._negative: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._splits: dict[tuple[int, float], StepSplit] = {}
+        self._batch_sizes: dict[tuple[int, int, int, int], int] = {}
         self.batches_rendered = 0
         self.frames_rendered = 0
         # Device seconds per stage over every batch since the last reset_stage_seconds().
@@ -476,7 +477,14 @@ class SDXLEngine:
 
     # --- rendering ------------------------------------------------------------------------------------
     def auto_batch_size(self, params: RenderParams, *, max_batch: int, cpu_batch: int) -> int:
-        return auto_batch_size(self.device, params.width, params.height, self.dtype, max_batch, cpu_batch)
+        """Chosen once per size and kept: free memory differs from call to call (compiled graphs, the
+        allocator's reserve), and a batch size that followed it would be a new shape to compile."""
+        key = (params.width, params.height, max_batch, cpu_batch)
+        size = self._batch_sizes.get(key)
+        if size is None:
+            size = auto_batch_size(self.device, params.width, params.height, self.dtype, max_batch, cpu_batch)
+            self._batch_sizes[key] = size
+        return size
 
     def generators(self, seeds: list[int]) -> list[torch.Generator]:
         return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
@@ -596,13 +604,15 @@ def check_sdpa(pipes) -> str:
 def auto_batch_size(
     device: torch.device, width: int, height: int, dtype: torch.dtype, max_batch: int, cpu_batch: int
 ) -> int:
-    """Frames per batch from free GPU memory and a per-image activation model; fixed on a CPU."""
+    """Frames per batch from free GPU memory and a per-image activation model; fixed on a CPU. On a GPU
+    a power of two, so the coordinator's shards (render_shard_size 64) are whole batches and a compiled
+    renderer pads only the last batch of a story (see Renderer.render)."""
     if device.type != "cuda":
         return max(1, min(cpu_batch, max_batch))
     free = free_memory(device)  # the device's free memory, within this process's GPU budget
     per_image = BYTES_PER_PIXEL_BF16 * width * height * max(1, torch.finfo(dtype).bits // 16)
-    fits = (free - MEMORY_HEADROOM) // per_image
-    return int(max(1, min(max_batch, fits)))
+    fits = int(max(1, min(max_batch, (free - MEMORY_HEADROOM) // per_image)))
+    return 1 << (fits.bit_length() - 1)
 
 
 def model_id(preset: str, model_paths: dict[str, str], cache_dir: Path) -> str:

@@ -88,6 +88,20 @@ class RenderEvent:
 SKIPPED_PER_EVENT = 64
 
 
+def render_batch(engine: SDXLEngine | SimEngine, chunk: list[FrameRecipe], params, batch_size: int):
+    """Render ``chunk`` (at most ``batch_size`` frames). A compiled engine gets exactly ``batch_size``
+    rows, the last recipe repeated and its extra images dropped: a shorter batch is another shape, which
+    torch.compile compiles anew (minutes) in the middle of a job. Each image has its own generator, so a
+    frame is the same whatever fills the rest of its batch."""
+    prompts, seeds = [r.prompt for r in chunk], [r.seed for r in chunk]
+    padding = batch_size - len(chunk) if engine.compiled else 0
+    if padding > 0:
+        prompts += [prompts[-1]] * padding
+        seeds += [seeds[-1]] * padding
+    pixels = engine.render(prompts, seeds, params)
+    return pixels[: len(chunk)]
+
+
 class Renderer:
     """The keyframe renderer's data plane; the gRPC servicer is a thin adapter over ``render``."""
 
@@ -302,7 +316,7 @@ class Renderer:
                             break
                         chunk = todo[start : start + batch_size]
                         began = time.monotonic()
-                        pixels = engine.render([r.prompt for r in chunk], [r.seed for r in chunk], params)
+                        pixels = render_batch(engine, chunk, params, batch_size)
                         render_seconds += time.monotonic() - began
                         pending.append(
                             [

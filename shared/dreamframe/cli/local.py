@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dreamframe.processes import pid_alive
+from dreamframe.processes import pid_alive, pid_running
 
 # name → (module, default port). The coordinator's defaults in config.py point at these ports.
 SERVICES: dict[str, tuple[str, int]] = {
@@ -36,6 +36,8 @@ SERVICES: dict[str, tuple[str, int]] = {
     "coordinator": ("services.coordinator", 50060),
 }
 HOST = "127.0.0.1"
+# After SIGKILL, how long `down` waits for a process to be gone (exiting frees its GPU memory).
+KILL_WAIT_SECONDS = 15.0
 
 
 @dataclass
@@ -487,4 +489,10 @@ def stop_processes(processes: list[Process], *, grace: float = 30.0) -> list[str
             time.sleep(0.1)
         if pid_alive(proc.pid) and not _exited(proc.pid):
             os.kill(proc.pid, signal.SIGKILL)
+    # Return only once they are gone: a killed GPU service frees its memory when it exits, and a stack
+    # started right after (`down` then `up`) must not find a dying one still holding its share.
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    for proc in ours:
+        while pid_running(proc.pid) and not _exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return [p.name for p in ours]
