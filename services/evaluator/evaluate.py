@@ -90,6 +90,7 @@ class Evaluator:
             options={
                 "lenient_answer_matching": self.settings.lenient_answer_matching,
                 "lenient_judge_replies": self.settings.lenient_judge_replies,
+                "lenient_letter_replies": self.settings.lenient_letter_replies,
             },
         )
         yield clock.progress("", "writing report")

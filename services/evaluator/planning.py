@@ -118,7 +118,7 @@ def load_benchmark(
             )
             stories.append((prefix, Location(source, base)))
         return LoadedBench(spec, None, LoadedBenchmark(), run, stories)
-    benchmark = BENCHMARKS[spec.kind]
+    benchmark = BENCHMARKS[spec.kind].for_settings(settings)
     source, base = open_location(spec.data_prefix, store, local_roots=roots, field=f"{where}.data_prefix")
     videos = None
     if spec.video_prefix:

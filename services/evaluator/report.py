@@ -182,7 +182,8 @@ def build_report(
 ) -> dict:
     """The report document. Scores are the benchmarks' official ones. ``options`` names the lenient
     readings asked for (``lenient_answer_matching``: MVBench-style multiple choice;
-    ``lenient_judge_replies``: judge replies); with any of them on, each benchmark's lenient score is
+    ``lenient_judge_replies``: judge replies; ``lenient_letter_replies``: Video-Bench letter-only replies
+    without the judge); with any of them on, each benchmark's lenient score is
     reported as its own column, never instead of the official score."""
     options = dict(options or {})
     lenient = any(options.values())
@@ -347,7 +348,8 @@ def render_markdown(report: dict) -> str:
                 out.append(
                     'Scores are the benchmark\'s official scoring; "(lenient)" columns read answers '
                     'more forgivingly (MVBench-style multiple choice: "Option B", "Best option: (B)", '
-                    "an option's exact text; judge replies the official parser rejects), for comparison "
+                    "an option's exact text; judge replies the official parser rejects; Video-Bench "
+                    "replies that are only a letter, read without the judge), for comparison "
                     f"only ({', '.join(k for k, v in report['options'].items() if v)})."
                 )
         errors = [(None, e) for e in b["load_errors"]] + [

@@ -62,6 +62,10 @@ class EvaluatorSettings(BaseModel):
     # Also report a lenient reading of MVBench-style multiple-choice replies ("Option B", "Best option:
     # (B)", an option's exact text) in its own column; the score stays MVBench's official check.
     lenient_answer_matching: bool = False
+    # Video-Bench: also report, in the "(lenient)" column, a reading in which a reply that is nothing but
+    # one of the item's letters ("B", "(B)", "B.", "B. <its text>") is that letter without the judge. Ours:
+    # Video-Bench's Step 2 sends every reply to the judge, and so does the official score here.
+    lenient_letter_replies: bool = False
     judge_timeout_seconds: float = Field(120.0, gt=0)
     # Judge calls in flight at once (they are I/O bound; the model under test runs one item at a time).
     judge_parallel_calls: int = Field(8, ge=1)

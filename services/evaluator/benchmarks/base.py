@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -16,6 +17,9 @@ from ..items import Item, LoadedBenchmark
 from ..judge import Judge
 from ..models import Choice, PredictionsModel, VideoQAModel
 from ..sources import Source
+
+if TYPE_CHECKING:
+    from ..settings import EvaluatorSettings
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,11 @@ class Benchmark(ABC):
     kind: str
     # The judge is required (open answers) rather than a fallback for answers the rules cannot read.
     requires_judge: bool = False
+
+    def for_settings(self, settings: EvaluatorSettings) -> Benchmark:
+        """This benchmark as the server's settings configure it (its lenient readings); the shared
+        instance when they change nothing."""
+        return self
 
     @abstractmethod
     def load(self, data: Location, videos: Location | None, *, max_items: int) -> LoadedBenchmark: ...

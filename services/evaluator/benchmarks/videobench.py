@@ -1,4 +1,4 @@
-"""Video-Bench (PKU-YuanGroup/Video-Bench), scored as its own scripts score it.
+"""Video-Bench (PKU-YuanGroup/Video-Bench), scored as its own scripts and its leaderboard score it.
 
 Files: one per dataset, ``Eval_QA/<Dataset>_QA_new.json`` = ``{qid: {vid_path, video_id, question,
 choices: {A..F}}}``; ``vid_path`` is relative to the Video-Bench root (``Eval_video/<Dataset>/<id>.mp4``).
@@ -6,11 +6,17 @@ Where the right answers are:
 
 - the 2023 release (the repository before commit 42d542c "update json", 2023-11-30): in each item,
   ``answer`` (a letter; Step 1 copied it into ``correct``, which Step3_compute_scores.py compared);
-- today: the public Eval_QA files carry none (that commit removed them); the leaderboard Space keeps the
-  answers and scores the merged judge output (Step3_merge_into_one_json.py); Hugging Face copies of the
-  dataset ship them as ``answer/ANSWER.json`` (the layout AISBench's Video-Bench README documents; the
-  file's exact shape is not in the repository). It is read when it lies under the data prefix or beside
-  the Eval_QA folder, as ``{dataset: {qid: letter | {"answer": letter}}}``.
+- today: the public Eval_QA files carry none (that commit removed them). Step 3 is now
+  Step3_merge_into_one_json.py (``{dataset: {qid: Step 2's item with output_chatgpt_choice}}``), uploaded
+  to the leaderboard Space (Hugging Face, LanguageBind/Video-Bench), whose ``src/compute.py``
+  (``chatgpt_json``) compares ``output_chatgpt_choice`` with ``ANSWER[dataset][qid]['answer']`` of its
+  ``file/ANSWER.json``. So the answer file is ``{dataset: {qid: {"answer": letter, ...}}}``, ``dataset``
+  being Step 1's name (the Eval_QA file's name without ``_QA_new.json``) and ``qid`` the Eval_QA key. That
+  layout is read, and only it: a qid whose value has no ``"answer"`` (a bare letter, say) is an item error
+  naming the file, where the Space's lookup would fail. It is looked for under the data prefix, then
+  beside the Eval_QA folder and in its parent, as ``ANSWER.json``, ``file/ANSWER.json`` (the Space's
+  path) or ``answer/ANSWER.json`` (where Hugging Face copies of the dataset keep it). Where both the
+  file and an item have an answer, the file's (today's) is used.
 
 A file with no answer from either place is an error naming the file (its items are not loaded); a run in
 which no item can be scored is refused (``planning``). ``<Dataset>_QA.json`` next to
@@ -18,30 +24,37 @@ which no item can be scored is refused (``planning``). ``<Dataset>_QA.json`` nex
 reads only the ``_QA_new`` files. An item with one choice is asked and scored like the rest (Step 1 asks
 the bare question: no branch for one choice).
 
-Grading follows Step2_chatgpt_judge.py: the judge maps the model's free output to a letter with
-Video-Bench's prompt and roles (``prompts.videobench_choice_messages``), read as ``json.loads(reply)
-["maximum probability"]`` in A-F (``judge.videobench_choice_reply``). Before it, one rule: an output that
-is nothing but a letter of the item's choices, alone or as "(B)", "B.", "B)", "B:", or followed by exactly
-that choice's text ("B. blue"), is that letter, since the judge has nothing else to map it to; everything
-else goes to the judge ("A woman slips…" is text, not letter A). Without a judge those count wrong and as
-failures.
+Grading follows Step2_chatgpt_judge.py: every output, whatever it looks like ("B", "", a sentence), goes to
+the judge, which maps it to a letter with Video-Bench's prompt and roles
+(``prompts.videobench_choice_messages``); its reply is read as ``json.loads(reply)["maximum
+probability"]`` in A-F (``judge.videobench_choice_reply``). A judge is therefore required
+(``requires_judge``). With ``evaluator.lenient_letter_replies`` (off by default; ours, not Video-Bench's)
+the "(lenient)" column also reads an output that is nothing but one of the item's letters, alone or as
+"(B)", "B.", "B)", "B:", or followed by exactly that choice's text ("B. blue"), as that letter without
+the judge (``rule_letter``; "A woman slips…" is text, not letter A); the official score still takes
+the judge's letter.
 
-Scores (Step3_compute_scores.py, 2023): accuracy per dataset; each level is the weighted mean of its
-datasets (all weights 1 except MOT and Driving-exam, 0.5), re-normalised over the datasets present (theirs
-needs all 13); ``final`` is the plain mean of the levels present. Datasets outside the levels are
-reported but in no level; ``overall`` is correct / total over all items.
+Scores (Step3_compute_scores.py, 2023; the same weights in the Space's ``compute_scores``): accuracy per
+dataset; each level is the weighted mean of its datasets (all weights 1 except MOT and Driving-exam,
+0.5), re-normalised over the datasets present (theirs needs all 13); ``final`` is the plain mean of the
+levels present. Datasets outside the levels are reported but in no level; ``overall`` is correct / total
+over all items.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+from typing import TYPE_CHECKING
 
 from ..items import Item, ItemError, LoadedBenchmark, resolve_visual
 from ..judge import Judge
 from ..prompts import videobench_prompt
 from .base import Asker, Benchmark, Graded, Location, ScoreRow, accuracy_rows, cap_per_task
 from .mvbench import json_files, read_json
+
+if TYPE_CHECKING:
+    from ..settings import EvaluatorSettings
 
 # Step3_compute_scores.py's dataset_weight.
 LEVELS: dict[str, dict[str, float]] = {
@@ -57,7 +70,10 @@ LEVELS: dict[str, dict[str, float]] = {
     "Prior Knowledge-based QA": {"TVQA": 1, "MV": 1, "NBA": 1},
     "Comprehension and Decision-making": {"Driving-exam": 0.5, "Driving-decision-making": 1, "SQA3D": 1},
 }
-ANSWER_FILE = "answer/ANSWER.json"
+ANSWER_NAME = "ANSWER.json"
+# Where an answer file is looked for, relative to the data prefix, the Eval_QA folder and its parent: the
+# leaderboard Space keeps it as file/ANSWER.json; Hugging Face copies of the dataset as answer/ANSWER.json.
+ANSWER_PLACES = (ANSWER_NAME, f"file/{ANSWER_NAME}", f"answer/{ANSWER_NAME}")
 LETTERS = "ABCDEF"
 
 
@@ -67,7 +83,8 @@ def dataset_name(key: str) -> str:
 
 
 def rule_letter(output: str, choices: dict[str, str]) -> str | None:
-    """The letter of an output that can only mean that letter (see the module doc); None: the judge's."""
+    """The letter of an output that can only mean that letter, for the lenient column
+    (``evaluator.lenient_letter_replies``; ours: Step 2 sends every output to the judge); None: none."""
     text = output.strip()
     match = re.fullmatch(r"\(?([A-F])\)?[.):]?(?:\s+(.*))?", text, flags=re.DOTALL)
     if not match or match.group(1) not in choices:
@@ -89,6 +106,17 @@ def _has_answers(content: dict, shipped: dict) -> bool:
 
 class VideoBench(Benchmark):
     kind = "video_bench"
+    # Step 2 maps every output to a letter with the judge: without one nothing can be scored.
+    requires_judge = True
+
+    def __init__(self, *, lenient_letters: bool = False) -> None:
+        # evaluator.lenient_letter_replies: the rule_letter reading in the "(lenient)" column.
+        self.lenient_letters = lenient_letters
+
+    def for_settings(self, settings: EvaluatorSettings) -> VideoBench:
+        if settings.lenient_letter_replies == self.lenient_letters:
+            return self
+        return VideoBench(lenient_letters=settings.lenient_letter_replies)
 
     def load(self, data: Location, videos: Location | None, *, max_items: int) -> LoadedBenchmark:
         loaded = LoadedBenchmark()
@@ -97,7 +125,7 @@ class VideoBench(Benchmark):
         bases = [videos.base] if videos else [source.parent(qa_dir), qa_dir]
         keys = json_files(data)
         answers, answer_file = self._answer_file(data, qa_dir, keys, loaded)
-        qa_keys = [k for k in keys if k != answer_file and posixpath.basename(k) != "ANSWER.json"]
+        qa_keys = [k for k in keys if posixpath.basename(k) != ANSWER_NAME]
         stems = {posixpath.basename(k) for k in qa_keys}
         for key in qa_keys:
             name = dataset_name(key)
@@ -117,15 +145,17 @@ class VideoBench(Benchmark):
                     ItemError(name, key, "expected {qid: {vid_path, question, choices, ...}}")
                 )
                 continue
-            file_answers = answers.get(name) if isinstance(answers.get(name), dict) else {}
+            file_answers = answers.get(name, {})
             if content and not _has_answers(content, file_answers):
                 loaded.errors.append(
                     ItemError(
                         name,
                         key,
-                        f"{base} has no answers: today's public Eval_QA files carry none; put Video-Bench's "
-                        f"{ANSWER_FILE} beside Eval_QA (or under the data prefix), or use the 2023 release's "
-                        "files (with 'answer')",
+                        f"{base} has no answers: today's public Eval_QA files carry none; put the "
+                        f"leaderboard's {ANSWER_NAME} ({{dataset: {{qid: {{'answer': letter}}}}}}) under the "
+                        f"data prefix or beside Eval_QA, as {', '.join(ANSWER_PLACES)}, or use the 2023 "
+                        "release's files (with 'answer')"
+                        + (f"; {answer_file} has no {name!r} entry for them" if answer_file else ""),
                     )
                 )
                 continue
@@ -133,7 +163,7 @@ class VideoBench(Benchmark):
             for qid, raw in content.items():
                 item_id = f"{name}/{qid}"
                 try:
-                    fields, vid_path = self._fields(raw, file_answers.get(str(qid)))
+                    fields, vid_path = self._fields(raw, file_answers.get(str(qid)), answer_file)
                 except ValueError as exc:
                     loaded.errors.append(ItemError(name, item_id, str(exc)))
                     continue
@@ -148,13 +178,15 @@ class VideoBench(Benchmark):
     @staticmethod
     def _answer_file(
         data: Location, qa_dir: str, keys: list[str], loaded: LoadedBenchmark
-    ) -> tuple[dict, str | None]:
-        """Today's answers: ``answer/ANSWER.json`` under the data prefix, else beside the Eval_QA folder."""
+    ) -> tuple[dict[str, dict], str | None]:
+        """Today's answers (the leaderboard's ``{dataset: {qid: {"answer": letter}}}``) and the file they
+        came from: the first of an ``ANSWER.json`` under the data prefix, then ``ANSWER_PLACES`` beside
+        the Eval_QA folder and in its parent. A dataset whose entry is not a ``{qid: ...}`` object is an
+        error naming the file (its items then have no answer from it)."""
         source = data.source
-        listed = [k for k in keys if k.endswith("/" + ANSWER_FILE) or k == ANSWER_FILE]
-        beside = [source.join(qa_dir, ANSWER_FILE), source.join(source.parent(qa_dir), ANSWER_FILE)]
-        candidates = listed + beside
-        for key in candidates:
+        listed = sorted(k for k in keys if posixpath.basename(k) == ANSWER_NAME)
+        beside = [source.join(d, rel) for d in (qa_dir, source.parent(qa_dir)) for rel in ANSWER_PLACES]
+        for key in dict.fromkeys(listed + beside):
             if not source.exists(key):
                 continue
             try:
@@ -163,13 +195,23 @@ class VideoBench(Benchmark):
                 loaded.errors.append(ItemError("answers", key, f"not valid JSON: {exc}"))
                 return {}, key
             if not isinstance(content, dict):
-                loaded.errors.append(ItemError("answers", key, "expected {dataset: {qid: answer}}"))
+                loaded.errors.append(
+                    ItemError("answers", key, "expected {dataset: {qid: {'answer': letter}}}")
+                )
                 return {}, key
-            return content, key
+            answers = {}
+            for dataset, entries in content.items():
+                if isinstance(entries, dict):
+                    answers[str(dataset)] = {str(qid): value for qid, value in entries.items()}
+                else:
+                    loaded.errors.append(
+                        ItemError(str(dataset), key, f"{dataset!r} is not {{qid: {{'answer': letter}}}}")
+                    )
+            return answers, key
         return {}, None
 
     @staticmethod
-    def _fields(raw: object, shipped: object) -> tuple[dict, str]:
+    def _fields(raw: object, shipped: object, answer_file: str | None) -> tuple[dict, str]:
         if not isinstance(raw, dict):
             raise ValueError("item is not an object")
         choices, question, vid_path = raw.get("choices"), raw.get("question"), raw.get("vid_path")
@@ -183,9 +225,15 @@ class VideoBench(Benchmark):
             raise ValueError("missing question")
         if not isinstance(vid_path, str) or not vid_path:
             raise ValueError("missing vid_path")
-        answer = raw.get("answer") or raw.get("correct")
-        if answer is None and shipped is not None:
-            answer = shipped.get("answer") if isinstance(shipped, dict) else shipped
+        if shipped is not None:
+            # The Space reads ANSWER[dataset][qid]['answer']: anything else there fails its lookup.
+            if not isinstance(shipped, dict) or shipped.get("answer") is None:
+                raise ValueError(
+                    f"{answer_file}: expected {{'answer': letter}} for this qid, got {str(shipped)[:60]!r}"
+                )
+            answer = shipped["answer"]
+        else:
+            answer = raw.get("answer") or raw.get("correct")
         if answer is None:
             raise ValueError("missing answer")
         answer = str(answer).strip()
@@ -200,17 +248,13 @@ class VideoBench(Benchmark):
         return {"output": asker.answer(videobench_prompt(item.data["question"], item.data["choices"]))}
 
     def grade(self, item: Item, answers: dict, judge: Judge | None) -> Graded:
-        choices, output = item.data["choices"], answers["output"]
-        letter = rule_letter(output, choices)
-        detail: dict = {
-            "output": output,
-            "gt": item.data["answer"],
-            "matched_by": "rule" if letter else "none",
-        }
+        choices, output, gt = item.data["choices"], answers["output"], item.data["answer"]
+        detail: dict = {"output": output, "gt": gt, "matched_by": "none"}
+        letter = forgiven = None
         judge_calls = 0
-        forgiven = None
-        if letter is None and judge is not None:
-            # The judge sees the question exactly as the model was asked it (Step 2's 'question').
+        if judge is not None:  # always, through Evaluate (requires_judge); direct callers may pass none
+            # Step 2: every output, as it is; the judge sees the question exactly as the model was asked
+            # it (Step 2's 'question').
             verdict = judge.map_choice(
                 videobench_prompt(item.data["question"], choices), output, list(choices)
             )
@@ -220,14 +264,20 @@ class VideoBench(Benchmark):
                 letter, detail["matched_by"] = verdict.value, "judge"
             forgiven = verdict.lenient_value
         detail["pred"] = letter
-        # The separate lenient column (evaluator.lenient_judge_replies): the official letter, else what
-        # the forgiving reading of the judge's reply found.
+        # The separate "(lenient)" column, when a lenient reading is asked for: the letter rule_letter
+        # reads (lenient_letter_replies), else the official letter, else what the forgiving reading of the
+        # judge's reply found (lenient_judge_replies).
         lenient = None
-        if judge is not None and judge.lenient:
-            lenient = (letter or forgiven) == item.data["answer"]
+        if self.lenient_letters or (judge is not None and judge.lenient):
+            rule = rule_letter(output, choices) if self.lenient_letters else None
+            reading = rule or letter or forgiven
+            detail["lenient_pred"] = reading
+            if rule:
+                detail["lenient_matched_by"] = "rule"
+            lenient = reading == gt
         return Graded(
             item.task,
-            correct=letter == item.data["answer"],
+            correct=letter == gt,
             failures=int(letter is None),
             judge_calls=judge_calls,
             detail=detail,
