@@ -101,9 +101,10 @@ def test_videobench_items_and_answers(store) -> None:
         "MOT/1": "empty candidate list",
     }
     bench = BENCHMARKS["video_bench"]
-    assert bench.grade(items["MOT/0"], {"output": "B. blue"}, None).correct is True
-    free = bench.grade(items["MOT/0"], {"output": "Mostly a bluish colour"}, None)
-    assert free.correct is False and free.failures == 1
+    # The official Step 2 sends every reply to the judge: without one even "B. blue" is not scored.
+    for reply in ("B. blue", "Mostly a bluish colour"):
+        graded = bench.grade(items["MOT/0"], {"output": reply}, None)
+        assert graded.correct is False and graded.failures == 1
 
 
 def test_videobench_levels_use_the_reference_weights() -> None:
