@@ -658,6 +658,30 @@ def test_local_symlink_escape_is_refused(tmp_path: Path) -> None:
     assert keys(store) == []
 
 
+def test_local_links_are_judged_by_where_they_lead_also_after_the_directory_was_used(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    bucket = tmp_path / "root" / "bkt"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    store.put_bytes("frames/000.png", b"frame")
+    assert store.get_bytes("frames/000.png") == b"frame"  # "frames" is now known to be a plain directory
+    # a link placed in that known directory afterwards is still checked (the file is looked at each time)
+    (bucket / "frames" / "001.png").symlink_to(outside / "secret")
+    with pytest.raises(InvalidArgument):
+        store.get_bytes("frames/001.png")
+    # a link that stays inside the bucket is allowed, as before
+    (bucket / "frames" / "alias.png").symlink_to(bucket / "frames" / "000.png")
+    assert store.get_bytes("frames/alias.png") == b"frame"
+    (bucket / "inner").symlink_to(bucket / "frames", target_is_directory=True)
+    assert store.get_bytes("inner/000.png") == b"frame"
+    # a directory made later, on the way of a key not seen before, is checked when first used
+    (bucket / "deep").mkdir()
+    (bucket / "deep" / "way").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidArgument):
+        store.get_bytes("deep/way/secret")
+
+
 def test_local_file_and_directory_cannot_share_a_name(tmp_path: Path) -> None:
     store = LocalStore(tmp_path, "bkt")
     store.put_bytes("a", b"1")

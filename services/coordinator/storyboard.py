@@ -245,11 +245,13 @@ def contact_sheet(
 
 def _decode_thumb(data: bytes, cell: int) -> Image.Image | None:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_THUMB_PIXELS:
-                return None
-            image.draft("RGB", (cell, cell))  # JPEG: decode at a reduced scale when that is enough
-            rgb = image.convert("RGB")
+        # No `with`: closing would discard the decoded pixels, and keeping them costs a copy per frame.
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_THUMB_PIXELS:
+            return None
+        image.draft("RGB", (cell, cell))  # JPEG: decode at a reduced scale when that is enough
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     size = thumbnails.fit(*rgb.size, cell)
