@@ -60,6 +60,19 @@ async def run_job(c: Coordinator, job_id: str, stories: int = 2) -> pb.Job:
     return last
 
 
+def one_job(tmp_path, job_id: str, stories: int = 2) -> pb.Job:
+    """A coordinator started, one job run to its end, the coordinator stopped."""
+
+    async def scenario():
+        c = coordinator(tmp_path)
+        await c.start()
+        job = await run_job(c, job_id, stories)
+        await c.stop()
+        return job
+
+    return asyncio.run(scenario())
+
+
 def seconds(ts) -> float:
     return ts.seconds + ts.nanos / 1e9
 
@@ -71,14 +84,7 @@ def span(job: pb.Job, stage: int) -> tuple[float, float]:
 
 
 def test_every_stage_records_when_it_started_and_finished(tmp_path, fake_stages):
-    async def scenario():
-        c = coordinator(tmp_path)
-        await c.start()
-        job = await run_job(c, "timed")
-        await c.stop()
-        return job
-
-    job = asyncio.run(scenario())
+    job = one_job(tmp_path, "timed")
     assert job.state == pb.JOB_STATE_SUCCEEDED
     plot, style, render = (span(job, s) for s in (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER))
     dataset, train, evaluate = (span(job, s) for s in (pb.STAGE_DATASET, pb.STAGE_TRAIN, pb.STAGE_EVAL))
@@ -104,14 +110,7 @@ def test_every_stage_records_when_it_started_and_finished(tmp_path, fake_stages)
 def test_a_failed_stage_has_an_end_and_a_stage_never_reached_has_no_times(tmp_path, fake_stages):
     fake_stages.add("train")
 
-    async def scenario():
-        c = coordinator(tmp_path)
-        await c.start()
-        job = await run_job(c, "broken", stories=1)
-        await c.stop()
-        return job
-
-    job = asyncio.run(scenario())
+    job = one_job(tmp_path, "broken", stories=1)
     assert job.state == pb.JOB_STATE_FAILED
     start, end = span(job, pb.STAGE_TRAIN)
     assert end - start >= STAGE_SECONDS - 0.01
@@ -122,14 +121,7 @@ def test_a_failed_stage_has_an_end_and_a_stage_never_reached_has_no_times(tmp_pa
 def test_a_per_story_stage_done_for_every_story_succeeds_when_a_later_one_fails(tmp_path, fake_stages):
     fake_stages.add("style")
 
-    async def scenario():
-        c = coordinator(tmp_path)
-        await c.start()
-        job = await run_job(c, "late-failure", stories=1)
-        await c.stop()
-        return job
-
-    job = asyncio.run(scenario())
+    job = one_job(tmp_path, "late-failure", stories=1)
     states = {pb.Stage.Name(s.stage): pb.JobState.Name(s.state) for s in job.stages}
     assert job.state == pb.JOB_STATE_FAILED
     assert states["STAGE_PLOT"] == "JOB_STATE_SUCCEEDED" and states["STAGE_STYLE"] == "JOB_STATE_FAILED"

@@ -97,34 +97,28 @@ class GpuSampler:
                 self._peak_total = max(self._peak_total, sum(sample.values()))
 
 
-def read_gpu_processes() -> dict[int, int]:
-    """{pid: MiB} of every process on the machine's GPUs (summed over GPUs); {} when nvidia-smi fails."""
+def nvidia_smi(query: str) -> str:
+    """``nvidia-smi --query-<query> --format=csv,noheader,nounits``'s output; "" when it fails."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        return subprocess.run(
+            ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_compute_apps(out)
+        return ""
+
+
+def read_gpu_processes() -> dict[int, int]:
+    """{pid: MiB} of every process on the machine's GPUs (summed over GPUs); {} when nvidia-smi fails."""
+    return parse_compute_apps(nvidia_smi("compute-apps=pid,used_memory"))
 
 
 def read_card_used() -> int:
     """MiB in use on all of the machine's GPUs together (0 when nvidia-smi fails)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(int(v) for v in out.split() if v.strip().isdigit())
+    return sum(int(v) for v in nvidia_smi("gpu=memory.used").split() if v.isdigit())
 
 
 def parse_compute_apps(text: str) -> dict[int, int]:
