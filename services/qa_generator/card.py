@@ -85,8 +85,9 @@ _FILES = {
 - `conversations/<split>.json`: LLaVA / LLaMA-VID conversations for the `{profile}` profile, a list
   of `{"id", "video", "conversations": [{"from": "human", "value": "<image>\\n<question>"}, {"from":
   "gpt", "value": ...}]}`; the `<image>` token opens the first human turn only, the question comes
-  before any subtitles. QA pairs about the same span share a multi-turn conversation (at most
-  {max_turns} pairs each). Check it with `dreamframe dataset check --profile {profile}`.""",
+  after any subtitles (LLaMA-VID's text query keeps the end of a long turn). QA pairs about the same
+  span share a multi-turn conversation (at most {max_turns} pairs each). Check it with
+  `dreamframe dataset check --profile {profile}`.""",
     VIDEO_MP4: """
 - `videos/<story>/<first>-<end>_<fingerprint>.mp4`: one video per span (keyframes `first` ≤ i <
   `end` in story order), one keyframe per video frame at {fps:g} fps, longest side {size} px, at

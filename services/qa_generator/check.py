@@ -15,11 +15,14 @@ visuals or its question is reported with its id. Rules:
   (``preprocess_multimodal`` moves it to the turn's start; LLaMA-VID's ``preprocess_imgsp_v1`` adds one
   to later turns itself), one per file for an image list (LLaVA-NeXT moves none when there are several);
   none without media.
-- ``text-query`` (LLaMA-VID): each human turn, ``<image>`` and newlines removed, is the text query BERT
-  truncates at 256 tokens ([CLS] and [SEP] included, llamavid_arch.py ``vlm_attention``); the question
-  (the turn without its ``Subtitles:`` block) must end within it. Tokens are counted as BERT's basic
-  tokenizer splits text (whitespace, then each punctuation mark alone); WordPiece only splits further,
-  so a reported question is certainly cut.
+- ``text-query`` (LLaMA-VID): each human turn, ``<image>`` and newlines removed, is the text query that
+  bert-base-uncased's tokenizer cuts to 256 tokens ([CLS] and [SEP] included) from the LEFT
+  (llamavid_arch.py: ``init_bert(..., truncation_side="left")``, ``vlm_attention``: ``truncation=True,
+  max_length=256``): the last 254 tokens of the turn are kept, so the question (the turn without its
+  ``Subtitles:`` block) must start within them. Tokens are counted exactly with bert-base-uncased's
+  WordPiece vocabulary (dreamframe.models.bert_vocab) where it is on this machine; without it, as BERT's
+  basic tokenizer splits text (whitespace, then each punctuation mark alone), a lower bound: WordPiece
+  only splits further, so a question reported then is certainly cut. ``Report.token_count`` says which.
 - ``media-path``: paths are joined to the trainer's ``video_folder``/``image_folder`` (the dataset
   folder) with ``os.path.join``: no absolute path (it would replace the folder), no ``..`` out of it,
   and the file exists.
@@ -70,6 +73,8 @@ class Report:
     files: list[str] = field(default_factory=list)
     records: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # How the text query's tokens were counted: EXACT or APPROXIMATE ('' when the profile has none).
+    token_count: str = ""
 
     @property
     def bad_records(self) -> int:
@@ -212,6 +217,8 @@ def check_dataset(
     profile = get_profile(profile_name, field="profile")
     cap = DEFAULT_MAX_VIDEO_SECONDS if max_video_seconds is None else max_video_seconds
     report = Report(profile=profile.name, files=[name for name, _ in dataset.files])
+    counter = query_counter() if profile.text_query_tokens else None
+    report.token_count = counter.kind if counter else ""
     videos: dict[str, str | None] = {}
     for name, records in dataset.files:
         if not isinstance(records, list):
@@ -220,13 +227,18 @@ def check_dataset(
         for index, record in enumerate(records):
             report.records += 1
             rid = _record_id(record, index)
-            for rule, message in check_record(record, profile, dataset.media, videos, cap):
+            for rule, message in check_record(record, profile, dataset.media, videos, cap, counter):
                 report.problems.append(Problem(name, index, rid, rule, message))
     return report
 
 
 def check_record(
-    record: object, profile: Profile, media: Media, videos: dict[str, str | None], cap: float
+    record: object,
+    profile: Profile,
+    media: Media,
+    videos: dict[str, str | None],
+    cap: float,
+    counter: QueryCounter | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(rule, message) for each way ``record`` breaks the profile's loader rules."""
     if not isinstance(record, dict):
@@ -245,7 +257,7 @@ def check_record(
         yield "media", problem
     yield from _image_tokens(turns, kind, len(paths))
     if profile.text_query_tokens:
-        yield from _text_query(turns, profile.text_query_tokens)
+        yield from _text_query(turns, profile.text_query_tokens, counter or query_counter())
     for path in paths:
         rel = _relative(path)
         if rel is None:
@@ -341,31 +353,67 @@ def _image_tokens(turns: list[dict], kind: str, count: int) -> Iterator[tuple[st
         yield "image-token", f"{total} <image> for one {kind}: only the first human turn has one"
 
 
-def _text_query(turns: list[dict], limit: int) -> Iterator[tuple[str, str]]:
-    budget = limit - 2  # [CLS] and [SEP]
+EXACT = "exact (bert-base-uncased WordPiece)"
+APPROXIMATE = "approximate (BERT basic tokens, a lower bound; bert-base-uncased's vocab.txt is not here)"
+
+
+class QueryCounter:
+    """Where each token of a text query starts (character offsets), exact or approximate."""
+
+    def __init__(self, tokenizer=None, reason: str = "") -> None:
+        self._tok = tokenizer
+        self.kind = EXACT if tokenizer is not None else APPROXIMATE
+        self.reason = reason
+
+    def starts(self, text: str) -> list[int]:
+        if self._tok is None:
+            return bert_basic_starts(text)
+        return [start for start, _ in self._tok.encode(text, add_special_tokens=False).offsets]
+
+
+def query_counter() -> QueryCounter:
+    """Exact with bert-base-uncased's vocabulary (plus LLaMA-VID's added "[DEC]"), else approximate."""
+    from dreamframe.errors import FailedPrecondition
+    from dreamframe.models import bert_vocab
+
+    try:
+        return QueryCounter(bert_vocab.wordpiece_tokenizer(extra_special=("[DEC]",)))
+    except FailedPrecondition as exc:
+        return QueryCounter(None, str(exc))
+
+
+def _text_query(turns: list[dict], limit: int, counter: QueryCounter) -> Iterator[tuple[str, str]]:
+    budget = limit - 2  # [CLS] and [SEP]; LLaMA-VID truncates from the left, so the last `budget` stay
+    at_least = "" if counter.kind == EXACT else "at least "
     for j, turn in enumerate(turns):
         if turn.get("from") != HUMAN:
             continue
-        flat, end = _question_end(turn["value"])
+        flat, start, end = _question_span(turn["value"])
         if end is None:
             yield "text-query", f"human turn {j} has no question (only <image> or subtitles)"
             continue
-        used = bert_basic_tokens(flat[:end])
-        if used > budget:
+        starts = counter.starts(flat)
+        # Tokens from the one holding the question's first character to the end of the turn.
+        first = next((k for k, s in enumerate(starts) if s > start), len(starts)) - 1
+        from_question = len(starts) - max(first, 0)
+        if from_question > budget:
             yield (
                 "text-query",
                 (
-                    f"the question in human turn {j} ends after at least {used} BERT tokens of LLaMA-VID's "
-                    f"text query, which keeps {limit}: it is cut off (put the question before the subtitles)"
+                    f"the question in human turn {j} starts {at_least}{from_question} BERT tokens before the "
+                    f"end of LLaMA-VID's text query, which keeps the last {budget} (+[CLS], [SEP] = {limit}; "
+                    f"truncation from the left): it is cut off (put the subtitles before the question); "
+                    f"count: {counter.kind}"
                 ),
             )
 
 
-def _question_end(value: str) -> tuple[str, int | None]:
-    """(the turn as LLaMA-VID's text query sees it, where its question ends in it): the question is the
-    turn's text outside a block that starts with a 'Subtitles:' line and runs to a blank line."""
+def _question_span(value: str) -> tuple[str, int, int | None]:
+    """(the turn as LLaMA-VID's text query sees it, where its question starts and ends in it): the
+    question is the turn's text outside a block that starts with a 'Subtitles:' line and runs to a
+    blank line."""
     flat_parts: list[str] = []
-    offset, end, in_block = 0, None, False
+    offset, start, end, in_block = 0, 0, None, False
     for line in value.replace(IMAGE_TOKEN, "").split("\n"):
         stripped = line.strip()
         if stripped.casefold() == SUBTITLES_HEADER:
@@ -373,26 +421,34 @@ def _question_end(value: str) -> tuple[str, int | None]:
         elif in_block and not stripped:
             in_block = False
         elif not in_block and stripped:
+            if end is None:
+                start = offset + (len(line) - len(line.lstrip()))
             end = offset + len(line)
         flat_parts.append(line)
         offset += len(line)
-    return "".join(flat_parts), end
+    return "".join(flat_parts), start, end
+
+
+def bert_basic_starts(text: str) -> list[int]:
+    """Where each token BERT's BasicTokenizer makes of ``text`` starts (whitespace split, then every
+    punctuation mark and CJK character alone): a lower bound of its WordPiece tokens."""
+    starts = []
+    in_run = False
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            in_run = False
+        elif _is_punctuation(ch) or 0x4E00 <= ord(ch) <= 0x9FFF:
+            starts.append(i)
+            in_run = False
+        elif not in_run:
+            starts.append(i)
+            in_run = True
+    return starts
 
 
 def bert_basic_tokens(text: str) -> int:
-    """Tokens BERT's BasicTokenizer makes of ``text`` (whitespace split, then every punctuation mark and
-    CJK character alone): a lower bound of its WordPiece token count."""
-    count = 0
-    for word in text.split():
-        in_run = False
-        for ch in word:
-            if _is_punctuation(ch) or 0x4E00 <= ord(ch) <= 0x9FFF:
-                count += 1
-                in_run = False
-            elif not in_run:
-                count += 1
-                in_run = True
-    return count
+    """How many tokens BERT's BasicTokenizer makes of ``text`` (see :func:`bert_basic_starts`)."""
+    return len(bert_basic_starts(text))
 
 
 def _is_punctuation(ch: str) -> bool:

@@ -7,8 +7,9 @@ trainers' ``video_folder``). Conversations always have one: neither target loade
 without mp4s carry ``"frames"``, the keyframe object keys (in the bucket the manifest names), which our
 evaluator reads.
 
-The human turn puts the question first, then any subtitles: LLaMA-VID's text query is the human turn with
-newlines removed, cut at 256 BERT tokens (profiles.py), so a question after 40 subtitle lines is lost.
+The human turn puts any subtitles first, then the question: LLaMA-VID's text query is the human turn with
+newlines removed, cut to its last 256 BERT tokens (truncation from the left, profiles.py), so a question
+before 40 subtitle lines is lost.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def chunk_turns(turns: list[Turn], max_turns: int) -> list[list[Turn]]:
 
 
 def subtitle_block(lines: list[str], max_lines: int) -> str:
-    """'Subtitles:' and the lines, after the question (check.py finds the block by that first line)."""
+    """'Subtitles:' and the lines, before the question (check.py finds the block by that first line)."""
     shown = lines[:max_lines]
     text = "Subtitles:\n" + "\n".join(shown)
     if len(lines) > max_lines:
@@ -102,7 +103,8 @@ def conversations(
     span: SpanQA, visual: Visual, *, max_turns: int, include_subtitles: bool, max_subtitle_lines: int
 ) -> list[dict]:
     """The span's QA as LLaVA conversation records: "<image>\n" opens the first human turn (where both
-    loaders' preprocess_multimodal puts it), the question follows, subtitles come last."""
+    loaders' preprocess_multimodal puts it), then any subtitles, then the question (LLaMA-VID keeps the
+    end of a long turn)."""
     if not visual.video:
         raise ValueError("conversation records need the span's video")  # options.py refuses earlier
     records = []
@@ -111,9 +113,9 @@ def conversations(
         for i, turn in enumerate(chunk):
             question = turn.question
             if i == 0:
-                question = f"{IMAGE_TOKEN}\n{question}"
                 if include_subtitles and span.subtitles:
-                    question += "\n\n" + subtitle_block(span.subtitles, max_subtitle_lines)
+                    question = subtitle_block(span.subtitles, max_subtitle_lines) + "\n\n" + question
+                question = f"{IMAGE_TOKEN}\n{question}"
             messages.append({"from": "human", "value": question})
             messages.append({"from": "gpt", "value": turn.answer})
         records.append({"id": f"{span.span_id}_c{k}", "video": visual.video, "conversations": messages})

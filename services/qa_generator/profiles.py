@@ -35,8 +35,9 @@ class Profile:
     # branch); LLaMA-VID opens 'image' as one file (os.path.join(image_folder, image_file)).
     image_list: bool
     # LLaMA-VID's text query: each human turn with <image> and newlines removed
-    # (preprocess_imgsp_v1: ``.replace(DEFAULT_IMAGE_TOKEN, '').replace('\n', '')``), tokenized by BERT
-    # with truncation at 256 tokens, [CLS] and [SEP] included (llamavid_arch.py vlm_attention,
+    # (preprocess_imgsp_v1: ``.replace(DEFAULT_IMAGE_TOKEN, '').replace('\n', '')``), tokenized by
+    # bert-base-uncased with truncation to 256 tokens, [CLS] and [SEP] included, from the left: the end
+    # of the turn stays (llamavid_arch.py ``init_bert(..., truncation_side="left")``, vlm_attention
     # ``max_length=256``). None: the target has no text query.
     text_query_tokens: int | None
     # Both loaders keep every round(avg_fps / video_fps)-th frame with --video_fps 1 (LLaMA-VID
