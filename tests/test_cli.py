@@ -123,10 +123,11 @@ def test_dataset_check_reports_bad_records_by_id(tmp_path):
     broken_dataset(tmp_path / "ds")
     result = runner.invoke(cli.app, ["dataset", "check", "--profile", "llama-vid", str(tmp_path / "ds")])
     assert result.exit_code == 1, result.output
-    for rid in ("late-question", "frames-only", "no-image-token", "gpt-first", "missing-video"):
+    for rid in ("early-question", "frames-only", "no-image-token", "gpt-first", "missing-video"):
         assert f"] {rid}: " in result.output
     assert "] good: " not in result.output
     assert "llama-vid: 10 records in 1 files, 9 bad" in result.output
+    assert "text-query tokens counted" in result.output  # exact (BERT vocabulary) or approximate
 
 
 def test_dataset_check_of_a_built_dataset_in_storage_passes(local_store):

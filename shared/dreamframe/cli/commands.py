@@ -763,6 +763,7 @@ def dataset_check(
     console.print(
         f"{report.profile}: {report.records} records in {len(report.files)} files, "
         f"{report.bad_records} bad ({len(report.problems)} problems)"
+        + (f"; text-query tokens counted {report.token_count}" if report.token_count else "")
     )
     if not report.ok:
         raise typer.Exit(1)
