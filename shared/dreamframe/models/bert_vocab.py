@@ -15,13 +15,10 @@ the wheel under ``<sys.prefix>/share/dreamframe/``.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 import sys
-import zipfile
-from pathlib import Path
 
 from dreamframe.errors import FailedPrecondition
+from dreamframe.models.packaged_files import candidates, read_checked
 
 SETTING = "DREAMFRAME_BERT_VOCAB"
 WHEEL_VERSION = "0.1.0"
@@ -37,43 +34,17 @@ INSTALL_HINT = (
 )
 
 
-def _candidates() -> list[Path]:
-    found = []
-    if os.environ.get(SETTING):
-        found.append(Path(os.environ[SETTING]))
-    found.append(Path(sys.prefix) / "share" / "dreamframe" / WHEEL_NAME)
-    return found
-
-
-def _read(path: Path) -> bytes:
-    if path.suffix == ".whl":
-        with zipfile.ZipFile(path) as wheel:
-            return wheel.read(MEMBER)
-    return path.read_bytes()
-
-
 @functools.cache
 def vocabulary_file() -> bytes:
     """``vocab.txt``'s bytes (checked against its sha256); FailedPrecondition naming the setting when
     it is not on this machine."""
-    tried = []
-    for path in _candidates():
-        if not path.is_file():
-            tried.append(str(path))
-            continue
-        try:
-            data = _read(path)
-        except (KeyError, zipfile.BadZipFile):
-            raise FailedPrecondition(f"{path} does not hold {MEMBER} ({SETTING})", field=SETTING) from None
-        if hashlib.sha256(data).hexdigest() != SHA256:
-            raise FailedPrecondition(
-                f"{path} does not hold bert-base-uncased's vocab.txt (sha256 differs; {SETTING})",
-                field=SETTING,
-            )
-        return data
-    raise FailedPrecondition(
-        f"bert-base-uncased's vocab.txt is not here (looked in {', '.join(tried)}); {INSTALL_HINT}",
+    return read_checked(
+        candidates(SETTING, WHEEL_NAME),
+        member=MEMBER,
+        sha256=SHA256,
+        what="bert-base-uncased's vocab.txt",
         field=SETTING,
+        install_hint=INSTALL_HINT,
     )
 
 

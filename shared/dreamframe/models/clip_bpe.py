@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import importlib.util
 import json
-import os
 import sys
-import zipfile
 from pathlib import Path
 
 from dreamframe.errors import FailedPrecondition
+from dreamframe.models.packaged_files import candidates, read_checked
 
 WHEEL_VERSION = "3.3.0"
 WHEEL_NAME = f"open_clip_torch-{WHEEL_VERSION}-py3-none-any.whl"
@@ -42,40 +40,23 @@ INSTALL_HINT = (
 
 
 def _candidates() -> list[Path]:
-    found = []
-    if os.environ.get("DREAMFRAME_CLIP_BPE"):
-        found.append(Path(os.environ["DREAMFRAME_CLIP_BPE"]))
-    found.append(Path(sys.prefix) / "share" / "dreamframe" / WHEEL_NAME)
+    found = candidates("DREAMFRAME_CLIP_BPE", WHEEL_NAME)
     spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
     if spec is not None and spec.submodule_search_locations:
         found += [Path(p) / Path(MEMBER).name for p in spec.submodule_search_locations]
     return found
 
 
-def _read(path: Path) -> bytes:
-    if path.suffix == ".whl":
-        with zipfile.ZipFile(path) as wheel:
-            return wheel.read(MEMBER)
-    return path.read_bytes()
-
-
 @functools.cache
 def vocabulary_file() -> bytes:
     """The gzipped BPE file's bytes (checked against its sha256)."""
-    tried = []
-    for path in _candidates():
-        if not path.is_file():
-            tried.append(str(path))
-            continue
-        data = _read(path)
-        if hashlib.sha256(data).hexdigest() != SHA256:
-            raise FailedPrecondition(
-                f"{path} does not hold CLIP's bpe_simple_vocab_16e6.txt.gz (sha256 differs)", field="preset"
-            )
-        return data
-    raise FailedPrecondition(
-        f"CLIP's BPE vocabulary is not on this machine (looked in {', '.join(tried)}); {INSTALL_HINT}",
+    return read_checked(
+        _candidates(),
+        member=MEMBER,
+        sha256=SHA256,
+        what="CLIP's bpe_simple_vocab_16e6.txt.gz",
         field="preset",
+        install_hint=INSTALL_HINT,
     )
 
 
