@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamframe import keys, thumbnails
+from dreamframe import keys, storyboard, thumbnails
 from dreamframe.storage import LocalStore, to_proto
 from dreamframe.storage.base import sha256_bytes
 from dreamframe.story import QA, Character, Story, StoryItem, Substory, TinyStory
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import render_pb2
-from services.coordinator import stages, storyboard
+from services.coordinator import stages
 from services.coordinator.clients import Clients
 from services.coordinator.fanout import FanoutResult
 from services.coordinator.runner import Coordinator

@@ -81,9 +81,15 @@ class CoordinatorSettings(BaseModel):
     # This replica's name in the lease (default: host name and server port; a restarted process with
     # the same name takes its lease back at once).
     identity: str = ""
-    # Storyboard pages and contact sheets per story (one thumbnail read and decode per frame, on worker
-    # threads: about 0.5 ms of coordinator CPU per frame, most of its per-frame cost).
+    # Storyboard pages and contact sheets per story (one thumbnail read and decode per frame: about
+    # 0.4 ms of CPU per frame).
     storyboard: bool = True
+    # Ask a renderer replica to build each story's board (BuildStoryBoard: its CPUs sit idle while its
+    # GPU renders); the coordinator builds it itself only when no replica can (none ready, an older
+    # renderer without the call, an error).
+    storyboard_on_renderers: bool = True
+    # How long one replica's BuildStoryBoard may take before the coordinator builds the board itself.
+    storyboard_timeout_seconds: float = Field(600.0, gt=0)
     # WatchJob sends at most one update per this many seconds per watcher (the latest state then).
     watch_interval_seconds: float = Field(0.25, ge=0)
     # How often the leader looks for jobs submitted through other replicas and for cancel requests.

@@ -9,26 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from dreamframe import keys
-from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreamframe import keys, storyboard
+from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.progress import ProgressClock
 from dreamframe.serving.streaming import progress_to_proto
 from dreamframe.storage import from_proto, to_proto
-from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
+from dreamframe.storage.base import ObjectRef, ObjectStore
 from dreamframe.story import load_story
 from dreamframe.v1 import common_pb2, eval_pb2, plot_pb2, qa_pb2, render_pb2, style_pb2, train_pb2
 from dreamframe.v1 import coordinator_pb2 as pb
 from services.coordinator.settings import CoordinatorSettings
 
-from . import storyboard
 from .clients import Clients
 from .fanout import render_frames
 from .metrics import RenderMeter
+
+log = logging.getLogger(__name__)
 
 STORYBOARD_PARALLELISM = 2
 
@@ -314,34 +316,60 @@ def frames_listing_key(job_id: str, index: int) -> str:
 
 async def story_storyboard(ctx: JobContext, index: int) -> None:
     """The story's storyboard page and contact sheets, made as soon as its frames are rendered, from the
-    renderer's thumbnails, on a worker thread (STORYBOARD_PARALLELISM stories at a time); a board already
-    stored from the same story and frames is kept. Recorded as the render stage's ``storyboard/<sss>``."""
+    renderer's thumbnails: by a renderer replica (BuildStoryBoard), else here on a worker thread
+    (STORYBOARD_PARALLELISM stories at a time); a board already stored from the same story and frames is
+    kept. Recorded as the render stage's ``storyboard/<sss>``."""
     job_id = ctx.job.job_id
-    story = _recorded(ctx, pb.STAGE_PLOT, story_name("story", index))
-    story_key, story_bucket = (
-        (story.key, story.bucket or None) if story else (keys.story_key(job_id, index), None)
+    bucket = ctx.store.default_bucket
+    story = _recorded(ctx, pb.STAGE_PLOT, story_name("story", index)) or common_pb2.ObjectRef(
+        bucket=bucket, key=keys.story_key(job_id, index)
     )
-    frames = _recorded(ctx, pb.STAGE_RENDER, story_name("frames", index))
-    frames_key, frames_bucket = (
-        (frames.key, frames.bucket or None) if frames else (frames_listing_key(job_id, index), None)
+    listing = _recorded(ctx, pb.STAGE_RENDER, story_name("frames", index)) or common_pb2.ObjectRef(
+        bucket=bucket, key=frames_listing_key(job_id, index)
     )
-
-    def build() -> storyboard.StoryBoard:
-        data = ctx.store.get_bytes(story_key, bucket=story_bucket)
-        try:
-            listing = json.loads(ctx.store.get_bytes(frames_key, bucket=frames_bucket))
-        except (NotFound, ValueError):
-            listing = None
-        versions = dict(story_sha256=sha256_bytes(data), frames_sha256=storyboard.frames_digest(listing))
-        board = storyboard.existing_story_board(ctx.store, job_id, index, **versions)
-        if board is None:
-            board = storyboard.build_story_board(ctx.store, job_id, index, load_story(data), **versions)
-        return board
-
     async with ctx.storyboard_slots:
-        board = await asyncio.to_thread(build)
-    ctx.record(pb.STAGE_RENDER, story_name("storyboard", index), to_proto(board.page))
+        page = await _board_on_a_renderer(ctx, index, story, listing)
+        if page is None:
+            board = await asyncio.to_thread(
+                storyboard.ensure_story_board,
+                ctx.store,
+                job_id,
+                index,
+                from_proto(story, field="story"),
+                from_proto(listing, field="frames_listing"),
+            )
+            page = to_proto(board.page)
+    ctx.record(pb.STAGE_RENDER, story_name("storyboard", index), page)
     await ctx.changed(False)
+
+
+async def _board_on_a_renderer(
+    ctx: JobContext, index: int, story: common_pb2.ObjectRef, listing: common_pb2.ObjectRef
+) -> common_pb2.ObjectRef | None:
+    """The page a ready renderer replica built (stories spread over replicas by index), None when none
+    could (the caller builds it)."""
+    if not ctx.settings.storyboard_on_renderers:
+        return None
+    replicas = [e for e in ctx.clients.renderers if e.active]
+    if not replicas:
+        return None
+    replica = replicas[index % len(replicas)]
+    request = render_pb2.BuildStoryBoardRequest(
+        job_id=ctx.job.job_id, story_index=index, story=story, frames_listing=listing
+    )
+    try:
+        reply = await replica.stub.BuildStoryBoard(request, timeout=ctx.settings.storyboard_timeout_seconds)
+    except grpc.aio.AioRpcError as exc:
+        log.warning(
+            "job %s story %d: %s could not build the storyboard (%s: %s); building it here",
+            ctx.job.job_id,
+            index,
+            replica.name,
+            exc.code().name,
+            exc.details(),
+        )
+        return None
+    return reply.page
 
 
 def _recorded(ctx: JobContext, stage: int, name: str) -> common_pb2.ObjectRef | None:

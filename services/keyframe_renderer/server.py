@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from dreamframe import storyboard
 from dreamframe.config import Settings
 from dreamframe.errors import Unavailable
 from dreamframe.models.device import apply_memory_budget
@@ -41,6 +42,7 @@ from .options import FrameSelection, RenderOptions
 from .renderer import Renderer, RenderEvent, RenderRequest
 
 SERVICE = "keyframe-renderer"
+STORYBOARDS_AT_ONCE = 2
 
 
 # --- proto ↔ domain ----------------------------------------------------------------------------------
@@ -151,6 +153,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self.metrics = metrics or RendererMetrics()
         self._running = ThreadJobs()
         self.draining = False
+        # Story boards built at once on this replica (each loads thumbnails with its own threads).
+        self._boards = asyncio.Semaphore(STORYBOARDS_AT_ONCE)
 
     async def RenderFrames(  # noqa: N802
         self, request: render_pb2.RenderFramesRequest, context: object
@@ -175,6 +179,31 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         ):
             if not isinstance(event, Done):
                 yield event_to_proto(event)
+
+    async def BuildStoryBoard(  # noqa: N802
+        self, request: render_pb2.BuildStoryBoardRequest, context: object
+    ) -> render_pb2.BuildStoryBoardResponse:
+        if self.draining:
+            raise Unavailable("this renderer replica is shutting down: ask another one")
+        story = from_proto(request.story, field="story")
+        listing = (
+            from_proto(request.frames_listing, field="frames_listing")
+            if request.HasField("frames_listing")
+            else None
+        )
+        # CPU work (thumbnail reads, decodes, JPEG encodes) on a worker thread; the GPU renders meanwhile.
+        async with self._boards:
+            board = await asyncio.to_thread(
+                storyboard.ensure_story_board,
+                self.renderer.store,
+                request.job_id,
+                request.story_index,
+                story,
+                listing,
+            )
+        return render_pb2.BuildStoryBoardResponse(
+            page=to_proto(board.page), built=board.built, thumbnails_made=board.thumbnails_made
+        )
 
     def stop_all(self) -> None:
         """Ask every running render to stop after its batch in flight."""

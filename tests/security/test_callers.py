@@ -357,7 +357,7 @@ def every_method() -> list[tuple[str, bool, bool]]:
 
 def test_every_rpc_has_its_role_in_the_table():
     methods = {m for m, _, _ in every_method()}
-    assert len(methods) == 15
+    assert len(methods) == 16
     assert methods == set(METHOD_ROLES)  # none falls back to admin by accident, none is stale
 
 

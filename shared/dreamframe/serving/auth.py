@@ -68,6 +68,7 @@ METHOD_ROLES: Mapping[str, str] = {
     f"{_V1}PlotService/GenerateStory": SUBMIT,
     f"{_V1}StyleService/TrainStyle": SUBMIT,
     f"{_V1}RenderService/RenderFrames": SUBMIT,
+    f"{_V1}RenderService/BuildStoryBoard": SUBMIT,
     f"{_V1}QaService/BuildDataset": SUBMIT,
     f"{_V1}EvalService/Evaluate": SUBMIT,
 }

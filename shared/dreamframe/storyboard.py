@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw
 
 from dreamframe import keys, thumbnails
 from dreamframe.errors import NotFound
-from dreamframe.storage.base import ObjectRef, ObjectStore
-from dreamframe.story import Story
+from dreamframe.storage.base import ObjectRef, ObjectStore, sha256_bytes
+from dreamframe.story import Story, load_story
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,27 @@ def build_story_board(
     if made:
         log.info("job %s story %d: made %d thumbnails from frames", job_id, story_index, made)
     return StoryBoard(page=page, manifest=manifest, built=True, thumbnails_made=made)
+
+
+def ensure_story_board(
+    store: ObjectStore, job_id: str, story_index: int, story: ObjectRef, listing: ObjectRef | None
+) -> StoryBoard:
+    """The story's board: the one stored when it was made from this story and these frames, else built
+    now. ``story`` is the story JSON, ``listing`` the render stage's frame listing (None or missing:
+    the board is made from whatever frames are stored)."""
+    keys.story_prefix(job_id, story_index)  # validates both (they name the keys written)
+    data = store.get_bytes(story.key, bucket=story.bucket or None)
+    parsed_listing = None
+    if listing is not None:
+        try:
+            parsed_listing = json.loads(store.get_bytes(listing.key, bucket=listing.bucket or None))
+        except (NotFound, ValueError):
+            parsed_listing = None
+    versions = dict(story_sha256=sha256_bytes(data), frames_sha256=frames_digest(parsed_listing))
+    board = existing_story_board(store, job_id, story_index, **versions)
+    if board is None:
+        board = build_story_board(store, job_id, story_index, load_story(data), **versions)
+    return board
 
 
 def write_index(store: ObjectStore, job_id: str, stories: int, *, threads: int = LOAD_THREADS) -> ObjectRef:
