@@ -330,7 +330,7 @@ def main(
     sampler = GpuSampler(sample_seconds).start()
     report: dict = {"gpu": gpu_name(), "preset": preset, "renderers": renderers, "work": str(work)}
     report["phases"] = []
-    phases = [("cold start (empty compile cache)" if not warm_spec else "cold start", spec)]
+    phases = [("cold start", spec)]
     if warm_spec:
         phases.append(("warm start (compile cache filled by the cold start)", warm_spec))
     common = dict(

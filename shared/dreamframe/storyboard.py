@@ -9,7 +9,7 @@ paged contact sheets, built per story as soon as that story's frames are rendere
 A story's board is made from the thumbnails the renderer writes beside its frames
 (``keys.frame_thumb_key``, a few KB each), never from the full PNGs; a frame rendered before thumbnails
 existed gets its thumbnail made from the PNG once (and stored). The manifest is written last and names
-the story and frames it was built from (their sha256), so a restarted coordinator keeps a board whose
+the story and frames it was built from (their sha256), so a build asked for again keeps a board whose
 manifest, page and sheets all verify and that was built from the same story and frames.
 
 Pages point at images by relative path (``../stories/000/thumbs/000000.jpg``, linking the full
@@ -43,7 +43,8 @@ MANIFEST_SCHEMA = 1
 SHEET_THUMBS = 256  # thumbnails per contact sheet
 SHEET_COLUMNS = 16
 # Pixels per thumbnail on a sheet: half the thumbnail's size, which a JPEG decodes to directly (DCT
-# scaling, no resize), so a sheet costs the coordinator ~0.3 ms of CPU per frame; 16×16 cells = 1536 px.
+# scaling, no resize), so a sheet costs its builder (a renderer replica, else the coordinator) ~0.3 ms of
+# CPU per frame; 16×16 cells = 1536 px.
 SHEET_CELL = thumbnails.THUMB_SIZE // 2
 SHEET_MAX_BYTES = 2 * 1024 * 1024
 SHEET_QUALITIES = (80, 65, 50, 35, 20)  # tried in turn until the sheet fits SHEET_MAX_BYTES
