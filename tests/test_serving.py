@@ -40,6 +40,7 @@ from dreamframe.logging import configure_logging, get_logger
 from dreamframe.serving import (
     GrpcServer,
     Registration,
+    ServiceCannotStart,
     domain_error_from,
     error_detail_from,
     make_channel,
@@ -864,3 +865,26 @@ def test_work_still_running_is_cancelled_when_the_grace_period_ends_or_on_a_seco
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_a_readiness_check_that_cannot_succeed_stops_the_service():
+    """A package missing from the image fails the check the same way forever: the service stops and
+    `run_forever` raises, so the process exits non-zero instead of answering NOT_SERVING until a
+    start-up timeout (`dreamframe up` waited 15 minutes on such a plot-llm)."""
+    calls = {"n": 0}
+
+    async def readiness() -> bool:
+        calls["n"] += 1
+        import dreamframe_no_such_module  # noqa: F401
+
+        return True
+
+    async def body():
+        server = GrpcServer(registrations(), server_settings(), service_name="test", readiness=readiness)
+        started = time.monotonic()
+        with pytest.raises(ServiceCannotStart, match="dreamframe_no_such_module"):
+            await server.run_forever(handle_signals=False)
+        assert time.monotonic() - started < 5.0
+        assert calls["n"] == 1
+
+    run(body())

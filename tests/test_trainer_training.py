@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from test_trainer_support import local_store, make_dataset, runtime, tiny_spec
 
 from dreamframe.models import video_llm
+from services.trainer import loop as loop_module
 from services.trainer import modeling
 from services.trainer.checkpoint import load_latest
 from services.trainer.spec import DatasetSource
@@ -160,3 +161,48 @@ def test_datasets_mixed_by_weight(tmp_path):
     metrics = store.get_json(outcome.metrics.key)
     assert outcome.progress.step == 4 and outcome.progress.samples_seen == 8  # 8 samples, batch 2
     assert [d["weight"] for d in metrics["data"]["datasets"]] == [3.0, 1.0]
+
+
+def _checkpointing(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = getattr(inner, "is_activation_checkpointing", None)  # the name since transformers 5.x
+    return bool(inner.is_gradient_checkpointing if flag is None else flag)
+
+
+def test_a_step_out_of_gpu_memory_is_retried_with_activation_checkpointing(tmp_path, monkeypatch):
+    """Seen on an H200 shared by the whole stack: a 7B LoRA step at batch 4 did not fit the trainer's
+    budget. The step is retried with activation checkpointing on (same samples, same dropout masks), and
+    the run ends as one that checkpointed from the start."""
+    store = local_store(tmp_path)
+    ref = make_dataset(store, n=5)
+    hp = dict(max_steps=3, gradient_accumulation_steps=2, lora_dropout=0.1)
+    rt = runtime(tmp_path)
+    planned = run_training(tiny_spec("planned", ref, "lora", gradient_checkpointing=True, **hp), store, rt)
+
+    real = loop_module.forward_backward
+    seen = []
+
+    def full_at_step_2(model, batches, ctx, precision):
+        seen.append(_checkpointing(model))
+        if len(seen) == 2:  # the first micro-batch's backward ran, then the GPU was full
+            real(model, batches[:1], ctx, precision)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 MiB.\nmore detail")
+        return real(model, batches, ctx, precision)
+
+    monkeypatch.setattr(loop_module, "forward_backward", full_at_step_2)
+    retried = run_training(tiny_spec("retried", ref, "lora", **hp), store, rt)
+    assert retried.status == planned.status == "succeeded"
+    assert seen == [False, False, True, True]  # step 1, step 2, step 2 again, step 3
+    metrics = store.get_json(retried.metrics.key)
+    assert metrics["activation_checkpointing"] == {"requested": False, "after_out_of_memory_at_step": 2}
+    a, b = (store.get_json(o.metrics.key)["steps"] for o in (planned, retried))
+    assert [s["batch_digest"] for s in a] == [s["batch_digest"] for s in b]
+    assert [s["loss"] for s in b] == pytest.approx([s["loss"] for s in a], rel=1e-5)
+    assert [s["grad_norm"] for s in b] == pytest.approx([s["grad_norm"] for s in a], rel=1e-4)
+
+    # Switched off (or used up), running out of memory fails the step as before.
+    seen.clear()
+    off = runtime(tmp_path)
+    off.checkpointing_on_oom = False
+    with pytest.raises(torch.OutOfMemoryError):
+        run_training(tiny_spec("off", ref, "lora", **hp), store, off)

@@ -42,6 +42,8 @@ class Runtime:
     # micro-batches each prepares ahead (the worker process fills these from the trainer settings).
     loader_workers: int = -1
     loader_prefetch: int = 4
+    # A step that runs out of GPU memory is retried with activation checkpointing on (one process).
+    checkpointing_on_oom: bool = True
 
 
 @dataclass

@@ -9,6 +9,7 @@ bad data, divergence) is agreed through a collective, so ranks never part ways.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from dreamframe.progress import ProgressClock
 from dreamframe.storage.base import ObjectRef
 
 from . import checkpoint as ckpt
+from . import modeling
 from .contract import Hooks, Outcome, RunProgress, Stop, TrainingDiverged
 from .data import Batch, StepFeed, loader_workers
 from .distributed import all_sum, barrier, gather, on_main
@@ -43,6 +45,12 @@ class TrainingLoop:
         self.runtime_bad = 0
         self.bad_reasons: list[str] = []
         self.last_saved_step = -1
+        # A step that runs out of GPU memory is retried once with activation checkpointing turned on
+        # (one process only: ranks of a sharded run cannot retry apart). Set off by the runtime, by a run
+        # that checkpoints already, or once used.
+        self.checkpointing_on_oom = run.runtime.checkpointing_on_oom and not self.hp.gradient_checkpointing
+        self.checkpointing_on_oom &= self.ctx.world_size == 1
+        self.oom_step = 0  # the step that turned it on (0: not turned on here)
 
     # --- checkpoints -------------------------------------------------------------------------------
 
@@ -161,8 +169,8 @@ class TrainingLoop:
 
     def train_step(self, batches: list[Batch]) -> dict:
         run = self.run
-        stats = forward_backward(run.model, batches, self.ctx, run.precision)
         step = self.progress.step + 1
+        stats = self.forward_backward(batches, step)
         if not math.isfinite(stats["loss"]):
             raise self.diverged(f"the loss is {stats['loss']} at step {step}")
         grad_norm = clip_gradients(run.params, self.hp.max_grad_norm)
@@ -173,6 +181,30 @@ class TrainingLoop:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         return stats | {"learning_rate": lr, "grad_norm": grad_norm}
+
+    def forward_backward(self, batches: list[Batch], step: int) -> dict:
+        run = self.run
+        if not self.checkpointing_on_oom:
+            return forward_backward(run.model, batches, self.ctx, run.precision)
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        try:
+            return forward_backward(run.model, batches, self.ctx, run.precision)
+        except torch.OutOfMemoryError as exc:
+            error = str(exc).split("\n", 1)[0]  # not the exception: its traceback holds the activations
+        self.checkpointing_on_oom = False
+        run.optimizer.zero_grad(set_to_none=True)  # micro-batches done before the error accumulated some
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        modeling.turn_on_activation_checkpointing(run.model)
+        self.oom_step = step
+        self.log.warning(
+            "out of GPU memory: activation checkpointing turned on, step retried", step=step, error=error
+        )
+        torch.set_rng_state(rng[0])  # the retry draws the dropout masks the first try drew
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        return forward_backward(run.model, batches, self.ctx, run.precision)
 
     def diverged(self, what: str) -> TrainingDiverged:
         last = (
@@ -245,7 +277,7 @@ class TrainingLoop:
         return Outcome(status, self.progress, metrics=metrics)
 
     def write_metrics(self) -> ObjectRef:
-        return write_metrics(self.run, self.progress, self.history, self.runtime_bad)
+        return write_metrics(self.run, self.progress, self.history, self.runtime_bad, self.oom_step)
 
     def finish(self, weights: dict) -> Outcome:
         def export() -> tuple[ObjectRef, ObjectRef]:

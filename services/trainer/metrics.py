@@ -23,7 +23,9 @@ def batch_digest(uids: list[str]) -> str:
     return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
 
-def run_metrics(run: PreparedRun, progress: RunProgress, history: list[dict], runtime_bad: int) -> dict:
+def run_metrics(
+    run: PreparedRun, progress: RunProgress, history: list[dict], runtime_bad: int, oom_step: int = 0
+) -> dict:
     losses = [h["loss"] for h in history]
     seconds = sum(h["step_seconds"] for h in history)
     tokens = sum(h["tokens"] for h in history)
@@ -38,6 +40,11 @@ def run_metrics(run: PreparedRun, progress: RunProgress, history: list[dict], ru
         "schedule": schedule.to_dict()
         | {"steps_per_epoch": schedule.steps_per_epoch, "save_every": schedule.save_every},
         "parameters": {"trainable": run.trainable, "total": run.total_params},
+        # Turned on by the run's hyperparameters, or at this step after running out of GPU memory.
+        "activation_checkpointing": {
+            "requested": run.hp.gradient_checkpointing,
+            "after_out_of_memory_at_step": oom_step or None,
+        },
         "data": {
             "samples": plan.num_samples,
             "records": plan.total,
@@ -59,6 +66,7 @@ def run_metrics(run: PreparedRun, progress: RunProgress, history: list[dict], ru
 
 
 def write_metrics(
-    run: PreparedRun, progress: RunProgress, history: list[dict], runtime_bad: int
+    run: PreparedRun, progress: RunProgress, history: list[dict], runtime_bad: int, oom_step: int = 0
 ) -> ObjectRef:
-    return run.store.put_json(metrics_key(run.spec.run_id), run_metrics(run, progress, history, runtime_bad))
+    metrics = run_metrics(run, progress, history, runtime_bad, oom_step)
+    return run.store.put_json(metrics_key(run.spec.run_id), metrics)

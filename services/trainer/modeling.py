@@ -77,6 +77,14 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def turn_on_activation_checkpointing(model) -> None:
+    """On a model already made trainable (LoRA-wrapped or not, maybe sharded): the transformers model
+    inside recomputes each decoder layer's activations in the backward pass from now on."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable_activation_checkpointing(inner)
+    model.train()
+
+
 def make_trainable(model, method: Method, hp: Hyperparameters, precision: Precision):
     """Freeze what stays frozen, wrap with LoRA if asked; trainable parameters become fp32."""
     model.requires_grad_(False)

@@ -171,6 +171,7 @@ def build_manager(settings: Settings, *, worker_env: dict[str, str] | None = Non
         precision=trainer.precision,
         keep_checkpoints=trainer.keep_checkpoints,
         compile=trainer.compile,
+        checkpointing_on_oom=trainer.checkpointing_on_oom,
     )
     return RunManager(
         open_store(settings.storage),

@@ -29,6 +29,9 @@ class TrainerSettings(BaseModel):
     # Local scratch: each run's worker files, checkpoints before upload, the exported model.
     work_dir: Path = Path(".dreamframe/trainer")
     max_concurrent_runs: int = Field(1, ge=1)
+    # A one-process run whose step runs out of GPU memory (a 7B step at batch 4 on a shared card's
+    # budget) retries it with activation checkpointing on instead of failing; metrics.json says so.
+    checkpointing_on_oom: bool = True
     # Checkpoints kept in storage per run (the newest ones).
     keep_checkpoints: int = Field(2, ge=1)
     # Launches of a run's worker before a worker that keeps dying fails the run.

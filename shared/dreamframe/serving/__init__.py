@@ -29,7 +29,7 @@ from dreamframe.serving.interceptors import (
     current_caller,
 )
 from dreamframe.serving.metrics import MetricsInterceptor, ServerMetrics
-from dreamframe.serving.server import GrpcServer, Registration, run_service, serve
+from dreamframe.serving.server import GrpcServer, Registration, ServiceCannotStart, run_service, serve
 from dreamframe.serving.streaming import (
     Done,
     ThreadJobs,
@@ -52,6 +52,7 @@ __all__ = [
     "ObservingInterceptor",
     "Registration",
     "ServerMetrics",
+    "ServiceCannotStart",
     "StatusDetail",
     "StreamWritingInterceptor",
     "ThreadJobs",

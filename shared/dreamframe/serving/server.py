@@ -45,6 +45,11 @@ Readiness = Callable[[], Awaitable[bool] | bool]
 ShutdownHook = Callable[[], Awaitable[Any]]
 
 
+class ServiceCannotStart(RuntimeError):
+    """The readiness check failed in a way no retry can mend (a package missing from the image): the
+    service stops and exits non-zero instead of answering NOT_SERVING until someone notices."""
+
+
 @dataclass(frozen=True)
 class Registration:
     """One servicer to serve: the generated ``add_XServicer_to_server``, the servicer, its full name."""
@@ -249,6 +254,7 @@ class GrpcServer:
         self._stop_task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
         self._force_stop: asyncio.Task[None] | None = None
+        self.cannot_start: ServiceCannotStart | None = None
 
     @property
     def address(self) -> str:
@@ -329,6 +335,11 @@ class GrpcServer:
             if inspect.isawaitable(result):  # a plain function returning bool works too
                 result = await asyncio.wait_for(result, timeout=self._readiness_timeout)
             return bool(result)
+        except ImportError as exc:  # missing from this image: waiting will not bring it
+            self._log.error("readiness check cannot succeed: stopping", error=repr(exc))
+            self.cannot_start = ServiceCannotStart(f"{self.service_name}: readiness check failed: {exc!r}")
+            self.request_stop("readiness check cannot succeed")
+            return False
         except Exception as exc:
             if self._ready is not False:
                 self._log.warning("readiness check failed", error=repr(exc))
@@ -415,7 +426,8 @@ class GrpcServer:
     async def run_forever(self, *, handle_signals: bool = True) -> None:
         """Start, serve until SIGTERM/SIGINT (or ``request_stop``), shut down gracefully, return.
 
-        Returning normally lets ``asyncio.run(...)`` in ``main`` exit with status 0.
+        Returning normally lets ``asyncio.run(...)`` in ``main`` exit with status 0; a readiness check
+        that can never succeed raises ``ServiceCannotStart`` after the shutdown.
         """
         loop = asyncio.get_running_loop()
         # Blocking work in handlers goes through asyncio.to_thread; bound it by max_workers.
@@ -434,6 +446,8 @@ class GrpcServer:
             finally:
                 for sig in signals:
                     loop.remove_signal_handler(sig)
+        if self.cannot_start is not None:
+            raise self.cannot_start
 
     async def __aenter__(self) -> GrpcServer:
         await self.start()
@@ -469,4 +483,7 @@ def run_service(amain: Callable[[Settings], Awaitable[Any]]) -> None:
     them, then ``asyncio.run(amain(settings))``."""
     settings = get_settings()
     configure_logging(settings.log)
-    asyncio.run(amain(settings))
+    try:
+        asyncio.run(amain(settings))
+    except ServiceCannotStart as exc:  # logged already; exit non-zero so a supervisor sees it at once
+        raise SystemExit(f"{exc}; exiting") from None
