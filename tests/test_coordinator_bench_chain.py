@@ -1,7 +1,14 @@
 """The whole-chain benchmark's own bookkeeping: nvidia-smi's process list read into per-service peaks."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from dreamframe.cli import local
-from services.coordinator.bench_chain import by_service, parse_compute_apps, summarize
+from services.coordinator.bench_chain import by_service, parent_pids, parse_compute_apps, summarize
 
 
 def test_compute_apps_are_summed_per_process_and_odd_lines_skipped():
@@ -12,6 +19,44 @@ def test_compute_apps_are_summed_per_process_and_odd_lines_skipped():
 def test_peaks_are_named_by_the_local_service_that_owns_the_pid(tmp_path):
     procs = [local.Process("keyframe-renderer", 1234, 50062, str(tmp_path / "r.log"))]
     assert by_service({1234: 7, 99: 1}, procs) == {"keyframe-renderer": 7, "pid 99 (not ours)": 1}
+
+
+def test_a_services_child_process_counts_as_that_service(tmp_path):
+    """The trainer trains in a worker process: its GPU memory is the trainer's, not "not ours"."""
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])",
+        ],
+        start_new_session=True,
+    )
+    try:
+        for _ in range(200):
+            children = children_of(service.pid)
+            if children:
+                break
+            time.sleep(0.05)
+        (worker,) = children
+        ancestors = {worker: parent_pids(worker)}
+        assert ancestors[worker][0] == service.pid
+        procs = [local.Process("trainer", service.pid, 50065, str(tmp_path / "t.log"))]
+        peaks = {service.pid: 600, worker: 50538}
+        assert by_service(peaks, procs, ancestors) == {"trainer": 600, f"trainer worker {worker}": 50538}
+    finally:
+        os.killpg(service.pid, signal.SIGKILL)
+        service.wait()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
 
 
 def test_summary_names_the_card_and_every_stage():

@@ -63,6 +63,8 @@ class GpuSampler:
         # The whole card's used memory (nvidia-smi memory.used): the figure that still holds where the
         # process list cannot be matched to our pids (a container's own pid namespace).
         self._card_peak = 0
+        # pid → its parents' pids, so a service's worker processes (the trainer's) count as that service.
+        self.ancestors: dict[int, tuple[int, ...]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
 
@@ -94,6 +96,8 @@ class GpuSampler:
                 self._card_peak = max(self._card_peak, card)
                 for pid, mib in sample.items():
                     self._peaks[pid] = max(self._peaks.get(pid, 0), mib)
+                    if pid not in self.ancestors:  # while it runs: a worker is gone by the report
+                        self.ancestors[pid] = parent_pids(pid)
                 self._peak_total = max(self._peak_total, sum(sample.values()))
 
 
@@ -130,9 +134,33 @@ def parse_compute_apps(text: str) -> dict[int, int]:
     return used
 
 
-def by_service(peaks: dict[int, int], processes: list[local.Process]) -> dict[str, int]:
+def parent_pids(pid: int, limit: int = 16) -> tuple[int, ...]:
+    """The parent, grandparent, … of ``pid`` from /proc (empty where /proc cannot tell)."""
+    chain: list[int] = []
+    while len(chain) < limit:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the 4th field; the name in () may hold spaces
+        if pid <= 1:
+            break
+        chain.append(pid)
+    return tuple(chain)
+
+
+def by_service(
+    peaks: dict[int, int], processes: list[local.Process], ancestors: dict[int, tuple[int, ...]] | None = None
+) -> dict[str, int]:
+    """Peak MiB by service name; a service's child process (the trainer's worker) under
+    "<service> worker <pid>"."""
     names = {p.pid: p.name for p in processes}
-    return {names.get(pid, f"pid {pid} (not ours)"): mib for pid, mib in sorted(peaks.items())}
+    out = {}
+    for pid, mib in sorted(peaks.items()):
+        owner = next((names[a] for a in (ancestors or {}).get(pid, ()) if a in names), None)
+        name = names.get(pid) or (f"{owner} worker {pid}" if owner else f"pid {pid} (not ours)")
+        out[name] = mib
+    return out
 
 
 def cli(args: list[str], env: dict[str, str]) -> None:
@@ -249,7 +277,7 @@ def job_row(
         "error": job.error,
         "wall_seconds": round(wall, 1),
         "stages": stage_rows(job),
-        "gpu_mib": by_service(peaks, processes),
+        "gpu_mib": by_service(peaks, processes, sampler.ancestors),
         "gpu_total_mib": total,
         "card_mib": sampler.card_peak(),
     }
@@ -276,7 +304,7 @@ def run_phase(
     cli(up, env)
     phase["startup_seconds"] = round(time.monotonic() - began, 1)
     processes = local.read_state(state)
-    phase["startup_gpu_mib"] = by_service(sampler.window()[0], processes)
+    phase["startup_gpu_mib"] = by_service(sampler.window()[0], processes, sampler.ancestors)
     phase["startup_card_mib"] = sampler.card_peak()
     print(write_report(report, out), flush=True)
     coordinator = next(p for p in processes if p.name == "coordinator")
