@@ -45,6 +45,7 @@ def test_control_plane_bench_runs_the_real_coordinator_over_sim_renderers(tmp_pa
     for s in report["scenarios"]:
         assert s["state"] == "JOB_STATE_SUCCEEDED" and s["frames"] == 20 * s["stories"]
         assert s["frames_missing"] == 0 and s["frames_extra"] == 0 and s["duplicate_reports"] == 0
+        assert s["storyboard_pages_missing"] == 0  # every story page and the index were built
         assert s["coordinator_cpu_seconds"] > 0 and s["peak_rss_mib"] > 10 and s["job_state_bytes"] > 0
         assert s["watch_updates"] > 0 and s["frames_per_second"] == pytest.approx(s["frames"] / s["seconds"])
     saved = json.loads((tmp_path / "out" / "control-plane-bench.json").read_text())

@@ -37,6 +37,7 @@ from dreamframe.cli import local
 from dreamframe.config import StorageSettings
 from dreamframe.serving.client import make_sync_channel
 from dreamframe.storage import open_store
+from dreamframe.storyboard import story_page_key, storyboard_key
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
 
@@ -101,6 +102,13 @@ def duplicate_reports(store, job: pb.Job) -> int:
     return total
 
 
+def boards_missing(store, job_id: str, stories: int) -> int:
+    """Story pages not in the store, plus one when the job's index page is not (the storyboard's work
+    counts only when it was done)."""
+    pages = [story_page_key(job_id, s) for s in range(stories)] + [storyboard_key(job_id)]
+    return sum(not store.exists(key) for key in pages)
+
+
 def run_scenario(stories: int, args: BenchArgs, renderers: list[local.Process], env, store, logs) -> dict:
     refs = [put_story(store, f"cp-{stories}-{s}", args.frames) for s in range(stories)]
     spec = pb.JobSpec(
@@ -153,6 +161,7 @@ def run_scenario(stories: int, args: BenchArgs, renderers: list[local.Process], 
         "watch_bytes_per_second": watcher.bytes / seconds,
         "frames_missing": missing,
         "frames_extra": extra,
+        "storyboard_pages_missing": boards_missing(store, job_id, stories) if args.storyboard else None,
         "duplicate_reports": duplicate_reports(store, job) if job.state == pb.JOB_STATE_SUCCEEDED else -1,
     }
 
