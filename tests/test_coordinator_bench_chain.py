@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from dreamframe.cli import local
+from dreamframe.processes import parent_pid
 from services.coordinator.bench_chain import by_service, parent_pids, parse_compute_apps, summarize
 
 
@@ -49,14 +50,7 @@ def test_a_services_child_process_counts_as_that_service(tmp_path):
 
 
 def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return found
+    return [int(d.name) for d in Path("/proc").glob("[0-9]*") if parent_pid(int(d.name)) == pid]
 
 
 def test_summary_names_the_card_and_every_stage():

@@ -42,6 +42,7 @@ from google.protobuf import json_format
 
 from dreamframe.cli import local
 from dreamframe.config import ClientSettings
+from dreamframe.processes import parent_pid
 from dreamframe.serving import make_sync_channel
 from dreamframe.stages import stage_name
 from dreamframe.v1 import coordinator_pb2 as pb
@@ -138,14 +139,10 @@ def parent_pids(pid: int, limit: int = 16) -> tuple[int, ...]:
     """The parent, grandparent, … of ``pid`` from /proc (empty where /proc cannot tell)."""
     chain: list[int] = []
     while len(chain) < limit:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        parent = parent_pid(pid)
+        if parent is None or parent <= 1:
             break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the 4th field; the name in () may hold spaces
-        if pid <= 1:
-            break
-        chain.append(pid)
+        chain.append(pid := parent)
     return tuple(chain)
 
 

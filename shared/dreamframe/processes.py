@@ -17,13 +17,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first, then the parent's pid);
+    None without /proc or without the process. The name, in parentheses, may hold spaces."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent's pid from /proc; None where /proc cannot tell."""
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields else None
+
+
 def pid_running(pid: int) -> bool:
     """Alive and not a zombie: a process killed but not yet reaped holds no memory (GPU memory
     included), so it no longer counts. Without /proc (macOS) as ``pid_alive`` says."""
     if not pid_alive(pid):
         return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    fields = proc_stat(pid)
+    return fields is None or fields[0] != "Z"
