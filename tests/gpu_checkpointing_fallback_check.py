@@ -17,8 +17,9 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from dreamframe.models import video_llm
 from services.trainer import modeling
 
 GIB = 2**30
@@ -29,15 +30,8 @@ def main(budget_gib: float) -> dict:
     torch.cuda.set_per_process_memory_fraction(
         budget_gib * GIB / torch.cuda.get_device_properties(0).total_memory
     )
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=8,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
+    config = video_llm.llava_7b_config().text_config  # the trainer's 7B language model, 8 of 32 layers
+    config.num_hidden_layers = 8
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
