@@ -9,6 +9,8 @@ from pathlib import Path
 
 from dreamframe.cli import local
 from dreamframe.processes import parent_pid
+from dreamframe.v1 import coordinator_pb2 as pb
+from services.coordinator import bench_chain
 from services.coordinator.bench_chain import by_service, parent_pids, parse_compute_apps, summarize
 
 
@@ -98,3 +100,22 @@ def test_card_used_is_zero_without_nvidia_smi(monkeypatch):
 
     monkeypatch.setenv("PATH", "")
     assert bench_chain.read_card_used() == 0 and bench_chain.read_gpu_processes() == {}
+
+
+def test_dropping_a_jobs_trained_model_deletes_only_its_final_folder(tmp_path):
+    from dreamframe.storage import LocalStore
+    from dreamframe.v1 import common_pb2
+
+    store = LocalStore(tmp_path, "dreamframe")
+    for key in ("runs/r1/final/model.safetensors", "runs/r1/final/manifest.json", "runs/r1/adapter/a.bin"):
+        store.put_bytes(key, b"x" * 10)
+    job = pb.Job(job_id="j")
+    job.stages.add(stage=pb.STAGE_DATASET).outputs.add(
+        name="model", ref=common_pb2.ObjectRef(key="datasets/x")
+    )
+    assert bench_chain.drop_trained_model(store, job) == 0  # not the train stage's output: untouched
+    job.stages.add(stage=pb.STAGE_TRAIN).outputs.add(
+        name="model", ref=common_pb2.ObjectRef(key="runs/r1/final/manifest.json")
+    )
+    assert bench_chain.drop_trained_model(store, job) == 20
+    assert [i.key for i in store.list("runs/")] == ["runs/r1/adapter/a.bin"]

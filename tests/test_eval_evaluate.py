@@ -368,3 +368,40 @@ def test_requests_that_can_never_run_are_rejected(store, tmp_path, model_cache, 
     with pytest.raises(InvalidArgument) as info:
         run(evaluator(store, tmp_path, model_cache), request_)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_checkpoint_in_storage_scores_as_its_weights_and_leaves_no_scratch(
+    store, tmp_path, model_cache, keep
+) -> None:
+    """A trained checkpoint (here: the tiny preset's own files, uploaded as a trainer run's final/) loads
+    from storage and answers as the same weights loaded directly. Its downloaded files are gone once
+    loaded, unless kept for the next evaluation: scratch does not grow by a model per job."""
+    from pathlib import Path
+
+    from dreamframe.models.video_llm import resolve_model_path
+
+    folder = Path(resolve_model_path("tiny", {}, model_cache))
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        store.put_file(f"runs/r1/final/{path.relative_to(folder).as_posix()}", path)
+    request = EvaluateRequest(
+        f"from-storage-{keep}",
+        models=(
+            ModelSpec(name="preset", preset="tiny"),
+            ModelSpec(name="stored", checkpoint_prefix="runs/r1/final"),
+        ),
+        benchmarks=(
+            BenchmarkSpec(
+                "dreamframe_mc", name="ours", data_prefix=write_dreamframe_mc(store)["data_prefix"]
+            ),
+        ),
+    )
+    result, _ = run(evaluator(store, tmp_path, model_cache, keep_downloaded_checkpoints=keep), request)
+    assert not any(m.get("error") for m in result.report["models"])
+    assert rows(result.report, "ours", "stored") == rows(result.report, "ours", "preset")
+    scratch = tmp_path / "work" / "checkpoints"
+    weights = list(scratch.rglob("*.safetensors"))
+    if keep:
+        assert len({p.parent for p in weights}) == 1
+    else:
+        assert weights == [] and not any(scratch.iterdir())

@@ -19,7 +19,7 @@ from dreamframe.storage.base import ObjectRef, sha256_bytes
 from dreamframe.story import Character, Story, StoryItem, Substory, TinyStory
 from services.keyframe_renderer import frames
 from services.keyframe_renderer.engine import EngineCache, load_engine
-from services.keyframe_renderer.options import FrameSelection, RenderOptions
+from services.keyframe_renderer.options import FrameSelection, RenderOptions, resolve_options
 from services.keyframe_renderer.renderer import Renderer, RenderEvent, RenderRequest
 from services.keyframe_renderer.settings import RendererSettings
 
@@ -502,3 +502,31 @@ def test_each_frame_gets_a_small_thumbnail_and_a_rerun_writes_none(store, render
     events = run(renderer, request("thumbs", ref))
     assert [f.index for f in frame_events(events) if not f.skipped] == [2]
     assert [k for k in written if k.endswith(".jpg")] == [keys.frame_thumb_key("thumbs", 0, 2)]
+
+
+def test_warm_up_runs_each_model_at_the_fewest_steps(store, engines, monkeypatch):
+    """The warm-up batch exists to compile (or load compiled) graphs, whose shapes do not depend on the
+    step count: it runs the fewest steps that still reach the base, the refiner and the decoder."""
+    from services.keyframe_renderer.renderer import warm_up_params
+
+    renderer = Renderer(store, RendererSettings(device="cpu", preset="tiny", compile=True), engines=engines)
+    engine = renderer.engine("tiny")
+    seen = []
+    monkeypatch.setattr(engine, "compile", lambda mode=None: None)  # compiling is covered elsewhere
+    monkeypatch.setattr(engine, "render", lambda prompts, seeds, params: seen.append((len(prompts), params)))
+    try:
+        renderer.warm_up()
+    finally:
+        renderer.close()
+    [(batch, params)] = seen
+    reference = resolve_options(
+        RenderOptions(), preset="tiny", resolution=engine.resolution, default_batch_size=0, compile_default=True
+    )
+    assert params == replace(reference, steps=params.steps) and batch >= 1
+    split = engine.step_split(params)
+    assert split.base >= 1 and split.refiner >= 1
+    with pytest.raises(InvalidArgument):  # one step fewer would skip a model
+        engine.step_split(replace(params, steps=params.steps - 1))
+    assert params.steps < reference.steps
+    no_refiner = replace(reference, use_refiner=False)
+    assert warm_up_params(engine, no_refiner).steps == 1

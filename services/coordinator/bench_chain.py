@@ -41,10 +41,12 @@ import typer
 from google.protobuf import json_format
 
 from dreamframe.cli import local
-from dreamframe.config import ClientSettings
+from dreamframe.config import ClientSettings, StorageSettings
 from dreamframe.processes import parent_pid
 from dreamframe.serving import make_sync_channel
 from dreamframe.stages import stage_name
+from dreamframe.storage import open_store
+from dreamframe.storage.base import ObjectStore
 from dreamframe.v1 import coordinator_pb2 as pb
 from dreamframe.v1 import coordinator_pb2_grpc
 
@@ -280,6 +282,19 @@ def job_row(
     }
 
 
+def drop_trained_model(store: ObjectStore, job: pb.Job) -> int:
+    """Delete the job's merged trained model from the store (bytes freed). The merged 7B checkpoint is
+    14 GB per job: a GPU box's disk holds the snapshots plus one or two, not a job per spec."""
+    for stage in job.stages:
+        for named in stage.outputs:
+            if stage.stage == pb.STAGE_TRAIN and named.name == "model" and named.ref.key:
+                prefix = named.ref.key.rsplit("/", 1)[0] + "/"
+                freed = sum(info.size for info in store.list(prefix))
+                store.delete_prefix(prefix)
+                return freed
+    return 0
+
+
 def run_phase(
     name: str,
     specs: list[Path],
@@ -292,8 +307,10 @@ def run_phase(
     report: dict,
     out: Path | None,
     job_timeout: float,
+    store: ObjectStore | None = None,
 ) -> None:
-    """Start the stack, run each spec in turn, record everything under ``report['phases']``."""
+    """Start the stack, run each spec in turn, record everything under ``report['phases']``; with
+    ``store``, each job's merged trained model is deleted from it once the job is recorded."""
     phase: dict = {"name": name, "startup_seconds": None, "jobs": []}
     report["phases"].append(phase)
     sampler.mark()
@@ -313,7 +330,10 @@ def run_phase(
             job_spec.stories.add(theme=theme)
         sampler.mark()
         job, wall = run_job(stub, job_spec, job_timeout)
-        phase["jobs"].append(job_row(path, job, wall, sampler, processes))
+        row = job_row(path, job, wall, sampler, processes)
+        if store is not None:
+            row["trained_model_bytes_dropped"] = drop_trained_model(store, job)
+        phase["jobs"].append(row)
         print(write_report(report, out), flush=True)
     channel.close()
 
@@ -341,6 +361,13 @@ def main(
     up_arg: Annotated[
         list[str] | None, typer.Option(help="More `dreamframe up` options, e.g. --up-arg=--idle-release-s=0.")
     ] = None,
+    drop_trained_models: Annotated[
+        bool,
+        typer.Option(
+            help="Delete each job's merged trained model (runs/<run>/final/, 14 GB at 7B) once the job is "
+            "recorded, so that several jobs fit a GPU box's disk."
+        ),
+    ] = False,
 ) -> dict:
     work = Path(work or tempfile.mkdtemp(prefix="dreamframe-chain-")).resolve()
     state = work / "state"
@@ -367,6 +394,7 @@ def main(
         report=report,
         out=out,
         job_timeout=job_timeout,
+        store=open_store(StorageSettings(root=work / "store")) if drop_trained_models else None,
     )
     try:
         for index, (name, specs) in enumerate(phases):

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,17 @@ def checkpoint_identity(
     return f"checkpoint:{prefix}@{digest.hexdigest()[:24]}", [info.key for info in infos]
 
 
+def fetch_checkpoint_files(
+    store: ObjectStore, prefix: str, keys: list[str], dest: Path, *, bucket: str | None = None
+) -> None:
+    """Every object under ``prefix`` into ``dest``, keeping its relative name."""
+    prefix = prefix.rstrip("/") + "/"
+    for key in keys:
+        path = dest / key[len(prefix) :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(key, path, bucket=bucket)
+
+
 def download_checkpoint(
     store: ObjectStore,
     prefix: str,
@@ -170,22 +182,39 @@ def download_checkpoint(
     *,
     bucket: str | None = None,
 ) -> Path:
-    """The checkpoint's files in a local folder named by its identity; downloaded once into a temp
-    folder and renamed, so a crash never leaves a half checkpoint that a later run would load."""
-    prefix = prefix.rstrip("/") + "/"
-
-    def download(tmp: Path) -> None:
-        for key in keys:
-            dest = tmp / key[len(prefix) :]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            store.get_file(key, dest, bucket=bucket)
-
+    """The checkpoint's files in a local folder named by its identity, kept for the next evaluation;
+    downloaded once into a temp folder and renamed, so a crash never leaves a half checkpoint that a
+    later run would load."""
     return build_once(
         Path(work_dir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:24],
-        download,
+        lambda tmp: fetch_checkpoint_files(store, prefix, keys, tmp, bucket=bucket),
         complete=Path.is_dir,
         tmp_prefix=".download-",
     )
+
+
+def load_downloaded_checkpoint(
+    store: ObjectStore,
+    prefix: str,
+    keys: list[str],
+    work_dir: Path,
+    identity: str,
+    *,
+    device: str = "auto",
+    keep: bool = False,
+) -> CheckpointModel:
+    """Download and load a checkpoint. Unless ``keep``, its files live only while it loads (a private
+    folder, deleted once the weights are in memory): an evaluator that scores a trained 7B model per job
+    would otherwise keep 14 GB of scratch per job, forever."""
+    if keep:
+        return load_checkpoint_model(
+            download_checkpoint(store, prefix, keys, work_dir, identity), identity, device=device
+        )
+    root = Path(work_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".loading-") as tmp:
+        fetch_checkpoint_files(store, prefix, keys, Path(tmp))
+        return load_checkpoint_model(tmp, identity, device=device)
 
 
 def load_checkpoint_model(path: str | Path, identity: str, *, device: str = "auto") -> CheckpointModel:

@@ -20,8 +20,8 @@ from .models import (
     PredictionsModel,
     VideoQAModel,
     checkpoint_identity,
-    download_checkpoint,
     load_checkpoint_model,
+    load_downloaded_checkpoint,
     make_endpoint_model,
 )
 from .report import BenchmarkRun, ModelRun
@@ -63,8 +63,15 @@ def plan_model(
         source: dict = {"checkpoint_prefix": spec.checkpoint_prefix}
 
         def open_model() -> VideoQAModel:
-            path = download_checkpoint(store, spec.checkpoint_prefix, files, settings.work_dir, identity)
-            return load_checkpoint_model(path, identity, device=device)
+            return load_downloaded_checkpoint(
+                store,
+                spec.checkpoint_prefix,
+                files,
+                settings.work_dir,
+                identity,
+                device=device,
+                keep=settings.keep_downloaded_checkpoints,
+            )
 
     elif spec.preset:
         from dreamframe.models import video_llm

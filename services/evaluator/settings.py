@@ -82,6 +82,9 @@ class EvaluatorSettings(BaseModel):
     model_paths: dict[str, str] = Field(default_factory=dict)
     # Local scratch: checkpoints downloaded from storage, decoded videos.
     work_dir: Path = Path(".dreamframe/evaluator")
+    # Keep each checkpoint downloaded from storage in work_dir for the next evaluation of it (off: its
+    # files are deleted once loaded, so scratch does not grow by a model per evaluated job).
+    keep_downloaded_checkpoints: bool = False
     # Directories a benchmark's data_prefix/video_prefix may name as file:///<dir>/... (empty: none).
     local_data_roots: list[Path] = Field(default_factory=list)
     # Where model answers and judgments are cached in storage (shared by every report).

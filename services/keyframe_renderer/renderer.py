@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dreamframe import keys
@@ -102,6 +102,20 @@ def render_batch(engine: SDXLEngine | SimEngine, chunk: list[FrameRecipe], param
     return pixels[: len(chunk)]
 
 
+def warm_up_params(engine: SDXLEngine, params: RenderParams) -> RenderParams:
+    """``params`` with the fewest steps that still run every compiled module (each UNet once, the VAE
+    decoder): the compiled graphs' shapes do not depend on the step count (see ``engine.workload``), so
+    the other steps of a warm-up batch only cost GPU time before the service says SERVING."""
+    for steps in range(1, params.steps):
+        fewer = replace(params, steps=steps)
+        try:
+            engine.step_split(fewer)
+        except InvalidArgument:
+            continue
+        return fewer
+    return params
+
+
 class Renderer:
     """The keyframe renderer's data plane; the gRPC servicer is a thin adapter over ``render``."""
 
@@ -171,8 +185,14 @@ class Renderer:
                     params, max_batch=self.settings.max_batch_size, cpu_batch=self.settings.cpu_batch_size
                 )
                 began = time.monotonic()
-                engine.render(["warm-up"] * batch, [params.seed(i) for i in range(batch)], params)
-                log.info("warm-up batch of %d (compile) took %.1f s", batch, time.monotonic() - began)
+                warm = warm_up_params(engine, params)
+                engine.render(["warm-up"] * batch, [warm.seed(i) for i in range(batch)], warm)
+                log.info(
+                    "warm-up batch of %d at %d steps (compile) took %.1f s",
+                    batch,
+                    warm.steps,
+                    time.monotonic() - began,
+                )
 
     def close(self) -> None:
         close = getattr(self.engines, "close", None)
