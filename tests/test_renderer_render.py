@@ -520,7 +520,11 @@ def test_warm_up_runs_each_model_at_the_fewest_steps(store, engines, monkeypatch
         renderer.close()
     [(batch, params)] = seen
     reference = resolve_options(
-        RenderOptions(), preset="tiny", resolution=engine.resolution, default_batch_size=0, compile_default=True
+        RenderOptions(),
+        preset="tiny",
+        resolution=engine.resolution,
+        default_batch_size=0,
+        compile_default=True,
     )
     assert params == replace(reference, steps=params.steps) and batch >= 1
     split = engine.step_split(params)

@@ -27,8 +27,9 @@ def manager(tmp_path, store, **kwargs) -> RunManager:
         "DREAMFRAME_LOG__LEVEL": "WARNING",
         "OMP_NUM_THREADS": "1",
     }
+    rt = kwargs.pop("runtime", None) or runtime(tmp_path)
     options = dict(poll_seconds=0.1, stop_grace_seconds=60.0, worker_env=env) | kwargs
-    return RunManager(store, runtime(tmp_path), **options)
+    return RunManager(store, rt, **options)
 
 
 async def until(m: RunManager, run_id: str, condition, timeout: float = 240.0):
@@ -76,6 +77,9 @@ def test_killed_worker_and_restarted_manager_both_resume_from_checkpoints(tmp_pa
     record = asyncio.run(second_life())
     assert record.state is RunState.SUCCEEDED, record.error
     assert record.attempts == 3 and record.step == 40
+    # Finished: its resume checkpoints are gone from storage, and the record no longer names one.
+    assert record.checkpoint is None and not list(store.list("runs/again/checkpoints/"))
+    assert store.exists("runs/again/final/manifest.json")
     # The same number of optimizer steps as an uninterrupted run, none twice, none skipped.
     assert steps_of(store, "again") == list(range(1, 41))
 

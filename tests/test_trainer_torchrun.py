@@ -4,10 +4,11 @@ checkpoints and exports like a one-process run."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from test_trainer_runs import manager, until
-from test_trainer_support import local_store, make_dataset, tiny_spec
+from test_trainer_support import local_store, make_dataset, runtime, tiny_spec
 
 from services.trainer.checkpoint import load_latest
 from services.trainer.run_store import RunState
@@ -23,7 +24,8 @@ def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
     )
 
     async def body():
-        m = manager(tmp_path, store)
+        # Checkpoints kept after success (trainer.keep_checkpoints_after_success): this test reads them.
+        m = manager(tmp_path, store, runtime=replace(runtime(tmp_path), keep_checkpoints_after_success=True))
         await m.start()
         await m.start_run(spec)
         record = await until(m, "ddp", lambda r: r.state.terminal)

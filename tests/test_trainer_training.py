@@ -3,6 +3,8 @@ generates, an interrupted run resumes to the same result, stop requests, diverge
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -57,8 +59,12 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, method):
     store = local_store(tmp_path)
     ref = make_dataset(store, n=5)
     hp = dict(max_steps=7, gradient_accumulation_steps=2, save_every_steps=2, lora_dropout=0.1)
-    rt = runtime(tmp_path)
-    straight = run_training(tiny_spec("straight", ref, method, **hp), store, rt)
+    straight = run_training(tiny_spec("straight", ref, method, **hp), store, runtime(tmp_path))
+    # A finished run's resume checkpoints are deleted once its final model is stored ...
+    assert straight.checkpoints_dropped and straight.progress.checkpoint is None
+    assert not list(store.list("runs/straight/checkpoints/"))
+    # ... unless kept (trainer.keep_checkpoints_after_success), as below, where they are inspected.
+    rt = replace(runtime(tmp_path), keep_checkpoints_after_success=True)
 
     class Killed(Exception):
         pass

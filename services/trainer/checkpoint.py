@@ -179,6 +179,13 @@ def prune(store: ObjectStore, run_id: str, *, keep: int, current: str) -> None:
             store.delete_prefix(folder)
 
 
+def drop_checkpoints(store: ObjectStore, run_id: str) -> None:
+    """Delete the run's resume checkpoints: the commit first, so an interrupted delete leaves no
+    latest.json naming missing files (a relaunch then starts over instead of failing to resume)."""
+    store.delete(latest_key(run_id))
+    store.delete_prefix(f"{run_prefix(run_id)}checkpoints/")
+
+
 def load_latest(store: ObjectStore, run_id: str) -> Checkpoint | None:
     """The committed checkpoint's description, or None if the run has none yet."""
     key = latest_key(run_id)

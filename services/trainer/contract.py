@@ -34,6 +34,8 @@ class Runtime:
     device: str = "auto"
     precision: str = "auto"
     keep_checkpoints: int = 2
+    # Keep the resume checkpoints once the final model is stored (default: deleted; see settings).
+    keep_checkpoints_after_success: bool = False
     # Pad sequences to a multiple of this (0: 8 on GPUs, for tensor cores; 1 on CPUs).
     pad_to_multiple_of: int = 0
     # torch.compile each decoder layer (GPU runs; the first steps pay the compilation).
@@ -86,3 +88,5 @@ class Outcome:
     final_model: ObjectRef | None = None
     final_model_prefix: str = ""
     metrics: ObjectRef | None = None
+    # The run's resume checkpoints were deleted once the final model was stored.
+    checkpoints_dropped: bool = False

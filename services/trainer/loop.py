@@ -280,17 +280,25 @@ class TrainingLoop:
         return write_metrics(self.run, self.progress, self.history, self.runtime_bad, self.oom_step)
 
     def finish(self, weights: dict) -> Outcome:
+        drop = not self.run.runtime.keep_checkpoints_after_success
+
         def export() -> tuple[ObjectRef, ObjectRef]:
             manifest = export_model(self.run, weights, self.progress.step)
-            return manifest, self.write_metrics()
+            metrics = self.write_metrics()
+            if drop:  # after the final model and metrics are stored: nothing resumes a finished run
+                ckpt.drop_checkpoints(self.run.store, self.run.spec.run_id)
+            return manifest, metrics
 
         manifest, metrics = on_main(export, self.ctx)
         barrier(self.ctx)
         run_id = self.run.spec.run_id
+        if drop:
+            self.progress.checkpoint = None
         return Outcome(
             "succeeded",
             self.progress,
             final_model=manifest,
             final_model_prefix=final_prefix(run_id),
             metrics=metrics,
+            checkpoints_dropped=drop,
         )

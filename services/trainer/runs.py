@@ -349,6 +349,7 @@ class RunManager:
                 final_model_prefix=result.get("final_model_prefix", ""),
                 metrics=_ref(result.get("metrics")),
                 eta_seconds=0.0,
+                checkpoint=None if result.get("checkpoints_dropped") else record.checkpoint,
             )
         elif status == "cancelled" or stop == "cancel":
             await self._set(run_id, persist=True, state=RunState.CANCELLED, eta_seconds=-1.0)

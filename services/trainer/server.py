@@ -170,6 +170,7 @@ def build_manager(settings: Settings, *, worker_env: dict[str, str] | None = Non
         device=trainer.device,
         precision=trainer.precision,
         keep_checkpoints=trainer.keep_checkpoints,
+        keep_checkpoints_after_success=trainer.keep_checkpoints_after_success,
         compile=trainer.compile,
         checkpointing_on_oom=trainer.checkpointing_on_oom,
     )

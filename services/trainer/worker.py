@@ -142,6 +142,7 @@ def work(run_dir: Annotated[Path, typer.Option(help="the run directory (launch.j
             "final_model": outcome.final_model,
             "final_model_prefix": outcome.final_model_prefix,
             "metrics": outcome.metrics,
+            "checkpoints_dropped": outcome.checkpoints_dropped,
         }
     except DreamFrameError as exc:
         result, code = {"status": "failed", "error": exc.message, "field": exc.field}, 1
