@@ -79,6 +79,13 @@ def test_summary_names_the_card_and_every_stage():
                         "gpu_mib": {"keyframe-renderer": 25000},
                         "gpu_total_mib": 25000,
                         "card_mib": 26000,
+                        "train": {
+                            "summary": {"steps": 2, "train_seconds": 9.5, "tokens_per_second": 1000.0},
+                            "activation_checkpointing": {
+                                "requested": False,
+                                "after_out_of_memory_at_step": 1,
+                            },
+                        },
                     }
                 ],
             },
@@ -93,6 +100,7 @@ def test_summary_names_the_card_and_every_stage():
         and "peak used (nvidia-smi memory.used): 26,000" in text
     )
     assert "warm start failed: dreamframe up exited 1" in text
+    assert "train: 2 steps in 9.5 s, 1000.0 tokens/s; out of GPU memory at step 1, retried" in text
 
 
 def test_card_used_is_zero_without_nvidia_smi(monkeypatch):
@@ -118,4 +126,18 @@ def test_dropping_a_jobs_trained_model_deletes_only_its_final_folder(tmp_path):
         name="model", ref=common_pb2.ObjectRef(key="runs/r1/final/manifest.json")
     )
     assert bench_chain.drop_trained_model(store, job) == 20
-    assert [i.key for i in store.list("runs/")] == ["runs/r1/adapter/a.bin"]
+    assert bench_chain.train_summary(store, job) is None  # no metrics recorded
+    metrics = store.put_json(
+        "runs/r1/metrics.json",
+        {
+            "summary": {"steps": 2},
+            "activation_checkpointing": {"after_out_of_memory_at_step": None},
+            "parameters": {"trainable": 1},
+            "max_length": 8,
+        },
+    )
+    job.stages[1].outputs.add(name="metrics", ref=common_pb2.ObjectRef(key=metrics.key))
+    assert bench_chain.train_summary(store, job)["summary"] == {"steps": 2}
+    store.put_json("runs/r1/metrics.json", ["not", "metrics"])
+    assert "error" in bench_chain.train_summary(store, job)
+    assert [i.key for i in store.list("runs/")] == ["runs/r1/adapter/a.bin", "runs/r1/metrics.json"]

@@ -128,3 +128,24 @@ def test_job_state_is_binary_and_a_stores_old_json_jobs_are_read_and_carried_on(
     fresh.save(taken)
     with pytest.raises(Aborted):
         late.save(stale)  # fencing holds across the change of format
+
+
+@pytest.mark.parametrize(
+    ("manifest", "frames"),
+    [
+        ({"num_frames": 4, "files": []}, 4),
+        ({"files": []}, 0),  # a manifest from before the trainer recorded it: the evaluator's default
+        ({"num_frames": 0}, 0),
+        ({"num_frames": 100000}, 0),
+        ({"num_frames": "8"}, 0),
+        ({"num_frames": True}, 0),
+        ([4], 0),
+    ],
+)
+def test_the_evaluation_shows_the_frames_training_used(tmp_path, manifest, frames):
+    from dreamframe.storage import to_proto
+    from services.coordinator.stages import trained_frames
+
+    store = LocalStore(tmp_path, "dreamframe")
+    ref = store.put_json("runs/r/final/manifest.json", manifest)
+    assert trained_frames(store, to_proto(ref)) == frames

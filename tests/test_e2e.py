@@ -191,7 +191,13 @@ def test_whole_job_survives_a_dead_renderer_and_a_coordinator_restart(cluster):
             next(n.ref.key for n in stage(done, pb.STAGE_EVAL).outputs if n.name == "report_json")
         )
     )
-    assert report
+    # The fine-tuned model and its base were shown the frames per video training used (the manifest's).
+    frames = {m["name"]: m["num_frames"] for m in report["models"]}
+    assert frames == {"base": 4, "dreamframe": 4}, frames
+    # A finished run keeps its final model and adapter, not its resume checkpoints.
+    run_prefix = next(n.ref.key for n in stage(done, pb.STAGE_TRAIN).outputs if n.name == "model")
+    run_prefix = run_prefix.split("final/")[0]
+    assert not list(store.list(f"{run_prefix}checkpoints/")) and store.exists(f"{run_prefix}metrics.json")
 
 
 def test_cancel_stops_every_stage(cluster):

@@ -247,6 +247,18 @@ def summarize(report: dict) -> str:
                 lines.append(f"| all together (peak of the sum) | {job['gpu_total_mib']:,} |")
             if job.get("card_mib"):
                 lines.append(f"\nwhole card, peak used (nvidia-smi memory.used): {job['card_mib']:,} MiB")
+            train = job.get("train") or {}
+            if "summary" in train:
+                t, oom = train["summary"], train["activation_checkpointing"]["after_out_of_memory_at_step"]
+                lines.append(
+                    f"\ntrain: {t['steps']} steps in {t['train_seconds']} s, "
+                    f"{t['tokens_per_second']} tokens/s; "
+                    + (
+                        f"out of GPU memory at step {oom}, retried with activation checkpointing"
+                        if oom
+                        else "no step ran out of GPU memory"
+                    )
+                )
             if job["error"]:
                 lines.append(f"\nerror: {job['error']}")
         if phase.get("error"):
@@ -282,6 +294,25 @@ def job_row(
     }
 
 
+def train_summary(store: ObjectStore, job: pb.Job) -> dict | None:
+    """The train stage's metrics.json, in brief: steps, time, tokens/s, parameters, and whether a step
+    ran out of GPU memory and was retried with activation checkpointing."""
+    for stage in job.stages:
+        for named in stage.outputs:
+            if stage.stage == pb.STAGE_TRAIN and named.name == "metrics" and named.ref.key:
+                try:
+                    metrics = store.get_json(named.ref.key)
+                    return {
+                        "summary": metrics["summary"],
+                        "activation_checkpointing": metrics["activation_checkpointing"],
+                        "parameters": metrics["parameters"],
+                        "max_length": metrics["max_length"],
+                    }
+                except (KeyError, TypeError, ValueError) as exc:
+                    return {"error": f"{type(exc).__name__}: {exc}"}
+    return None
+
+
 def drop_trained_model(store: ObjectStore, job: pb.Job) -> int:
     """Delete the job's merged trained model from the store (bytes freed). The merged 7B checkpoint is
     14 GB per job: a GPU box's disk holds the snapshots plus one or two, not a job per spec."""
@@ -307,10 +338,12 @@ def run_phase(
     report: dict,
     out: Path | None,
     job_timeout: float,
-    store: ObjectStore | None = None,
+    store: ObjectStore,
+    drop_trained_models: bool = False,
 ) -> None:
-    """Start the stack, run each spec in turn, record everything under ``report['phases']``; with
-    ``store``, each job's merged trained model is deleted from it once the job is recorded."""
+    """Start the stack, run each spec in turn, record everything under ``report['phases']`` (with the
+    train stage's metrics from ``store``); with ``drop_trained_models``, each job's merged trained model
+    is deleted from the store once the job is recorded."""
     phase: dict = {"name": name, "startup_seconds": None, "jobs": []}
     report["phases"].append(phase)
     sampler.mark()
@@ -331,7 +364,8 @@ def run_phase(
         sampler.mark()
         job, wall = run_job(stub, job_spec, job_timeout)
         row = job_row(path, job, wall, sampler, processes)
-        if store is not None:
+        row["train"] = train_summary(store, job)
+        if drop_trained_models:
             row["trained_model_bytes_dropped"] = drop_trained_model(store, job)
         phase["jobs"].append(row)
         print(write_report(report, out), flush=True)
@@ -394,7 +428,8 @@ def main(
         report=report,
         out=out,
         job_timeout=job_timeout,
-        store=open_store(StorageSettings(root=work / "store")) if drop_trained_models else None,
+        store=open_store(StorageSettings(root=work / "store")),
+        drop_trained_models=drop_trained_models,
     )
     try:
         for index, (name, specs) in enumerate(phases):

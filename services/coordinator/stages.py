@@ -469,10 +469,14 @@ async def evaluate(ctx: JobContext) -> None:
     model = ctx.output(pb.STAGE_TRAIN, "model") if _has_stage(ctx, pb.STAGE_TRAIN) else None
     if model is not None:
         prefix = model.key.rsplit("/", 1)[0] + "/"
-        # The paper's comparison: the fine-tuned model side by side with the model it started from.
+        # The paper's comparison: the fine-tuned model side by side with the model it started from, both
+        # shown as many frames as training showed (8 frames of 576 tokens overflow LLaVA-1.5's 4,096).
         base = ctx.job.spec.train.base_model or ctx.settings.train_base_model
-        request.models.insert(0, eval_pb2.ModelSpec(name="dreamframe", checkpoint_prefix=prefix))
-        request.models.insert(0, eval_pb2.ModelSpec(name="base", preset=base))  # first = the baseline
+        frames = await asyncio.to_thread(trained_frames, ctx.store, model)
+        request.models.insert(
+            0, eval_pb2.ModelSpec(name="dreamframe", checkpoint_prefix=prefix, num_frames=frames)
+        )
+        request.models.insert(0, eval_pb2.ModelSpec(name="base", preset=base, num_frames=frames))  # baseline
     if not request.benchmarks:
         manifest = ctx.output(pb.STAGE_DATASET, "manifest") if _has_stage(ctx, pb.STAGE_DATASET) else None
         if manifest is not None and request.models:
@@ -497,6 +501,16 @@ async def evaluate(ctx: JobContext) -> None:
     )
     ctx.record(pb.STAGE_EVAL, "report_json", result.report_json)
     ctx.record(pb.STAGE_EVAL, "report_markdown", result.report_markdown)
+
+
+def trained_frames(store: ObjectStore, manifest: common_pb2.ObjectRef) -> int:
+    """Frames per video the trained model saw (its manifest's ``num_frames``); 0, the evaluator's
+    default, when the manifest does not say or says something out of range."""
+    try:
+        frames = store.get_json(manifest.key, bucket=manifest.bucket or None).get("num_frames")
+    except (ValueError, AttributeError):
+        return 0
+    return frames if type(frames) is int and 1 <= frames <= 256 else 0
 
 
 async def write_storyboard(ctx: JobContext) -> list[common_pb2.NamedRef]:

@@ -65,6 +65,8 @@ def export_model(run: PreparedRun, weights: dict, steps: int) -> ObjectRef:
             "base_model": spec.base_model,
             "method": str(spec.method),
             "steps": steps,
+            # What an evaluation of this model should sample per video (the coordinator passes it on).
+            "num_frames": run.hp.num_frames,
         },
     )
     for folder in (out, adapter):
