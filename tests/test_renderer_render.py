@@ -534,3 +534,37 @@ def test_warm_up_runs_each_model_at_the_fewest_steps(store, engines, monkeypatch
     assert params.steps < reference.steps
     no_refiner = replace(reference, use_refiner=False)
     assert warm_up_params(engine, no_refiner).steps == 1
+
+
+@pytest.mark.slow
+def test_regional_compile_traces_each_block_shape_once_and_keeps_the_image(renderer):
+    """compile_regional: every UNet transformer block is compiled, the UNets themselves are not, blocks
+    of one shape share one graph (fewer graphs than blocks: what makes a replica's start cheaper), the
+    image is the eager one, and uncompiling puts every block back."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from torch._dynamo.utils import counters
+
+    from services.keyframe_renderer.engine import EngineOptions
+    from services.keyframe_renderer.options import resolve_options
+
+    engine = renderer.engine("tiny")
+    params = resolve_options(
+        RenderOptions(steps=STEPS), preset="tiny", resolution=64, default_batch_size=0, compile_default=False
+    )
+    prompts, seeds = ["scene 0: Ann is sitting at the bar", "scene 1: a dog"], [20, 21]
+    blocks = [m for p in engine._pipes() for m in p.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    try:
+        eager = engine.render(prompts, seeds, params).astype(np.int16)
+        engine.configure(EngineOptions(compile_mode="default", compile_regional=True, compile_vae=False))
+        assert "per transformer block" in engine.options.describe()
+        assert all(b._compiled_call_impl is not None for b in blocks)
+        assert all(p.unet._compiled_call_impl is None for p in engine._pipes())
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = engine.render(prompts, seeds, params).astype(np.int16)
+        assert 0 < counters["stats"]["unique_graphs"] < len(blocks)
+    finally:
+        engine.configure(EngineOptions())
+    assert not engine.compiled and all(b._compiled_call_impl is None for b in blocks)
+    diff = np.abs(eager - compiled)
+    assert diff.max() <= 2 and diff.mean() < 0.05, f"max {diff.max()} mean {diff.mean()}"

@@ -40,6 +40,9 @@ class RendererSettings(BaseModel):
     # coordinate-descent tuning of the Triton kernels in all directions, no epilogue fusion. Longer
     # compiles; passed to our torch.compile calls only.
     compile_tuning: bool = False
+    # Compile per UNet transformer block (each shape traced once, shared by every block of it) instead
+    # of per UNet: less to trace at every replica start; not yet timed against whole-UNet compiling.
+    compile_regional: bool = False
     # Fused QKV projections (one matmul for q, k, v; one for k, v in cross-attention) in both UNets and
     # the VAE (diffusers' fuse_qkv_projections; the old projections become views of the fused weights).
     fuse_qkv: bool = True

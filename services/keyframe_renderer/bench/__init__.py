@@ -64,9 +64,9 @@ CompileMode = Literal[COMPILE_MODES]
 ReferenceCompileMode = Literal[tuple(mode for mode in COMPILE_MODES if mode)]
 VARIANT_HELP = (
     f"a service variant (repeatable), against the renderer settings: {', '.join(VARIANTS)}, or "
-    "NAME=key:value,... over compile_mode, compile_vae, compile_tuning, fuse_qkv, sdpa_backend, "
-    f"channels_last. Default: {', '.join(GPU_VARIANTS)} on GPUs, default on CPUs. The first one "
-    "that runs is the headline 'service' figure."
+    "NAME=key:value,... over compile_mode, compile_vae, compile_tuning, compile_regional, fuse_qkv, "
+    f"sdpa_backend, channels_last. Default: {', '.join(GPU_VARIANTS)} on GPUs, default on CPUs. The "
+    "first one that runs is the headline 'service' figure."
 )
 
 

@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "efficient": {"sdpa_backend": "efficient"},
     "tuned": {"compile_tuning": True},
     "untuned": {"compile_tuning": False},
+    "regional": {"compile_regional": True},
     "unfused": {"fuse_qkv": False},
     "vae-eager": {"compile_vae": False},
     "contiguous": {"channels_last": False},
