@@ -405,3 +405,25 @@ def test_a_checkpoint_in_storage_scores_as_its_weights_and_leaves_no_scratch(
         assert len({p.parent for p in weights}) == 1
     else:
         assert weights == [] and not any(scratch.iterdir())
+
+
+def test_frames_past_the_models_context_are_item_errors_naming_the_reason(
+    store, tmp_path, model_cache
+) -> None:
+    """70 frames of 16 tokens overflow the tiny model's 1,024 positions: every item reports why instead
+    of a score read from positions the model never saw."""
+    request = EvaluateRequest(
+        "too-many-frames",
+        models=(ModelSpec(name="tiny", preset="tiny", num_frames=70),),
+        benchmarks=(
+            BenchmarkSpec(
+                "dreamframe_mc", name="ours", data_prefix=write_dreamframe_mc(store)["data_prefix"]
+            ),
+        ),
+    )
+    result, _ = run(evaluator(store, tmp_path, model_cache), request)
+    errors = result.report["benchmarks"][0]["item_errors"]["tiny"]
+    assert errors and all(
+        "more than the model's 1,024 positions" in e["reason"] or e["reason"].startswith("skipped")
+        for e in errors
+    )

@@ -115,3 +115,12 @@ def test_llava_7b_architecture_on_meta_device():
     total = sum(p.numel() for p in model.parameters())
     # CLIP ViT-L/14-336 (~303 M) + projector (~21 M) + Vicuna-7B (~6.74 B)
     assert 7.0e9 < total < 7.1e9
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_naming_num_frames(tiny):
+    """The tiny model has 1,024 positions and 16 tokens a frame: 64 frames fit, 70 do not."""
+    _, model, processor = tiny
+    assert video_llm.generate(model, processor, video_llm.random_frames(8), "What happens?", max_new_tokens=2)
+    with pytest.raises(InvalidArgument) as err:
+        video_llm.generate(model, processor, video_llm.random_frames(70), "What happens?", max_new_tokens=2)
+    assert err.value.field == "num_frames" and "more than the model's 1,024 positions" in err.value.message

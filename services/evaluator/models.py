@@ -91,7 +91,10 @@ class CheckpointModel:
 
     def _encode(self, text: str, frames: Sequence[Image.Image]) -> dict:
         # The rendered chat text already holds BOS and one <image> per frame.
+        from dreamframe.models.video_llm import check_fits_context
+
         enc = self.processor(text=text, images=list(frames), return_tensors="pt", add_special_tokens=False)
+        check_fits_context(self.model, enc["input_ids"])
         return {
             k: v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device)
             for k, v in enc.items()

@@ -396,6 +396,21 @@ def prepare_inputs(processor, frames: Sequence[Any], prompt: str, answer: str | 
 
 
 @torch.inference_mode()
+def check_fits_context(model, input_ids) -> None:
+    """INVALID_ARGUMENT (field num_frames) when a prompt is longer than the language model's positions:
+    a LLaVA-1.5 7B past 4,096 tokens (8 frames of 576) runs without error but answers from positions
+    it never saw in training, so a score from it would mean nothing."""
+    config = getattr(model.config, "text_config", model.config)
+    limit = getattr(config, "max_position_embeddings", 0)
+    length = int(input_ids.shape[-1])
+    if limit and length > limit:
+        raise InvalidArgument(
+            f"the prompt is {length:,} tokens with its frames, more than the model's {limit:,} positions: "
+            "sample fewer frames",
+            field="num_frames",
+        )
+
+
 def generate(
     model,
     processor,
@@ -419,6 +434,7 @@ def generate(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+    check_fits_context(model, inputs["input_ids"])
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
