@@ -152,7 +152,10 @@ def test_train_over_grpc(tmp_path):
     assert final.step == final.total_steps == 3 and final.tokens_seen > 0 and final.samples_seen == 6
     assert final.final_model.key == "runs/grpc-run/final/manifest.json" and final.final_model_prefix
     assert store.stat(final.final_model.key).sha256 == final.final_model.sha256
-    assert final.metrics.key == "runs/grpc-run/metrics.json" and final.checkpoint.key
+    assert final.metrics.key == "runs/grpc-run/metrics.json"
+    # Finished: its resume checkpoints were deleted (trainer.keep_checkpoints_after_success is off), and
+    # the status no longer names one.
+    assert not final.HasField("checkpoint") and not list(store.list("runs/grpc-run/checkpoints/"))
     assert final.base_model == "tiny" and final.method == pb.TRAIN_METHOD_LORA and final.job_id == "job-1"
     assert got == final
     assert [r.run_id for r in listed] == ["grpc-run"] and not other_job
