@@ -236,3 +236,34 @@ def test_stop_during_image_generation_keeps_the_finished_images(store, make_trai
     result = list(make_trainer().train(request("job-g")))[-1].result
     assert [ref.key for ref in result.style_images][: len(kept)] == kept
     assert kept_file.stat().st_mtime_ns == stamp, "finished images are reused, not made again"
+
+
+def test_warm_up_compiles_a_default_requests_step_so_the_first_request_does_not(
+    store, make_trainer, monkeypatch, tmp_path
+):
+    from dreamframe.models.compile_cache import CompileCache, CompileCacheSettings
+    from services.style_trainer import inversion
+
+    # Wiring only: the "compile" hands the module back (torch's compile is tested in test_compile_cache).
+    monkeypatch.setattr(inversion, "_compile", lambda module, mode: module)
+    cache = CompileCache(
+        CompileCacheSettings(dir=tmp_path / "cc", key="warm-up-test-key-" * 2, key_file=None),
+        service="style-trainer",
+        store=store,
+    )
+    monkeypatch.setattr(inversion, "_compile_cache", cache)
+    trainer = make_trainer(share=False)  # its own pipelines: the compiled-module registry is per model
+    eager = trainer.warm_up("tiny", OPTIONS.train)
+    assert eager is None and trainer.loaded_presets == ["tiny"] and cache.stats.misses == 0  # load only
+
+    compiled = dataclasses.replace(OPTIONS, train=dataclasses.replace(OPTIONS.train, compile=True))
+    trainer.warm_up("tiny", compiled.train)
+    assert cache.stats.misses == 1 and len(cache.stats.events) == 1  # looked up, compiled, saved
+    assert not list(store.list("jobs/"))  # the warm-up's embedding is thrown away
+    events = list(trainer.train(request(options=compiled)))
+    assert events[-1].phase is Phase.DONE and events[-1].result.steps == 6
+    assert cache.stats.misses == 1 and len(cache.stats.events) == 1  # the request compiled nothing new
+    # The warm-up compiled for the request's shapes: the request's own compile-cache key is the same.
+    probe = inversion.TextualInversion(trainer.pipelines("tiny"), "Dramatic", compiled.train)
+    probe_session = probe._compile_cache_session(text=True, channels_last=False)
+    assert probe_session.key == cache.stats.events[0]["key"]

@@ -171,10 +171,16 @@ async def amain(settings: Settings) -> None:
     # This process's share of a GPU that other services use too (0: the whole card).
     apply_memory_budget(settings.models.gpu_memory_fraction, settings.style.device)
     trainer, servicer = build(settings)
-    # Storage must answer, and the default model be loaded (when preloading).
+    # Storage must answer, and the default model be loaded (when preloading) and, when compiling, its
+    # first training step compiled for a default request's shapes.
     ready = StorageReadiness(trainer.store, "jobs/")
     if settings.style.preload:
-        ready.track(asyncio.create_task(asyncio.to_thread(trainer.pipelines, settings.style.preset)))
+        defaults = options_from_proto(style_pb2.StyleOptions(), settings.style)
+        ready.track(
+            asyncio.create_task(
+                asyncio.to_thread(trainer.warm_up, defaults.preset, defaults.train), name="preload-model"
+            )
+        )
 
     try:
         await serve(

@@ -26,10 +26,13 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from PIL import Image
 
 from dreamframe import keys
 from dreamframe.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
@@ -56,9 +59,19 @@ from .images import (
     load_style_images,
 )
 from .inversion import TextualInversion
-from .options import ImageOptions, StyleOptions, resolve_resolution, validate_images, validate_train
+from .options import (
+    ImageOptions,
+    StyleOptions,
+    TrainOptions,
+    resolve_resolution,
+    validate_images,
+    validate_train,
+)
 
 log = logging.getLogger(__name__)
+
+# The warm-up's keyword: any word does (each training has its own tokenizer copies and token rows).
+WARM_UP_KEYWORD = "warmup"
 
 MAX_KEYWORD_CHARS = 64
 
@@ -254,6 +267,24 @@ class StyleTrainer:
     def pipelines(self, preset: str) -> sdxl.SDXLPipelines:
         """The preset's pipelines, loaded on first use (preload; ``train`` holds them while it runs)."""
         return self.models.get(preset)
+
+    def warm_up(self, preset: str, options: TrainOptions) -> None:
+        """Preload ``preset``; when ``options.compile``, also train one step on a grey placeholder image,
+        so the compile (or its load from the compile cache) happens before the service says SERVING,
+        not inside the first TrainStyle. ``options`` are a default request's (the shapes it trains
+        with); the step's embedding is thrown away and nothing is stored."""
+        with self._run_lock, self.models.use(preset) as pipes:
+            if not options.compile:
+                return
+            began = time.monotonic()
+            trainer = TextualInversion(
+                pipes, WARM_UP_KEYWORD, replace(options, max_train_steps=1, checkpoint_every=0)
+            )
+            side = trainer.resolution
+            trainer.encode_images([Image.new("RGB", (side, side), (127, 127, 127))])
+            for _ in trainer.train():
+                pass
+            log.info("warm-up training step (compile) took %.1f s", time.monotonic() - began)
 
     @property
     def loaded_presets(self) -> list[str]:

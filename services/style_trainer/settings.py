@@ -17,7 +17,8 @@ class StyleSettings(BaseModel):
     device: str = "auto"
     # Where real model weights are (a local path or hub id) per preset name.
     model_paths: dict[str, str] = Field(default_factory=dict)
-    # Load the default preset at startup (health says SERVING once it is loaded).
+    # Load the default preset at startup and, with compile on, train one step of a default request on a
+    # placeholder image (health says SERVING once both are done: the compile is not the first job's).
     preload: bool = True
     # Save a resumable checkpoint every N optimizer steps when the request leaves it at 0.
     checkpoint_every: int = Field(50, ge=0)
