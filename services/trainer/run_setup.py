@@ -82,8 +82,7 @@ def prepare_run(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
-    max_positions = int(getattr(config.text_config, "max_position_embeddings", 0) or 0)
-    max_length = resolve_max_length(hp.max_length, processor, hp.num_frames, max_positions)
+    max_length = resolve_max_length(hp.max_length, processor, hp.num_frames, video_llm.max_positions(config))
     plan = on_main(lambda: load_or_build_plan(spec, store, processor, max_length, log), ctx)
     datasets = [load_dataset(store, s, i) for i, s in enumerate(spec.datasets)]
     for i, (loaded, recorded) in enumerate(zip(datasets, plan.datasets, strict=True)):

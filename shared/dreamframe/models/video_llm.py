@@ -395,13 +395,17 @@ def prepare_inputs(processor, frames: Sequence[Any], prompt: str, answer: str | 
     return {k: (v if k == "pixel_values" else v.unsqueeze(0)) for k, v in encoded.items()}
 
 
-@torch.inference_mode()
+def max_positions(config) -> int:
+    """The language model's positions (a Llava config's text_config; 0 when the config does not say)."""
+    text = getattr(config, "text_config", config)
+    return int(getattr(text, "max_position_embeddings", 0) or 0)
+
+
 def check_fits_context(model, input_ids) -> None:
     """INVALID_ARGUMENT (field num_frames) when a prompt is longer than the language model's positions:
     a LLaVA-1.5 7B past 4,096 tokens (8 frames of 576) runs without error but answers from positions
     it never saw in training, so a score from it would mean nothing."""
-    config = getattr(model.config, "text_config", model.config)
-    limit = getattr(config, "max_position_embeddings", 0)
+    limit = max_positions(model.config)
     length = int(input_ids.shape[-1])
     if limit and length > limit:
         raise InvalidArgument(
@@ -411,6 +415,7 @@ def check_fits_context(model, input_ids) -> None:
         )
 
 
+@torch.inference_mode()
 def generate(
     model,
     processor,
