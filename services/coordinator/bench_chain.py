@@ -294,36 +294,44 @@ def job_row(
     }
 
 
+def stage_output(job: pb.Job, stage: int, name: str) -> str:
+    """The key of the output ``name`` the job recorded for ``stage`` ("" when none)."""
+    for status in job.stages:
+        if status.stage == stage:
+            for named in status.outputs:
+                if named.name == name and named.ref.key:
+                    return named.ref.key
+    return ""
+
+
 def train_summary(store: ObjectStore, job: pb.Job) -> dict | None:
     """The train stage's metrics.json, in brief: steps, time, tokens/s, parameters, and whether a step
     ran out of GPU memory and was retried with activation checkpointing."""
-    for stage in job.stages:
-        for named in stage.outputs:
-            if stage.stage == pb.STAGE_TRAIN and named.name == "metrics" and named.ref.key:
-                try:
-                    metrics = store.get_json(named.ref.key)
-                    return {
-                        "summary": metrics["summary"],
-                        "activation_checkpointing": metrics["activation_checkpointing"],
-                        "parameters": metrics["parameters"],
-                        "max_length": metrics["max_length"],
-                    }
-                except (KeyError, TypeError, ValueError) as exc:
-                    return {"error": f"{type(exc).__name__}: {exc}"}
-    return None
+    key = stage_output(job, pb.STAGE_TRAIN, "metrics")
+    if not key:
+        return None
+    try:
+        metrics = store.get_json(key)
+        return {
+            "summary": metrics["summary"],
+            "activation_checkpointing": metrics["activation_checkpointing"],
+            "parameters": metrics["parameters"],
+            "max_length": metrics["max_length"],
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def drop_trained_model(store: ObjectStore, job: pb.Job) -> int:
     """Delete the job's merged trained model from the store (bytes freed). The merged 7B checkpoint is
     14 GB per job: a GPU box's disk holds the snapshots plus one or two, not a job per spec."""
-    for stage in job.stages:
-        for named in stage.outputs:
-            if stage.stage == pb.STAGE_TRAIN and named.name == "model" and named.ref.key:
-                prefix = named.ref.key.rsplit("/", 1)[0] + "/"
-                freed = sum(info.size for info in store.list(prefix))
-                store.delete_prefix(prefix)
-                return freed
-    return 0
+    key = stage_output(job, pb.STAGE_TRAIN, "model")
+    if not key:
+        return 0
+    prefix = key.rsplit("/", 1)[0] + "/"
+    freed = sum(info.size for info in store.list(prefix))
+    store.delete_prefix(prefix)
+    return freed
 
 
 def run_phase(

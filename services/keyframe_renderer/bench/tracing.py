@@ -38,10 +38,13 @@ def measure(unet_name: str, scope: str, latent: int = 16) -> dict:
     bf16 = dict(dtype=torch.bfloat16)
     sample = torch.randn(2, config["in_channels"], latent, latent, **bf16)
     text = torch.randn(2, 77, config["cross_attention_dim"], **bf16)
-    pooled = config["projection_class_embeddings_input_dim"] - 256 * (6 if unet_name == "base" else 5)
+    # SDXL's micro-conditioning: 6 time ids on the base (sizes, crop), 5 on the refiner (aesthetic
+    # score instead of the target size), each embedded in 256 dims beside the pooled text embedding.
+    time_ids = 6 if unet_name == "base" else 5
+    pooled = config["projection_class_embeddings_input_dim"] - 256 * time_ids
     added = {
         "text_embeds": torch.randn(2, pooled, **bf16),
-        "time_ids": torch.randn(2, 6 if unet_name == "base" else 5, **bf16),
+        "time_ids": torch.randn(2, time_ids, **bf16),
     }
 
     def forward() -> float:
