@@ -139,6 +139,59 @@ def test_get_file_missing_leaves_target_alone(store: ObjectStore, tmp_path: Path
     assert os.listdir(dest.parent) == ["t.bin"]
 
 
+@pytest.mark.parametrize("size", [0, 1000, BIG])
+def test_move_file_stores_it_and_removes_the_source(store: ObjectStore, tmp_path: Path, size: int) -> None:
+    data = random_bytes(size, seed=size + 1)
+    src = tmp_path / "export" / "model.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(data)
+    ref = store.move_file("runs/r/final/model.safetensors", src)
+    assert ref == ObjectRef(store.default_bucket, "runs/r/final/model.safetensors", size, sha(data))
+    assert not src.exists()
+    assert store.stat(ref.key) == ref
+    assert store.get_bytes(ref.key) == data
+
+
+@pytest.mark.parametrize(
+    ("key", "bucket", "error"),
+    [("../escape", None, InvalidArgument), ("k", "missing", NotFound)],
+)
+def test_failed_move_file_keeps_the_source(
+    store: ObjectStore, tmp_path: Path, key: str, bucket: str | None, error: type
+) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"not lost")
+    with pytest.raises(error):
+        store.move_file(key, src, bucket=missing_bucket(store) if bucket else None)
+    assert src.read_bytes() == b"not lost"
+    assert keys(store) == []
+
+
+def test_get_readonly_file_is_what_was_stored_then(store: ObjectStore, tmp_path: Path) -> None:
+    first = random_bytes(BIG, seed=7)
+    ref = store.put_bytes("ckpt/weights.bin", first)
+    dest = tmp_path / "load" / "weights.bin"  # parents are created
+    assert store.get_readonly_file("ckpt/weights.bin", dest) == ref
+    assert dest.read_bytes() == first
+    assert os.listdir(dest.parent) == ["weights.bin"]  # no temp file or link name left
+    # A later write of the key does not reach the copy, nor does deleting the copy reach the object.
+    store.put_bytes("ckpt/weights.bin", b"retrained")
+    assert dest.read_bytes() == first
+    dest.unlink()
+    assert store.get_bytes("ckpt/weights.bin") == b"retrained"
+
+
+def test_get_readonly_file_of_a_missing_key(store: ObjectStore, tmp_path: Path) -> None:
+    dest = tmp_path / "downloads" / "t.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"keep me")
+    with pytest.raises(NotFound) as err:
+        store.get_readonly_file("absent/key", dest)
+    assert err.value.field == "key" and "absent/key" in err.value.message
+    assert dest.read_bytes() == b"keep me"
+    assert os.listdir(dest.parent) == ["t.bin"]
+
+
 def test_json_round_trip(store: ObjectStore) -> None:
     value = {"overview": "ünïcødé ✓", "img_diag": [["frame", "x"], ["dialogue", "y"]], "n": 3, "f": None}
     ref = store.put_json("story.json", value)
@@ -376,11 +429,13 @@ def test_multiple_buckets(store: ObjectStore) -> None:
 BUCKET_CALLS = {
     "put_bytes": lambda s, b, p: s.put_bytes("k", b"x", bucket=b),
     "put_file": lambda s, b, p: s.put_file("k", p, bucket=b),
+    "move_file": lambda s, b, p: s.move_file("k", p, bucket=b),
     "put_json": lambda s, b, p: s.put_json("k.json", [1], bucket=b),
     "put_if": lambda s, b, p: s.put_if("k", b"x", version=None, bucket=b),
     "get_bytes": lambda s, b, p: s.get_bytes("k", bucket=b),
     "get_json": lambda s, b, p: s.get_json("k.json", bucket=b),
     "get_file": lambda s, b, p: s.get_file("k", p.parent / "out", bucket=b),
+    "get_readonly_file": lambda s, b, p: s.get_readonly_file("k", p.parent / "out", bucket=b),
     "get_versioned": lambda s, b, p: s.get_versioned("k", bucket=b),
     "open_stream": lambda s, b, p: s.open_stream("k", bucket=b),
     "exists": lambda s, b, p: s.exists("k", bucket=b),
@@ -426,7 +481,7 @@ def test_the_default_bucket_is_always_allowed(tmp_path: Path) -> None:
     assert err.value.field == "storage.allowed_buckets"
 
 
-@pytest.mark.parametrize("call", ["put_bytes", "put_file", "put_json", "put_if"])
+@pytest.mark.parametrize("call", ["put_bytes", "put_file", "move_file", "put_json", "put_if"])
 def test_no_write_creates_a_bucket(
     store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest, call: str
 ) -> None:
@@ -693,6 +748,84 @@ def test_local_file_and_directory_cannot_share_a_name(tmp_path: Path) -> None:
         store.put_bytes("d", b"4")
     assert keys(store) == ["a", "d/e"]
     assert os.listdir(tmp_path / ".tmp") == []
+
+
+def test_local_move_file_renames_without_a_second_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"weights")
+    inode = src.stat().st_ino
+    ref = store.move_file("m/model.bin", src)
+    assert (tmp_path / "root" / "bkt" / "m" / "model.bin").stat().st_ino == inode  # the same file
+    monkeypatch.setattr(LocalStore, "_hash_and_cache", lambda *a: pytest.fail("stat() re-hashed"))
+    assert store.stat("m/model.bin") == ref  # its hash was recorded on the way in
+
+
+def test_local_move_file_copies_a_file_with_another_name(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    src, other = tmp_path / "src.bin", tmp_path / "other-name.bin"
+    src.write_bytes(b"shared")
+    os.link(src, other)
+    store.move_file("k", src)
+    assert not src.exists()
+    # Writing through the other name must not change the stored object.
+    with open(other, "r+b") as f:
+        f.write(b"CHANGE")
+    assert store.get_bytes("k") == b"shared"
+
+
+def test_local_move_file_of_a_symlink_stores_its_target_and_removes_the_link(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    target, link = tmp_path / "target.bin", tmp_path / "link.bin"
+    target.write_bytes(b"target bytes")
+    link.symlink_to(target)
+    store.move_file("k", link)
+    assert store.get_bytes("k") == b"target bytes"
+    assert not link.is_symlink() and target.read_bytes() == b"target bytes"
+    with open(target, "r+b") as f:
+        f.write(b"CHANGED")
+    assert store.get_bytes("k") == b"target bytes"
+
+
+def test_local_move_file_onto_a_key_clash_keeps_the_source(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    store.put_bytes("a", b"1")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"2")
+    with pytest.raises(FailedPrecondition) as err:
+        store.move_file("a/b", src)
+    assert err.value.field == "key"
+    assert src.read_bytes() == b"2" and keys(store) == ["a"]
+
+
+def test_local_get_readonly_file_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    ref = store.put_bytes("k", b"payload")
+    dest = tmp_path / "out.bin"
+    monkeypatch.setattr("dreamframe.storage.local.sha256_stream", lambda *a: pytest.fail("re-hashed"))
+    assert store.get_readonly_file("k", dest) == ref
+    assert dest.stat().st_ino == (tmp_path / "root" / "bkt" / "k").stat().st_ino
+
+
+def test_local_get_readonly_file_copies_where_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    store = LocalStore(tmp_path / "root", "bkt")
+    ref = store.put_bytes("k", b"payload")
+
+    def cross_device(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    dest = tmp_path / "out.bin"
+    assert store.get_readonly_file("k", dest) == ref
+    assert dest.read_bytes() == b"payload"
+    assert dest.stat().st_ino != (tmp_path / "root" / "bkt" / "k").stat().st_ino
+    assert set(os.listdir(tmp_path)) == {"out.bin", "root"}
 
 
 def test_local_stale_temp_files_are_cleaned_on_open(tmp_path: Path) -> None:

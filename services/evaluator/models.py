@@ -168,12 +168,13 @@ def checkpoint_identity(
 def fetch_checkpoint_files(
     store: ObjectStore, prefix: str, keys: list[str], dest: Path, *, bucket: str | None = None
 ) -> None:
-    """Every object under ``prefix`` into ``dest``, keeping its relative name."""
+    """Every object under ``prefix`` into ``dest``, keeping its relative name (read-only copies: hard
+    links into a local store on the same disk, so evaluating a 7B model costs no second 14 GB)."""
     prefix = prefix.rstrip("/") + "/"
     for key in keys:
         path = dest / key[len(prefix) :]
         path.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(key, path, bucket=bucket)
+        store.get_readonly_file(key, path, bucket=bucket)
 
 
 def download_checkpoint(

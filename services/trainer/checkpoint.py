@@ -151,16 +151,15 @@ def save_checkpoint(
     keep: int = 2,
     remove_uploaded: bool = False,
 ) -> ObjectRef:
-    """Upload ``files`` (name → local path) as step ``step``, commit it in latest.json, prune old ones.
-    ``remove_uploaded`` deletes each local file once stored, so a large checkpoint never needs twice its
-    size of local disk."""
+    """Store ``files`` (name → local path) as step ``step``, commit it in latest.json, prune old ones.
+    ``remove_uploaded`` hands each local file over to the store (moved, not copied, into a local store
+    on the same disk), so a large checkpoint never needs twice its size of local disk."""
     prefix = checkpoint_prefix(run_id, step)
     entries = {}
     for name, path in sorted(files.items()):
-        ref = store.put_file(prefix + name, path)
+        store_file = store.move_file if remove_uploaded else store.put_file
+        ref = store_file(prefix + name, path)
         entries[name] = {"key": ref.key, "size": ref.size, "sha256": ref.sha256}
-        if remove_uploaded:
-            Path(path).unlink()
     ref = store.put_json(
         latest_key(run_id),
         {"format": FORMAT_VERSION, "step": step, "prefix": prefix, "files": entries, "state": state},
@@ -232,7 +231,7 @@ def download(store: ObjectStore, checkpoint: Checkpoint, dest: Path) -> dict[str
     paths = {}
     for name, entry in checkpoint.files.items():
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        ref = store.get_file(entry["key"], dest / name)
+        ref = store.get_readonly_file(entry["key"], dest / name)
         if ref.sha256 != entry["sha256"] or ref.size != entry["size"]:
             raise FailedPrecondition(
                 f"checkpoint file {entry['key']!r} does not match its record (sha256 {ref.sha256})",

@@ -37,8 +37,8 @@ def trained_weights(model) -> dict[str, torch.Tensor]:
 
 
 def export_model(run: PreparedRun, weights: dict, steps: int) -> ObjectRef:
-    """Write the final model (and the LoRA adapter) locally, upload them, and return the final model's
-    manifest ref (rank 0)."""
+    """Write the final model (and the LoRA adapter) locally, move them into storage, and return the final
+    model's manifest ref (rank 0)."""
     spec = run.spec
     out = run.run_dir / "final"
     adapter = run.run_dir / "adapter"
@@ -54,8 +54,8 @@ def export_model(run: PreparedRun, weights: dict, steps: int) -> ObjectRef:
         adapter_dest=adapter if spec.method is Method.LORA else None,
     )
     if adapter.exists():
-        upload_folder(run.store, adapter, adapter_prefix(spec.run_id), {"kind": "peft-adapter"})
-    manifest = upload_folder(
+        move_folder(run.store, adapter, adapter_prefix(spec.run_id), {"kind": "peft-adapter"})
+    manifest = move_folder(
         run.store,
         out,
         final_prefix(spec.run_id),
@@ -74,11 +74,12 @@ def export_model(run: PreparedRun, weights: dict, steps: int) -> ObjectRef:
     return manifest
 
 
-def upload_folder(store: ObjectStore, folder: Path, prefix: str, info: dict) -> ObjectRef:
-    """Upload every file of ``folder`` under ``prefix``, then ``manifest.json`` listing them (written
-    last: a prefix without it is incomplete). Returns the manifest's ref."""
+def move_folder(store: ObjectStore, folder: Path, prefix: str, info: dict) -> ObjectRef:
+    """Move every file of ``folder`` into storage under ``prefix`` (a local store on the same disk takes
+    each by rename: a merged 7B model never needs 28 GB of disk), then write ``manifest.json`` listing
+    them (last: a prefix without it is incomplete). Returns the manifest's ref."""
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        ref = store.put_file(prefix + path.relative_to(folder).as_posix(), path)
+        ref = store.move_file(prefix + path.relative_to(folder).as_posix(), path)
         files.append({"key": ref.key, "size": ref.size, "sha256": ref.sha256})
     return store.put_json(prefix + MANIFEST, info | {"files": files})

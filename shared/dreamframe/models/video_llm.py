@@ -320,7 +320,7 @@ def fetch_model(store, manifest_key: str, dest: Path, *, bucket: str | None = No
     for entry in manifest["files"]:
         target = dest / entry["key"].removeprefix(prefix)
         target.parent.mkdir(parents=True, exist_ok=True)
-        ref = store.get_file(entry["key"], target, bucket=bucket)
+        ref = store.get_readonly_file(entry["key"], target, bucket=bucket)
         if ref.sha256 != entry["sha256"]:
             raise FailedPrecondition(f"{entry['key']!r} does not match the model's manifest", field="model")
     return dest

@@ -118,12 +118,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_stream(chunks: Iterable[bytes]) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
-            digest.update(chunk)
+    for chunk in chunks:
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(iter(lambda: f.read(CHUNK_SIZE), b""))
 
 
 class ChunkStream(Iterator[bytes]):
@@ -204,21 +208,26 @@ def write_atomically(
             os.fsync(f.fileno())
             if before_replace is not None:
                 before_replace(size, digest.hexdigest(), os.fstat(f.fileno()))
-        for attempt in range(3):
-            try:
-                os.replace(tmp, dest)
-                break
-            except FileNotFoundError:
-                # The parent is new, or a concurrent delete just pruned it as empty: (re)make it.
-                if attempt == 2:
-                    raise
-                dest.parent.mkdir(parents=True, exist_ok=True)
+        replace_making_parents(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(dest.parent)
     return size, digest.hexdigest()
+
+
+def replace_making_parents(src: str | Path, dest: Path) -> None:
+    """``os.replace(src, dest)``, making ``dest``'s missing parents, then fsync the directory."""
+    for attempt in range(3):
+        try:
+            os.replace(src, dest)
+            break
+        except FileNotFoundError:
+            # The parent is new, or a concurrent delete just pruned it as empty: (re)make it.
+            if attempt == 2 or not os.path.lexists(src):
+                raise
+            dest.parent.mkdir(parents=True, exist_ok=True)
+    fsync_dir(dest.parent)
 
 
 class ObjectStore(ABC):
@@ -262,6 +271,21 @@ class ObjectStore(ABC):
     ) -> ObjectRef:
         """Store the file at ``path`` atomically (streamed, not read into memory)."""
 
+    def move_file(
+        self,
+        key: str,
+        path: str | Path,
+        *,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> ObjectRef:
+        """``put_file``, then ``path`` is removed: the caller hands the file over (a model or checkpoint
+        it wrote only to store). A store on the file's filesystem takes it by rename instead of copying
+        it (the local store); the others upload it and delete it. On failure ``path`` is left alone."""
+        ref = self.put_file(key, path, content_type=content_type, bucket=bucket)
+        Path(path).unlink(missing_ok=True)
+        return ref
+
     # --- reads ------------------------------------------------------------------------------------
     @abstractmethod
     def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
@@ -272,6 +296,12 @@ class ObjectStore(ABC):
         with self.open_stream(key, bucket=bucket) as chunks:
             size, sha256 = write_atomically(chunks, Path(path))
         return ObjectRef(self._bucket(bucket), key, size, sha256)
+
+    def get_readonly_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
+        """``get_file`` for a caller that only reads the copy and never writes to it in place (a model
+        or checkpoint to load): a store that can share the bytes instead of copying them does so (the
+        local store hard-links them). Deleting the copy is fine."""
+        return self.get_file(key, path, bucket=bucket)
 
     @abstractmethod
     def open_stream(

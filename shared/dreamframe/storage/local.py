@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +30,9 @@ from dreamframe.storage.base import (
     ObjectInfo,
     ObjectRef,
     ObjectStore,
+    replace_making_parents,
     sha256_bytes,
+    sha256_stream,
     validate_key,
     validate_prefix,
     write_atomically,
@@ -150,17 +152,59 @@ class LocalStore(ObjectStore):
         with open(path, "rb") as f:
             return self._write(key, iter(lambda: f.read(CHUNK_SIZE), b""), bucket)
 
+    def move_file(
+        self,
+        key: str,
+        path: str | Path,
+        *,
+        content_type: str = "application/octet-stream",
+        bucket: str | None = None,
+    ) -> ObjectRef:
+        """Renamed into the bucket when it is a plain file on this store's filesystem with no other name
+        (another hard link could change the object in place later); copied otherwise. Either way it is
+        hashed once, and a 14 GB exported model never needs twice its size of disk."""
+        dest = self._writable_path(key, bucket)
+        try:
+            f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))
+        except OSError:  # a symlink (or missing: put_file reports that)
+            return super().move_file(key, path, content_type=content_type, bucket=bucket)
+        with f:
+            st = os.fstat(f.fileno())
+            if not S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_dev != self._tmp.stat().st_dev:
+                return super().move_file(key, path, content_type=content_type, bucket=bucket)
+            os.fsync(f.fileno())  # the caller's bytes may still be in the page cache only
+            sha256 = sha256_stream(iter(lambda: f.read(CHUNK_SIZE), b""))
+            after = os.fstat(f.fileno())
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or not _same_file(path, st):
+            raise FailedPrecondition(f"{str(path)!r} changed while it was being stored", field="path")
+        self._write_meta(self._meta_path(key, bucket), sha256, after)
+        with self._no_key_clash(key):
+            replace_making_parents(path, dest)
+        return ObjectRef(self._bucket(bucket), key, after.st_size, sha256)
+
     def _write(self, key: str, chunks: Iterator[bytes] | list[bytes], bucket: str | None) -> ObjectRef:
-        dest = self._path(key, bucket)
-        if not self._bucket_dir(bucket).is_dir():  # write_atomically would make it
-            raise NotFound(f"bucket {self._bucket(bucket)!r} does not exist", field="bucket")
+        dest = self._writable_path(key, bucket)
         meta = self._meta_path(key, bucket)
 
         def record_sha(size: int, sha256: str, st: os.stat_result) -> None:
             self._write_meta(meta, sha256, st)
 
-        try:
+        with self._no_key_clash(key):
             size, sha256 = write_atomically(chunks, dest, tmp_dir=self._tmp, before_replace=record_sha)
+        return ObjectRef(self._bucket(bucket), key, size, sha256)
+
+    def _writable_path(self, key: str, bucket: str | None) -> Path:
+        """The object's file, in a bucket that exists (a write never makes one)."""
+        dest = self._path(key, bucket)
+        if not self._bucket_dir(bucket).is_dir():
+            raise NotFound(f"bucket {self._bucket(bucket)!r} does not exist", field="bucket")
+        return dest
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _no_key_clash(key: str) -> Iterator[None]:
+        try:
+            yield
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
             # A directory can't also be a file: S3 allows "a" and "a/b" side by side, a filesystem doesn't.
             raise FailedPrecondition(
@@ -168,7 +212,6 @@ class LocalStore(ObjectStore):
                 "the local store cannot hold both 'a' and 'a/b'",
                 field="key",
             ) from None
-        return ObjectRef(self._bucket(bucket), key, size, sha256)
 
     def _write_meta(self, meta: Path, sha256: str, st: os.stat_result) -> None:
         """Cache the hash; best effort, since stat() falls back to hashing when this is missing."""
@@ -181,6 +224,33 @@ class LocalStore(ObjectStore):
     def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
         with self._open(key, bucket) as f:
             return f.read()
+
+    def get_readonly_file(self, key: str, path: str | Path, *, bucket: str | None = None) -> ObjectRef:
+        """A hard link when ``path`` is on this store's filesystem: objects are only ever replaced by
+        rename, never written in place, so the link keeps the bytes it was made with; copied otherwise."""
+        src, path = self._path(key, bucket), Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        link = path.parent / f".{secrets.token_hex(8)}.link"
+        try:
+            os.link(src, link, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._not_found(key, bucket) from None
+        except OSError:  # another filesystem, a directory, or links not allowed here
+            return self.get_file(key, path, bucket=bucket)
+        try:
+            st = os.lstat(link)
+            if not S_ISREG(st.st_mode):
+                raise self._not_found(key, bucket)
+            sha256 = self._cached_sha(self._meta_path(key, bucket), st)
+            if sha256 is None:
+                with open(link, "rb") as f:
+                    sha256 = sha256_stream(iter(lambda: f.read(CHUNK_SIZE), b""))
+            os.replace(link, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            raise
+        return ObjectRef(self._bucket(bucket), key, st.st_size, sha256)
 
     def open_stream(
         self, key: str, *, chunk_size: int = CHUNK_SIZE, bucket: str | None = None
@@ -256,13 +326,10 @@ class LocalStore(ObjectStore):
         try:
             with open(path, "rb") as f:
                 before = os.fstat(f.fileno())
-                digest = hashlib.sha256()
-                for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
-                    digest.update(chunk)
+                sha256 = sha256_stream(iter(lambda: f.read(CHUNK_SIZE), b""))
                 after = os.fstat(f.fileno())
         except FileNotFoundError:  # deleted while we looked
             raise NotFound(f"object at {path} vanished", field="key") from None
-        sha256 = digest.hexdigest()
         # Cache only if nobody changed the file while we hashed it.
         if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
             self._write_meta(meta, sha256, after)
@@ -319,3 +386,12 @@ class LocalStore(ObjectStore):
             with contextlib.suppress(OSError):
                 if entry.is_file() and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
+
+
+def _same_file(path: str | Path, st: os.stat_result) -> bool:
+    """``path`` still names the file ``st`` was taken of (nobody swapped it while it was hashed)."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
