@@ -366,3 +366,37 @@ def test_a_snapshot_is_written_once_per_cache(tmp_path, monkeypatch):
     assert snapshots.snapshot_dir(snapshots.CLIP_L_RANDOM, tmp_path) == first == tmp_path / f"{spec.name}-v1"
     assert len(written) == 1 and written[0] != first  # written beside it, then renamed into place
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_sdxl_fp16_files_load_as_they_are_and_convert_after_the_move(tmp_path, tiny_registry, monkeypatch):
+    """fp16 files for a bf16 run are read as fp16 (mapped, no CPU conversion) and converted once on the
+    device; the weights come out exactly as a direct bf16 load makes them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    configs, refiner = tiny_registry["sdxl"]
+    root = tmp_path / "sdxl-fp16"
+    snapshots.write_sdxl(
+        root, configs=configs, refiner_unet=refiner, device="cpu", dtype=torch.float16, seed=7
+    )
+    assert sdxl.read_dtype(str(root / "base"), torch.bfloat16) == torch.float16
+    assert sdxl.read_dtype(str(root / "base"), torch.float32) == torch.float32  # widening: read as asked
+    assert sdxl.read_dtype("stabilityai/stable-diffusion-xl-base-1.0", torch.bfloat16) == torch.bfloat16
+
+    read_as = []
+    original = StableDiffusionXLPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        read_as.append(kwargs["dtype"])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", classmethod(spy))
+    paths = {"fp16": str(root)}
+    loaded = sdxl.load_sdxl("fp16", model_paths=paths, device="cpu", dtype=torch.bfloat16)
+    assert read_as == [torch.float16]
+    monkeypatch.undo()
+    direct = StableDiffusionXLPipeline.from_pretrained(str(root / "base"), dtype=torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(loaded.base, name).state_dict(), getattr(direct, name).state_dict()
+        assert all(t.dtype == torch.bfloat16 for t in got.values()), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert loaded.refiner.unet.dtype == torch.bfloat16
