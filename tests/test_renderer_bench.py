@@ -108,3 +108,59 @@ def test_bad_variants_are_refused_before_any_work():
         bench.parse_variant("x=fuse_qkv:maybe", base)
     with pytest.raises(ValueError, match="^sdpa_backend: "):
         bench.parse_variant("x=sdpa_backend:fast", base)
+
+
+# A small UNet of SDXL's kind (text-time conditioning, transformer blocks in cross-attention stages).
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32,
+    use_linear_projection=True,
+)
+
+
+@pytest.mark.parametrize("scope", ["whole", "regional"])
+def test_tracing_bench_scopes_match_eager(scope, one_thread):
+    from services.keyframe_renderer.bench import tracing
+
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    row = tracing.measure("base", scope, latent=8, config=TINY_UNET)
+    assert row["same_as_eager"] and row["tracing_s"] >= 0
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in UNet2DConditionModel(**TINY_UNET).modules())
+    assert blocks > 1 and row["modules_compiled"] == (1 if scope == "whole" else blocks)
+
+
+def test_tracing_bench_aot_artifact_loads_and_runs_on_the_weights_it_is_given(tmp_path, one_thread):
+    """The ahead-of-time compiled forward, saved and loaded back, computes what the eager UNet does, and
+    with the module it is called with (the artifact holds the graph, not a copy of the weights)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from services.keyframe_renderer.bench import tracing
+
+    artifact = tmp_path / "base.aot"
+    saved = tracing.measure("base", "aot", latent=8, config=TINY_UNET, artifact=artifact, save=True)
+    assert saved["bytes"] == artifact.stat().st_size > 0 and saved["aot_compile_s"] > 0
+    loaded = tracing.measure("base", "aot", latent=8, config=TINY_UNET, artifact=artifact)
+    assert loaded["same_as_eager"] and loaded["load_s"] >= 0
+
+    torch.manual_seed(1)  # other weights than the artifact was compiled with
+    unet = UNet2DConditionModel(**TINY_UNET).to(torch.bfloat16).eval()
+    args, kwargs = tracing.unet_inputs(TINY_UNET, False, 8, torch.bfloat16)
+    with artifact.open("rb") as f:
+        function = torch.compiler.load_compiled_function(f)
+    with torch.no_grad():
+        assert torch.equal(function(unet, *args, **kwargs)[0], unet(*args, **kwargs)[0])
