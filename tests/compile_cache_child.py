@@ -1,7 +1,7 @@
 """A fresh process for the compile-cache tests: compiles a tiny module (or the tiny renderer engine) through
 ``CompileCache`` and prints one JSON line with what happened (hit or miss, inductor's counters).
 
-    python tests/compile_cache_child.py module|engine LOCAL_DIR [STORE_ROOT]
+    python tests/compile_cache_child.py module|engine|engine-aot LOCAL_DIR [STORE_ROOT]
 
 Storage: the S3 server in DREAMFRAME_STORAGE__* when set (backend s3), else a LocalStore at STORE_ROOT
 (none: no store). The signing key comes from DREAMFRAME_TEST_CC_KEY. TORCHINDUCTOR_CACHE_DIR is the
@@ -74,7 +74,9 @@ def main() -> None:
             model_paths={},
             cache_dir=Path(os.environ["DREAMFRAME_TEST_MODELS"]),
             device="cpu",
-            options=EngineOptions(compile_mode="default", compile_vae=False),
+            options=EngineOptions(
+                compile_mode="default", compile_vae=False, compile_aot=what == "engine-aot"
+            ),
             compile_cache=cache,
         )
         params = resolve_options(
@@ -87,6 +89,7 @@ def main() -> None:
         images = engine.render(["a cat"], [20], params)
         out["checksum"] = int(images.astype("int64").sum())
         out["hit"] = next(iter(engine._cache_sessions.values())).hit
+        out["graphs_traced"] = int(counters["stats"]["unique_graphs"])
     out["seconds"] = time.monotonic() - started
     out["inductor"] = dict(counters["inductor"])
     out["aot_autograd"] = dict(counters["aot_autograd"])

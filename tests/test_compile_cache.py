@@ -263,6 +263,63 @@ def test_the_tiny_renderer_engine_reuses_its_compiled_artifacts(tmp_path):
     # (On a CPU a hit still builds the C++ kernels from the cached sources: no wall-time claim here.)
 
 
+@pytest.mark.slow
+def test_the_renderer_engine_loads_its_ahead_of_time_functions_and_traces_nothing(tmp_path):
+    """compile_aot: the first process compiles the base UNet's forward ahead of time and stores the function
+    (sealed) beside the bundle; a second process with an empty local dir and inductor dir loads it from
+    the store and Dynamo traces no graph; the images are the same."""
+    env = {"DREAMFRAME_TEST_MODELS": str(tmp_path / "models")}
+    store = str(tmp_path / "store")
+    first = run_child("engine-aot", tmp_path / "a", tmp_path / "inductor-a", env, store)
+    assert first["graphs_traced"] >= 1 and first["cache"]["saved"] >= 1
+    stored = list((tmp_path / "store" / "dreamframe" / "compile-cache" / "keyframe-renderer").glob("*.aot"))
+    assert len(stored) == 1  # the base UNet at one input signature (refiner and VAE off here)
+    second = run_child("engine-aot", tmp_path / "b", tmp_path / "inductor-b", env, store)
+    assert second["graphs_traced"] == 0
+    assert second["checksum"] == first["checksum"]
+    eager = run_child("engine", tmp_path / "c", tmp_path / "inductor-c", env)
+    assert eager["checksum"] == first["checksum"]
+
+
+def test_a_planted_ahead_of_time_function_is_refused_and_compiled_anew(tmp_path, monkeypatch):
+    """An unsigned (or tampered) artifact never reaches torch's unpickler: the module compiles instead."""
+    import torch
+
+    from dreamframe.models import aot
+    from dreamframe.models.compile_cache import CompileCache, CompileCacheSettings
+
+    from compile_cache_child import Tiny
+
+    cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
+    module = Tiny()
+    key = "k" * 40
+    cache.local_path(key, aot.AOT_SUFFIX).parent.mkdir(parents=True)
+    cache.local_path(key, aot.AOT_SUFFIX).write_bytes(b"cos\nsystem\n(S'echo planted'\ntR.")
+    monkeypatch.setattr(
+        torch.compiler, "load_compiled_function", lambda *a, **k: pytest.fail("unverified bytes loaded")
+    )
+    runner = aot.AheadOfTime(module, "linear", options={}, artifact_key=lambda *_: key, cache=cache)
+    runner.install()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(x), module.forward(x))
+    assert (runner.loaded, runner.compiled, cache.stats.refused) == (0, 1, 1)
+    aot.uninstall(module)
+
+
+def test_signature_tells_shapes_dtypes_and_values_apart():
+    import torch
+
+    from dreamframe.models.aot import signature
+
+    x = torch.zeros(2, 3)
+    assert signature(((x,), {"a": None})) == signature(((torch.ones(2, 3),), {"a": None}))
+    for other in (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(3, 2).t()):
+        assert signature(((other,), {"a": None})) != signature(((x,), {"a": None}))
+    assert signature(((x,), {"a": True})) != signature(((x,), {"a": None}))
+    assert signature({"b": 1, "a": 2}) == signature({"a": 2, "b": 1})
+
+
 # --- the style trainer and the trainer look up before compiling and save after the first step -------------
 @pytest.mark.slow
 def test_style_trainer_looks_up_before_its_first_compile_and_finishes_after_step_one(

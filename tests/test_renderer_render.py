@@ -568,3 +568,37 @@ def test_regional_compile_traces_each_block_shape_once_and_keeps_the_image(rende
     assert not engine.compiled and all(b._compiled_call_impl is None for b in blocks)
     diff = np.abs(eager - compiled)
     assert diff.max() <= 2 and diff.mean() < 0.05, f"max {diff.max()} mean {diff.mean()}"
+
+
+@pytest.mark.slow
+def test_ahead_of_time_compile_covers_both_unets_and_the_decoder_and_keeps_the_image(renderer):
+    """compile_aot (no compile cache here: functions live in the process only): each UNet and the VAE
+    decoder gets one function per input signature, the image is the eager one, and uncompiling puts the
+    modules' own calls back. It cannot be combined with compile_regional."""
+    from dreamframe.models.aot import AheadOfTime
+    from services.keyframe_renderer.engine import EngineOptions
+    from services.keyframe_renderer.options import resolve_options
+
+    engine = renderer.engine("tiny")
+    params = resolve_options(
+        RenderOptions(steps=STEPS), preset="tiny", resolution=64, default_batch_size=0, compile_default=False
+    )
+    prompts, seeds = ["scene 0: Ann is sitting at the bar", "scene 1: a dog"], [20, 21]
+    modules = [p.unet for p in engine._pipes()] + [engine.base.vae.decoder]
+    with pytest.raises(ValueError, match="compile_regional"):
+        EngineOptions(compile_mode="default", compile_aot=True, compile_regional=True)
+    try:
+        eager = engine.render(prompts, seeds, params).astype(np.int16)
+        engine.configure(EngineOptions(compile_mode="default", compile_aot=True))
+        assert "ahead of time" in engine.options.describe()
+        runners = [m._compiled_call_impl for m in modules]
+        assert all(isinstance(r, AheadOfTime) for r in runners)
+        compiled = engine.render(prompts, seeds, params).astype(np.int16)
+        again = engine.render(prompts, seeds, params).astype(np.int16)
+        assert [(r.compiled, len(r.functions)) for r in runners] == [(1, 1)] * 3  # nothing compiled twice
+    finally:
+        engine.configure(EngineOptions())
+    assert not engine.compiled and all(m._compiled_call_impl is None for m in modules)
+    assert np.array_equal(compiled, again)
+    diff = np.abs(eager - compiled)
+    assert diff.max() <= 2 and diff.mean() < 0.05, f"max {diff.max()} mean {diff.mean()}"

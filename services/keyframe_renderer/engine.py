@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from dreamframe.errors import InvalidArgument
-from dreamframe.models import attention, fp8, sdxl
+from dreamframe.models import aot, attention, fp8, sdxl
 from dreamframe.models.attention import sdpa_context
 from dreamframe.models.compile_cache import CompileCache, Session, config_hash, open_cache
 from dreamframe.models.device import free_memory
@@ -91,6 +91,9 @@ class EngineOptions:
     # compiled graph, so a process traces a few blocks instead of ~70 (Dynamo's tracing is what a
     # replica pays on every start, cache or not); the ResNet blocks and the rest run eager.
     compile_regional: bool = False
+    # Compile each module's forward ahead of time per input shape and keep the function in the compile
+    # cache (dreamframe.models.aot): a process that finds it there neither traces nor lowers.
+    compile_aot: bool = False
     fuse_qkv: bool = True
     sdpa_backend: str = "auto"
     channels_last: bool = True
@@ -111,6 +114,10 @@ class EngineOptions:
         for f in fields(self):
             if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name}: must be true or false, got {getattr(self, f.name)!r}")
+        if self.compile_aot and self.compile_regional:
+            raise ValueError(
+                "compile_aot: compiles whole modules; it cannot be combined with compile_regional"
+            )
 
     @classmethod
     def from_settings(cls, settings: RendererSettings, *, compile: bool | None = None) -> EngineOptions:
@@ -121,6 +128,7 @@ class EngineOptions:
             compile_vae=settings.compile_vae,
             compile_tuning=settings.compile_tuning,
             compile_regional=settings.compile_regional,
+            compile_aot=settings.compile_aot,
             fuse_qkv=settings.fuse_qkv,
             sdpa_backend=settings.sdpa_backend,
             channels_last=settings.channels_last,
@@ -131,6 +139,7 @@ class EngineOptions:
         compiled = (
             f"compile {self.compile_mode}"
             + (" per transformer block" if self.compile_regional else "")
+            + (" ahead of time" if self.compile_aot else "")
             + (" +VAE" if self.compile_vae else " (UNets only)")
             + (" +tuning" if self.compile_tuning else "")
             if self.compile_mode
@@ -344,17 +353,22 @@ class SDXLEngine:
             fp8.restore_linears(pipe.unet, originals)
         self._fp8_originals = None
 
-    def _compile_targets(self) -> list[torch.nn.Module]:
+    def _compile_targets(self) -> dict[str, torch.nn.Module]:
         if self.options.compile_regional:
             from diffusers.models.attention import BasicTransformerBlock
 
-            targets = [
-                m for p in self._pipes() for m in p.unet.modules() if isinstance(m, BasicTransformerBlock)
-            ]
+            targets = {
+                f"{p_name}.{name}": m
+                for p_name, p in zip(("base", "refiner"), self._pipes(), strict=False)
+                for name, m in p.unet.named_modules()
+                if isinstance(m, BasicTransformerBlock)
+            }
         else:
-            targets = [p.unet for p in self._pipes()]
+            targets = {
+                f"{name}_unet": p.unet for name, p in zip(("base", "refiner"), self._pipes(), strict=False)
+            }
         if self.options.compile_vae:
-            targets.append(self.base.vae.decoder)
+            targets["vae_decoder"] = self.base.vae.decoder
         return targets
 
     def compile(self, mode: str | None = None) -> None:
@@ -368,9 +382,15 @@ class SDXLEngine:
             mode = self.auto_mode()
         self.options = replace(self.options, compile_mode=mode)
         options = inductor_options(mode, tuning=self.options.compile_tuning)
-        self._compiled_modules = self._compile_targets()
-        for module in self._compiled_modules:
-            module.compile(fullgraph=True, options=options)
+        targets = self._compile_targets()
+        self._compiled_modules = list(targets.values())
+        for name, module in targets.items():
+            if self.options.compile_aot:
+                aot.AheadOfTime(
+                    module, name, options=options, artifact_key=self.aot_key, cache=self.compile_cache
+                ).install()
+            else:
+                module.compile(fullgraph=True, options=options)
         self.compiled = True
         log.info("compiled %s", self.options.describe())
 
@@ -379,7 +399,7 @@ class SDXLEngine:
         if not self.compiled:
             return
         for module in self._compiled_modules:
-            module._compiled_call_impl = None  # what nn.Module.compile set
+            aot.uninstall(module)  # what nn.Module.compile or AheadOfTime.install set
         self._compiled_modules = []
         torch._dynamo.reset()
         self._cache_sessions.clear()
@@ -410,6 +430,13 @@ class SDXLEngine:
     def cache_key(self, workload: dict[str, Any], mode: str | None = None) -> str:
         return self.compile_cache.key(
             model=self.cache_model(), options=self.cache_options(mode), workload=workload, device=self.device
+        )
+
+    def aot_key(self, module: str, inputs: str) -> str:
+        """Where ``module``'s function compiled ahead of time for ``inputs`` (a signature) is kept."""
+        workload = {"module": module, "inputs": inputs}
+        return self.compile_cache.key(
+            model=self.cache_model(), options=self.cache_options(), workload=workload, device=self.device
         )
 
     def choice_key(self) -> str:

@@ -43,6 +43,10 @@ class RendererSettings(BaseModel):
     # Compile per UNet transformer block (each shape traced once, shared by every block of it) instead
     # of per UNet: less to trace at every replica start; not yet timed against whole-UNet compiling.
     compile_regional: bool = False
+    # Compile each UNet (and the VAE decoder) ahead of time per input shape and keep the functions in the
+    # compile cache: a replica that finds them loads them instead of tracing (dreamframe.models.aot;
+    # PyTorch's experimental aot_compile). Not with compile_regional; not yet timed on a GPU.
+    compile_aot: bool = False
     # Fused QKV projections (one matmul for q, k, v; one for k, v in cross-attention) in both UNets and
     # the VAE (diffusers' fuse_qkv_projections; the old projections become views of the fused weights).
     fuse_qkv: bool = True

@@ -64,7 +64,8 @@ CompileMode = Literal[COMPILE_MODES]
 ReferenceCompileMode = Literal[tuple(mode for mode in COMPILE_MODES if mode)]
 VARIANT_HELP = (
     f"a service variant (repeatable), against the renderer settings: {', '.join(VARIANTS)}, or "
-    "NAME=key:value,... over compile_mode, compile_vae, compile_tuning, compile_regional, fuse_qkv, "
+    "NAME=key:value,... over compile_mode, compile_vae, compile_tuning, compile_regional, compile_aot, "
+    "fuse_qkv, "
     f"sdpa_backend, channels_last. Default: {', '.join(GPU_VARIANTS)} on GPUs, default on CPUs. The "
     "first one that runs is the headline 'service' figure."
 )

@@ -29,6 +29,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuned": {"compile_tuning": True},
     "untuned": {"compile_tuning": False},
     "regional": {"compile_regional": True},
+    "aot": {"compile_aot": True},
     "unfused": {"fuse_qkv": False},
     "vae-eager": {"compile_vae": False},
     "contiguous": {"channels_last": False},

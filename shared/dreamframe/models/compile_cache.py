@@ -25,7 +25,8 @@ lazy), ``finish`` saves a bundle when this process compiled something (a miss, o
 hit). Hits, misses and their seconds are logged and counted in ``stats``.
 
 ``record_choice``/``choice`` keep a signed note of which compile mode won a warm-up's timing (the
-renderer's ``compile_mode: auto``).
+renderer's ``compile_mode: auto``); ``save_artifact``/``load_artifact`` keep other sealed payloads
+(the renderer's functions compiled ahead of time, ``dreamframe.models.aot``).
 """
 
 from __future__ import annotations
@@ -467,6 +468,27 @@ class CompileCache:
         session.hit = loaded is not None
         session.loaded_meta = loaded or {}
         return session
+
+    # --- other sealed artifacts (e.g. functions compiled ahead of time) --------------------------------
+    def save_artifact(self, key: str, suffix: str, payload: bytes) -> bool:
+        """Seal and store ``payload`` under ``key`` + ``suffix`` (beside the bundles, same rules)."""
+        if not (self.enabled and self.settings.save):
+            return False
+        ok = self._write(key, suffix, seal(self.secret, key, payload))
+        if ok:
+            self.stats.saved += 1
+        return ok
+
+    def load_artifact(self, key: str, suffix: str) -> bytes | None:
+        """The payload saved under ``key`` + ``suffix`` if a copy verifies; None otherwise."""
+        if not self.enabled:
+            return None
+        found = self._read_verified(key, suffix)
+        if found is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return found[0]
 
     # --- choices ----------------------------------------------------------------------------------------
     def record_choice(self, key: str, choice: Mapping[str, Any]) -> bool:
