@@ -284,11 +284,9 @@ def test_the_renderer_engine_loads_its_ahead_of_time_functions_and_traces_nothin
 def test_a_planted_ahead_of_time_function_is_refused_and_compiled_anew(tmp_path, monkeypatch):
     """An unsigned (or tampered) artifact never reaches torch's unpickler: the module compiles instead."""
     import torch
+    from compile_cache_child import Tiny
 
     from dreamframe.models import aot
-    from dreamframe.models.compile_cache import CompileCache, CompileCacheSettings
-
-    from compile_cache_child import Tiny
 
     cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
     module = Tiny()
@@ -302,8 +300,44 @@ def test_a_planted_ahead_of_time_function_is_refused_and_compiled_anew(tmp_path,
     runner.install()
     x = torch.randn(3, 16)
     with torch.no_grad():
-        assert torch.allclose(module(x), module.forward(x))
+        assert torch.allclose(module(x), module.forward(x), atol=1e-5)
     assert (runner.loaded, runner.compiled, cache.stats.refused) == (0, 1, 1)
+    aot.uninstall(module)
+
+
+def test_a_failing_ahead_of_time_compile_falls_back_to_just_in_time(tmp_path, monkeypatch):
+    """The API is experimental: when it cannot compile a module, the module is compiled as
+    nn.Module.compile would, and renders on."""
+    import types
+
+    import torch
+    from compile_cache_child import Tiny
+
+    from dreamframe.models import aot
+
+    real_compile = torch.compile
+
+    def compile_(target, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if "guard_filter_fn" in kwargs.get("options", {}):
+
+            def refuse(*_):  # noqa: ANN002, ANN202
+                raise RuntimeError("guard cannot be serialized")
+
+            return types.SimpleNamespace(forward=types.SimpleNamespace(aot_compile=refuse))
+        return real_compile(target, **kwargs)
+
+    monkeypatch.setattr(aot.torch, "compile", compile_)
+    module = Tiny()
+    runner = aot.AheadOfTime(
+        module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=CompileCache.disabled()
+    )
+    runner.install()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(x), module.forward(x), atol=1e-5)
+        assert torch.allclose(module(x * 2), module.forward(x * 2), atol=1e-5)
+    assert runner.compiled == 0 and runner._jit is not None
+    assert module._compiled_call_impl is runner  # back in place after the failed attempt
     aot.uninstall(module)
 
 

@@ -384,6 +384,9 @@ class SDXLEngine:
         options = inductor_options(mode, tuning=self.options.compile_tuning)
         targets = self._compile_targets()
         self._compiled_modules = list(targets.values())
+        if self.options.compile_aot and not aot.available():
+            log.warning("compile_aot: this torch (%s) cannot compile ahead of time; off", torch.__version__)
+            self.options = replace(self.options, compile_aot=False)
         for name, module in targets.items():
             if self.options.compile_aot:
                 aot.AheadOfTime(

@@ -69,7 +69,15 @@ class AheadOfTime:
         self.cache = cache
         self.functions: dict[str, Callable] = {}
         self.loaded = self.compiled = 0
+        self._jit: Callable | None = None
         self._lock = threading.Lock()
+
+    def _just_in_time(self) -> Callable:
+        """What ``nn.Module.compile`` would run, shaped like an ahead-of-time function."""
+        if self._jit is None:
+            self._jit = torch.compile(self.module._call_impl, fullgraph=True, options=self.options)
+        jit = self._jit
+        return lambda _module, *args, **kwargs: jit(*args, **kwargs)
 
     def _external(self) -> dict[str, Any]:
         """Objects an artifact refers to but never holds: the module (with its weights) is this process's."""
@@ -107,6 +115,11 @@ class AheadOfTime:
         try:
             compiled = torch.compile(self.module, fullgraph=True, options=options)
             function = compiled.forward.aot_compile((args, kwargs))
+        except Exception as exc:  # an experimental API: never let it stop a render
+            log.warning(
+                "ahead-of-time %s: cannot compile (%s); compiling just in time instead", self.name, exc
+            )
+            return self._just_in_time()
         finally:
             self.install()
         self.compiled += 1
@@ -116,6 +129,13 @@ class AheadOfTime:
             saved = self.cache.save_artifact(key, AOT_SUFFIX, path.read_bytes())
         log.info("ahead-of-time %s: compiled %s%s", self.name, key[:12], ", saved" if saved else "")
         return function
+
+
+def available() -> bool:
+    """Whether this torch has the ahead-of-time API (experimental; newer than the rest we use)."""
+    return hasattr(torch.compiler, "load_compiled_function") and hasattr(
+        torch.compiler, "keep_tensor_guards_unsafe"
+    )
 
 
 def uninstall(module: torch.nn.Module) -> None:
