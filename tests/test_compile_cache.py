@@ -265,17 +265,18 @@ def test_the_tiny_renderer_engine_reuses_its_compiled_artifacts(tmp_path):
 
 @pytest.mark.slow
 def test_the_renderer_engine_loads_its_ahead_of_time_functions_and_traces_nothing(tmp_path):
-    """compile_aot: the first process compiles the base UNet's forward ahead of time and stores the function
-    (sealed) beside the bundle; a second process with an empty local dir and inductor dir loads it from
-    the store and Dynamo traces no graph; the images are the same."""
+    """compile_aot: the first process compiles the base UNet's forward ahead of time and stores the
+    function (sealed) and a bundle of its kernels; a second process with an empty local dir and inductor
+    dir loads both from the store and Dynamo traces no graph; the images are the same."""
     env = {"DREAMFRAME_TEST_MODELS": str(tmp_path / "models")}
     store = str(tmp_path / "store")
     first = run_child("engine-aot", tmp_path / "a", tmp_path / "inductor-a", env, store)
-    assert first["graphs_traced"] >= 1 and first["cache"]["saved"] >= 1
-    stored = list((tmp_path / "store" / "dreamframe" / "compile-cache" / "keyframe-renderer").glob("*.aot"))
-    assert len(stored) == 1  # the base UNet at one input signature (refiner and VAE off here)
+    assert first["graphs_traced"] >= 1 and first["cache"]["saved"] == 2  # the function and a bundle
+    stored = tmp_path / "store" / "dreamframe" / "compile-cache" / "keyframe-renderer"
+    assert len(list(stored.glob("*.aot"))) == 1  # the base UNet at one input signature (no refiner, VAE)
+    assert len(list(stored.glob("*.bin"))) == 1  # its kernels: aot_compile bypasses inductor's graph cache
     second = run_child("engine-aot", tmp_path / "b", tmp_path / "inductor-b", env, store)
-    assert second["graphs_traced"] == 0
+    assert second["graphs_traced"] == 0 and second["hit"] and second["cache"]["hits"] == 2
     assert second["checksum"] == first["checksum"]
     eager = run_child("engine", tmp_path / "c", tmp_path / "inductor-c", env)
     assert eager["checksum"] == first["checksum"]

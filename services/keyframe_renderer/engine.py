@@ -273,6 +273,7 @@ class SDXLEngine:
         self.options = EngineOptions(fuse_qkv=False, channels_last=False)  # as loaded
         self.compiled = False
         self._compiled_modules: list[torch.nn.Module] = []
+        self._aot_runners: list[aot.AheadOfTime] = []
         self.reversible = reversible
         # Per UNet, the linear layers FP8 replaced (empty dicts when not reversible); None: not quantized.
         self._fp8_originals: list[dict[str, torch.nn.Linear]] | None = None
@@ -389,9 +390,11 @@ class SDXLEngine:
             self.options = replace(self.options, compile_aot=False)
         for name, module in targets.items():
             if self.options.compile_aot:
-                aot.AheadOfTime(
+                runner = aot.AheadOfTime(
                     module, name, options=options, artifact_key=self.aot_key, cache=self.compile_cache
-                ).install()
+                )
+                runner.install()
+                self._aot_runners.append(runner)
             else:
                 module.compile(fullgraph=True, options=options)
         self.compiled = True
@@ -404,6 +407,7 @@ class SDXLEngine:
         for module in self._compiled_modules:
             aot.uninstall(module)  # what nn.Module.compile or AheadOfTime.install set
         self._compiled_modules = []
+        self._aot_runners = []
         torch._dynamo.reset()
         self._cache_sessions.clear()
         self.compiled = False
@@ -600,7 +604,8 @@ class SDXLEngine:
         marks.append(self._mark())
         images = pixels.cpu().numpy()  # the one host copy (and sync) per batch
         if session is not None and not session.finished:
-            session.finish()  # the first compiled batch of this shape is done: save what it compiled
+            # The first compiled batch of this shape is done: save what it compiled.
+            session.finish(compiled_ahead=any(r.compiled for r in self._aot_runners))
         self._add_stage_seconds(marks)
         self.batches_rendered += 1
         self.frames_rendered += batch

@@ -251,13 +251,15 @@ class Session:
         """Whether inductor compiled a graph it found in no cache since the session began."""
         return _inductor_counter("fxgraph_cache_miss") > self._misses_before
 
-    def finish(self, **meta: Any) -> bool:
-        """Call once the first compiled batch/step is done; returns whether a bundle was saved."""
+    def finish(self, *, compiled_ahead: bool = False, **meta: Any) -> bool:
+        """Call once the first compiled batch/step is done; returns whether a bundle was saved.
+        ``compiled_ahead``: the caller compiled functions ahead of time (``dreamframe.models.aot``), which
+        bypasses inductor's graph cache; their kernels still go into a bundle."""
         if self.finished:
             return False
         self.finished = True
         seconds = time.monotonic() - self.started
-        new = self.compiled_new
+        new = self.compiled_new or compiled_ahead
         log.info(
             "compile cache %s for %s/%s: first compiled run %.1f s%s",
             "hit" if self.hit else "miss",
