@@ -132,10 +132,10 @@ TINY_UNET = dict(
 
 @pytest.mark.parametrize("scope", ["whole", "regional"])
 def test_tracing_bench_scopes_match_eager(scope, one_thread):
-    from services.keyframe_renderer.bench import tracing
-
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
+
+    from services.keyframe_renderer.bench import tracing
 
     row = tracing.measure("base", scope, latent=8, config=TINY_UNET)
     assert row["same_as_eager"] and row["tracing_s"] >= 0
