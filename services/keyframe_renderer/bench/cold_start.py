@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     marks["first_frame"] = process_age()
     session = next(iter(engine._cache_sessions.values()), None)
+    from torch._dynamo.utils import counters
+
     result = {
         "preset": renderer.preset,
         "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
@@ -110,6 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
         "load_seconds": round(marks["model_loaded"] - marks["imported"], 2),
         "compile_and_first_batch_seconds": round(marks["first_frame"] - marks["model_loaded"], 2),
         "cache": cache.report(),
+        # What the start still traced (0 when every module's function came from the cache) and, with
+        # compile_aot, how many functions were loaded or compiled ahead of time.
+        "graphs_traced": int(counters["stats"]["unique_graphs"]),
+        "compile_aot": engine.options.compile_aot,
+        "aot_loaded": sum(r.loaded for r in engine._aot_runners),
+        "aot_compiled": sum(r.compiled for r in engine._aot_runners),
         "torch": torch.__version__,
     }
     line = json.dumps(result)
