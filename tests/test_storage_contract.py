@@ -702,6 +702,7 @@ def test_local_symlink_escape_is_refused(tmp_path: Path) -> None:
         lambda: store.get_bytes("link/secret"),
         lambda: store.put_bytes("link/new", b"x"),
         lambda: store.get_bytes("file-link"),
+        lambda: store.get_readonly_file("file-link", tmp_path / "copy"),
         lambda: store.delete("link/secret"),
     ):
         with pytest.raises(InvalidArgument) as err:
@@ -807,6 +808,15 @@ def test_local_get_readonly_file_links(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr("dreamframe.storage.local.sha256_stream", lambda *a: pytest.fail("re-hashed"))
     assert store.get_readonly_file("k", dest) == ref
     assert dest.stat().st_ino == (tmp_path / "root" / "bkt" / "k").stat().st_ino
+
+
+def test_local_get_readonly_file_of_a_link_inside_the_bucket_is_its_target(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", "bkt")
+    store.put_bytes("weights/real.bin", b"weights")
+    (tmp_path / "root" / "bkt" / "weights" / "alias.bin").symlink_to("real.bin")
+    dest = tmp_path / "out.bin"
+    assert store.get_readonly_file("weights/alias.bin", dest).sha256 == sha(b"weights")
+    assert dest.read_bytes() == b"weights" and not dest.is_symlink()
 
 
 def test_local_get_readonly_file_copies_where_links_fail(

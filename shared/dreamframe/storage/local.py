@@ -232,7 +232,8 @@ class LocalStore(ObjectStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         link = path.parent / f".{secrets.token_hex(8)}.link"
         try:
-            os.link(src, link, follow_symlinks=False)
+            # A symlink inside the bucket (checked by _path) counts as its target; link() would not follow.
+            os.link(os.path.realpath(src), link)
         except (FileNotFoundError, NotADirectoryError):
             raise self._not_found(key, bucket) from None
         except OSError:  # another filesystem, a directory, or links not allowed here
