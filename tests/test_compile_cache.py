@@ -342,6 +342,29 @@ def test_a_failing_ahead_of_time_compile_falls_back_to_just_in_time(tmp_path, mo
     aot.uninstall(module)
 
 
+def test_a_function_that_cannot_be_saved_still_runs(tmp_path, monkeypatch):
+    import torch
+    from compile_cache_child import Tiny
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    from dreamframe.models import aot
+
+    def refuse(*_, **__):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("Failed to serialize the following objects")
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", refuse)
+    cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
+    torch.manual_seed(0)
+    module = Tiny()
+    runner = aot.AheadOfTime(module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=cache)
+    runner.install()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(x), module.forward(x), atol=1e-5)
+    assert runner.compiled == 1 and cache.stats.saved == 0
+    aot.uninstall(module)
+
+
 def test_signature_tells_shapes_dtypes_and_values_apart():
     import torch
 

@@ -123,10 +123,15 @@ class AheadOfTime:
         finally:
             self.install()
         self.compiled += 1
+        saved = False
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "function"
-            function.save_compiled_function(str(path), external_data=self._external())
-            saved = self.cache.save_artifact(key, AOT_SUFFIX, path.read_bytes())
+            try:
+                function.save_compiled_function(str(path), external_data=self._external())
+            except Exception as exc:  # it still runs here; the next process compiles it again
+                log.warning("ahead-of-time %s: cannot save %s (%s)", self.name, key[:12], exc)
+            else:
+                saved = self.cache.save_artifact(key, AOT_SUFFIX, path.read_bytes())
         log.info("ahead-of-time %s: compiled %s%s", self.name, key[:12], ", saved" if saved else "")
         return function
 
