@@ -77,8 +77,6 @@ class CheckpointModel:
         self.model = model
         self.processor = processor
         self.identity = identity
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
 
     def answer(
         self, frames: Sequence[Image.Image], prompt: str, *, prefix: str = "", max_new_tokens: int
@@ -91,14 +89,10 @@ class CheckpointModel:
 
     def _encode(self, text: str, frames: Sequence[Image.Image]) -> dict:
         # The rendered chat text already holds BOS and one <image> per frame.
-        from dreamframe.models.video_llm import check_fits_context
+        from dreamframe.models.video_llm import model_inputs
 
         enc = self.processor(text=text, images=list(frames), return_tensors="pt", add_special_tokens=False)
-        check_fits_context(self.model, enc["input_ids"])
-        return {
-            k: v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device)
-            for k, v in enc.items()
-        }
+        return model_inputs(self.model, enc)
 
     @torch.inference_mode()
     def choose(

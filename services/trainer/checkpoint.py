@@ -156,8 +156,8 @@ def save_checkpoint(
     on the same disk), so a large checkpoint never needs twice its size of local disk."""
     prefix = checkpoint_prefix(run_id, step)
     entries = {}
+    store_file = store.move_file if remove_uploaded else store.put_file
     for name, path in sorted(files.items()):
-        store_file = store.move_file if remove_uploaded else store.put_file
         ref = store_file(prefix + name, path)
         entries[name] = {"key": ref.key, "size": ref.size, "sha256": ref.sha256}
     ref = store.put_json(

@@ -65,9 +65,8 @@ ReferenceCompileMode = Literal[tuple(mode for mode in COMPILE_MODES if mode)]
 VARIANT_HELP = (
     f"a service variant (repeatable), against the renderer settings: {', '.join(VARIANTS)}, or "
     "NAME=key:value,... over compile_mode, compile_vae, compile_tuning, compile_regional, compile_aot, "
-    "fuse_qkv, "
-    f"sdpa_backend, channels_last. Default: {', '.join(GPU_VARIANTS)} on GPUs, default on CPUs. The "
-    "first one that runs is the headline 'service' figure."
+    f"fuse_qkv, sdpa_backend, channels_last. Default: {', '.join(GPU_VARIANTS)} on GPUs, default on "
+    "CPUs. The first one that runs is the headline 'service' figure."
 )
 
 

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     marks: dict[str, float] = {"script_started": process_age() - (time.monotonic() - STARTED)}
 
     import torch
+    from torch._dynamo.utils import counters
 
     from dreamframe.benchmarking import synchronize
     from dreamframe.config import get_settings
@@ -97,8 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     marks["first_frame"] = process_age()
     session = next(iter(engine._cache_sessions.values()), None)
-    from torch._dynamo.utils import counters
-
     result = {
         "preset": renderer.preset,
         "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",

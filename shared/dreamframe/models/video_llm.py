@@ -415,6 +415,17 @@ def check_fits_context(model, input_ids) -> None:
         )
 
 
+def model_inputs(model, encoded) -> dict:
+    """A processor's tensors for ``model``: checked against its positions (``check_fits_context``), on
+    its device, pixel values in its dtype."""
+    check_fits_context(model, encoded["input_ids"])
+    param = next(model.parameters())
+    return {
+        k: v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device)
+        for k, v in encoded.items()
+    }
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -436,10 +447,7 @@ def generate(
         inputs = dict(out)
     else:
         inputs = prepare_inputs(processor, frames, prompt)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
-    check_fits_context(model, inputs["input_ids"])
+    inputs = model_inputs(model, inputs)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)

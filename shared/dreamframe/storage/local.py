@@ -32,6 +32,7 @@ from dreamframe.storage.base import (
     ObjectStore,
     replace_making_parents,
     sha256_bytes,
+    sha256_file,
     sha256_stream,
     validate_key,
     validate_prefix,
@@ -244,8 +245,7 @@ class LocalStore(ObjectStore):
                 raise self._not_found(key, bucket)
             sha256 = self._cached_sha(self._meta_path(key, bucket), st)
             if sha256 is None:
-                with open(link, "rb") as f:
-                    sha256 = sha256_stream(iter(lambda: f.read(CHUNK_SIZE), b""))
+                sha256 = sha256_file(link)
             os.replace(link, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
