@@ -642,3 +642,22 @@ def test_two_coordinator_replicas_roll_and_drain_safely():
     for variant in (one, off, zoned):
         for doc in variant:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_scratch_size_limit_reaches_the_disk_checks_of_trainer_and_evaluator():
+    from services.evaluator.settings import EvaluatorSettings
+    from services.trainer.settings import TrainerSettings
+
+    def limits(values: dict | None = None) -> tuple[int | None, int | None]:
+        config = yaml.safe_load(
+            by_kind(render(values), "ConfigMap")["dreamframe-config"]["data"]["config.yaml"]
+        )
+        trainer = TrainerSettings.model_validate(config["trainer"])
+        evaluator = EvaluatorSettings.model_validate(config["evaluator"])
+        return trainer.work_dir_size_limit, evaluator.work_dir_size_limit
+
+    # The emptyDir's sizeLimit (Kubernetes quantity) read as pydantic's byte size, for both services.
+    assert limits() == (200 << 30, 200 << 30)
+    assert limits({"scratch": {"sizeLimit": "500Gi"}}) == (500 << 30, 500 << 30)
+    # A value of the operator's own wins.
+    assert limits({"config": {"trainer": {"work_dir_size_limit": "1TiB"}}}) == (1 << 40, 200 << 30)

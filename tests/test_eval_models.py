@@ -67,8 +67,11 @@ def test_checkpoint_identity_follows_the_files(tmp_path) -> None:
     store = make_store(tmp_path)
     store.put_bytes("runs/r1/final/config.json", b'{"a": 1}')
     store.put_bytes("runs/r1/final/model.safetensors", b"x" * 10)
-    first, keys = checkpoint_identity(store, "runs/r1/final")
-    assert keys == ["runs/r1/final/config.json", "runs/r1/final/model.safetensors"]
+    first, files = checkpoint_identity(store, "runs/r1/final")
+    assert [(f.key, f.size) for f in files] == [
+        ("runs/r1/final/config.json", 8),
+        ("runs/r1/final/model.safetensors", 10),
+    ]
     store.put_bytes("runs/r1/final/config.json", b'{"a": 2}')  # same size, new content
     assert checkpoint_identity(store, "runs/r1/final")[0] != first
     with pytest.raises(Exception, match="no checkpoint files"):
@@ -171,3 +174,26 @@ def test_endpoints_resolve_from_the_server_settings_only(tmp_path, monkeypatch) 
     with pytest.raises(FailedPrecondition) as info:
         resolve_model_endpoint(EndpointSpec(name="keyless"), settings, field="models[0].endpoint")
     assert "DF_TEST_ABSENT_KEY" not in str(info.value) and "keyless" in str(info.value)
+
+
+def test_a_checkpoint_download_that_cannot_fit_fails_before_its_first_byte(tmp_path, monkeypatch) -> None:
+    from collections import namedtuple
+
+    from dreamframe import disk_space
+    from dreamframe.errors import ResourceExhausted
+    from services.evaluator.models import fetch_checkpoint_files
+
+    store = make_store(tmp_path)
+    store.put_bytes("runs/r1/final/model.safetensors", b"x" * 4096)
+    _, files = checkpoint_identity(store, "runs/r1/final")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 10 << 20))
+    # Hard links into a local store on the same disk cost nothing: no check, the files arrive.
+    fetch_checkpoint_files(store, "runs/r1/final", files, tmp_path / "linked")
+    assert (tmp_path / "linked" / "model.safetensors").read_bytes() == b"x" * 4096
+    # A store elsewhere (S3) downloads them: 10 MiB free cannot hold the files and the headroom.
+    monkeypatch.setattr(store, "shares_disk_with", lambda path: False)
+    with pytest.raises(ResourceExhausted) as err:
+        fetch_checkpoint_files(store, "runs/r1/final", files, tmp_path / "copied")
+    assert err.value.field == "evaluator.work_dir" and "'runs/r1/final'" in err.value.message
+    assert not (tmp_path / "copied").exists()

@@ -4,6 +4,7 @@ real S3 server (tests/s3server.py). Backend-specific behaviour is tested at the 
 from __future__ import annotations
 
 import builtins
+import errno
 import gc
 import hashlib
 import io
@@ -18,7 +19,7 @@ from minio import Minio
 from s3server import S3Server
 
 from dreamframe.config import StorageSettings
-from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from dreamframe.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from dreamframe.storage import LocalStore, ObjectInfo, ObjectRef, ObjectStore, S3Store, open_store
 
 BIG = 6 * 1024 * 1024 + 12345  # over one 5 MiB part: S3 uploads it in two parts
@@ -190,6 +191,15 @@ def test_get_readonly_file_of_a_missing_key(store: ObjectStore, tmp_path: Path) 
     assert err.value.field == "key" and "absent/key" in err.value.message
     assert dest.read_bytes() == b"keep me"
     assert os.listdir(dest.parent) == ["t.bin"]
+
+
+def test_shares_disk_with_says_whether_stored_objects_take_that_disk(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    # A disk-space forecast asks: only a local store keeps objects on the caller's disk (and takes files
+    # from it by rename); a path not made yet is judged by its nearest existing parent.
+    expected = isinstance(store, LocalStore)
+    assert store.shares_disk_with(tmp_path / "work" / "not-yet") is expected
 
 
 def test_json_round_trip(store: ObjectStore) -> None:
@@ -668,6 +678,29 @@ def test_local_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pyt
         store.put_file("a/b/c", src)
     assert os.listdir(tmp_path / ".tmp") == []
     assert not (tmp_path / "bkt" / "a").exists()  # not even the directories
+
+
+def test_local_full_disk_is_resource_exhausted_and_keeps_the_stored_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path, "bkt")
+    store.put_bytes("frames/0001.png", b"first")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(ResourceExhausted) as err:
+        store.put_bytes("frames/0001.png", b"second")
+    # The caller's problem, named by its key (RESOURCE_EXHAUSTED), not an internal error with a path.
+    assert (
+        err.value.field == "key"
+        and "no space left" in err.value.message
+        and str(tmp_path) not in err.value.message
+    )
+    monkeypatch.undo()
+    assert store.get_bytes("frames/0001.png") == b"first"
+    assert os.listdir(tmp_path / ".tmp") == []
 
 
 def test_local_stat_uses_recorded_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

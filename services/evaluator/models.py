@@ -28,9 +28,10 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from dreamframe.disk_space import gib, require_free
 from dreamframe.errors import FailedPrecondition, NotFound
 from dreamframe.models import build_once
-from dreamframe.storage.base import ObjectStore
+from dreamframe.storage.base import ObjectInfo, ObjectStore
 
 from .endpoints import Endpoint, openai_client
 from .extract import mvbench_letter, option_letters
@@ -140,10 +141,13 @@ class CheckpointModel:
             torch.cuda.empty_cache()
 
 
+WORK_DIR_FIELD = "evaluator.work_dir"
+
+
 def checkpoint_identity(
     store: ObjectStore, prefix: str, *, bucket: str | None = None
-) -> tuple[str, list[str]]:
-    """(identity, keys) of a checkpoint in storage: every file's relative name and size plus the SHA-256
+) -> tuple[str, list[ObjectInfo]]:
+    """(identity, files) of a checkpoint in storage: every file's relative name and size plus the SHA-256
     of its small metadata files (configs, tokenizer) — cheap even for many-GB weights, and any retrain
     (new weights change their size or the trainer's configs/state) gives a new identity."""
     prefix = prefix.rstrip("/") + "/"
@@ -156,36 +160,48 @@ def checkpoint_identity(
         digest.update(f"{rel}\0{info.size}\n".encode())
         if rel.endswith((".json", ".txt", ".model")) and info.size < 64 << 20:
             digest.update(store.sha256(info.key, bucket=bucket).encode())
-    return f"checkpoint:{prefix}@{digest.hexdigest()[:24]}", [info.key for info in infos]
+    return f"checkpoint:{prefix}@{digest.hexdigest()[:24]}", infos
 
 
 def fetch_checkpoint_files(
-    store: ObjectStore, prefix: str, keys: list[str], dest: Path, *, bucket: str | None = None
+    store: ObjectStore,
+    prefix: str,
+    files: list[ObjectInfo],
+    dest: Path,
+    *,
+    bucket: str | None = None,
+    size_limit: int | None = None,
 ) -> None:
     """Every object under ``prefix`` into ``dest``, keeping its relative name (read-only copies: hard
-    links into a local store on the same disk, so evaluating a 7B model costs no second 14 GB)."""
+    links into a local store on the same disk, so evaluating a 7B model costs no second 14 GB). A
+    download that cannot fit in ``dest`` fails before its first byte, naming ``evaluator.work_dir``."""
+    if not store.shares_disk_with(dest):
+        need = sum(info.size for info in files)
+        what = f"downloading the checkpoint {prefix!r} ({gib(need)})"
+        require_free(dest, need, field=WORK_DIR_FIELD, what=what, size_limit=size_limit)
     prefix = prefix.rstrip("/") + "/"
-    for key in keys:
-        path = dest / key[len(prefix) :]
+    for info in files:
+        path = dest / info.key[len(prefix) :]
         path.parent.mkdir(parents=True, exist_ok=True)
-        store.get_readonly_file(key, path, bucket=bucket)
+        store.get_readonly_file(info.key, path, bucket=bucket)
 
 
 def download_checkpoint(
     store: ObjectStore,
     prefix: str,
-    keys: list[str],
+    files: list[ObjectInfo],
     work_dir: Path,
     identity: str,
     *,
     bucket: str | None = None,
+    size_limit: int | None = None,
 ) -> Path:
     """The checkpoint's files in a local folder named by its identity, kept for the next evaluation;
     downloaded once into a temp folder and renamed, so a crash never leaves a half checkpoint that a
     later run would load."""
     return build_once(
         Path(work_dir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:24],
-        lambda tmp: fetch_checkpoint_files(store, prefix, keys, tmp, bucket=bucket),
+        lambda tmp: fetch_checkpoint_files(store, prefix, files, tmp, bucket=bucket, size_limit=size_limit),
         complete=Path.is_dir,
         tmp_prefix=".download-",
     )
@@ -194,24 +210,27 @@ def download_checkpoint(
 def load_downloaded_checkpoint(
     store: ObjectStore,
     prefix: str,
-    keys: list[str],
+    files: list[ObjectInfo],
     work_dir: Path,
     identity: str,
     *,
     device: str = "auto",
     keep: bool = False,
+    size_limit: int | None = None,
 ) -> CheckpointModel:
     """Download and load a checkpoint. Unless ``keep``, its files live only while it loads (a private
     folder, deleted once the weights are in memory): an evaluator that scores a trained 7B model per job
     would otherwise keep 14 GB of scratch per job, forever."""
     if keep:
         return load_checkpoint_model(
-            download_checkpoint(store, prefix, keys, work_dir, identity), identity, device=device
+            download_checkpoint(store, prefix, files, work_dir, identity, size_limit=size_limit),
+            identity,
+            device=device,
         )
     root = Path(work_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".loading-") as tmp:
-        fetch_checkpoint_files(store, prefix, keys, Path(tmp))
+        fetch_checkpoint_files(store, prefix, files, Path(tmp), size_limit=size_limit)
         return load_checkpoint_model(tmp, identity, device=device)
 
 

@@ -71,6 +71,7 @@ def plan_model(
                 identity,
                 device=device,
                 keep=settings.keep_downloaded_checkpoints,
+                size_limit=settings.work_dir_size_limit,
             )
 
     elif spec.preset:

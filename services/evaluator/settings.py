@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, model_validator
 
 # The judge a request gets when it names none: evaluator.judges["default"], else judge_base_url.
 DEFAULT_JUDGE = "default"
@@ -82,6 +82,10 @@ class EvaluatorSettings(BaseModel):
     model_paths: dict[str, str] = Field(default_factory=dict)
     # Local scratch: checkpoints downloaded from storage, decoded videos.
     work_dir: Path = Path(".dreamframe/evaluator")
+    # The size limit of work_dir's volume when its filesystem does not show it (an emptyDir's sizeLimit;
+    # the chart sets it from scratch.sizeLimit): a checkpoint download that cannot fit fails before it
+    # starts. "200GiB", "200GB" or bytes; empty: the filesystem's free space.
+    work_dir_size_limit: ByteSize | None = None
     # Keep each checkpoint downloaded from storage in work_dir for the next evaluation of it (off: its
     # files are deleted once loaded, so scratch does not grow by a model per evaluated job).
     keep_downloaded_checkpoints: bool = False

@@ -46,6 +46,10 @@ class Runtime:
     loader_prefetch: int = 4
     # A step that runs out of GPU memory is retried with activation checkpointing on (one process).
     checkpointing_on_oom: bool = True
+    # Forecast the disk the run's checkpoints and export need in work_dir and fail at start if they
+    # cannot fit (``disk``); the size limit of work_dir's volume when the filesystem does not show it.
+    check_free_disk: bool = True
+    work_dir_size_limit: int | None = None
 
 
 @dataclass

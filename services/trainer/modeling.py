@@ -235,6 +235,12 @@ def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def export_dtype(config) -> torch.dtype:
+    """The dtype the final model is exported in: the base checkpoint's."""
+    dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def export_final(
     path: str,
     method: Method,
@@ -250,10 +256,7 @@ def export_final(
     adapter alone also goes to ``adapter_dest``. Runs on one process, on CPU."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
-    dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = export_dtype(AutoConfig.from_pretrained(path))
     model = load_base_model(path, torch.float32)
     if method is Method.LORA:
         from peft import get_peft_model

@@ -14,7 +14,7 @@ from dreamframe.keys import run_prefix
 from dreamframe.models import video_llm
 from dreamframe.storage.base import ObjectStore
 
-from . import modeling
+from . import disk, modeling
 from .contract import Runtime
 from .data import (
     Collator,
@@ -125,6 +125,8 @@ def prepare_run(
         precision=precision,
         compile_layers=runtime.compile,
     )
+    if runtime.check_free_disk:
+        on_main(lambda: check_disk(spec, store, runtime, model, modeling.export_dtype(config), run_dir), ctx)
     params = modeling.trainable_parameters(model)
     trainable, total_params = modeling.count_parameters(model)
     optimizer = modeling.build_optimizer(model, spec.learning_rate, hp.weight_decay)
@@ -163,6 +165,21 @@ def prepare_run(
         optimizer=optimizer,
         scheduler=scheduler,
     )
+
+
+def check_disk(
+    spec: RunSpec, store: ObjectStore, runtime: Runtime, model, export_dtype, run_dir: Path
+) -> None:
+    """Fail now, not after training, when the run's checkpoints and export cannot fit in its work dir."""
+    plan = disk.forecast(
+        model,
+        spec.method,
+        export_dtype,
+        keep_checkpoints=runtime.keep_checkpoints,
+        store_on_disk=store.shares_disk_with(run_dir),
+        stored_bytes=disk.stored_checkpoint_bytes(store, spec.run_id),
+    )
+    disk.check_work_dir(run_dir, plan, size_limit=runtime.work_dir_size_limit)
 
 
 def load_or_build_plan(spec: RunSpec, store: ObjectStore, processor, max_length: int, log) -> DataPlan:

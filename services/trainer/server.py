@@ -173,6 +173,8 @@ def build_manager(settings: Settings, *, worker_env: dict[str, str] | None = Non
         keep_checkpoints_after_success=trainer.keep_checkpoints_after_success,
         compile=trainer.compile,
         checkpointing_on_oom=trainer.checkpointing_on_oom,
+        check_free_disk=trainer.check_free_disk,
+        work_dir_size_limit=trainer.work_dir_size_limit,
     )
     return RunManager(
         open_store(settings.storage),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ByteSize, Field
 
 from dreamframe.models.compile_cache import CompileCacheSettings
 
@@ -28,6 +28,14 @@ class TrainerSettings(BaseModel):
     model_paths: dict[str, str] = Field(default_factory=dict)
     # Local scratch: each run's worker files, checkpoints before upload, the exported model.
     work_dir: Path = Path(".dreamframe/trainer")
+    # A run forecasts the disk its checkpoints and final export need in work_dir (with a local store on
+    # the same disk, the checkpoints it keeps too) and fails at start with RESOURCE_EXHAUSTED when they
+    # cannot fit, rather than with a full disk after training.
+    check_free_disk: bool = True
+    # The size limit of the volume work_dir is on, when its filesystem does not show it: a Kubernetes
+    # emptyDir's sizeLimit (the kubelet evicts the pod past it; statvfs shows the node's disk). The chart
+    # sets it from scratch.sizeLimit. "200GiB", "200GB" or bytes; empty: the filesystem's free space.
+    work_dir_size_limit: ByteSize | None = None
     max_concurrent_runs: int = Field(1, ge=1)
     # A one-process run whose step runs out of GPU memory (a 7B step at batch 4 on a shared card's
     # budget) retries it with activation checkpointing on instead of failing; metrics.json says so.

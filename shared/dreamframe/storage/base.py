@@ -286,6 +286,12 @@ class ObjectStore(ABC):
         Path(path).unlink(missing_ok=True)
         return ref
 
+    def shares_disk_with(self, path: str | Path) -> bool:
+        """Whether this store keeps its objects on ``path``'s filesystem, so that ``move_file`` and
+        ``get_readonly_file`` there cost no extra disk but every stored object does (a disk-space forecast
+        asks). Remote stores: never."""
+        return False
+
     # --- reads ------------------------------------------------------------------------------------
     @abstractmethod
     def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:

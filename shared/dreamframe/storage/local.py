@@ -14,6 +14,7 @@ object's inode, size and mtime still match it; otherwise ``stat`` hashes the fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -23,7 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
-from dreamframe.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from dreamframe.disk_space import existing_parent
+from dreamframe.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from dreamframe.storage.base import (
     CHUNK_SIZE,
     ChunkStream,
@@ -179,7 +181,7 @@ class LocalStore(ObjectStore):
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or not _same_file(path, st):
             raise FailedPrecondition(f"{str(path)!r} changed while it was being stored", field="path")
         self._write_meta(self._meta_path(key, bucket), sha256, after)
-        with self._no_key_clash(key):
+        with self._write_errors(key):
             replace_making_parents(path, dest)
         return ObjectRef(self._bucket(bucket), key, after.st_size, sha256)
 
@@ -190,7 +192,7 @@ class LocalStore(ObjectStore):
         def record_sha(size: int, sha256: str, st: os.stat_result) -> None:
             self._write_meta(meta, sha256, st)
 
-        with self._no_key_clash(key):
+        with self._write_errors(key):
             size, sha256 = write_atomically(chunks, dest, tmp_dir=self._tmp, before_replace=record_sha)
         return ObjectRef(self._bucket(bucket), key, size, sha256)
 
@@ -203,10 +205,18 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     @contextlib.contextmanager
-    def _no_key_clash(key: str) -> Iterator[None]:
+    def _write_errors(key: str) -> Iterator[None]:
+        """A write's filesystem errors as the caller's problem: a key clash, or a full disk (a
+        RESOURCE_EXHAUSTED naming the key, not an INTERNAL; the write's temp file is already gone)."""
         try:
             yield
-        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"no space left on the store's disk to write {key!r}", field="key"
+                ) from None
+            if not isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+                raise
             # A directory can't also be a file: S3 allows "a" and "a/b" side by side, a filesystem doesn't.
             raise FailedPrecondition(
                 f"object key {key!r} clashes with another key used as its directory (or vice versa); "
@@ -220,6 +230,9 @@ class LocalStore(ObjectStore):
         with contextlib.suppress(OSError):
             meta.parent.mkdir(parents=True, exist_ok=True)
             write_atomically([json.dumps(record).encode()], meta, tmp_dir=self._tmp)
+
+    def shares_disk_with(self, path: str | Path) -> bool:
+        return existing_parent(Path(path)).stat().st_dev == self._tmp.stat().st_dev
 
     # --- reads ------------------------------------------------------------------------------------
     def get_bytes(self, key: str, *, bucket: str | None = None) -> bytes:
