@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dreamframe.disk_space import require_free
 from dreamframe.models import build_once
 from dreamframe.models.device import pick_device
 
@@ -234,18 +235,31 @@ class Snapshot:
     write: Callable[[Path], None]
     # A file that exists only in a complete snapshot.
     marker: str
+    # Its weights' bytes (parameters × dtype; tests/test_models_snapshots.py counts them on the meta
+    # device): a cache without the room fails before writing, naming models.cache_dir.
+    size_bytes: int = 0
 
     def folder(self, cache_dir: Path) -> Path:
         return Path(cache_dir) / f"{self.name}-v{self.version}"
 
 
 SNAPSHOTS: dict[str, Snapshot] = {
-    SDXL_RANDOM: Snapshot(SDXL_RANDOM, 1, lambda d: write_sdxl(d, seed=0), "refiner/model_index.json"),
+    SDXL_RANDOM: Snapshot(
+        SDXL_RANDOM, 1, lambda d: write_sdxl(d, seed=0), "refiner/model_index.json", size_bytes=13_013_000_000
+    ),
     LLAVA_7B_RANDOM: Snapshot(
-        LLAVA_7B_RANDOM, 1, lambda d: write_video_llm(d, seed=1), "processor_config.json"
+        LLAVA_7B_RANDOM,
+        1,
+        lambda d: write_video_llm(d, seed=1),
+        "processor_config.json",
+        size_bytes=14_127_000_000,
     ),
     CLIP_L_RANDOM: Snapshot(
-        CLIP_L_RANDOM, 1, lambda d: write_clip_vision(d, seed=2), "preprocessor_config.json"
+        CLIP_L_RANDOM,
+        1,
+        lambda d: write_clip_vision(d, seed=2),
+        "preprocessor_config.json",
+        size_bytes=608_000_000,
     ),
 }
 
@@ -255,6 +269,7 @@ def snapshot_dir(name: str, cache_dir: Path) -> Path:
     spec = SNAPSHOTS[name]
 
     def write(tmp: Path) -> None:
+        require_free(tmp, spec.size_bytes, field="models.cache_dir", what=f"writing the {name} snapshot")
         started = time.monotonic()
         log.info("writing the %s snapshot (random weights) into %s", name, spec.folder(cache_dir))
         spec.write(tmp)
