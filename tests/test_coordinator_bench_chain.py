@@ -66,6 +66,7 @@ def test_summary_names_the_card_and_every_stage():
                 "startup_seconds": 12.0,
                 "startup_gpu_mib": {},
                 "startup_card_mib": 30000,
+                "startup_disk": {"free_gib": 30.2, "store_gib": 0.0, "model_cache_gib": 26.0},
                 "jobs": [
                     {
                         "spec": "tiny.json",
@@ -79,6 +80,7 @@ def test_summary_names_the_card_and_every_stage():
                         "gpu_mib": {"keyframe-renderer": 25000},
                         "gpu_total_mib": 25000,
                         "card_mib": 26000,
+                        "disk": {"free_gib": 12.5, "store_gib": 17.7, "model_cache_gib": 26.0},
                         "train": {
                             "summary": {"steps": 2, "train_seconds": 9.5, "tokens_per_second": 1000.0},
                             "activation_checkpointing": {
@@ -100,7 +102,19 @@ def test_summary_names_the_card_and_every_stage():
         and "peak used (nvidia-smi memory.used): 26,000" in text
     )
     assert "warm start failed: dreamframe up exited 1" in text
+    assert "after start-up, disk: 30.2 GiB free; the store holds 0.0 GiB, the model cache 26.0 GiB" in text
+    assert "disk: 12.5 GiB free; the store holds 17.7 GiB" in text
     assert "train: 2 steps in 9.5 s, 1000.0 tokens/s; out of GPU memory at step 1, retried" in text
+
+
+def test_disk_figures_count_what_store_and_cache_hold(tmp_path):
+    store, models = tmp_path / "store", tmp_path / "models"
+    (store / "runs").mkdir(parents=True)
+    models.mkdir()
+    (store / "runs" / "model.safetensors").write_bytes(b"w" * (60 << 20))
+    figures = bench_chain.disk_figures(store, models)
+    assert figures["store_gib"] == round(60 / 1024, 2) and figures["model_cache_gib"] == 0.0
+    assert figures["free_gib"] > 0
 
 
 def test_card_used_is_zero_without_nvidia_smi(monkeypatch):

@@ -16,6 +16,8 @@ runs each --spec in turn and reports:
   context and the caching allocator's reserve included, which is what neighbours on one GPU feel), over
   start-up and over each job, and the peak of all of them together; also the whole card's peak
   (memory.used), which holds where nvidia-smi's pids are not ours (a container's pid namespace);
+- disk: after start-up and after each job, the free space on the work folder's disk and what the store
+  and the model cache hold (a real-size job writes tens of GB; the first warm run filled a 64 GiB disk);
 - cold and warm: the --spec jobs run on a stack started with whatever compile cache there is (empty on
   a new machine); with --warm-spec the stack is then stopped and started again, its compile caches now
   filled, and the warm start-up and those jobs are measured the same way.
@@ -42,6 +44,7 @@ from google.protobuf import json_format
 
 from dreamframe.cli import local
 from dreamframe.config import ClientSettings, StorageSettings
+from dreamframe.disk_space import GIB, used_bytes
 from dreamframe.processes import parent_pid
 from dreamframe.serving import make_sync_channel
 from dreamframe.stages import stage_name
@@ -228,6 +231,8 @@ def summarize(report: dict) -> str:
             lines.append(
                 f"GPU memory at start-up, peak of the whole card (MiB): {phase['startup_card_mib']:,}"
             )
+        if phase.get("startup_disk"):
+            lines.append(f"after start-up, {disk_line(phase['startup_disk'])}")
         for job in phase["jobs"]:
             lines += [
                 "",
@@ -259,6 +264,8 @@ def summarize(report: dict) -> str:
                         else "no step ran out of GPU memory"
                     )
                 )
+            if job.get("disk"):
+                lines.append("\n" + disk_line(job["disk"]))
             if job["error"]:
                 lines.append(f"\nerror: {job['error']}")
         if phase.get("error"):
@@ -275,6 +282,22 @@ def write_report(report: dict, out: Path | None) -> str:
         (out / "chain-bench.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "chain-bench.md").write_text(summary)
     return summary
+
+
+def disk_figures(store_root: Path, models_dir: Path) -> dict[str, float]:
+    """GiB free on the store's disk, and GiB the store and the model cache hold (allocated, as du)."""
+    return {
+        "free_gib": round(shutil.disk_usage(store_root).free / GIB, 2),
+        "store_gib": round(used_bytes(store_root) / GIB, 2),
+        "model_cache_gib": round(used_bytes(models_dir) / GIB, 2),
+    }
+
+
+def disk_line(disk: dict[str, float]) -> str:
+    return (
+        f"disk: {disk['free_gib']} GiB free; the store holds {disk['store_gib']} GiB, "
+        f"the model cache {disk['model_cache_gib']} GiB"
+    )
 
 
 def job_row(
@@ -347,6 +370,8 @@ def run_phase(
     out: Path | None,
     job_timeout: float,
     store: ObjectStore,
+    store_root: Path,
+    models_dir: Path,
     drop_trained_models: bool = False,
 ) -> None:
     """Start the stack, run each spec in turn, record everything under ``report['phases']`` (with the
@@ -361,6 +386,7 @@ def run_phase(
     processes = local.read_state(state)
     phase["startup_gpu_mib"] = by_service(sampler.window()[0], processes, sampler.ancestors)
     phase["startup_card_mib"] = sampler.card_peak()
+    phase["startup_disk"] = disk_figures(store_root, models_dir)
     print(write_report(report, out), flush=True)
     coordinator = next(p for p in processes if p.name == "coordinator")
     channel = make_sync_channel(f"{local.HOST}:{coordinator.port}", ClientSettings(token=""))
@@ -375,6 +401,7 @@ def run_phase(
         row["train"] = train_summary(store, job)
         if drop_trained_models:
             row["trained_model_bytes_dropped"] = drop_trained_model(store, job)
+        row["disk"] = disk_figures(store_root, models_dir)
         phase["jobs"].append(row)
         print(write_report(report, out), flush=True)
     channel.close()
@@ -437,6 +464,8 @@ def main(
         out=out,
         job_timeout=job_timeout,
         store=open_store(StorageSettings(root=work / "store")),
+        store_root=work / "store",
+        models_dir=models_dir.resolve(),
         drop_trained_models=drop_trained_models,
     )
     try:
