@@ -408,7 +408,13 @@ def run_phase(
 
 
 def main(
-    spec: Annotated[list[Path], typer.Option(help="JobSpec JSON, one job each (repeatable).")],
+    spec: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="JobSpec JSON, one job each (repeatable). None: the cold phase only starts the stack (its "
+            "preload fills the compile caches) and stops it, and --warm-spec jobs follow."
+        ),
+    ] = None,
     preset: Annotated[str, typer.Option(help="`dreamframe up --preset`.")] = "tiny",
     renderers: Annotated[int, typer.Option(min=1)] = 1,
     theme: Annotated[str, typer.Option()] = "a lighthouse keeper befriends a lost robot",
@@ -451,7 +457,9 @@ def main(
     sampler = GpuSampler(sample_seconds).start()
     report: dict = {"gpu": gpu_name(), "preset": preset, "renderers": renderers, "work": str(work)}
     report["phases"] = []
-    phases = [("cold start", spec)]
+    if not spec and not warm_spec:
+        raise typer.BadParameter("give --spec, --warm-spec or both", param_hint="--spec")
+    phases = [("cold start", spec or [])]
     if warm_spec:
         phases.append(("warm start (compile cache filled by the cold start)", warm_spec))
     common = dict(
