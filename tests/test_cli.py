@@ -151,3 +151,19 @@ def test_dataset_check_usage_errors(local_store):
     assert result.exit_code == 2 and "profile" in result.output
     result = runner.invoke(cli.app, ["dataset", "check", "datasets/none/"])
     assert result.exit_code == 2 and "datasets/none/manifest.json" in result.output
+
+
+def test_run_shows_the_contact_sheets_the_storyboard_writes(tmp_path, capsys):
+    """`make run`'s closing list names files that exist: the storyboard's own contact-sheet names."""
+    from dreamframe import storyboard
+    from dreamframe.v1 import coordinator_pb2 as pb
+
+    root = tmp_path / "runs" / "j"
+    (root / "storyboard").mkdir(parents=True)
+    for page in (0, 1):
+        (root / "storyboard" / storyboard.contact_sheet_name(0, page)).write_bytes(b"jpeg")
+    cli._print_results(pb.Job(job_id="j"), {"job": root}, 1.0)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "contact sheets" in line)
+    assert storyboard.contact_sheet_name(0, 0) in line and "not made" not in line
+    assert "(2 sheets)" in out

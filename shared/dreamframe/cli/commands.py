@@ -872,12 +872,18 @@ def run(
 
 def _print_results(job: pb.Job, where: dict[str, Path], seconds: float) -> None:
     root = where["job"]
+    # contact_sheet_<story>_<page>.jpg, paged (dreamframe.storyboard, not imported here: it needs Pillow).
+    sheets = sorted((root / "storyboard").glob("contact_sheet_*.jpg"))
     rows = [
         ("story", root / "stories/000/story.json", "the story (native format)"),
         ("reference story", root / "stories/000/reference_story.json", "the reference story-file format"),
         ("keyframes", root / "stories/000/frames", "one PNG per frame + JSON sidecar"),
         ("storyboard", root / "storyboard/index.html", "open in a browser"),
-        ("contact sheet", root / "storyboard/contact_sheet_000.png", "every frame on one image"),
+        (
+            "contact sheets",
+            sheets[0] if sheets else root / "storyboard/contact_sheet_000_00.jpg",
+            f"every frame's thumbnail on a grid ({len(sheets)} sheet{'' if len(sheets) == 1 else 's'})",
+        ),
         ("dataset", where.get("dataset", root / "dataset"), "LLaVA JSON, videos, MC items, card"),
         ("checkpoint", where.get("model", root / "model"), "the fine-tuned model (Hugging Face format)"),
         ("report", where.get("report", root / "report"), "evaluation report (JSON + Markdown)"),
