@@ -23,9 +23,9 @@ import torch
 from dreamframe.errors import FailedPrecondition
 from dreamframe.models import build_once
 from dreamframe.models.device import pick_device
+from dreamframe.models.snapshot_cache import CLIP_L_RANDOM, snapshot_dir
 
 TINY = "tiny"
-CLIP_L_RANDOM = "clip-vit-large-patch14-random"
 DEFAULT_REAL = "openai/clip-vit-large-patch14"
 # Bump when the tiny config changes, so stale caches are rebuilt instead of reused.
 TINY_VERSION = 1
@@ -110,8 +110,6 @@ def load_clip_vision(
     if name_or_path == TINY:
         location = str(tiny_clip_vision_dir(cache_dir))
     elif name_or_path == CLIP_L_RANDOM:
-        from dreamframe.models.snapshots import snapshot_dir
-
         location = str(snapshot_dir(CLIP_L_RANDOM, cache_dir))
     dev = pick_device(device)
     dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)

@@ -38,6 +38,7 @@ from dreamframe.models.sdxl_pipelines import (
     clip_byte_tokenizer,
     pool_at_end_of_text,
 )
+from dreamframe.models.snapshot_cache import snapshot_dir
 
 HUB_IDS = {
     SDXL: ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"),
@@ -206,8 +207,6 @@ def resolve_paths(preset: str, model_paths: dict[str, str], cache_dir: Path) -> 
         root = tiny_sdxl_dir(cache_dir)
         return str(root / "base"), str(root / "refiner")
     if preset == SDXL_RANDOM and not (model_paths.get(SDXL_RANDOM) or f"{SDXL_RANDOM}.base" in model_paths):
-        from dreamframe.models.snapshots import snapshot_dir
-
         root = snapshot_dir(SDXL_RANDOM, cache_dir)
         return str(root / "base"), str(root / "refiner")
     if preset in model_paths:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dreamframe.models.snapshot_cache import SDXL_RANDOM
+
 TINY = "tiny"
 SDXL = "sdxl"
-SDXL_RANDOM = "sdxl-random"
 PRESETS = (TINY, SDXL, SDXL_RANDOM)
 
 

@@ -14,7 +14,9 @@ decides; write them ahead with ``python -m dreamframe.models.snapshots``.)
                                    byte-level BPE trained in code; <image> 32000, <pad> 32001 (llava-hf's)
     clip-vit-large-patch14-random  CLIP ViT-L/14 vision tower + projection (fp16), the evaluator's encoder
 
-The writers take the configs, so the tests write and load the same layouts at a tiny size.
+The writers take the configs, so the tests write and load the same layouts at a tiny size. The cache
+itself (which snapshots there are, their folders, writing each once) is ``snapshot_cache``, which the
+model modules use to find theirs; it names the writers here and imports them only to write.
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ import sys
 import sysconfig
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dreamframe.disk_space import require_free
-from dreamframe.models import build_once
 from dreamframe.models.device import pick_device
+from dreamframe.models.snapshot_cache import (  # noqa: F401 - the cache's names, used from here too
+    CLIP_L_RANDOM,
+    LLAVA_7B_RANDOM,
+    SDXL_RANDOM,
+    SNAPSHOTS,
+    Snapshot,
+    folder_bytes,
+    snapshot_dir,
+)
 
-log = logging.getLogger(__name__)
-
-SDXL_RANDOM = "sdxl-random"
-LLAVA_7B_RANDOM = "llava-1.5-7b-random"
-CLIP_L_RANDOM = "clip-vit-large-patch14-random"
 LLAMA_VOCAB_SIZE = 32000  # Llama / Vicuna: <unk> <s> </s>, bytes, merges
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 
@@ -224,67 +227,19 @@ def _build(make: Callable[[], torch.nn.Module], device: torch.device, dtype: tor
     return model.eval()
 
 
-# --- the cache -------------------------------------------------------------------------------------
+# --- the writers the cache names (dreamframe.models.snapshot_cache.SNAPSHOTS) ---------------------------
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    name: str
-    # Bump when a writer or config changes, so stale caches are rebuilt instead of reused.
-    version: int
-    write: Callable[[Path], None]
-    # A file that exists only in a complete snapshot.
-    marker: str
-    # Its weights' bytes (parameters × dtype; tests/test_models_snapshots.py counts them on the meta
-    # device): a cache without the room fails before writing, naming models.cache_dir.
-    size_bytes: int = 0
-
-    def folder(self, cache_dir: Path) -> Path:
-        return Path(cache_dir) / f"{self.name}-v{self.version}"
+def write_sdxl_random(directory: Path) -> None:
+    write_sdxl(directory, seed=0)
 
 
-SNAPSHOTS: dict[str, Snapshot] = {
-    SDXL_RANDOM: Snapshot(
-        SDXL_RANDOM, 1, lambda d: write_sdxl(d, seed=0), "refiner/model_index.json", size_bytes=13_013_000_000
-    ),
-    LLAVA_7B_RANDOM: Snapshot(
-        LLAVA_7B_RANDOM,
-        1,
-        lambda d: write_video_llm(d, seed=1),
-        "processor_config.json",
-        size_bytes=14_127_000_000,
-    ),
-    CLIP_L_RANDOM: Snapshot(
-        CLIP_L_RANDOM,
-        1,
-        lambda d: write_clip_vision(d, seed=2),
-        "preprocessor_config.json",
-        size_bytes=608_000_000,
-    ),
-}
+def write_llava_7b_random(directory: Path) -> None:
+    write_video_llm(directory, seed=1)
 
 
-def snapshot_dir(name: str, cache_dir: Path) -> Path:
-    """The snapshot's folder in the cache, written on first use (race-safe across processes)."""
-    spec = SNAPSHOTS[name]
-
-    def write(tmp: Path) -> None:
-        require_free(tmp, spec.size_bytes, field="models.cache_dir", what=f"writing the {name} snapshot")
-        started = time.monotonic()
-        log.info("writing the %s snapshot (random weights) into %s", name, spec.folder(cache_dir))
-        spec.write(tmp)
-        log.info("wrote the %s snapshot in %.1f s", name, time.monotonic() - started)
-
-    return build_once(
-        spec.folder(cache_dir),
-        write,
-        complete=lambda target: (target / spec.marker).exists(),
-        tmp_prefix=f".{name}-",
-    )
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+def write_clip_l_random(directory: Path) -> None:
+    write_clip_vision(directory, seed=2)
 
 
 # Which snapshots a local preset (dreamframe up --preset NAME) uses.

@@ -36,10 +36,10 @@ import torch
 from dreamframe.errors import FailedPrecondition, InvalidArgument
 from dreamframe.models import build_once
 from dreamframe.models.device import pick_device
+from dreamframe.models.snapshot_cache import LLAVA_7B_RANDOM, snapshot_dir
 
 TINY = "tiny"
 LLAVA_7B = "llava-1.5-7b"
-LLAVA_7B_RANDOM = "llava-1.5-7b-random"
 PRESETS = (TINY, LLAVA_7B, LLAVA_7B_RANDOM)
 HUB_IDS = {LLAVA_7B: "llava-hf/llava-1.5-7b-hf"}
 # Bump when the tiny configs change, so stale caches are rebuilt instead of reused.
@@ -262,8 +262,6 @@ def resolve_model_path(
     if name == TINY:
         return str(tiny_video_llm_dir(cache_dir))
     if name == LLAVA_7B_RANDOM:
-        from dreamframe.models.snapshots import snapshot_dir
-
         return str(snapshot_dir(LLAVA_7B_RANDOM, cache_dir))
     return HUB_IDS.get(name, name)
 
