@@ -955,6 +955,52 @@ def test_s3_unreachable_endpoint_is_unavailable(s3_server: S3Server) -> None:
             call()
 
 
+def test_s3_full_store_is_resource_exhausted() -> None:
+    """A MinIO past its free-drive threshold answers writes with 507 XMinioStorageFull: the caller gets
+    RESOURCE_EXHAUSTED naming the key (not UNAVAILABLE, which invites retrying into a full disk)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>XMinioStorageFull</Code>'
+        b"<Message>Storage backend has reached its minimum free drive threshold.</Message>"
+        b"<Resource>/dreamframe/frames/1.png</Resource><RequestId>1</RequestId><HostId>h</HostId></Error>"
+    )
+
+    class Full(BaseHTTPRequestHandler):
+        def answer(self, status: int, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server handler name; the bucket's region
+            self.answer(
+                200, b'<?xml version="1.0" encoding="UTF-8"?><LocationConstraint></LocationConstraint>'
+            )
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.answer(507, body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Full)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        store = S3Store(endpoint, "k", "s", "dreamframe", create_bucket=False, max_retries=0)
+        with pytest.raises(ResourceExhausted) as err:
+            store.put_bytes("frames/1.png", b"png")
+        assert err.value.field == "key" and "'frames/1.png'" in err.value.message
+        assert "XMinioStorageFull" in err.value.message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_s3_wrong_credentials_fail_clearly(s3_server: S3Server) -> None:
     if s3_server.kind == "moto":
         pytest.skip("moto accepts any credentials")

@@ -24,7 +24,14 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import genheaders
 
-from dreamframe.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from dreamframe.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from dreamframe.storage.base import (
     CHUNK_SIZE,
     ChunkStream,
@@ -41,6 +48,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchVersion"}
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
 _BUSY_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "ServerBusy"}
+# The store has no room (MinIO's free-drive threshold, HTTP 507) or the bucket is over its quota.
+_FULL_CODES = {"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded"}
 
 
 class _HashCheckingReader:
@@ -126,6 +135,12 @@ class S3Store(ObjectStore):
                 raise NotFound(f"bucket {bucket!r} does not exist at {where}", field="bucket") from None
             if exc.code in _NOT_FOUND_CODES and key is not None:
                 raise NotFound(f"no object {key!r} in bucket {bucket!r}", field="key") from None
+            if exc.code in _FULL_CODES:
+                what = f"to write {key!r}" if key is not None else f"in bucket {bucket!r}"
+                raise ResourceExhausted(
+                    f"{where} has no room {what} ({exc.code}): delete objects or grow the storage",
+                    field="key" if key is not None else "bucket",
+                ) from None
             if exc.code in _AUTH_CODES:
                 raise FailedPrecondition(
                     f"{where} refused the request on bucket {bucket!r} ({exc.code}); "
