@@ -167,3 +167,21 @@ def test_run_shows_the_contact_sheets_the_storyboard_writes(tmp_path, capsys):
     line = next(line for line in out.splitlines() if "contact sheets" in line)
     assert storyboard.contact_sheet_name(0, 0) in line and "not made" not in line
     assert "(2 sheets)" in out
+
+
+def test_ls_never_cuts_a_job_id_in_a_narrow_terminal():
+    import io
+
+    from rich.console import Console
+
+    from dreamframe.v1 import coordinator_pb2 as pb
+
+    job = pb.Job(job_id="20261205-012519-fe6cce", state=pb.JOB_STATE_SUCCEEDED, story_count=2)
+    job.spec.name = "tiny local run"
+    for stage in (pb.STAGE_PLOT, pb.STAGE_STYLE, pb.STAGE_RENDER, pb.STAGE_DATASET, pb.STAGE_TRAIN):
+        job.stages.add(stage=stage)
+    out = io.StringIO()
+    Console(file=out, width=80).print(cli.jobs_table([job]))
+    row = out.getvalue().split("\n")[3]
+    assert "20261205-012519-fe6cce" in row  # whole, to paste into status/watch/cancel
+    assert "succeeded" in row

@@ -652,8 +652,23 @@ def status(job_id: str, coordinator: Annotated[str | None, typer.Option()] = Non
 def list_jobs(coordinator: Annotated[str | None, typer.Option()] = None) -> None:
     """Jobs, newest first (by submit time)."""
     reply = _call(lambda: _stub(_settings(), coordinator).ListJobs(pb.ListJobsRequest(page_size=50)))
-    table = Table("job", "state", "submitted", "stories", "stages", "name")
-    for job in reply.jobs:
+    console.print(jobs_table(reply.jobs))
+
+
+def jobs_table(jobs) -> Table:
+    """One row a job. The id and the state are never cut (the id is what every other command takes),
+    whatever the terminal's width."""
+    id_width = max((len(job.job_id) for job in jobs), default=3)
+    state_width = max((len(_state(job.state)) for job in jobs), default=5)
+    table = Table(
+        Column("job", no_wrap=True, min_width=id_width),
+        Column("state", no_wrap=True, min_width=state_width),
+        Column("submitted", min_width=10),  # the date on one line, the time below it when narrow
+        "stories",
+        Column("stages", overflow="fold"),
+        "name",
+    )
+    for job in jobs:
         table.add_row(
             job.job_id,
             _state(job.state),
@@ -662,7 +677,7 @@ def list_jobs(coordinator: Annotated[str | None, typer.Option()] = None) -> None
             ",".join(stage_name(s.stage) for s in job.stages),
             job.spec.name,
         )
-    console.print(table)
+    return table
 
 
 @app.command()
