@@ -44,7 +44,7 @@ from google.protobuf import json_format
 
 from dreamframe.cli import local
 from dreamframe.config import ClientSettings, StorageSettings
-from dreamframe.disk_space import GIB, used_bytes
+from dreamframe.disk_space import GIB, free_bytes, used_bytes
 from dreamframe.processes import parent_pid
 from dreamframe.serving import make_sync_channel
 from dreamframe.stages import stage_name
@@ -287,7 +287,7 @@ def write_report(report: dict, out: Path | None) -> str:
 def disk_figures(store_root: Path, models_dir: Path) -> dict[str, float]:
     """GiB free on the store's disk, and GiB the store and the model cache hold (allocated, as du)."""
     return {
-        "free_gib": round(shutil.disk_usage(store_root).free / GIB, 2),
+        "free_gib": round(free_bytes(store_root) / GIB, 2),
         "store_gib": round(used_bytes(store_root) / GIB, 2),
         "model_cache_gib": round(used_bytes(models_dir) / GIB, 2),
     }

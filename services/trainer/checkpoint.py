@@ -74,8 +74,13 @@ _FILE_RE = re.compile(
 )
 
 
+def checkpoints_root(run_id: str) -> str:
+    """Where all of a run's checkpoints (and ``latest.json``) are."""
+    return f"{run_prefix(run_id)}checkpoints/"
+
+
 def checkpoint_prefix(run_id: str, step: int) -> str:
-    return f"{run_prefix(run_id)}checkpoints/step-{step:08d}/"
+    return f"{checkpoints_root(run_id)}step-{step:08d}/"
 
 
 def latest_key(run_id: str) -> str:
@@ -170,7 +175,7 @@ def save_checkpoint(
 
 def prune(store: ObjectStore, run_id: str, *, keep: int, current: str) -> None:
     """Delete all but the ``keep`` newest step folders (never the committed one)."""
-    root = f"{run_prefix(run_id)}checkpoints/"
+    root = checkpoints_root(run_id)
     steps = {i.key[len(root) :].split("/", 1)[0] for i in store.list(root)}
     folders = sorted(root + name + "/" for name in steps if name.startswith("step-"))
     for folder in folders[: max(0, len(folders) - max(keep, 1))]:
@@ -182,7 +187,7 @@ def drop_checkpoints(store: ObjectStore, run_id: str) -> None:
     """Delete the run's resume checkpoints: the commit first, so an interrupted delete leaves no
     latest.json naming missing files (a relaunch then starts over instead of failing to resume)."""
     store.delete(latest_key(run_id))
-    store.delete_prefix(f"{run_prefix(run_id)}checkpoints/")
+    store.delete_prefix(checkpoints_root(run_id))
 
 
 def load_latest(store: ObjectStore, run_id: str) -> Checkpoint | None:

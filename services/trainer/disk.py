@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from dreamframe.disk_space import gib, require_free
-from dreamframe.keys import run_prefix
 from dreamframe.storage.base import ObjectStore
 
+from .checkpoint import checkpoints_root
 from .spec import Method
 
 WORK_DIR_FIELD = "trainer.work_dir"
@@ -93,7 +93,7 @@ def forecast(
 
 
 def stored_checkpoint_bytes(store: ObjectStore, run_id: str) -> int:
-    return sum(info.size for info in store.list(f"{run_prefix(run_id)}checkpoints/"))
+    return sum(info.size for info in store.list(checkpoints_root(run_id)))
 
 
 def check_work_dir(work_dir: Path, plan: DiskForecast, *, size_limit: int | None = None) -> None:
