@@ -365,6 +365,26 @@ def test_a_function_that_cannot_be_saved_still_runs(tmp_path, monkeypatch):
     aot.uninstall(module)
 
 
+def test_compiles_ahead_of_time_where_torch_keeps_the_api_behind_a_flag(tmp_path):
+    """torch 2.11 (the GPU machines') has the API but attaches `aot_compile` only when
+    `torch._dynamo.config.enable_aot_compile` is set, which it leaves off: every module fell back to
+    just in time there. The runner turns the flag on for its own compile."""
+    import torch
+    from compile_cache_child import Tiny
+
+    from dreamframe.models import aot
+
+    cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
+    module = Tiny()
+    runner = aot.AheadOfTime(module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=cache)
+    runner.install()
+    x = torch.randn(3, 16)
+    with torch._dynamo.config.patch(enable_aot_compile=False), torch.no_grad():
+        assert torch.allclose(module(x), module.forward(x), atol=1e-5)
+    assert (runner.compiled, runner._jit, cache.stats.saved) == (1, None, 1)
+    aot.uninstall(module)
+
+
 def test_signature_tells_shapes_dtypes_and_values_apart():
     import torch
 

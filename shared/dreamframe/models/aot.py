@@ -113,8 +113,11 @@ class AheadOfTime:
         # Traced through the module's __call__, which would come back here: step aside meanwhile.
         self.module._compiled_call_impl = None
         try:
-            compiled = torch.compile(self.module, fullgraph=True, options=options)
-            function = compiled.forward.aot_compile((args, kwargs))
+            # torch < 2.13 attaches `aot_compile` only under this flag (off by default there; it is
+            # read when torch.compile wraps the forward).
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                compiled = torch.compile(self.module, fullgraph=True, options=options)
+                function = compiled.forward.aot_compile((args, kwargs))
         except Exception as exc:  # an experimental API: never let it stop a render
             log.warning(
                 "ahead-of-time %s: cannot compile (%s); compiling just in time instead", self.name, exc
