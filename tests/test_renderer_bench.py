@@ -110,6 +110,28 @@ def test_bad_variants_are_refused_before_any_work():
         bench.parse_variant("x=sdpa_backend:fast", base)
 
 
+def test_the_compute_floor_uses_the_datasheet_peak_of_the_card_it_ran_on(monkeypatch):
+    """An H200 run once printed its floor as "H100 SXM" (same figure, wrong name); an A100's would have
+    been three times too high."""
+    import torch
+
+    from services.keyframe_renderer.bench.summary import bf16_peak
+
+    gpu, gemm = torch.device("cuda", 0), {"flops_per_second": 7e14}
+    for name, peak, source in [
+        ("NVIDIA H200", 989e12, "H200 bf16 dense, datasheet"),
+        ("NVIDIA H100 80GB HBM3", 989e12, "H100 bf16 dense, datasheet"),
+        ("NVIDIA H100 PCIe", 756e12, "H100 PCIe bf16 dense, datasheet"),
+        ("NVIDIA A100-SXM4-80GB", 312e12, "A100 bf16 dense, datasheet"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device, name=name: name)
+        assert bf16_peak(None, gpu, gemm) == (peak, source)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device: "NVIDIA L4")
+    assert "no datasheet figure here for NVIDIA L4" in bf16_peak(None, gpu, gemm)[1]
+    assert bf16_peak(5e14, gpu, gemm) == (5e14, "--peak-flops")
+    assert bf16_peak(None, torch.device("cpu"), gemm) == (7e14, "measured GEMM (CPU)")
+
+
 # A small UNet of SDXL's kind (text-time conditioning, transformer blocks in cross-attention stages).
 TINY_UNET = dict(
     sample_size=16,

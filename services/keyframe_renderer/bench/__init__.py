@@ -17,8 +17,8 @@ Measures, on the current device, in one run (the weights are built once):
   module's eager device time over one batch;
 - SDPA kernels (cuDNN, flash, memory-efficient, math) timed alone on the UNets' and the VAE's attention
   shapes, and the eager VAE decode channels-last vs contiguous;
-- the compute floor: FLOPs per image ÷ the bf16 peak (``--peak-flops``, default H100 SXM dense 989e12)
-  and ÷ the matmul throughput this run measures on a large GEMM; model FLOPs utilisation;
+- the compute floor: FLOPs per image ÷ the bf16 peak (``--peak-flops``, default the card's datasheet
+  figure) and ÷ the matmul throughput this run measures on a large GEMM; model FLOPs utilisation;
 - host synchronisations per batch (CUDA sync debug mode) and peak memory per image.
 
 Prints a table and writes ``render-bench.json`` and ``render-bench.md`` under ``--out`` (rewritten after
@@ -135,7 +135,10 @@ def bench(
         bool, typer.Option("--skip-kernels", help="skip the SDPA and VAE-layout timings")
     ] = False,
     peak_flops: Annotated[
-        float | None, typer.Option(help="bf16 dense peak (default: H100 SXM 989e12)")
+        float | None,
+        typer.Option(
+            help="bf16 dense peak (default: the card's datasheet figure, H100 SXM 989e12 where unknown)"
+        ),
     ] = None,
     out: Annotated[Path, typer.Option()] = Path("bench"),
 ) -> BenchArgs:

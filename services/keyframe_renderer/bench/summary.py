@@ -14,6 +14,13 @@ import torch
 from ..engine import SDPA_BACKENDS
 
 H100_SXM_BF16_DENSE = 989e12
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a part of torch's device name (first match).
+DATASHEET_BF16_DENSE = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", H100_SXM_BF16_DENSE),
+    ("A100", 312e12),
+)
 
 
 # --- figures -----------------------------------------------------------------------------------------
@@ -31,7 +38,14 @@ def bf16_peak(given: float | None, device: torch.device, gemm: dict[str, Any]) -
     if given:
         return given, "--peak-flops"
     if device.type == "cuda":
-        return H100_SXM_BF16_DENSE, "H100 SXM bf16 dense"
+        name = torch.cuda.get_device_name(device)
+        for part, peak in DATASHEET_BF16_DENSE:
+            if part in name:
+                return peak, f"{part} bf16 dense, datasheet"
+        return (
+            H100_SXM_BF16_DENSE,
+            f"H100 SXM bf16 dense: no datasheet figure here for {name}; see --peak-flops",
+        )
     return gemm["flops_per_second"], "measured GEMM (CPU)"
 
 

@@ -104,7 +104,9 @@ class AheadOfTime:
                     io.BytesIO(payload), external_data=self._external()
                 )
             except Exception as exc:  # another torch build's artifact under a colliding key: compile anew
-                log.warning("ahead-of-time %s: cannot load %s (%s); compiling", self.name, key[:12], exc)
+                log.warning(
+                    "ahead-of-time %s: cannot load %s (%s); compiling", self.name, key[:12], described(exc)
+                )
             else:
                 self.loaded += 1
                 log.info("ahead-of-time %s: loaded %s (%d bytes)", self.name, key[:12], len(payload))
@@ -119,8 +121,12 @@ class AheadOfTime:
                 compiled = torch.compile(self.module, fullgraph=True, options=options)
                 function = compiled.forward.aot_compile((args, kwargs))
         except Exception as exc:  # an experimental API: never let it stop a render
+            # With its traceback: torch 2.11 failed here on the H200 with a bare assert (no message).
             log.warning(
-                "ahead-of-time %s: cannot compile (%s); compiling just in time instead", self.name, exc
+                "ahead-of-time %s: cannot compile (%s); compiling just in time instead",
+                self.name,
+                described(exc),
+                exc_info=True,
             )
             return self._just_in_time()
         finally:
@@ -132,11 +138,16 @@ class AheadOfTime:
             try:
                 function.save_compiled_function(str(path), external_data=self._external())
             except Exception as exc:  # it still runs here; the next process compiles it again
-                log.warning("ahead-of-time %s: cannot save %s (%s)", self.name, key[:12], exc)
+                log.warning("ahead-of-time %s: cannot save %s (%s)", self.name, key[:12], described(exc))
             else:
                 saved = self.cache.save_artifact(key, AOT_SUFFIX, path.read_bytes())
         log.info("ahead-of-time %s: compiled %s%s", self.name, key[:12], ", saved" if saved else "")
         return function
+
+
+def described(exc: BaseException) -> str:
+    """An exception as a log line's part: its type too, since torch's asserts carry no message."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def available() -> bool:
