@@ -121,7 +121,7 @@ class AheadOfTime:
                 compiled = torch.compile(self.module, fullgraph=True, options=options)
                 function = compiled.forward.aot_compile((args, kwargs))
         except Exception as exc:  # an experimental API: never let it stop a render
-            # With its traceback: torch 2.11 failed here on the H200 with a bare assert (no message).
+            # With its traceback: torch 2.11 once failed here on the H200 with an empty message.
             log.warning(
                 "ahead-of-time %s: cannot compile (%s); compiling just in time instead",
                 self.name,
@@ -146,7 +146,7 @@ class AheadOfTime:
 
 
 def described(exc: BaseException) -> str:
-    """An exception as a log line's part: its type too, since torch's asserts carry no message."""
+    """An exception as a log line's part: its type too, since some (a bare assert) carry no message."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
