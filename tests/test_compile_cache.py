@@ -388,6 +388,33 @@ def test_compiles_ahead_of_time_where_torch_keeps_the_api_behind_a_flag(tmp_path
     aot.uninstall(module)
 
 
+def test_ahead_of_time_functions_are_compiled_static(tmp_path, monkeypatch):
+    """Automatic dynamic shapes made torch 2.11 trace a float symbolically in the third module a process
+    compiled (SDXL's VAE decoder after both UNets) and fail; each function serves one signature."""
+    import torch
+    from compile_cache_child import Tiny
+
+    from dreamframe.models import aot
+
+    seen, real_compile = [], torch.compile
+
+    def compile_(target, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(kwargs.get("dynamic", "unset"))
+        return real_compile(target, **kwargs)
+
+    monkeypatch.setattr(aot.torch, "compile", compile_)
+    module = Tiny()
+    runner = aot.AheadOfTime(
+        module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=CompileCache.disabled()
+    )
+    runner.install()
+    with torch.no_grad():
+        module(torch.randn(3, 16))
+        module(torch.randn(5, 16))  # another signature: another static function
+    assert seen == [False, False] and runner.compiled == 2
+    aot.uninstall(module)
+
+
 def test_signature_tells_shapes_dtypes_and_values_apart():
     import torch
 

@@ -118,7 +118,10 @@ class AheadOfTime:
             # torch < 2.13 attaches `aot_compile` only under this flag (off by default there; it is
             # read when torch.compile wraps the forward).
             with torch._dynamo.config.patch(enable_aot_compile=True):
-                compiled = torch.compile(self.module, fullgraph=True, options=options)
+                # Static: a function serves one input signature anyway. Left automatic, torch 2.11 traced a
+                # float in the VAE decoder as symbolic in a process that had compiled both UNets first (not
+                # in a fresh one), then asked to restart its analysis, which aot_compile cannot do.
+                compiled = torch.compile(self.module, fullgraph=True, dynamic=False, options=options)
                 function = compiled.forward.aot_compile((args, kwargs))
         except Exception as exc:  # an experimental API: never let it stop a render
             # With its traceback: torch 2.11 once failed here on the H200 with an empty message.
