@@ -124,7 +124,7 @@ class AheadOfTime:
                 compiled = torch.compile(self.module, fullgraph=True, dynamic=False, options=options)
                 function = compiled.forward.aot_compile((args, kwargs))
         except Exception as exc:  # an experimental API: never let it stop a render
-            # With its traceback: torch 2.11 once failed here on the H200 with an empty message.
+            # With its traceback: what 2.11 raised here on the H200 (a restart signal) had no message.
             log.warning(
                 "ahead-of-time %s: cannot compile (%s); compiling just in time instead",
                 self.name,
