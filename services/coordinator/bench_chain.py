@@ -444,21 +444,21 @@ def main(
         ),
     ] = False,
 ) -> dict:
+    if not spec and not warm_spec:
+        raise typer.BadParameter("give --spec, --warm-spec or both", param_hint="--spec")
     work = Path(work or tempfile.mkdtemp(prefix="dreamframe-chain-")).resolve()
-    state = work / "state"
+    state, store_root, models_dir = work / "state", work / "store", models_dir.resolve()
     env = {
         **os.environ,
         "DREAMFRAME_CLI__STATE_DIR": str(state),
         "DREAMFRAME_STORAGE__BACKEND": "local",
-        "DREAMFRAME_STORAGE__ROOT": str(work / "store"),
-        "DREAMFRAME_MODELS__CACHE_DIR": str(models_dir.resolve()),
+        "DREAMFRAME_STORAGE__ROOT": str(store_root),
+        "DREAMFRAME_MODELS__CACHE_DIR": str(models_dir),
     }
     up = ["up", "--preset", preset, "--renderers", str(renderers), *(up_arg or [])]
     sampler = GpuSampler(sample_seconds).start()
     report: dict = {"gpu": gpu_name(), "preset": preset, "renderers": renderers, "work": str(work)}
     report["phases"] = []
-    if not spec and not warm_spec:
-        raise typer.BadParameter("give --spec, --warm-spec or both", param_hint="--spec")
     phases = [("cold start", spec or [])]
     if warm_spec:
         phases.append(("warm start (compile cache filled by the cold start)", warm_spec))
@@ -471,9 +471,9 @@ def main(
         report=report,
         out=out,
         job_timeout=job_timeout,
-        store=open_store(StorageSettings(root=work / "store")),
-        store_root=work / "store",
-        models_dir=models_dir.resolve(),
+        store=open_store(StorageSettings(root=store_root)),
+        store_root=store_root,
+        models_dir=models_dir,
         drop_trained_models=drop_trained_models,
     )
     try:

@@ -171,13 +171,15 @@ def check_disk(
     spec: RunSpec, store: ObjectStore, runtime: Runtime, model, export_dtype, run_dir: Path
 ) -> None:
     """Fail now, not after training, when the run's checkpoints and export cannot fit in its work dir."""
+    on_disk = store.shares_disk_with(run_dir)
     plan = disk.forecast(
         model,
         spec.method,
         export_dtype,
         keep_checkpoints=runtime.keep_checkpoints,
-        store_on_disk=store.shares_disk_with(run_dir),
-        stored_bytes=disk.stored_checkpoint_bytes(store, spec.run_id),
+        store_on_disk=on_disk,
+        # Only a store on this disk holds them here; a remote store's listing would be wasted.
+        stored_bytes=disk.stored_checkpoint_bytes(store, spec.run_id) if on_disk else 0,
     )
     disk.check_work_dir(run_dir, plan, size_limit=runtime.work_dir_size_limit)
 

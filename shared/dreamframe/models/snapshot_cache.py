@@ -91,7 +91,3 @@ def snapshot_dir(name: str, cache_dir: Path) -> Path:
         complete=lambda target: (target / spec.marker).exists(),
         tmp_prefix=f".{name}-",
     )
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -38,7 +38,6 @@ from dreamframe.models.snapshot_cache import (  # noqa: F401 - the cache's names
     SDXL_RANDOM,
     SNAPSHOTS,
     Snapshot,
-    folder_bytes,
     snapshot_dir,
 )
 
@@ -240,6 +239,10 @@ def write_llava_7b_random(directory: Path) -> None:
 
 def write_clip_l_random(directory: Path) -> None:
     write_clip_vision(directory, seed=2)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 # Which snapshots a local preset (dreamframe up --preset NAME) uses.
