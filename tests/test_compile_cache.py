@@ -282,23 +282,32 @@ def test_the_renderer_engine_loads_its_ahead_of_time_functions_and_traces_nothin
     assert eager["checksum"] == first["checksum"]
 
 
-def test_a_planted_ahead_of_time_function_is_refused_and_compiled_anew(tmp_path, monkeypatch):
-    """An unsigned (or tampered) artifact never reaches torch's unpickler: the module compiles instead."""
-    import torch
+def installed_runner(cache: CompileCache, key: str = "k" * 40):  # noqa: ANN201
+    """A tiny module whose calls go through an installed AheadOfTime runner (the caller uninstalls)."""
     from compile_cache_child import Tiny
 
     from dreamframe.models import aot
 
-    cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
     module = Tiny()
+    runner = aot.AheadOfTime(module, "tiny", options={}, artifact_key=lambda *_: key, cache=cache)
+    runner.install()
+    return module, runner
+
+
+def test_a_planted_ahead_of_time_function_is_refused_and_compiled_anew(tmp_path, monkeypatch):
+    """An unsigned (or tampered) artifact never reaches torch's unpickler: the module compiles instead."""
+    import torch
+
+    from dreamframe.models import aot
+
+    cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
     key = "k" * 40
     cache.local_path(key, aot.AOT_SUFFIX).parent.mkdir(parents=True)
     cache.local_path(key, aot.AOT_SUFFIX).write_bytes(b"cos\nsystem\n(S'echo planted'\ntR.")
     monkeypatch.setattr(
         torch.compiler, "load_compiled_function", lambda *a, **k: pytest.fail("unverified bytes loaded")
     )
-    runner = aot.AheadOfTime(module, "linear", options={}, artifact_key=lambda *_: key, cache=cache)
-    runner.install()
+    module, runner = installed_runner(cache, key)
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.allclose(module(x), module.forward(x), atol=1e-5)
@@ -313,7 +322,6 @@ def test_a_failing_ahead_of_time_compile_falls_back_to_just_in_time(tmp_path, mo
     import types
 
     import torch
-    from compile_cache_child import Tiny
 
     from dreamframe.models import aot
 
@@ -329,11 +337,7 @@ def test_a_failing_ahead_of_time_compile_falls_back_to_just_in_time(tmp_path, mo
         return real_compile(target, **kwargs)
 
     monkeypatch.setattr(aot.torch, "compile", compile_)
-    module = Tiny()
-    runner = aot.AheadOfTime(
-        module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=CompileCache.disabled()
-    )
-    runner.install()
+    module, runner = installed_runner(CompileCache.disabled())
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.allclose(module(x), module.forward(x), atol=1e-5)
@@ -347,7 +351,6 @@ def test_a_failing_ahead_of_time_compile_falls_back_to_just_in_time(tmp_path, mo
 
 def test_a_function_that_cannot_be_saved_still_runs(tmp_path, monkeypatch):
     import torch
-    from compile_cache_child import Tiny
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
     from dreamframe.models import aot
@@ -358,9 +361,7 @@ def test_a_function_that_cannot_be_saved_still_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", refuse)
     cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
     torch.manual_seed(0)
-    module = Tiny()
-    runner = aot.AheadOfTime(module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=cache)
-    runner.install()
+    module, runner = installed_runner(cache)
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.allclose(module(x), module.forward(x), atol=1e-5)
@@ -373,14 +374,11 @@ def test_compiles_ahead_of_time_where_torch_keeps_the_api_behind_a_flag(tmp_path
     `torch._dynamo.config.enable_aot_compile` is set, which it leaves off: every module fell back to
     just in time there. The runner turns the flag on for its own compile."""
     import torch
-    from compile_cache_child import Tiny
 
     from dreamframe.models import aot
 
     cache = CompileCache(CompileCacheSettings(dir=tmp_path, key=KEY, key_file=None), service="test")
-    module = Tiny()
-    runner = aot.AheadOfTime(module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=cache)
-    runner.install()
+    module, runner = installed_runner(cache)
     x = torch.randn(3, 16)
     with torch._dynamo.config.patch(enable_aot_compile=False), torch.no_grad():
         assert torch.allclose(module(x), module.forward(x), atol=1e-5)
@@ -392,7 +390,6 @@ def test_ahead_of_time_functions_are_compiled_static(tmp_path, monkeypatch):
     """Automatic dynamic shapes made torch 2.11 trace a float symbolically in the third module a process
     compiled (SDXL's VAE decoder after both UNets) and fail; each function serves one signature."""
     import torch
-    from compile_cache_child import Tiny
 
     from dreamframe.models import aot
 
@@ -403,11 +400,7 @@ def test_ahead_of_time_functions_are_compiled_static(tmp_path, monkeypatch):
         return real_compile(target, **kwargs)
 
     monkeypatch.setattr(aot.torch, "compile", compile_)
-    module = Tiny()
-    runner = aot.AheadOfTime(
-        module, "tiny", options={}, artifact_key=lambda *_: "k" * 40, cache=CompileCache.disabled()
-    )
-    runner.install()
+    module, runner = installed_runner(CompileCache.disabled())
     with torch.no_grad():
         module(torch.randn(3, 16))
         module(torch.randn(5, 16))  # another signature: another static function
