@@ -350,6 +350,12 @@ def test_domain_errors_map_to_status_codes_with_the_field_named(error_name, code
     run(body())
 
 
+def test_an_exception_is_described_by_its_type_and_its_message_if_it_has_one():
+    assert errors.described(ValueError("steps: must be positive")) == "ValueError: steps: must be positive"
+    assert errors.described(AssertionError()) == "AssertionError"  # a bare assert says nothing alone
+    assert errors.described(KeyError("frames")) == "KeyError: 'frames'"
+
+
 def test_errors_are_a_standard_google_rpc_status_any_grpc_client_reads():
     """No DreamFrame helpers: a plain channel, grpcio-status and the google.rpc protos find the field."""
 

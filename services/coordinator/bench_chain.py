@@ -45,6 +45,7 @@ from google.protobuf import json_format
 from dreamframe.cli import local
 from dreamframe.config import ClientSettings, StorageSettings
 from dreamframe.disk_space import GIB, free_bytes, used_bytes
+from dreamframe.errors import described
 from dreamframe.processes import parent_pid
 from dreamframe.serving import make_sync_channel
 from dreamframe.stages import stage_name
@@ -342,7 +343,7 @@ def train_summary(store: ObjectStore, job: pb.Job) -> dict | None:
             "max_length": metrics["max_length"],
         }
     except (KeyError, TypeError, ValueError) as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": described(exc)}
 
 
 def drop_trained_model(store: ObjectStore, job: pb.Job) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 import openai
 
+from dreamframe.errors import described
 from services.evaluator.settings import EvaluatorSettings
 
 from . import prompts
@@ -138,7 +139,7 @@ class Judge:
                 raw = self._complete(messages)
             except openai.OpenAIError as exc:
                 # The client already retried transport errors; count this attempt and go on.
-                error = f"{type(exc).__name__}: {exc}"
+                error = described(exc)
                 continue
             value = parse(raw)
             if value is not None:

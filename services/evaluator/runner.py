@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from dreamframe.errors import Cancelled, DreamFrameError, InvalidArgument
+from dreamframe.errors import Cancelled, DreamFrameError, InvalidArgument, described
 from dreamframe.logging import get_logger
 from dreamframe.progress import Progress, ProgressClock
 from services.evaluator.settings import EvaluatorSettings
@@ -62,7 +62,7 @@ class Runner:
         try:
             model = plan.open()
         except Exception as exc:  # noqa: BLE001 - a model that cannot load is reported; the others still run
-            reason = exc.message if isinstance(exc, DreamFrameError) else f"{type(exc).__name__}: {exc}"
+            reason = exc.message if isinstance(exc, DreamFrameError) else described(exc)
             run.error = f"could not load: {reason}"
             log.warning("model failed to load", model=run.name, error=reason)
             for bench in qa:
@@ -129,7 +129,7 @@ class Runner:
                 answers = benchmark.answer(item, asker)
             except Exception as exc:  # noqa: BLE001 - one bad item (video, model call) never aborts the run
                 consecutive_errors += 1
-                reason = exc.message if isinstance(exc, DreamFrameError) else f"{type(exc).__name__}: {exc}"
+                reason = exc.message if isinstance(exc, DreamFrameError) else described(exc)
                 errors.append(ItemError(item.task, item.item_id, reason))
                 item_lines.append(_line(run.name, bench.run.name, item, None, None, reason))
                 clock.advance()

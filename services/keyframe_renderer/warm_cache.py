@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from dreamframe import commandline
+from dreamframe.errors import described
 
 app = typer.Typer(add_completion=False)
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def time_mode(engine, mode: str, params, batch: int, batches: int) -> dict[str, 
         seconds = time.monotonic() - started
     except Exception as exc:  # one mode failing (a kernel, a compile) must not lose the others
         log.exception("mode %s failed", mode)
-        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        return {"error": described(exc)[:2000]}
     return {
         "first_batch_seconds": first,
         "cache_hit": bool(session and session.hit),

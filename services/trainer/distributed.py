@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dreamframe.errors import described
 from dreamframe.models.device import apply_configured_budget
 
 
@@ -116,7 +117,7 @@ def on_main(fn, ctx: DistContext):
         except DreamFrameError as exc:
             outcome, error = ("error", type(exc), exc.message, exc.field), exc
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-            outcome, error = ("error", RuntimeError, f"{type(exc).__name__}: {exc}", None), exc
+            outcome, error = ("error", RuntimeError, described(exc), None), exc
     outcome = broadcast(outcome, ctx)
     if outcome[0] == "ok":
         return outcome[1]

@@ -27,6 +27,7 @@ from typing import Annotated
 import typer
 
 from dreamframe import commandline
+from dreamframe.errors import described
 
 LAUNCH, PROGRESS, CONTROL, RESULT = "launch.json", "progress.json", "control.json", "result.json"
 
@@ -147,7 +148,7 @@ def work(run_dir: Annotated[Path, typer.Option(help="the run directory (launch.j
     except DreamFrameError as exc:
         result, code = {"status": "failed", "error": exc.message, "field": exc.field}, 1
     except Exception as exc:  # noqa: BLE001 - the run's record must say why it died
-        result, code = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}, 1
+        result, code = {"status": "failed", "error": described(exc)}, 1
         import traceback
 
         traceback.print_exc()

@@ -7,6 +7,12 @@ see *which* input was wrong, not just that something was.
 from __future__ import annotations
 
 
+def described(exc: BaseException) -> str:
+    """An exception as part of a message or a stored report: its type too, since some (a bare assert,
+    a KeyError's key) say little or nothing alone."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class DreamFrameError(Exception):
     """Base of every error DreamFrame raises on purpose."""
 

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dreamframe.errors import described
+
 from ..engine import EngineOptions, SDXLEngine
 from .common import note
 from .service import device_is_cuda, run_service
@@ -105,7 +107,7 @@ def run_variant(
         entry["options_text"] = engine.options.describe()  # what ran (FP8 is off where unsupported)
         result = run_service(engine, compile=bool(options.compile_mode), **service)
     except Exception as exc:  # one variant failing (a kernel, a compile) must not lose the others
-        entry["error"] = f"failed: {type(exc).__name__}: {exc}"[:2000]
+        entry["error"] = f"failed: {described(exc)}"[:2000]
         note(f"variant {entry['name']} {entry['error']}")
         engine.uncompile()
         if device_is_cuda(engine):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dreamframe.errors import described
 from dreamframe.models import video_llm
 from dreamframe.storage.base import ObjectStore
 
@@ -97,14 +98,14 @@ class Collator:
             conv = parse_conversation(self.record(sample, line))
             reason = ""
         except Exception as exc:  # noqa: BLE001 - a record that does not parse is a bad sample
-            conv, reason = Conversation(None, (("", "-"),)), f"bad record: {type(exc).__name__}: {exc}"
+            conv, reason = Conversation(None, (("", "-"),)), f"bad record: {described(exc)}"
         frames = None
         if not reason:
             try:
                 frames = self.frames(sample)
             except Exception as exc:  # noqa: BLE001 - any unreadable media is a bad sample, not a dead run
                 where = sample.media[0] if sample.media else sample.id
-                reason = f"unreadable media {where!r}: {type(exc).__name__}: {exc}"
+                reason = f"unreadable media {where!r}: {described(exc)}"
         if frames is None:
             frames = [Image.new("RGB", self.frame_size) for _ in range(n_images)]
         messages = video_llm.conversation(frames, conv.turns, system=conv.system)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dreamframe.errors import described
 from dreamframe.models.compile_cache import CompileCache
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,6 @@ class AheadOfTime:
                 saved = self.cache.save_artifact(key, AOT_SUFFIX, path.read_bytes())
         log.info("ahead-of-time %s: compiled %s%s", self.name, key[:12], ", saved" if saved else "")
         return function
-
-
-def described(exc: BaseException) -> str:
-    """An exception as a log line's part: its type too, since some (a bare assert) carry no message."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def available() -> bool:
