@@ -11,7 +11,13 @@ from dreamframe.cli import local
 from dreamframe.processes import parent_pid
 from dreamframe.v1 import coordinator_pb2 as pb
 from services.coordinator import bench_chain
-from services.coordinator.bench_chain import by_service, parent_pids, parse_compute_apps, summarize
+from services.coordinator.bench_chain import (
+    by_service,
+    caller_settings,
+    parent_pids,
+    parse_compute_apps,
+    summarize,
+)
 
 
 def test_compute_apps_are_summed_per_process_and_odd_lines_skipped():
@@ -60,6 +66,7 @@ def test_summary_names_the_card_and_every_stage():
         "gpu": "NVIDIA H200",
         "preset": "sdxl-random",
         "renderers": 1,
+        "settings": {"DREAMFRAME_RENDERER__COMPILE_AOT": "true"},
         "phases": [
             {
                 "name": "cold start",
@@ -105,6 +112,23 @@ def test_summary_names_the_card_and_every_stage():
     assert "after start-up, disk: 30.2 GiB free; the store holds 0.0 GiB, the model cache 26.0 GiB" in text
     assert "disk: 12.5 GiB free; the store holds 17.7 GiB" in text
     assert "train: 2 steps in 9.5 s, 1000.0 tokens/s; out of GPU memory at step 1, retried" in text
+    assert "settings set by the caller: DREAMFRAME_RENDERER__COMPILE_AOT=true" in text
+
+
+def test_the_report_records_the_callers_settings_but_no_secret():
+    environ = {
+        "DREAMFRAME_RENDERER__COMPILE_AOT": "true",
+        "DREAMFRAME_COMPILE_CACHE__KEY": "s3cret-signing-key-of-32-characters!",
+        "DREAMFRAME_STORAGE__SECRET_KEY": "minio-secret",
+        "DREAMFRAME_PLOT__MAX_TOKENS": "4096",
+        "HOME": "/root",
+    }
+    assert caller_settings(environ) == {
+        "DREAMFRAME_COMPILE_CACHE__KEY": "(set)",
+        "DREAMFRAME_PLOT__MAX_TOKENS": "4096",
+        "DREAMFRAME_RENDERER__COMPILE_AOT": "true",
+        "DREAMFRAME_STORAGE__SECRET_KEY": "(set)",
+    }
 
 
 def test_disk_figures_count_what_store_and_cache_hold(tmp_path):

@@ -215,11 +215,34 @@ def gpu_name() -> str:
         return "unknown"
 
 
+# Setting names (their last part) that hold secrets: named in a report, never shown.
+SECRET_NAMES = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+
+
+def is_secret(name: str) -> bool:
+    field = name.rsplit("__", 1)[-1]
+    return any(field == word or field.endswith("_" + word) for word in SECRET_NAMES)
+
+
+def caller_settings(environ: dict[str, str]) -> dict[str, str]:
+    """The DREAMFRAME_* settings the caller set (they win over the preset's), so a report says what
+    ran; a secret's value is replaced by "(set)"."""
+    return {
+        name: "(set)" if is_secret(name) else value
+        for name, value in sorted(environ.items())
+        if name.startswith("DREAMFRAME_")
+    }
+
+
 def summarize(report: dict) -> str:
     lines = [
         f"Whole-chain benchmark — {report['gpu']}, preset {report['preset']}, "
         f"{report['renderers']} renderer replica(s)",
     ]
+    if report.get("settings"):
+        lines.append(
+            "settings set by the caller: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items())
+        )
     for phase in report["phases"]:
         lines += [
             "",
@@ -459,6 +482,7 @@ def main(
     up = ["up", "--preset", preset, "--renderers", str(renderers), *(up_arg or [])]
     sampler = GpuSampler(sample_seconds).start()
     report: dict = {"gpu": gpu_name(), "preset": preset, "renderers": renderers, "work": str(work)}
+    report["settings"] = caller_settings(dict(os.environ))
     report["phases"] = []
     phases = [("cold start", spec or [])]
     if warm_spec:

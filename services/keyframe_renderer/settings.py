@@ -45,7 +45,8 @@ class RendererSettings(BaseModel):
     compile_regional: bool = False
     # Compile each UNet (and the VAE decoder) ahead of time per input shape and keep the functions in the
     # compile cache: a replica that finds them loads them instead of tracing (dreamframe.models.aot;
-    # PyTorch's experimental aot_compile). Not with compile_regional; not yet timed on a GPU.
+    # PyTorch's experimental aot_compile). Not with compile_regional. Off: on an H200 it halved a
+    # replica's start, but whether it renders as fast as just in time is not yet settled (README).
     compile_aot: bool = False
     # Fused QKV projections (one matmul for q, k, v; one for k, v in cross-attention) in both UNets and
     # the VAE (diffusers' fuse_qkv_projections; the old projections become views of the fused weights).
