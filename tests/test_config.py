@@ -98,3 +98,27 @@ def test_sections_of_services_not_installed_are_skipped(monkeypatch):
     finally:
         sections.cache_clear()
         settings_class.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "name, secret",
+    [
+        ("DREAMFRAME_RENDERER__COMPILE_AOT", False),
+        ("dreamframe_renderer__batch_size", False),  # the loader reads names case-insensitively
+        ("DREAMFRAME_RENDERER__COMPILE_CACHE__KEY_FILE", False),
+        ("DREAMFRAME_RENDERER__COMPILE_CACHE__KEY", True),
+        ("DREAMFRAME_STORAGE__SECRET_KEY", True),
+        ("DREAMFRAME_PLOT__API_KEY", True),
+        ("DREAMFRAME_SERVER__AUTH_TOKENS", True),  # a list of secrets
+        ("DREAMFRAME_SERVER__CALLERS", True),  # a list of models, each with its token
+        ("DREAMFRAME_NO_SUCH__THING", True),  # nothing vouches for an unknown name
+        ("DREAMFRAME_RENDERER__COMPILE_AOT__DEEPER", True),
+    ],
+)
+def test_secret_variables_are_found_from_the_settings_types(name, secret):
+    assert config.secret_variable(name) is secret
+
+
+def test_a_whole_section_set_as_json_counts_as_secret_when_it_holds_one():
+    assert config.secret_variable("DREAMFRAME_RENDERER") and config.secret_variable("DREAMFRAME_STORAGE")
+    assert not config.secret_variable("DREAMFRAME_LIMITS")

@@ -121,12 +121,16 @@ def test_the_report_records_the_callers_settings_but_no_secret():
         "DREAMFRAME_COMPILE_CACHE__KEY": "s3cret-signing-key-of-32-characters!",
         "DREAMFRAME_STORAGE__SECRET_KEY": "minio-secret",
         "DREAMFRAME_PLOT__MAX_TOKENS": "4096",
+        "DREAMFRAME_SERVER__CALLERS": '[{"name": "ci", "token": "t0ken-of-16-chars"}]',
+        "DREAMFRAME_RENDERER__COMPILE_CACHE__KEY_FILE": "/keys/compile-cache.key",
         "HOME": "/root",
     }
     assert caller_settings(environ) == {
         "DREAMFRAME_COMPILE_CACHE__KEY": "(set)",
         "DREAMFRAME_PLOT__MAX_TOKENS": "4096",
         "DREAMFRAME_RENDERER__COMPILE_AOT": "true",
+        "DREAMFRAME_RENDERER__COMPILE_CACHE__KEY_FILE": "/keys/compile-cache.key",
+        "DREAMFRAME_SERVER__CALLERS": "(set)",
         "DREAMFRAME_STORAGE__SECRET_KEY": "(set)",
     }
 

@@ -43,7 +43,7 @@ import typer
 from google.protobuf import json_format
 
 from dreamframe.cli import local
-from dreamframe.config import ClientSettings, StorageSettings
+from dreamframe.config import ClientSettings, StorageSettings, secret_variable
 from dreamframe.disk_space import GIB, free_bytes, used_bytes
 from dreamframe.errors import described
 from dreamframe.processes import parent_pid
@@ -215,20 +215,11 @@ def gpu_name() -> str:
         return "unknown"
 
 
-# Setting names (their last part) that hold secrets: named in a report, never shown.
-SECRET_NAMES = ("KEY", "SECRET", "TOKEN", "PASSWORD")
-
-
-def is_secret(name: str) -> bool:
-    field = name.rsplit("__", 1)[-1]
-    return any(field == word or field.endswith("_" + word) for word in SECRET_NAMES)
-
-
 def caller_settings(environ: dict[str, str]) -> dict[str, str]:
     """The DREAMFRAME_* settings the caller set (they win over the preset's), so a report says what
-    ran; a secret's value is replaced by "(set)"."""
+    ran; a secret's value (config.secret_variable) is replaced by "(set)"."""
     return {
-        name: "(set)" if is_secret(name) else value
+        name: "(set)" if secret_variable(name) else value
         for name, value in sorted(environ.items())
         if name.startswith("DREAMFRAME_")
     }

@@ -18,7 +18,7 @@ import os
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -386,3 +386,38 @@ def load_settings(**values: object) -> Settings:
 def get_settings() -> Settings:
     """The process's settings, read once."""
     return load_settings()
+
+
+def _holds_secret(annotation: object) -> bool:
+    """Whether a field's type holds a SecretStr anywhere (a list of them, a model with one)."""
+    if annotation is SecretStr:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_holds_secret(f.annotation) for f in annotation.model_fields.values())
+    return any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    """The settings model a field's type is (or, for ``Model | None``, holds); None for a leaf."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def secret_variable(name: str) -> bool:
+    """Whether the environment variable ``name`` (``DREAMFRAME_SECTION__FIELD``) sets a secret or a
+    value that holds one (``server.callers``' tokens), read from the settings' own types, so that its
+    value is never shown. A name that is no known setting counts as secret: nothing can vouch for it."""
+    model: type[BaseModel] | None = settings_class()
+    upper = name.upper()
+    if not upper.startswith(ENV_PREFIX):
+        return True
+    annotation: object = model
+    for part in upper.removeprefix(ENV_PREFIX).lower().split("__"):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return True
+        annotation, model = field.annotation, _model_in(field.annotation)
+    # The named value as a whole: a section or model set as JSON holds its secrets too.
+    return _holds_secret(annotation)
